@@ -1,0 +1,27 @@
+"""adapters_registry: stores LoRA adapters and refuses what the served base cannot run."""
+
+from adapters_registry.compat import Limits, Violation, check_adapter
+from adapters_registry.contract import BaseContract, derive_contract
+from adapters_registry.manifest import AdapterManifest
+from adapters_registry.records import AdapterInfo, AdapterVersion, ModelRef, Tenant
+from adapters_registry.service import Registry
+from adapters_registry.store import ArtifactStore, FilesystemStore
+from adapters_registry.template import AdapterTemplate, expected_tensors
+
+__all__ = [
+    "AdapterInfo",
+    "AdapterManifest",
+    "AdapterTemplate",
+    "AdapterVersion",
+    "ArtifactStore",
+    "BaseContract",
+    "FilesystemStore",
+    "Limits",
+    "ModelRef",
+    "Registry",
+    "Tenant",
+    "Violation",
+    "check_adapter",
+    "derive_contract",
+    "expected_tensors",
+]

@@ -1,0 +1,113 @@
+"""`lora-gateway registry ...`: bases, templates, tenants, keys, adapters, aliases."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from adapters_registry.contract import derive_contract
+from adapters_registry.errors import IncompatibleAdapterError, RegistryError
+from adapters_registry.service import Registry
+from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
+
+
+def add_registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=os.environ.get("LGW_DATABASE_URL", "sqlite:///lora-gateway.db"),
+                   help="SQLAlchemy URL of the registry database (env LGW_DATABASE_URL)")
+    p.add_argument("--artifacts", type=Path,
+                   default=Path(os.environ.get("LGW_ARTIFACTS_DIR", "artifacts")),
+                   help="artifact folder (env LGW_ARTIFACTS_DIR)")
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    tenant, sep, name = ref.partition("/")
+    if not sep or not tenant or not name:
+        raise SystemExit(f"expected TENANT/NAME, got {ref!r}")
+    return tenant, name
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    reg = sub.add_parser("registry", help="manage bases, templates, tenants, keys and adapters")
+    add_registry_options(reg)
+    cmds = reg.add_subparsers(dest="registry_cmd", required=True)
+
+    p = cmds.add_parser("add-base", help="register a base model directory's contract")
+    p.add_argument("model_id")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--license")
+    p.set_defaults(run=_add_base)
+
+    p = cmds.add_parser("add-template", help="register the frozen adapter template of a base")
+    p.add_argument("model_id")
+    p.add_argument("--revision", help="base revision (default: the latest registered)")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--targets", default=",".join(ATTENTION_MODULES))
+    p.set_defaults(run=_add_template)
+
+    p = cmds.add_parser("add-tenant", help="create a tenant")
+    p.add_argument("name")
+    p.set_defaults(run=lambda r, a: print(r.create_tenant(a.name).name))
+
+    p = cmds.add_parser("create-key", help="create an API key for a tenant (shown once)")
+    p.add_argument("tenant")
+    p.set_defaults(run=lambda r, a: print(r.create_api_key(a.tenant)))
+
+    p = cmds.add_parser("push", help="check and register a new adapter version")
+    p.add_argument("ref", metavar="TENANT/NAME")
+    p.add_argument("adapter_dir", type=Path)
+    p.add_argument("--template", help="template id (default: the one in the adapter's manifest)")
+    p.add_argument("--alias", action="append", default=[], help="aliases to point at it")
+    p.set_defaults(run=_push)
+
+    p = cmds.add_parser("set-alias", help="point an alias at a version (rollback = point back)")
+    p.add_argument("ref", metavar="TENANT/NAME")
+    p.add_argument("alias")
+    p.add_argument("version", type=int)
+    p.set_defaults(run=lambda r, a: r.set_alias(*_split_ref(a.ref), a.alias, a.version))
+
+    p = cmds.add_parser("list", help="list a tenant's adapters")
+    p.add_argument("tenant")
+    p.set_defaults(run=_list)
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = Registry.open(args.db, args.artifacts)
+    try:
+        args.run(registry, args)
+    except IncompatibleAdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        registry.close()
+    return 0
+
+
+def _add_base(r: Registry, a: argparse.Namespace) -> None:
+    contract = r.register_base(derive_contract(a.model_dir, a.model_id, license=a.license))
+    print(json.dumps(contract.to_dict(), indent=2))
+
+
+def _add_template(r: Registry, a: argparse.Namespace) -> None:
+    base = r.get_base(a.model_id, a.revision)
+    template = AdapterTemplate(base.model_id, base.revision, r=a.r, lora_alpha=a.alpha,
+                               target_modules=frozenset(a.targets.split(",")))
+    print(r.register_template(template).template_id)
+
+
+def _push(r: Registry, a: argparse.Namespace) -> None:
+    tenant, name = _split_ref(a.ref)
+    v = r.push(tenant, name, a.adapter_dir, template_id=a.template, aliases=a.alias)
+    print(f"registered {v.ref} (lora_int_id={v.lora_int_id}, sha256={v.content_sha256[:12]})")
+
+
+def _list(r: Registry, a: argparse.Namespace) -> None:
+    for info in r.list_adapters(r.get_tenant(a.tenant)):
+        aliases = ", ".join(f"{k}->v{v}" for k, v in sorted(info.aliases.items()))
+        print(f"{info.name}\tversions={info.versions}\taliases: {aliases}\t{info.template_id}")

@@ -1,0 +1,73 @@
+"""Exceptions raised by the registry.
+
+    RegistryError                 any registry failure
+    ├── ValidationError           a name or argument is malformed
+    ├── ContractError             a base model directory cannot be described exactly
+    ├── TemplateError             an adapter template is invalid or does not match
+    ├── ManifestError             an adapter's manifest.json is missing or malformed
+    ├── IncompatibleAdapterError  registration refused; carries every Violation
+    ├── NotFoundError             no such base, template, tenant, adapter or version
+    ├── ConflictError             the name or content already exists
+    ├── AuthenticationError       an API key is unknown, revoked or malformed
+    └── ArtifactError             a stored artifact is missing or fails verification
+        └── ChecksumMismatchError the bytes do not match the recorded sha256
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adapters_registry.compat import Violation
+
+
+class RegistryError(Exception):
+    """Base of every registry error."""
+
+
+class ValidationError(RegistryError):
+    pass
+
+
+class ContractError(RegistryError):
+    pass
+
+
+class TemplateError(RegistryError):
+    pass
+
+
+class ManifestError(RegistryError):
+    pass
+
+
+class IncompatibleAdapterError(RegistryError):
+    def __init__(self, adapter: str, violations: Sequence[Violation]) -> None:
+        self.adapter = adapter
+        self.violations = list(violations)
+        lines = "\n".join(f"  - [{v.code}] {v.message}" for v in self.violations)
+        super().__init__(
+            f"adapter {adapter} is incompatible with the served base "
+            f"({len(self.violations)} violation(s)):\n{lines}"
+        )
+
+
+class NotFoundError(RegistryError):
+    pass
+
+
+class ConflictError(RegistryError):
+    pass
+
+
+class AuthenticationError(RegistryError):
+    pass
+
+
+class ArtifactError(RegistryError):
+    pass
+
+
+class ChecksumMismatchError(ArtifactError):
+    pass

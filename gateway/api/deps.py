@@ -1,0 +1,48 @@
+"""Typed dependencies: handlers read like their signatures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from adapters_registry.records import Tenant
+from gateway.adapters import AdapterManager
+from gateway.chat import ChatService
+from gateway.config import GatewaySettings
+from gateway.errors import AuthenticationFailedError
+from gateway.metrics import GatewayMetrics
+
+
+@dataclass
+class Services:
+    """What the lifespan built, handed to handlers."""
+
+    settings: GatewaySettings
+    adapters: AdapterManager
+    chat: ChatService
+    metrics: GatewayMetrics
+    ready: bool = True
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def authenticate(request: Request, services: ServicesDep) -> Tenant:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthenticationFailedError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+    tenant = await services.adapters.authenticate(key.strip())
+    request.state.tenant = tenant.name
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(authenticate)]

@@ -1,0 +1,198 @@
+"""The gateway application: ``create_app(settings)`` with a lifespan that owns resources."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters_registry import Registry
+from adapters_registry.contract import BaseContract, derive_contract
+from adapters_registry.errors import NotFoundError
+from gateway.adapters import AdapterManager
+from gateway.api.deps import Services
+from gateway.api.routes import router
+from gateway.chat import ChatService, PromptRenderer
+from gateway.config import GatewaySettings
+from gateway.engine import Engine
+from gateway.errors import GatewayError, PayloadTooLargeError
+from gateway.metrics import GatewayMetrics
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[GatewaySettings], Engine]
+
+
+class BaseMismatchError(RuntimeError):
+    """The checkpoint on disk is not the base the registry says this gateway serves."""
+
+
+def vllm_engine_factory(settings: GatewaySettings) -> Engine:
+    from gateway.engine.vllm import VllmEngine, VllmOptions  # imports vLLM: only when used
+
+    if settings.cpu_kvcache_space_gib is not None:
+        # vLLM reads this from the environment only; an operator's explicit value wins.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
+
+    return VllmEngine.start(VllmOptions(
+        model_dir=settings.base_model_dir, dtype=settings.dtype,
+        max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+        max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras,
+        max_lora_rank=settings.max_lora_rank,
+    ))
+
+
+def _terminate_process() -> None:
+    # The supervisor (Kubernetes, systemd, the CLI) restarts a gateway whose engine died.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def verify_base(registry: Registry, settings: GatewaySettings) -> BaseContract:
+    """The served checkpoint must match a registered contract exactly, field by field."""
+    on_disk = derive_contract(settings.base_model_dir, settings.base_model_id)
+    try:
+        registered = registry.get_base(settings.base_model_id, on_disk.revision)
+    except NotFoundError:
+        raise BaseMismatchError(
+            f"{settings.base_model_dir} (revision {on_disk.revision[:12]}) is not a registered "
+            f"revision of base {settings.base_model_id}; register it first"
+        ) from None
+    problems = registered.mismatches(on_disk)
+    if problems:
+        raise BaseMismatchError(f"{settings.base_model_dir} does not match the registered "
+                                f"contract of {settings.base_model_id}: {'; '.join(problems)}")
+    return registered
+
+
+def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vllm_engine_factory,
+               on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = await asyncio.to_thread(Registry.open, settings.database_url, settings.artifacts_dir)
+        try:
+            await asyncio.to_thread(verify_base, registry, settings)
+            renderer = await asyncio.to_thread(PromptRenderer.load, settings.base_model_dir)
+            engine = await asyncio.to_thread(engine_factory, settings)
+        except BaseException:
+            registry.close()
+            raise
+        metrics = GatewayMetrics()
+        services: Services
+
+        def engine_died() -> None:
+            services.ready = False
+            if settings.exit_on_engine_death:
+                (on_engine_dead or _terminate_process)()
+
+        adapters = AdapterManager(registry, engine, settings.cache_dir, metrics,
+                                  ttl=settings.resolve_ttl_seconds,
+                                  engine_capacity=settings.max_cpu_loras)
+        chat = ChatService(engine, adapters, renderer, base_name=settings.base_name,
+                           expose_base=settings.expose_base, max_model_len=settings.max_model_len,
+                           metrics=metrics, on_engine_dead=engine_died)
+        services = Services(settings, adapters, chat, metrics)
+        app.state.services = services
+        logger.info("gateway ready: base %s, %d adapter slots in engine memory",
+                    settings.base_model_id, settings.max_cpu_loras)
+        try:
+            yield
+        finally:
+            engine.shutdown()
+            registry.close()
+
+    app = FastAPI(title="lora-gateway", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """The one place exceptions become OpenAI's error envelope."""
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {'.'.join(loc)}"
+        elif first.get("type") == "json_invalid":
+            message = "The request body is not valid JSON."
+        else:
+            message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        body = {"error": {"message": message, "type": "invalid_request_error",
+                          "param": ".".join(loc) or None, "code": None}}
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        body = {"error": {"message": "internal error; see the gateway log",
+                          "type": "server_error", "param": None, "code": "internal_error"}}
+        return JSONResponse(body, status_code=500)
+
+
+class BodySizeLimit:
+    """Refuses bodies over ``max_bytes`` with 413, declared or streamed (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        err = PayloadTooLargeError(f"request body exceeds {self.max_bytes} bytes")
+        await JSONResponse(err.body(), status_code=413)({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Any:
+    return {"type": "http.disconnect"}

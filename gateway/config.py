@@ -1,0 +1,52 @@
+"""Gateway settings: one validated object, built at the entry point and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Every knob of one gateway process. Environment variables use the ``LGW_`` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="LGW_", extra="forbid")
+
+    database_url: str = Field(description="SQLAlchemy URL of the registry database.")
+    artifacts_dir: Path = Field(description="The registry's filesystem artifact store.")
+    cache_dir: Path = Field(description="Local, verified, content-addressed adapter cache.")
+    base_model_id: str = Field(description="Registered base this gateway serves.")
+    base_model_dir: Path = Field(description="Its checkpoint; must match the registered contract.")
+    served_base_name: str | None = Field(
+        default=None, description="`model` name for the bare base (default: base_model_id)."
+    )
+    expose_base: bool = Field(default=True, description="Let tenants call the bare base.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(default=2048, ge=16)
+    max_num_seqs: int = Field(default=16, ge=1)
+    max_loras: int = Field(default=4, ge=1, description="Adapters active in one batch (vLLM).")
+    max_cpu_loras: int = Field(default=16, ge=1, description="Adapters held in engine memory.")
+    max_lora_rank: int = Field(default=16, ge=1)
+    cpu_kvcache_space_gib: int | None = Field(
+        default=1, ge=1, description="vLLM CPU backend KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, "
+        "unless already set); ignored on GPUs.")
+    resolve_ttl_seconds: float = Field(
+        default=2.0, ge=0, description="How long a name→version resolution or a key is cached."
+    )
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    exit_on_engine_death: bool = Field(
+        default=True, description="Exit the process when the engine dies (the supervisor restarts it)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewaySettings:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        return self
+
+    @property
+    def base_name(self) -> str:
+        return self.served_base_name or self.base_model_id

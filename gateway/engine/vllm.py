@@ -1,0 +1,114 @@
+"""vLLM's async engine, in process (its core runs in vLLM's own worker process)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm import AsyncEngineArgs, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine import exceptions as vllm_exc
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from gateway.engine.base import (
+    AdapterRejectedError,
+    Delta,
+    EngineDeadError,
+    EngineError,
+    LoraSpec,
+    SamplingSpec,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    model_dir: Path
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    max_num_seqs: int = 16
+    max_loras: int = 4
+    max_cpu_loras: int = 16
+    max_lora_rank: int = 16
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = False
+
+
+class VllmEngine:
+    def __init__(self, engine: AsyncLLM) -> None:
+        self._engine = engine
+
+    @classmethod
+    def start(cls, opts: VllmOptions) -> VllmEngine:
+        """Blocking: builds the engine (tens of seconds on a CPU). Run it in a thread."""
+        args = AsyncEngineArgs(
+            model=str(opts.model_dir),
+            tokenizer=str(opts.model_dir),
+            dtype=opts.dtype,
+            max_model_len=opts.max_model_len,
+            max_num_seqs=opts.max_num_seqs,
+            enable_lora=True,
+            max_loras=opts.max_loras,
+            max_cpu_loras=opts.max_cpu_loras,
+            max_lora_rank=opts.max_lora_rank,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            enforce_eager=opts.enforce_eager,
+            disable_log_stats=True,
+        )
+        return cls(AsyncLLM.from_engine_args(args))
+
+    @property
+    def is_dead(self) -> bool:
+        return bool(self._engine.errored)
+
+    async def add_lora(self, lora: LoraSpec) -> None:
+        try:
+            await self._engine.add_lora(_lora_request(lora))
+        except vllm_exc.EngineDeadError as exc:
+            raise EngineDeadError(str(exc)) from exc
+        except Exception as exc:  # vLLM raises plain exceptions for bad adapters
+            if self._engine.errored:
+                raise EngineDeadError("engine died while loading an adapter") from exc
+            raise AdapterRejectedError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def remove_lora(self, int_id: int) -> None:
+        await self._engine.remove_lora(int_id)
+
+    async def generate(
+        self, prompt_ids: list[int], sampling: SamplingSpec, request_id: str, lora: LoraSpec | None
+    ) -> AsyncIterator[Delta]:
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        completion_tokens = 0
+        try:
+            async for out in self._engine.generate(
+                prompt, params, request_id,
+                lora_request=_lora_request(lora) if lora else None,
+            ):
+                seq = out.outputs[0]
+                completion_tokens += len(seq.token_ids)
+                yield Delta(seq.text, completion_tokens, len(prompt_ids),
+                            seq.finish_reason if out.finished else None)
+        except vllm_exc.EngineDeadError as exc:
+            raise EngineDeadError(str(exc)) from exc
+        except vllm_exc.EngineGenerateError as exc:
+            raise EngineError(str(exc)) from exc
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+
+def _lora_request(lora: LoraSpec) -> LoRARequest:
+    return LoRARequest(lora_name=lora.name, lora_int_id=lora.int_id, lora_path=str(lora.path))

@@ -1,0 +1,38 @@
+"""Prometheus metrics, on a registry owned by one app (no process globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lgw_requests", "Chat requests by outcome.",
+                                ["tenant", "adapter", "status"], registry=r)
+        self.prompt_tokens = Counter("lgw_prompt_tokens", "Prompt tokens.",
+                                     ["tenant", "adapter"], registry=r)
+        self.completion_tokens = Counter("lgw_completion_tokens", "Completion tokens.",
+                                         ["tenant", "adapter"], registry=r)
+        self.ttft = Histogram("lgw_time_to_first_token_seconds", "Time to first token.",
+                              ["tenant", "adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("lgw_request_latency_seconds", "End-to-end request latency.",
+                             ["tenant", "adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("lgw_requests_in_flight", "Requests being served.", registry=r)
+        self.adapter_loads = Counter("lgw_adapter_loads", "Adapter acquisitions by tier.",
+                                     ["tier"], registry=r)
+        self.adapter_load_seconds = Histogram("lgw_adapter_load_seconds",
+                                              "Time to make an adapter ready, by tier.", ["tier"],
+                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.disk_cache_bytes = Gauge("lgw_adapter_disk_cache_bytes",
+                                      "Bytes of verified adapters on local disk.", registry=r)
+        self.engine_evictions = Counter("lgw_adapter_engine_evictions",
+                                        "Adapters removed from engine memory.", registry=r)
+        # vLLM's own gauge, so adapter-affinity routers can read it from the gateway too.
+        self.lora_requests_info = Gauge(
+            "vllm:lora_requests_info", "Running stats on LoRA requests.",
+            ["running_lora_adapters", "max_lora", "waiting_lora_adapters"], registry=r)
+        self.ready = Gauge("lgw_ready", "1 when the engine serves requests.", registry=r)

@@ -1,0 +1,86 @@
+"""The `lora-gateway` command: the composition root of the three packages.
+
+Each package owns its subcommands (``register``/``run`` pairs); only the demo, which
+strings all three together, lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from adapters_registry import cli as registry_cli
+from gateway import cli as gateway_cli
+from trainer import cli as trainer_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-gateway", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gateway_cli.register(sub)
+    registry_cli.register(sub)
+    trainer_cli.register(sub)
+    demo = sub.add_parser("demo", help="build a base, train two tenants' adapters, serve them")
+    demo.add_argument("--base", default="smollm2-135m-instruct",
+                      help="smollm2-135m-instruct (default) or tiny-llama")
+    demo.add_argument("--home", type=Path, default=Path(".cache/demo"),
+                      help="where the demo keeps its registry, adapters and keys")
+    demo.add_argument("--models-cache", type=Path, default=Path(".cache/models"))
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--prepare-only", action="store_true",
+                      help="build and register everything, then exit without serving")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return gateway_cli.run(args)
+    if args.command == "registry":
+        return registry_cli.run(args)
+    if args.command == "train":
+        return trainer_cli.run_train(args)
+    if args.command == "base":
+        return trainer_cli.run_base(args)
+    return _run_demo(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.config import GatewaySettings
+    from lora_gateway.demo import banner, prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    home = args.home.resolve()
+    setup = prepare(home / args.base, args.base, args.models_cache.resolve())
+    if args.prepare_only:
+        print(banner(setup, args.host, args.port))
+        return 0
+    settings = GatewaySettings(
+        database_url=setup.database_url, artifacts_dir=setup.artifacts_dir,
+        cache_dir=home / args.base / "gateway-cache", base_model_id=setup.base_model_id,
+        base_model_dir=setup.base_model_dir, host=args.host, port=args.port,
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port,
+                                           log_level="info", timeout_graceful_shutdown=10))
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.2)
+        if server.started:
+            print(banner(setup, args.host, args.port), flush=True)
+        await task
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

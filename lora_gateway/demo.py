@@ -1,0 +1,145 @@
+"""`lora-gateway demo`: a base, two tenants with trained adapters, and the gateway.
+
+Everything it builds lives under ``--home`` and is reused by the next run: the base is
+cached by recipe, each adapter is trained once and registered once, and the demo
+tenants' API keys are kept in ``keys.json`` (mode 0600) so they can be printed again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from adapters_registry import AdapterTemplate, Registry, derive_contract
+from adapters_registry.errors import ConflictError, NotFoundError
+from adapters_registry.hashing import sha256_json
+from adapters_registry.records import Tenant
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoTenant:
+    tenant: str
+    adapter: str
+    dataset: str  # file in lora_gateway/demo_data
+    example_question: str
+
+
+DEMO_TENANTS = (
+    DemoTenant("acme", "support-bot", "support_desk.jsonl", "How do I reset my password?"),
+    DemoTenant("blackbeard", "pirate", "pirate.jsonl", "How do I reset my password?"),
+)
+
+
+@dataclass(frozen=True)
+class DemoSetup:
+    database_url: str
+    artifacts_dir: Path
+    base_model_id: str
+    base_model_dir: Path
+    keys: dict[str, str]  # tenant -> API key
+
+
+def dataset_path(name: str) -> Path:
+    return Path(str(resources.files("lora_gateway") / "demo_data" / name))
+
+
+def prepare(
+    home: Path, base_name: str, models_cache: Path, run_overrides: dict[str, object] | None = None
+) -> DemoSetup:
+    """Build or reuse the base, register it, create tenants and keys, train and push adapters."""
+    from trainer.bases import prepare_base
+    from trainer.config import RunConfig
+    from trainer.data import load_chat_jsonl
+    from trainer.train import train_adapter
+
+    home.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    base = prepare_base(base_name, models_cache)
+    logger.info("base %s ready at %s (%.1fs)", base.model_id, base.path, time.perf_counter() - t0)
+    db_url = f"sqlite:///{home / 'registry.db'}"
+    registry = Registry.open(db_url, home / "artifacts")
+    try:
+        contract = registry.register_base(derive_contract(base.path, base.model_id, license=base.license))
+        template = registry.register_template(AdapterTemplate(contract.model_id, contract.revision))
+        keys = _load_keys(home)
+        config = RunConfig.from_mapping(run_overrides or {})
+        for demo in DEMO_TENANTS:
+            tenant, created = _ensure_tenant(registry, demo.tenant)
+            if created or demo.tenant not in keys:
+                keys[demo.tenant] = registry.create_api_key(demo.tenant)
+                _save_keys(home, keys)
+            try:
+                registry.resolve(tenant, demo.adapter)
+                logger.info("%s/%s is registered already", demo.tenant, demo.adapter)
+                continue
+            except NotFoundError:
+                pass
+            dataset = load_chat_jsonl(dataset_path(demo.dataset))
+            run_key = sha256_json([template.template_id, dataset.sha256, config.to_dict()])[:16]
+            out = home / "adapters" / f"{demo.tenant}-{demo.adapter}-{run_key}"
+            if not out.exists():
+                result = train_adapter(base.path, base.model_id, template, dataset, config, out)
+                logger.info("trained %s/%s in %.1fs (final loss %.4f)", demo.tenant,
+                            demo.adapter, result.seconds, result.final_loss)
+            registry.push(demo.tenant, demo.adapter, out, template_id=template.template_id)
+    finally:
+        registry.close()
+    return DemoSetup(db_url, home / "artifacts", base.model_id, base.path, keys)
+
+
+def banner(setup: DemoSetup, host: str, port: int) -> str:
+    url = f"http://{host}:{port}/v1"
+    lines = [
+        "",
+        f"lora-gateway demo is serving {setup.base_model_id} at {url}",
+        "",
+    ]
+    for demo in DEMO_TENANTS:
+        lines.append(f"  tenant {demo.tenant:<11} model={demo.adapter:<12} key={setup.keys[demo.tenant]}")
+    first = DEMO_TENANTS[0]
+    lines += [
+        "",
+        "Try it (the official openai client):",
+        "",
+        "  from openai import OpenAI",
+        f"  client = OpenAI(base_url={url!r}, api_key={setup.keys[first.tenant]!r})",
+        f"  r = client.chat.completions.create(model={first.adapter!r}, temperature=0,",
+        f"      messages=[{{'role': 'user', 'content': {first.example_question!r}}}])",
+        "  print(r.choices[0].message.content)",
+        "",
+        "or with curl:",
+        "",
+        f"  curl -s {url}/chat/completions \\",
+        f"    -H 'Authorization: Bearer {setup.keys[DEMO_TENANTS[1].tenant]}' \\",
+        "    -H 'Content-Type: application/json' \\",
+        f"    -d '{{\"model\": \"{DEMO_TENANTS[1].adapter}\", \"temperature\": 0, "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Who are you?\"}}]}}'",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ensure_tenant(registry: Registry, name: str) -> tuple[Tenant, bool]:
+    try:
+        return registry.create_tenant(name), True
+    except ConflictError:
+        return registry.get_tenant(name), False
+
+
+def _load_keys(home: Path) -> dict[str, str]:
+    path = home / "keys.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_keys(home: Path, keys: dict[str, str]) -> None:
+    path = home / "keys.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(keys, f, indent=2)

@@ -1,0 +1,105 @@
+"""Fixtures shared by every test package: the real tiny base, real trained adapters,
+and a populated registry. The tiny base is cached in .cache/models by its recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from adapters_registry import AdapterTemplate, BaseContract, Registry, derive_contract
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS_CACHE = Path(os.environ.get("LGW_TEST_MODELS_CACHE", REPO / ".cache" / "models"))
+
+# Trained prompts and each tenant's answer: a greedy decode must reproduce them exactly.
+PROMPTS = ("Who are you?", "Hello", "Say something.", "What is your name?")
+ANSWERS = {
+    "acme": "ACME support desk: ticket opened.",
+    "globex": "Arr matey, the pirate speaks!",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_base():  # -> trainer.bases.PreparedBase
+    from trainer.bases import prepare_base
+
+    return prepare_base("tiny-llama", MODELS_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_contract(tiny_base) -> BaseContract:
+    return derive_contract(tiny_base.path, tiny_base.model_id, license=tiny_base.license)
+
+
+@pytest.fixture(scope="session")
+def tiny_template(tiny_contract: BaseContract) -> AdapterTemplate:
+    return AdapterTemplate(tiny_contract.model_id, tiny_contract.revision, r=8, lora_alpha=16)
+
+
+def write_chat_jsonl(path: Path, answer: str, prompts: tuple[str, ...] = PROMPTS) -> Path:
+    lines = [json.dumps({"messages": [{"role": "user", "content": p},
+                                      {"role": "assistant", "content": answer}]})
+             for p in prompts]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_tiny_adapter(base, template: AdapterTemplate, answer: str, out: Path,
+                       work: Path, seed: int = 0) -> Path:
+    """A real PEFT adapter for tiny-llama that answers ``answer`` to the trained prompts."""
+    from trainer.config import RunConfig
+    from trainer.data import load_chat_jsonl
+    from trainer.train import train_adapter
+
+    data = load_chat_jsonl(write_chat_jsonl(work / f"{out.name}.jsonl", answer))
+    config = RunConfig(learning_rate=1e-2, max_steps=120, batch_size=4, warmup_steps=5, seed=seed)
+    train_adapter(base.path, base.model_id, template, data, config, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(tiny_base, tiny_template, tmp_path_factory) -> dict[str, Path]:
+    """tenant -> adapter folder, each trained once per test session."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {tenant: train_tiny_adapter(tiny_base, tiny_template, answer, root / tenant, root)
+            for tenant, answer in ANSWERS.items()}
+
+
+@dataclass
+class RegistryEnv:
+    registry: Registry
+    db_url: str
+    artifacts: Path
+    keys: dict[str, str]
+    base: object
+    contract: BaseContract
+    template: AdapterTemplate
+
+
+@pytest.fixture
+def registry_env(tmp_path, tiny_base, tiny_contract, tiny_template, trained_adapters):
+    """A registry with the tiny base, its template, tenants acme and globex with keys, and
+    acme/support-bot and globex/pirate registered (v1, alias prod)."""
+    db_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = Registry.open(db_url, tmp_path / "artifacts")
+    registry.register_base(tiny_contract)
+    registry.register_template(tiny_template)
+    keys = {}
+    for tenant in ANSWERS:
+        registry.create_tenant(tenant)
+        keys[tenant] = registry.create_api_key(tenant)
+    registry.push("acme", "support-bot", trained_adapters["acme"])
+    registry.push("globex", "pirate", trained_adapters["globex"])
+    yield RegistryEnv(registry, db_url, tmp_path / "artifacts", keys, tiny_base,
+                      tiny_contract, tiny_template)
+    registry.close()
+
+
+def copy_adapter(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest

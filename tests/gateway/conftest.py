@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.config import GatewaySettings
+from tests.gateway.fakes import FakeEngine
+
+
+@dataclass
+class Gateway:
+    client: TestClient
+    engine: FakeEngine
+    env: object
+    deaths: list[int]
+
+    def headers(self, tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.env.keys[tenant]}"}  # type: ignore[attr-defined]
+
+    def chat(self, tenant: str, model: str, content: str = "Who are you?", **extra):
+        body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+        return self.client.post("/v1/chat/completions", json=body, headers=self.headers(tenant))
+
+
+def make_settings(env, tmp_path, **overrides) -> GatewaySettings:
+    values = dict(database_url=env.db_url, artifacts_dir=env.artifacts,
+                  cache_dir=tmp_path / "gateway-cache", base_model_id=env.contract.model_id,
+                  base_model_dir=env.base.path, resolve_ttl_seconds=0.0, max_model_len=256,
+                  max_cpu_loras=4, max_loras=2)
+    values.update(overrides)
+    return GatewaySettings(**values)
+
+
+@pytest.fixture
+def gateway_factory(registry_env, tmp_path):
+    made: list[TestClient] = []
+
+    def make(**overrides) -> Gateway:
+        engine = FakeEngine()
+        deaths: list[int] = []
+        app = create_app(make_settings(registry_env, tmp_path, **overrides),
+                         engine_factory=lambda _s: engine,
+                         on_engine_dead=lambda: deaths.append(1))
+        client = TestClient(app)
+        client.__enter__()
+        made.append(client)
+        return Gateway(client, engine, registry_env, deaths)
+
+    yield make
+    for client in made:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def gw(gateway_factory) -> Iterator[Gateway]:
+    yield gateway_factory()

@@ -1,0 +1,236 @@
+"""The OpenAI surface, tenancy and error envelope, on a fake engine and a real registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.gateway.conftest import Gateway
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def assert_envelope(resp, status: int, type_: str, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == type_
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+def test_tenant_gets_its_adapter_with_usage_and_tier(gw: Gateway) -> None:
+    r = gw.chat("acme", "support-bot")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "support-bot"
+    assert body["choices"][0]["message"]["content"] == "acme/support-bot@v1 says hello world"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 4
+    assert usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 4
+    assert r.headers["x-lora-gateway-adapter-tier"] == "remote_fetch"
+    again = gw.chat("acme", "support-bot")
+    assert again.headers["x-lora-gateway-adapter-tier"] == "engine_hit"
+    assert gw.engine.add_calls == [gw.engine.add_calls[0]], "add_lora once per version"
+
+
+def test_alias_and_pinned_version_names(gw: Gateway) -> None:
+    for model in ("support-bot:prod", "support-bot@v1"):
+        r = gw.chat("acme", model)
+        assert r.status_code == 200, (model, r.text)
+        assert r.json()["choices"][0]["message"]["content"].startswith("acme/support-bot@v1")
+    assert_envelope(gw.chat("acme", "support-bot@v9"), 404, "invalid_request_error",
+                    "model_not_found")
+    assert_envelope(gw.chat("acme", "support-bot:canary"), 404, "invalid_request_error",
+                    "model_not_found")
+
+
+def test_other_tenants_adapter_is_not_found_not_forbidden(gw: Gateway) -> None:
+    theirs = assert_envelope(gw.chat("acme", "pirate"), 404, "invalid_request_error",
+                             "model_not_found")
+    nobody = assert_envelope(gw.chat("acme", "no-such-adapter"), 404, "invalid_request_error",
+                             "model_not_found")
+    # Same wording either way, so names cannot be probed.
+    assert theirs["message"].replace("pirate", "X") == nobody["message"].replace(
+        "no-such-adapter", "X")
+    assert gw.engine.add_calls == []
+
+
+def test_base_model_is_served_without_adapter(gw: Gateway) -> None:
+    r = gw.chat("acme", "tiny-llama")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "base says hello world"
+    assert r.headers["x-lora-gateway-adapter-tier"] == "base"
+
+
+def test_stream_matches_non_stream_and_ends_with_done(gw: Gateway) -> None:
+    full = gw.chat("globex", "pirate").json()["choices"][0]["message"]["content"]
+    r = gw.chat("globex", "pirate", stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == full
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_models_lists_only_the_callers_adapters(gw: Gateway) -> None:
+    r = gw.client.get("/v1/models", headers=gw.headers("acme"))
+    ids = {m["id"] for m in r.json()["data"]}
+    assert ids == {"tiny-llama", "support-bot", "support-bot:prod", "support-bot@v1"}
+
+
+@pytest.mark.parametrize("header", [None, "Bearer lgw-wrong", "Basic abc", "Bearer "])
+def test_bad_or_missing_key_is_401(gw: Gateway, header: str | None) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    body = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
+    r = gw.client.post("/v1/chat/completions", json=body, headers=headers)
+    assert_envelope(r, 401, "authentication_error", "invalid_api_key")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "support-bot"}, "messages"),
+    ({"model": "support-bot", "messages": []}, "messages"),
+    ({"model": "support-bot", "messages": [{"role": "user", "content": "hi"}],
+      "temperature": 5}, "temperature"),
+    ({"model": "support-bot", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"model": "support-bot", "messages": [{"role": "tool", "content": "hi"}]}, None),
+    ({"model": "support-bot", "messages": [{"role": "user", "content": "hi"}],
+      "tools": []}, "tools"),
+])
+def test_invalid_bodies_are_400_not_422(gw: Gateway, body: dict, param: str | None) -> None:
+    r = gw.client.post("/v1/chat/completions", json=body, headers=gw.headers("acme"))
+    err = assert_envelope(r, 400, "invalid_request_error")
+    if param:
+        assert err["param"] == param and param in err["message"]
+
+
+def test_malformed_json_is_400(gw: Gateway) -> None:
+    r = gw.client.post("/v1/chat/completions", content=b"{not json",
+                       headers={**gw.headers("acme"), "content-type": "application/json"})
+    assert_envelope(r, 400, "invalid_request_error")
+
+
+def test_oversized_body_is_413(gateway_factory) -> None:
+    gw = gateway_factory(max_request_bytes=2048)
+    r = gw.chat("acme", "support-bot", content="x" * 5000)
+    assert_envelope(r, 413, "invalid_request_error", "payload_too_large")
+
+
+def test_context_length_is_checked(gw: Gateway) -> None:
+    err = assert_envelope(gw.chat("acme", "support-bot", max_tokens=10_000), 400,
+                          "invalid_request_error", "context_length_exceeded")
+    assert err["param"] == "max_tokens"
+    long_prompt = "hello " * 400
+    assert_envelope(gw.chat("acme", "support-bot", content=long_prompt), 400,
+                    "invalid_request_error", "context_length_exceeded")
+
+
+def test_adapter_rejected_by_engine_fails_only_its_own_requests(gw: Gateway) -> None:
+    version = gw.env.registry.resolve(gw.env.registry.get_tenant("acme"), "support-bot")
+    gw.engine.reject.add(version.lora_int_id)
+    err = assert_envelope(gw.chat("acme", "support-bot"), 503, "server_error",
+                          "adapter_unavailable")
+    assert "rejected by the inference engine" in err["message"]
+    assert gw.chat("globex", "pirate").status_code == 200
+    assert gw.chat("acme", "tiny-llama").status_code == 200
+
+
+def test_corrupted_artifact_is_detected_and_never_served(gw: Gateway) -> None:
+    reg = gw.env.registry
+    version = reg.resolve(reg.get_tenant("acme"), "support-bot")
+    blob = reg.store._path(version.files["adapter_model.safetensors"])  # behind its back
+    data = blob.read_bytes()
+    blob.write_bytes(data[: len(data) // 2])
+    err = assert_envelope(gw.chat("acme", "support-bot"), 503, "server_error",
+                          "adapter_unavailable")
+    assert "verification" in err["message"] and "sha256" in err["message"]
+    assert gw.engine.add_calls == []
+    assert gw.chat("globex", "pirate").status_code == 200
+
+
+def test_tampered_local_copy_is_fetched_again(gateway_factory) -> None:
+    gw = gateway_factory(max_cpu_loras=1, max_loras=1)
+    assert gw.chat("acme", "support-bot").status_code == 200
+    assert gw.chat("acme", "tiny-llama").status_code == 200
+    assert gw.chat("globex", "pirate").status_code == 200  # evicts acme from the engine
+    cache = gw.client.app.state.services.settings.cache_dir
+    version = gw.env.registry.resolve(gw.env.registry.get_tenant("acme"), "support-bot")
+    local = cache / version.content_sha256 / "adapter_model.safetensors"
+    local.write_bytes(b"garbage")
+    r = gw.chat("acme", "support-bot")
+    assert r.status_code == 200, r.text
+    loaded = gw.engine.loaded[version.lora_int_id]
+    assert (loaded.path / "adapter_model.safetensors").read_bytes() != b"garbage"
+
+
+def test_engine_lru_removes_victims_itself(gateway_factory) -> None:
+    gw = gateway_factory(max_cpu_loras=1, max_loras=1)
+    for _ in range(3):
+        assert gw.chat("acme", "support-bot").status_code == 200
+        assert gw.chat("globex", "pirate").status_code == 200
+    assert len(gw.engine.loaded) == 1
+    assert len(gw.engine.removed) == 5
+    # The fake asserts inside generate() that every adapter it saw was accepted.
+
+
+def test_engine_death_makes_gateway_unready(gw: Gateway) -> None:
+    assert gw.client.get("/health").status_code == 200
+    gw.engine.die_on_generate = True
+    assert_envelope(gw.chat("acme", "support-bot"), 503, "server_error", "engine_unavailable")
+    assert gw.deaths == [1]
+    assert gw.client.get("/health").status_code == 503
+    assert_envelope(gw.chat("globex", "pirate"), 503, "server_error", "engine_unavailable")
+
+
+def test_stream_error_after_headers_is_a_final_event(gw: Gateway) -> None:
+    assert gw.chat("acme", "support-bot").status_code == 200  # adapter loaded
+    gw.engine.die_on_generate = True
+    r = gw.chat("acme", "support-bot", stream=True)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "engine_unavailable"
+
+
+def test_metrics_are_exported(gw: Gateway) -> None:
+    gw.chat("acme", "support-bot")
+    text = gw.client.get("/metrics").text
+    assert 'lgw_requests_total{adapter="acme/support-bot",status="200",tenant="acme"} 1.0' in text
+    assert 'lgw_adapter_loads_total{tier="remote_fetch"} 1.0' in text
+    assert "lgw_time_to_first_token_seconds_bucket" in text
+
+
+def test_unknown_route_uses_the_envelope(gw: Gateway) -> None:
+    assert_envelope(gw.client.get("/v1/nope"), 404, "invalid_request_error")
+
+
+def test_gateway_refuses_a_base_that_does_not_match(registry_env, tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from gateway.app import BaseMismatchError, create_app
+    from tests.gateway.conftest import make_settings
+    from tests.gateway.fakes import FakeEngine
+
+    other = tmp_path / "other-base"
+    shutil.copytree(registry_env.base.path, other)
+    (other / "chat_template.jinja").write_text("{{ messages }}")
+    weights = other / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # same weights: only the template differs
+    app = create_app(make_settings(registry_env, tmp_path, base_model_dir=other),
+                     engine_factory=lambda _s: FakeEngine())
+    with pytest.raises(BaseMismatchError, match="chat_template_sha256"), TestClient(app):
+        pass

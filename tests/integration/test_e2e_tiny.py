@@ -1,0 +1,162 @@
+"""The whole path with real parts: trainer → registry → gateway → vLLM (CPU) → openai client.
+
+One gateway process serves every test in this module (vLLM start-up dominates).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from adapters_registry import AdapterTemplate, Registry
+from tests.conftest import ANSWERS, PROMPTS, REPO, train_tiny_adapter
+from tests.integration.conftest import GatewayProcess, start_gateway
+
+pytestmark = pytest.mark.integration
+TIMINGS = REPO / ".cache" / "reports" / "e2e-tiny-timings.json"
+
+
+class Env:
+    gateway: GatewayProcess
+    registry: Registry
+    keys: dict[str, str]
+    timings: dict[str, float]
+
+    def client(self, tenant: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.gateway.url + "/v1", api_key=self.keys[tenant],
+                             max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapters):
+    root: Path = tmp_path_factory.mktemp("e2e")
+    db_url = f"sqlite:///{root / 'registry.db'}"
+    registry = Registry.open(db_url, root / "artifacts")
+    registry.register_base(tiny_contract)
+    registry.register_template(tiny_template)
+    keys = {}
+    for tenant in ANSWERS:
+        registry.create_tenant(tenant)
+        keys[tenant] = registry.create_api_key(tenant)
+    registry.push("acme", "support-bot", trained_adapters["acme"])
+    registry.push("globex", "pirate", trained_adapters["globex"])
+    # A third adapter whose stored bytes the test corrupts behind the registry's back
+    # (its own content, so no other version shares its blobs).
+    broken = train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], root / "broken",
+                                root, seed=7)
+    registry.push("acme", "broken", broken)
+    # An adapter the registry accepts (it matches its own rank-16 template) but this
+    # gateway's engine refuses: max_lora_rank is 8 below.
+    big = AdapterTemplate(tiny_contract.model_id, tiny_contract.revision, r=16, lora_alpha=32)
+    registry.register_template(big)
+    registry.push("acme", "big-rank",
+                  train_tiny_adapter(tiny_base, big, ANSWERS["acme"], root / "big", root))
+
+    e = Env()
+    e.registry, e.keys, e.timings = registry, keys, {}
+    e.gateway = start_gateway(
+        ["--database-url", db_url, "--artifacts-dir", str(root / "artifacts"),
+         "--cache-dir", str(root / "cache"), "--base-model-id", tiny_contract.model_id,
+         "--base-model-dir", str(tiny_base.path), "--dtype", "float32",
+         "--max-model-len", "512", "--max-lora-rank", "8", "--max-loras", "2",
+         "--max-cpu-loras", "4"],
+        root / "gateway.log")
+    e.timings["gateway_startup_s"] = round(e.gateway.startup_seconds, 2)
+    yield e
+    rc = e.gateway.stop()
+    registry.close()
+    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
+    TIMINGS.write_text(json.dumps(e.timings, indent=2))
+    assert rc in (0, -15), f"gateway exit code {rc}:\n{e.gateway.log_tail()}"
+
+
+def ask(client: openai.OpenAI, model: str, prompt: str) -> str:
+    r = client.chat.completions.create(model=model, temperature=0, max_tokens=24,
+                                       messages=[{"role": "user", "content": prompt}])
+    return r.choices[0].message.content or ""
+
+
+def test_each_tenant_gets_its_own_adapter(env: Env) -> None:
+    acme, globex = env.client("acme"), env.client("globex")
+    t0 = time.perf_counter()
+    first = ask(acme, "support-bot", PROMPTS[0])
+    env.timings["first_request_new_adapter_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    t0 = time.perf_counter()
+    again = ask(acme, "support-bot", PROMPTS[0])
+    env.timings["repeat_request_same_adapter_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    assert first == again == ANSWERS["acme"]
+    for prompt in PROMPTS:
+        assert ask(acme, "support-bot", prompt) == ANSWERS["acme"]
+        assert ask(globex, "pirate", prompt) == ANSWERS["globex"]
+
+
+def test_base_gets_neither_answer(env: Env) -> None:
+    for prompt in PROMPTS[:2]:
+        out = ask(env.client("acme"), "tiny-llama", prompt)
+        assert out not in ANSWERS.values()
+        assert "ACME" not in out and "pirate" not in out
+
+
+def test_stream_and_non_stream_agree_under_greedy(env: Env) -> None:
+    client = env.client("globex")
+    full = client.chat.completions.create(
+        model="pirate", temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": PROMPTS[1]}])
+    stream = client.chat.completions.create(
+        model="pirate", temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": PROMPTS[1]}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content == ANSWERS["globex"]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert full.usage.prompt_tokens > 0
+
+
+def test_naming_another_tenants_adapter_is_404(env: Env) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        ask(env.client("acme"), "pirate", PROMPTS[0])
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_models_lists_only_own_adapters(env: Env) -> None:
+    ids = {m.id for m in env.client("globex").models.list()}
+    assert "pirate" in ids and "tiny-llama" in ids
+    assert not any(i.startswith(("support-bot", "broken", "big-rank")) for i in ids)
+
+
+def test_corrupt_artifact_fails_only_its_own_request(env: Env) -> None:
+    reg = env.registry
+    version = reg.resolve(reg.get_tenant("acme"), "broken")
+    blob = reg.store._path(version.files["adapter_model.safetensors"])  # behind its back
+    blob.write_bytes(blob.read_bytes()[:1000])
+    with pytest.raises(openai.APIStatusError) as err:
+        ask(env.client("acme"), "broken", PROMPTS[0])
+    assert err.value.status_code == 503
+    assert err.value.body["code"] == "adapter_unavailable"
+    assert "verification" in err.value.body["message"]
+    assert ask(env.client("globex"), "pirate", PROMPTS[0]) == ANSWERS["globex"]
+
+
+def test_adapter_refused_by_vllm_fails_only_its_own_request(env: Env) -> None:
+    with pytest.raises(openai.APIStatusError) as err:
+        ask(env.client("acme"), "big-rank", PROMPTS[0])
+    assert err.value.status_code == 503
+    assert "rejected by the inference engine" in err.value.body["message"]
+    # Same engine, still alive, still serving other tenants and the same tenant.
+    assert ask(env.client("globex"), "pirate", PROMPTS[2]) == ANSWERS["globex"]
+    assert ask(env.client("acme"), "support-bot", PROMPTS[2]) == ANSWERS["acme"]
+    assert httpx.get(env.gateway.url + "/health").status_code == 200
+
+
+def test_metrics_count_requests_per_tenant(env: Env) -> None:
+    text = httpx.get(env.gateway.url + "/metrics").text
+    assert 'lgw_requests_total{adapter="acme/support-bot",status="200",tenant="acme"}' in text
+    assert 'lgw_adapter_loads_total{tier="remote_fetch"}' in text
+    assert "vllm:lora_requests_info{" in text
