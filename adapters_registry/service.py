@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -268,7 +269,7 @@ class Registry:
                 aliases = {al.name: versions[al.version_id]
                            for al in s.scalars(select(AliasRow).filter_by(adapter_id=a.id))}
                 out.append(AdapterInfo(tenant.name, a.name, a.template_id, a.default_alias,
-                                       aliases, sorted(versions.values()), a.created_at))
+                                       aliases, sorted(versions.values()), _utc(a.created_at)))
             return out
 
     def fetch(self, version: AdapterVersion, dest: Path) -> None:
@@ -283,6 +284,11 @@ class Registry:
         return row
 
 
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every value the registry gives out is UTC-aware.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def _manifest_dict(manifest: AdapterManifest) -> dict[str, object]:
     return asdict(manifest)
 
@@ -293,5 +299,6 @@ def _to_version(row: AdapterVersionRow, tenant: str, name: str,
         lora_int_id=row.id, tenant=tenant, adapter=name, version=row.version,
         content_sha256=row.content_sha256, files=dict(row.files),
         base_model_id=template.base_model_id, base_revision=template.base_revision,
-        template_id=template.template_id, size_bytes=row.size_bytes, created_at=row.created_at,
+        template_id=template.template_id, size_bytes=row.size_bytes,
+        created_at=_utc(row.created_at),
     )

@@ -1,0 +1,193 @@
+"""Registry service: registration is all-or-nothing, versions immutable, ids stable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from adapters_registry import AdapterTemplate, Registry
+from adapters_registry.db import AdapterRow, AdapterVersionRow, ApiKeyRow
+from adapters_registry.errors import (
+    AuthenticationError,
+    ChecksumMismatchError,
+    ConflictError,
+    IncompatibleAdapterError,
+    NotFoundError,
+    ValidationError,
+)
+from tests.conftest import copy_adapter
+
+
+def stored_blobs(env) -> set[Path]:
+    return {p for p in (env.artifacts / "blobs").rglob("*") if p.is_file()}
+
+
+def rows(env, model) -> list:
+    with Session(env.registry.engine) as s:
+        return list(s.scalars(select(model)))
+
+
+def break_rank(d: Path) -> None:
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def break_revision(d: Path) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    m["base_revision"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def to_pickle(d: Path) -> None:
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
+
+
+def drop_config(d: Path) -> None:
+    (d / "adapter_config.json").unlink()
+
+
+def truncate(d: Path) -> None:
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("mutate, code", [
+    (break_rank, "rank_mismatch"),
+    (break_revision, "base_revision_mismatch"),
+    (to_pickle, "pickle_weights"),
+    (drop_config, "missing_file"),
+    (truncate, "invalid_safetensors"),
+])
+def test_rejected_push_leaves_nothing(registry_env, trained_adapters, tmp_path, mutate, code) -> None:
+    bad = copy_adapter(trained_adapters["acme"], tmp_path / "bad")
+    mutate(bad)
+    blobs, versions, adapters = (stored_blobs(registry_env), rows(registry_env, AdapterVersionRow),
+                                 rows(registry_env, AdapterRow))
+    with pytest.raises(IncompatibleAdapterError) as err:
+        registry_env.registry.push("acme", "newbot", bad)
+    assert code in {v.code for v in err.value.violations}
+    assert code in str(err.value) and "acme/newbot" in str(err.value)
+    assert stored_blobs(registry_env) == blobs
+    assert len(rows(registry_env, AdapterVersionRow)) == len(versions)
+    assert len(rows(registry_env, AdapterRow)) == len(adapters)
+    with pytest.raises(NotFoundError):
+        registry_env.registry.resolve(registry_env.registry.get_tenant("acme"), "newbot")
+
+
+def test_several_problems_are_all_reported(registry_env, trained_adapters, tmp_path) -> None:
+    bad = copy_adapter(trained_adapters["acme"], tmp_path / "bad")
+    break_rank(bad)
+    break_revision(bad)
+    (bad / "extra.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(IncompatibleAdapterError) as err:
+        registry_env.registry.push("acme", "newbot", bad)
+    codes = {v.code for v in err.value.violations}
+    assert {"rank_mismatch", "base_revision_mismatch", "pickle_weights"} <= codes
+
+
+def test_versions_are_immutable_and_ids_stable(registry_env, tiny_base, tiny_template,
+                                               tmp_path) -> None:
+    from tests.conftest import train_tiny_adapter
+
+    reg = registry_env.registry
+    acme = reg.get_tenant("acme")
+    v1 = reg.resolve(acme, "support-bot")
+    v2_dir = train_tiny_adapter(tiny_base, tiny_template, "Second version.", tmp_path / "v2",
+                                tmp_path, seed=3)
+    v2 = reg.push("acme", "support-bot", v2_dir, aliases=["canary"])
+    assert (v1.version, v2.version) == (1, 2)
+    assert v2.lora_int_id != v1.lora_int_id
+    assert reg.resolve(acme, "support-bot") == v1, "default alias stays on v1"
+    assert reg.resolve(acme, "support-bot:canary") == v2
+    assert reg.resolve(acme, "support-bot@v2") == v2
+    reg.set_alias("acme", "support-bot", "prod", 2)
+    assert reg.resolve(acme, "support-bot") == v2
+    reg.set_alias("acme", "support-bot", "prod", 1)  # rollback
+    assert reg.resolve(acme, "support-bot") == v1
+    with pytest.raises(ConflictError, match="identical content is already v2"):
+        reg.push("acme", "support-bot", v2_dir)
+    ids = [r.id for r in rows(registry_env, AdapterVersionRow)]
+    assert len(ids) == len(set(ids))
+
+
+def test_tenants_only_resolve_their_own_adapters(registry_env) -> None:
+    reg = registry_env.registry
+    with pytest.raises(NotFoundError):
+        reg.resolve(reg.get_tenant("acme"), "pirate")
+    with pytest.raises(NotFoundError):
+        reg.resolve(reg.get_tenant("acme"), "../globex/pirate")
+    assert [a.name for a in reg.list_adapters(reg.get_tenant("globex"))] == ["pirate"]
+
+
+def test_api_keys_are_stored_only_as_hashes(registry_env) -> None:
+    reg = registry_env.registry
+    key = registry_env.keys["acme"]
+    assert reg.authenticate(key).name == "acme"
+    stored = rows(registry_env, ApiKeyRow)
+    assert all(key not in (r.key_sha256, r.prefix) and len(r.key_sha256) == 64 for r in stored)
+    db_file = Path(registry_env.db_url.removeprefix("sqlite:///"))
+    assert key.encode() not in db_file.read_bytes()
+    for bad in ("", "lgw-short", key[:-1] + ("A" if key[-1] != "A" else "B")):
+        with pytest.raises(AuthenticationError):
+            reg.authenticate(bad)
+
+
+def test_fetch_verifies_every_byte(registry_env, tmp_path) -> None:
+    reg = registry_env.registry
+    version = reg.resolve(reg.get_tenant("globex"), "pirate")
+    reg.fetch(version, tmp_path / "ok")
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == sorted(version.files)
+    blob = reg.store._path(version.files["adapter_config.json"])
+    blob.write_text(blob.read_text().replace("16", "17"))
+    with pytest.raises(ChecksumMismatchError, match="sha256"):
+        reg.fetch(version, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "adapter_config.json").exists()
+
+
+def test_names_are_validated(registry_env, trained_adapters) -> None:
+    with pytest.raises(ValidationError):
+        registry_env.registry.create_tenant("Bad Name")
+    with pytest.raises(ValidationError):
+        registry_env.registry.push("acme", "../escape", trained_adapters["acme"])
+
+
+def test_template_needs_a_registered_base(tmp_path, tiny_contract) -> None:
+    reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "a")
+    try:
+        with pytest.raises(NotFoundError, match="not registered"):
+            reg.register_template(AdapterTemplate(tiny_contract.model_id, tiny_contract.revision))
+    finally:
+        reg.close()
+
+
+def test_same_revision_with_a_different_contract_is_refused(registry_env, tiny_contract) -> None:
+    from dataclasses import replace
+
+    with pytest.raises(ConflictError, match="chat_template_sha256"):
+        registry_env.registry.register_base(replace(tiny_contract, chat_template_sha256="x" * 64))
+    assert registry_env.registry.register_base(tiny_contract) == tiny_contract
+
+
+def test_orphan_blobs_do_not_appear_as_versions(registry_env, trained_adapters, tmp_path,
+                                                monkeypatch) -> None:
+    """A crash between upload and commit leaves blobs but no visible version."""
+    reg = registry_env.registry
+    good = copy_adapter(trained_adapters["acme"], tmp_path / "good")
+    (good / "README.md").write_text("new bytes, new content hash\n")
+
+    def crash(*_a, **_k):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(Registry, "_insert_version", crash)
+    with pytest.raises(RuntimeError):
+        reg.push("acme", "crashbot", good)
+    with pytest.raises(NotFoundError):
+        reg.resolve(reg.get_tenant("acme"), "crashbot")
+    assert "crashbot" not in {a.name for a in reg.list_adapters(reg.get_tenant("acme"))}
+    shutil.rmtree(good)
