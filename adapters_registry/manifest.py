@@ -42,6 +42,10 @@ class AdapterManifest:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ManifestError(f"{MANIFEST_FILE} is missing") from None
+        except OSError as exc:
+            raise ManifestError(f"cannot read {MANIFEST_FILE}: {exc}") from None
+        except RecursionError:
+            raise ManifestError(f"{MANIFEST_FILE} is nested too deeply to be a manifest") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ManifestError(f"{MANIFEST_FILE} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
@@ -57,4 +61,18 @@ class AdapterManifest:
             raise ManifestError(
                 f"{MANIFEST_FILE}: unknown fields {unknown}, missing fields {missing}"
             )
+        wrong = [
+            f"{name} must be {kind.__name__}"
+            for name, kind in _FIELD_TYPES.items()
+            if not isinstance(data[name], kind) or isinstance(data[name], bool)
+        ]
+        if wrong:
+            raise ManifestError(f"{MANIFEST_FILE}: {'; '.join(wrong)}")
         return cls(**data)
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "base_model_id": str, "base_revision": str, "template_id": str, "tokenizer_sha256": str,
+    "chat_template_sha256": str, "rope": dict, "dataset_sha256": str, "seed": int,
+    "versions": dict, "run_config": dict, "metrics": dict,
+}

@@ -38,7 +38,13 @@ class AdapterTemplate:
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling."})
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [
+            f"{name} must be an integer, got {value!r}"
+            for name, value in (("r", self.r), ("lora_alpha", self.lora_alpha))
+            if not isinstance(value, int) or isinstance(value, bool)
+        ]
+        if problems:
+            raise TemplateError("invalid adapter template: " + "; ".join(problems))
         if not 1 <= self.r <= 512:
             problems.append(f"r must be in 1..512, got {self.r}")
         if self.lora_alpha <= 0:
@@ -79,6 +85,9 @@ class AdapterTemplate:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterTemplate:
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__) - {"template_id"})
+        if unknown:
+            raise TemplateError(f"unknown adapter template fields: {unknown}")
         fields = {k: v for k, v in data.items() if k != "template_id"}
         fields["target_modules"] = frozenset(fields.get("target_modules", ()))
         template = cls(**fields)
