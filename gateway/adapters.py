@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from adapters_registry import Registry
 from adapters_registry.errors import (
@@ -41,23 +41,25 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
-class TtlCache:
+class TtlCache(Generic[K, V]):
     """A tiny time-bounded cache: entries are trusted for ``ttl`` seconds."""
 
     def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._data: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
-    def get(self, key: Hashable) -> Any | None:
+    def get(self, key: K) -> V | None:
         hit = self._data.get(key)
         if hit is None or hit[0] < time.monotonic():
             return None
         return hit[1]
 
-    def put(self, key: Hashable, value: Any) -> None:
+    def put(self, key: K, value: V) -> None:
         self._data[key] = (time.monotonic() + self.ttl, value)
         self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
@@ -77,8 +79,8 @@ class AdapterManager:
         self._engine = engine
         self._cache_dir = Path(cache_dir)
         self._metrics = metrics
-        self._keys = TtlCache(ttl)
-        self._resolved = TtlCache(ttl)
+        self._keys: TtlCache[str, Tenant] = TtlCache(ttl)
+        self._resolved: TtlCache[tuple[int, str], AdapterVersion] = TtlCache(ttl)
         self._capacity = engine_capacity
         self._in_engine: OrderedDict[int, None] = OrderedDict()  # LRU, oldest first
         self._in_use: Counter[int] = Counter()
@@ -96,7 +98,7 @@ class AdapterManager:
             except AuthenticationError as exc:
                 raise AuthenticationFailedError(str(exc)) from None
             self._keys.put(digest, tenant)
-        return tenant  # type: ignore[no-any-return]
+        return tenant
 
     async def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
         version = self._resolved.get((tenant.id, model))
@@ -106,7 +108,7 @@ class AdapterManager:
             except NotFoundError:
                 raise ModelNotFoundError(model) from None
             self._resolved.put((tenant.id, model), version)
-        return version  # type: ignore[no-any-return]
+        return version
 
     async def list_models(self, tenant: Tenant) -> list[Any]:
         return await asyncio.to_thread(self._registry.list_adapters, tenant)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+LoraRank = Literal[8, 16, 32, 64, 128, 256, 512]  # the ranks vLLM accepts
 
 
 class GatewaySettings(BaseSettings):
@@ -24,12 +28,12 @@ class GatewaySettings(BaseSettings):
     expose_base: bool = Field(default=True, description="Let tenants call the bare base.")
     host: str = "127.0.0.1"
     port: int = 8000
-    dtype: str = "bfloat16"
+    dtype: Dtype = "bfloat16"
     max_model_len: int = Field(default=2048, ge=16)
     max_num_seqs: int = Field(default=16, ge=1)
     max_loras: int = Field(default=4, ge=1, description="Adapters active in one batch (vLLM).")
     max_cpu_loras: int = Field(default=16, ge=1, description="Adapters held in engine memory.")
-    max_lora_rank: int = Field(default=16, ge=1)
+    max_lora_rank: LoraRank = Field(default=16, description="Largest adapter rank the engine takes.")
     cpu_kvcache_space_gib: int | None = Field(
         default=1, ge=1, description="vLLM CPU backend KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, "
         "unless already set); ignored on GPUs.")

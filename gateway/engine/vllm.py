@@ -14,6 +14,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine import exceptions as vllm_exc
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from gateway.config import Dtype, LoraRank
 from gateway.engine.base import (
     AdapterRejectedError,
     Delta,
@@ -29,12 +30,12 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class VllmOptions:
     model_dir: Path
-    dtype: str = "bfloat16"
+    dtype: Dtype = "bfloat16"
     max_model_len: int = 2048
     max_num_seqs: int = 16
     max_loras: int = 4
     max_cpu_loras: int = 16
-    max_lora_rank: int = 16
+    max_lora_rank: LoraRank = 16
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
 
