@@ -42,6 +42,15 @@ class AdapterTemplate:
             f"{name} must be an integer, got {value!r}"
             for name, value in (("r", self.r), ("lora_alpha", self.lora_alpha))
             if not isinstance(value, int) or isinstance(value, bool)
+        ] + [
+            f"{name} must be true or false, got {value!r}"
+            for name, value in (("use_dora", self.use_dora), ("use_rslora", self.use_rslora))
+            if not isinstance(value, bool)
+        ] + [
+            f"{name} must be a non-empty string"
+            for name, value in (("base_model_id", self.base_model_id),
+                                ("base_revision", self.base_revision), ("bias", self.bias))
+            if not isinstance(value, str) or not value
         ]
         if problems:
             raise TemplateError("invalid adapter template: " + "; ".join(problems))
@@ -89,7 +98,8 @@ class AdapterTemplate:
         if unknown:
             raise TemplateError(f"unknown adapter template fields: {unknown}")
         fields = {k: v for k, v in data.items() if k != "template_id"}
-        fields["target_modules"] = frozenset(fields.get("target_modules", ()))
+        if "target_modules" in fields:
+            fields["target_modules"] = frozenset(fields["target_modules"])
         template = cls(**fields)
         if "template_id" in data and data["template_id"] != template.template_id:
             raise TemplateError(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -82,7 +83,9 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         try:
             await asyncio.to_thread(verify_base, registry, settings)
             renderer = await asyncio.to_thread(PromptRenderer.load, settings.base_model_dir)
+            started = time.perf_counter()
             engine = await asyncio.to_thread(engine_factory, settings)
+            logger.info("inference engine started in %.1fs", time.perf_counter() - started)
         except BaseException:
             registry.close()
             raise

@@ -65,8 +65,8 @@ def load_run_config(path: Path | None, overrides: list[str]) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainer.config import ConfigError
-    from trainer.data import DatasetError, load_chat_jsonl
+    from trainer.data import load_chat_jsonl
+    from trainer.errors import TrainerError
     from trainer.train import train_adapter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,7 +84,7 @@ def run_train(args: argparse.Namespace) -> int:
             v = registry.push(tenant, name, result.out_dir, template_id=template.template_id,
                               aliases=args.alias)
             print(f"published {v.ref} (lora_int_id={v.lora_int_id})")
-    except (ConfigError, DatasetError, IncompatibleAdapterError, RegistryError) as exc:
+    except (TrainerError, IncompatibleAdapterError, RegistryError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
