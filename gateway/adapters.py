@@ -74,7 +74,9 @@ class AcquiredAdapter:
 
 class AdapterManager:
     def __init__(self, registry: Registry, engine: Engine, cache_dir: Path,
-                 metrics: GatewayMetrics, *, ttl: float, engine_capacity: int) -> None:
+                 metrics: GatewayMetrics, *, served_base: tuple[str, str], ttl: float,
+                 engine_capacity: int) -> None:
+        self._served_base = served_base  # (model_id, revision)
         self._registry = registry
         self._engine = engine
         self._cache_dir = Path(cache_dir)
@@ -86,7 +88,8 @@ class AdapterManager:
         self._in_use: Counter[int] = Counter()
         self._names: dict[int, str] = {}
         self._engine_lock = asyncio.Lock()
-        self._fetches: dict[str, asyncio.Future[Path]] = {}
+        self._fetches: dict[str, asyncio.Task[Path]] = {}
+        self._rejected: dict[int, str] = {}  # lora_int_id -> why; a version never changes
         self._cache_dir.mkdir(parents=True, exist_ok=True)
 
     async def authenticate(self, api_key: str) -> Tenant:
@@ -107,6 +110,10 @@ class AdapterManager:
                 version = await asyncio.to_thread(self._registry.resolve, tenant, model)
             except NotFoundError:
                 raise ModelNotFoundError(model) from None
+            if (version.base_model_id, version.base_revision) != self._served_base:
+                # Built for another base (or revision): its shapes were never checked
+                # against this one, and vLLM may serve garbage silently. Not ours to serve.
+                raise ModelNotFoundError(model)
             self._resolved.put((tenant.id, model), version)
         return version
 
@@ -122,10 +129,11 @@ class AdapterManager:
             tier = "engine_hit"
             self._in_engine.move_to_end(vid)
         else:
+            if vid in self._rejected:
+                raise self._unavailable(version)
             path, tier = await self._ensure_local(version)
-            async with self._engine_lock:
-                if vid not in self._in_engine:
-                    await self._load(version, path)
+            # A task, so a cancelled request cannot leave vLLM and our LRU out of step.
+            await asyncio.shield(asyncio.ensure_future(self._load_locked(version, path)))
         self._in_use[vid] += 1  # no await since the check above: eviction cannot interleave
         self._metrics.adapter_loads.labels(tier).inc()
         self._metrics.adapter_load_seconds.labels(tier).observe(time.perf_counter() - started)
@@ -149,30 +157,31 @@ class AdapterManager:
         path = self._local_path(version)
         if path.is_dir():
             return path, "disk_hit"
-        # Single flight: concurrent first requests for one version share one download.
+        # Single flight: concurrent first requests for one version share one download,
+        # run as its own task so a cancelled requester cannot fail the others.
         key = version.content_sha256
-        pending = self._fetches.get(key)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._fetches[key] = pending
-            try:
-                pending.set_result(await asyncio.to_thread(self._download, version, path))
-            except BaseException as exc:
-                pending.set_exception(exc)
-                pending.exception()  # mark retrieved; waiters re-raise it themselves
-            finally:
-                del self._fetches[key]  # a failure is not cached: the next request retries
-        return await asyncio.shield(pending), "remote_fetch"
+        task = self._fetches.get(key)
+        if task is None:
+            task = asyncio.create_task(asyncio.to_thread(self._download, version, path))
+            self._fetches[key] = task
+            # A failure is not cached: the next request after it retries.
+            task.add_done_callback(lambda _t: self._fetches.pop(key, None))
+        return await asyncio.shield(task), "remote_fetch"
 
     def _download(self, version: AdapterVersion, path: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=self._cache_dir, prefix=".fetch-"))
         try:
             self._registry.fetch(version, tmp)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except OSError:
+                if not path.is_dir():  # else: an earlier fetch won; _load verifies it
+                    raise
         except ArtifactError as exc:
+            logger.error("artifact of %s failed verification: %s", version.ref, exc)
             raise AdapterUnavailableError(
                 f"adapter {version.ref} cannot be served: its stored artifact failed "
-                f"verification ({exc}); the operator must re-register it"
+                "sha256 verification; the operator must re-register it"
             ) from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -185,8 +194,20 @@ class AdapterManager:
             for rel, digest in version.files.items()
         )
 
+    def _unavailable(self, version: AdapterVersion) -> AdapterUnavailableError:
+        return AdapterUnavailableError(
+            f"adapter {version.ref} was rejected by the inference engine; "
+            "the operator must fix and re-register it")
+
+    async def _load_locked(self, version: AdapterVersion, path: Path) -> None:
+        async with self._engine_lock:
+            if version.lora_int_id not in self._in_engine:
+                await self._load(version, path)
+
     async def _load(self, version: AdapterVersion, path: Path) -> None:
         """Verify the local copy, make room, and hand it to the engine (engine lock held)."""
+        if version.lora_int_id in self._rejected:
+            raise self._unavailable(version)
         if not await asyncio.to_thread(self._verify_local, version, path):
             logger.warning("local copy of %s failed verification; fetching again", version.ref)
             await asyncio.to_thread(shutil.rmtree, path, True)
@@ -203,9 +224,9 @@ class AdapterManager:
         try:
             await self._engine.add_lora(self._spec(version, path))
         except AdapterRejectedError as exc:
-            raise AdapterUnavailableError(
-                f"adapter {version.ref} was rejected by the inference engine: {exc}"
-            ) from exc
+            logger.error("engine rejected %s: %s", version.ref, exc)
+            self._rejected[version.lora_int_id] = str(exc)
+            raise self._unavailable(version) from exc
         self._in_engine[version.lora_int_id] = None
         self._names[version.lora_int_id] = version.ref
         logger.info("engine accepted %s (lora_int_id=%d)", version.ref, version.lora_int_id)

@@ -81,7 +81,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = await asyncio.to_thread(Registry.open, settings.database_url, settings.artifacts_dir)
         try:
-            await asyncio.to_thread(verify_base, registry, settings)
+            contract = await asyncio.to_thread(verify_base, registry, settings)
             renderer = await asyncio.to_thread(PromptRenderer.load, settings.base_model_dir)
             started = time.perf_counter()
             engine = await asyncio.to_thread(engine_factory, settings)
@@ -98,6 +98,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                 (on_engine_dead or _terminate_process)()
 
         adapters = AdapterManager(registry, engine, settings.cache_dir, metrics,
+                                  served_base=(contract.model_id, contract.revision),
                                   ttl=settings.resolve_ttl_seconds,
                                   engine_capacity=settings.max_cpu_loras)
         chat = ChatService(engine, adapters, renderer, base_name=settings.base_name,
@@ -147,7 +148,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        code = "payload_too_large" if exc.status_code == 413 else None
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}}
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
@@ -180,7 +182,7 @@ class BodySizeLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _TooLarge
+                raise _TooLarge(self.max_bytes)
             return message
 
         try:
@@ -193,8 +195,11 @@ class BodySizeLimit:
         await JSONResponse(err.body(), status_code=413)({"type": "http"}, _no_receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, so FastAPI's body parsing lets it through instead of calling
+    # it a malformed body (400).
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
 
 
 async def _no_receive() -> Any:

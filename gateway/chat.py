@@ -15,7 +15,15 @@ from typing import Any
 
 from adapters_registry.records import AdapterVersion, Tenant
 from gateway.adapters import AdapterManager
-from gateway.engine import Delta, Engine, EngineDeadError, EngineError, LoraSpec, SamplingSpec
+from gateway.engine import (
+    Delta,
+    Engine,
+    EngineDeadError,
+    EngineError,
+    EngineRequestError,
+    LoraSpec,
+    SamplingSpec,
+)
 from gateway.errors import (
     ContextLengthError,
     EngineUnavailableError,
@@ -139,10 +147,20 @@ class ChatService:
             except GatewayError as exc:
                 # Headers are gone: the error travels as the last event, then [DONE].
                 yield _data(exc.body())
+            except Exception:
+                logger.exception("stream %s failed", call.request_id)
+                yield _data(GatewayError("internal error; see the gateway log").body())
             yield "data: [DONE]\n\n"
 
-    async def _prepare(self, tenant: Tenant, req: ChatCompletionRequest) -> _Call:
+    def engine_alive(self) -> bool:
+        """False once the engine died; noticing it here also triggers the restart."""
         if self._engine.is_dead:
+            self._on_engine_dead()
+            return False
+        return True
+
+    async def _prepare(self, tenant: Tenant, req: ChatCompletionRequest) -> _Call:
+        if not self.engine_alive():
             raise EngineUnavailableError("the inference engine is not running")
         version: AdapterVersion | None = None
         if req.model == self._base_name and self._expose_base:
@@ -172,7 +190,12 @@ class ChatService:
     async def _acquire(self, call: _Call, stack: AsyncExitStack) -> LoraSpec | None:
         if call.version is None:
             return None
-        acquired = await stack.enter_async_context(self._adapters.use(call.version))
+        try:
+            acquired = await stack.enter_async_context(self._adapters.use(call.version))
+        except EngineDeadError:
+            logger.critical("inference engine died while loading %s", call.version.ref)
+            self._on_engine_dead()
+            raise EngineUnavailableError("the inference engine stopped; retry shortly") from None
         call.tier = acquired.tier
         return acquired.lora
 
@@ -196,9 +219,13 @@ class ChatService:
             self._on_engine_dead()
             m.requests.labels(*labels, "503").inc()
             raise EngineUnavailableError("the inference engine stopped; retry shortly") from None
+        except EngineRequestError as exc:
+            m.requests.labels(*labels, "400").inc()
+            raise InvalidRequestError(f"the engine refused the request: {exc}") from None
         except EngineError as exc:
-            m.requests.labels(*labels, "500").inc()
-            raise EngineUnavailableError(f"generation failed: {exc}") from None
+            logger.error("generation %s failed: %s", call.request_id, exc)
+            m.requests.labels(*labels, "503").inc()
+            raise EngineUnavailableError("generation failed; retry shortly") from None
         finally:
             m.in_flight.dec()
         m.requests.labels(*labels, "200").inc()

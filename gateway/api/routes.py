@@ -48,7 +48,7 @@ async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
 
 @router.get("/health")
 async def health(services: ServicesDep) -> JSONResponse:
-    if services.ready:
+    if services.ready and services.chat.engine_alive():
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "unavailable"}, status_code=503)
 

@@ -10,6 +10,7 @@ from gateway.engine.base import (
     Engine,
     EngineDeadError,
     EngineError,
+    EngineRequestError,
     LoraSpec,
     SamplingSpec,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Engine",
     "EngineDeadError",
     "EngineError",
+    "EngineRequestError",
     "LoraSpec",
     "SamplingSpec",
 ]

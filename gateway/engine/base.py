@@ -12,6 +12,10 @@ class EngineError(Exception):
     """An engine failure that concerns one request only."""
 
 
+class EngineRequestError(EngineError):
+    """The engine refused the request's parameters: the caller's mistake (a 400)."""
+
+
 class AdapterRejectedError(EngineError):
     """The engine refused to load an adapter; the engine itself is fine."""
 

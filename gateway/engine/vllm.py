@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm import AsyncEngineArgs, SamplingParams
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
@@ -20,6 +21,7 @@ from gateway.engine.base import (
     Delta,
     EngineDeadError,
     EngineError,
+    EngineRequestError,
     LoraSpec,
     SamplingSpec,
 )
@@ -83,17 +85,17 @@ class VllmEngine:
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingSpec, request_id: str, lora: LoraSpec | None
     ) -> AsyncIterator[Delta]:
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            stop=list(sampling.stop) or None,
-            output_kind=RequestOutputKind.DELTA,
-        )
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         completion_tokens = 0
         try:
+            params = SamplingParams(
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                stop=list(sampling.stop) or None,
+                output_kind=RequestOutputKind.DELTA,
+            )
             async for out in self._engine.generate(
                 prompt, params, request_id,
                 lora_request=_lora_request(lora) if lora else None,
@@ -104,6 +106,8 @@ class VllmEngine:
                             seq.finish_reason if out.finished else None)
         except vllm_exc.EngineDeadError as exc:
             raise EngineDeadError(str(exc)) from exc
+        except VLLMClientError as exc:
+            raise EngineRequestError(str(exc)) from exc
         except vllm_exc.EngineGenerateError as exc:
             raise EngineError(str(exc)) from exc
 

@@ -234,3 +234,107 @@ def test_gateway_refuses_a_base_that_does_not_match(registry_env, tmp_path) -> N
                      engine_factory=lambda _s: FakeEngine())
     with pytest.raises(BaseMismatchError, match="chat_template_sha256"), TestClient(app):
         pass
+
+
+def test_chunked_oversized_body_is_413(gateway_factory) -> None:
+    gw = gateway_factory(max_request_bytes=2048)
+    body = json.dumps({"model": "support-bot",
+                       "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+
+    def chunks():
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    r = gw.client.post("/v1/chat/completions", content=chunks(),
+                       headers={**gw.headers("acme"), "content-type": "application/json"})
+    assert_envelope(r, 413, "invalid_request_error", "payload_too_large")
+
+
+def test_engine_death_while_loading_an_adapter(gw: Gateway) -> None:
+    async def dead_add_lora(lora):
+        from gateway.engine import EngineDeadError
+
+        gw.engine.dead = True
+        raise EngineDeadError("died in add_lora")
+
+    gw.engine.add_lora = dead_add_lora  # type: ignore[method-assign]
+    assert_envelope(gw.chat("acme", "support-bot"), 503, "server_error", "engine_unavailable")
+    assert gw.deaths and gw.client.get("/health").status_code == 503
+
+
+def test_engine_dying_in_the_background_makes_health_fail(gw: Gateway) -> None:
+    gw.engine.dead = True
+    assert gw.client.get("/health").status_code == 503
+    assert gw.deaths
+
+
+def test_rejected_adapter_is_remembered_and_evicts_nobody_again(gateway_factory) -> None:
+    gw = gateway_factory(max_cpu_loras=1, max_loras=1)
+    assert gw.chat("globex", "pirate").status_code == 200
+    version = gw.env.registry.resolve(gw.env.registry.get_tenant("acme"), "support-bot")
+    gw.engine.reject.add(version.lora_int_id)
+    for _ in range(3):
+        assert gw.chat("acme", "support-bot").status_code == 503
+    assert gw.engine.add_calls.count(version.lora_int_id) == 1
+    assert len(gw.engine.removed) == 1  # only the first attempt made room
+
+
+def test_adapter_of_another_base_is_not_served(gw: Gateway, tmp_path) -> None:
+    """A version registered for another base is invisible to this gateway (404)."""
+    from dataclasses import replace
+
+    from adapters_registry import AdapterTemplate
+
+    reg = gw.env.registry
+    other = replace(gw.env.contract, model_id="other-base")
+    reg.register_base(other)
+    tpl = AdapterTemplate(other.model_id, other.revision)
+    reg.register_template(tpl)
+    src = reg.resolve(reg.get_tenant("acme"), "support-bot")
+    reg.fetch(src, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest.update(base_model_id="other-base", template_id=tpl.template_id)
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    reg.push("acme", "other-bot", tmp_path / "a")
+    assert_envelope(gw.chat("acme", "other-bot"), 404, "invalid_request_error", "model_not_found")
+
+
+@pytest.mark.parametrize("extra", [{"stop": [""]}, {"stop": ""}, {"seed": 2**64}])
+def test_engine_invalid_parameters_are_400(gw: Gateway, extra: dict) -> None:
+    assert_envelope(gw.chat("acme", "support-bot", **extra), 400, "invalid_request_error")
+
+
+def test_concurrent_first_requests_fetch_once(registry_env, tmp_path) -> None:
+    import asyncio
+
+    from gateway.adapters import AdapterManager
+    from gateway.metrics import GatewayMetrics
+    from tests.gateway.fakes import FakeEngine
+
+    reg = registry_env.registry
+    fetches: list[str] = []
+    original = reg.fetch
+
+    def counting_fetch(version, dest):
+        fetches.append(version.ref)
+        original(version, dest)
+
+    reg.fetch = counting_fetch  # type: ignore[method-assign]
+    engine = FakeEngine()
+    manager = AdapterManager(reg, engine, tmp_path / "cache", GatewayMetrics(),
+                             served_base=(registry_env.contract.model_id,
+                                          registry_env.contract.revision),
+                             ttl=0, engine_capacity=4)
+    version = reg.resolve(reg.get_tenant("acme"), "support-bot")
+
+    async def one() -> str:
+        async with manager.use(version) as acquired:
+            return acquired.tier
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*[one() for _ in range(8)])
+
+    tiers = asyncio.run(main())
+    assert fetches == [version.ref]
+    assert engine.add_calls == [version.lora_int_id]
+    assert tiers.count("remote_fetch") >= 1 and set(tiers) <= {"remote_fetch", "engine_hit"}
