@@ -27,6 +27,7 @@ from gateway.chat import ChatService, PromptRenderer
 from gateway.config import GatewaySettings
 from gateway.engine import Engine
 from gateway.errors import GatewayError, PayloadTooLargeError
+from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     app.include_router(router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContext)
     return app
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from gateway.config import GatewaySettings
+from gateway.logs import configure_logging
 
 _FLAGS = {
     "database_url": str, "artifacts_dir": Path, "cache_dir": Path, "base_model_id": str,
@@ -34,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     settings = settings_from_args(args)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)

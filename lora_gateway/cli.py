@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -54,9 +53,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.config import GatewaySettings
+    from gateway.logs import configure_logging
     from lora_gateway.demo import banner, prepare
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO")
     home = args.home.resolve()
     setup = prepare(home / args.base, args.base, args.models_cache.resolve())
     if args.prepare_only:

@@ -12,6 +12,7 @@ from gateway.adapters import AdapterManager
 from gateway.chat import ChatService
 from gateway.config import GatewaySettings
 from gateway.errors import AuthenticationFailedError
+from gateway.logs import tenant_var
 from gateway.metrics import GatewayMetrics
 
 
@@ -41,7 +42,7 @@ async def authenticate(request: Request, services: ServicesDep) -> Tenant:
         raise AuthenticationFailedError(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
     tenant = await services.adapters.authenticate(key.strip())
-    request.state.tenant = tenant.name
+    tenant_var.set(tenant.name)
     return tenant
 
 

@@ -338,3 +338,20 @@ def test_concurrent_first_requests_fetch_once(registry_env, tmp_path) -> None:
     assert fetches == [version.ref]
     assert engine.add_calls == [version.lora_int_id]
     assert tiers.count("remote_fetch") >= 1 and set(tiers) <= {"remote_fetch", "engine_hit"}
+
+
+def test_log_lines_carry_request_id_and_tenant(gw: Gateway, caplog) -> None:
+    import logging
+
+    from gateway.logs import RequestContextFilter
+
+    caplog.handler.addFilter(RequestContextFilter())
+    with caplog.at_level(logging.INFO):
+        r = gw.client.post("/v1/chat/completions", headers={**gw.headers("acme"),
+                                                             "x-request-id": "req-42"},
+                           json={"model": "support-bot",
+                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert r.headers["x-request-id"] == "req-42"
+    mine = [rec for rec in caplog.records if getattr(rec, "request_id", None) == "req-42"]
+    assert mine and all(rec.tenant == "acme" for rec in mine)
+    assert all("hi" not in rec.getMessage() for rec in caplog.records), "no prompts in logs"
