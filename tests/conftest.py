@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,32 @@ def trained_adapters(tiny_base, tiny_template, tmp_path_factory) -> dict[str, Pa
             for tenant, answer in ANSWERS.items()}
 
 
+POSTGRES_URL = os.environ.get("LGW_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def db_url(request, tmp_path) -> Iterator[str]:
+    """A fresh, empty registry database: SQLite by default; parametrize ``db_url``
+    indirectly with "postgresql" to get a throwaway schema on the real server."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    from sqlalchemy import create_engine, text
+
+    schema = f"lgw_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 @dataclass
 class RegistryEnv:
     registry: Registry
@@ -82,10 +110,9 @@ class RegistryEnv:
 
 
 @pytest.fixture
-def registry_env(tmp_path, tiny_base, tiny_contract, tiny_template, trained_adapters):
+def registry_env(tmp_path, db_url, tiny_base, tiny_contract, tiny_template, trained_adapters):
     """A registry with the tiny base, its template, tenants acme and globex with keys, and
     acme/support-bot and globex/pirate registered (v1, alias prod)."""
-    db_url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry.open(db_url, tmp_path / "artifacts")
     registry.register_base(tiny_contract)
     registry.register_template(tiny_template)
