@@ -113,13 +113,29 @@ class AliasRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with the settings each backend needs; creates tables if missing."""
+def make_engine(url: str, *, migrate: bool = True) -> Engine:
+    """An engine with the settings each backend needs, its schema migrated to head."""
     engine = create_engine(url, future=True, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
+    if migrate:
+        upgrade(engine)
     return engine
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply the versioned migrations in adapters_registry/migrations (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "adapters_registry:migrations")
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Two processes starting at once (gateway and CLI) must not both migrate.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7418001)")
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
