@@ -31,16 +31,18 @@ def _split_ref(ref: str) -> tuple[str, str]:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     reg = sub.add_parser("registry", help="manage bases, templates, tenants, keys and adapters")
-    add_registry_options(reg)
     cmds = reg.add_subparsers(dest="registry_cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    add_registry_options(common)
 
-    p = cmds.add_parser("add-base", help="register a base model directory's contract")
+    p = cmds.add_parser("add-base", parents=[common], help="register a base model directory's contract")
     p.add_argument("model_id")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--license")
     p.set_defaults(run=_add_base)
 
-    p = cmds.add_parser("add-template", help="register the frozen adapter template of a base")
+    p = cmds.add_parser("add-template", parents=[common],
+                        help="register the frozen adapter template of a base")
     p.add_argument("model_id")
     p.add_argument("--revision", help="base revision (default: the latest registered)")
     p.add_argument("--r", type=int, default=8)
@@ -48,28 +50,29 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--targets", default=",".join(ATTENTION_MODULES))
     p.set_defaults(run=_add_template)
 
-    p = cmds.add_parser("add-tenant", help="create a tenant")
+    p = cmds.add_parser("add-tenant", parents=[common], help="create a tenant")
     p.add_argument("name")
     p.set_defaults(run=lambda r, a: print(r.create_tenant(a.name).name))
 
-    p = cmds.add_parser("create-key", help="create an API key for a tenant (shown once)")
+    p = cmds.add_parser("create-key", parents=[common], help="create an API key for a tenant (shown once)")
     p.add_argument("tenant")
     p.set_defaults(run=lambda r, a: print(r.create_api_key(a.tenant)))
 
-    p = cmds.add_parser("push", help="check and register a new adapter version")
+    p = cmds.add_parser("push", parents=[common], help="check and register a new adapter version")
     p.add_argument("ref", metavar="TENANT/NAME")
     p.add_argument("adapter_dir", type=Path)
     p.add_argument("--template", help="template id (default: the one in the adapter's manifest)")
     p.add_argument("--alias", action="append", default=[], help="aliases to point at it")
     p.set_defaults(run=_push)
 
-    p = cmds.add_parser("set-alias", help="point an alias at a version (rollback = point back)")
+    p = cmds.add_parser("set-alias", parents=[common],
+                        help="point an alias at a version (rollback = point back)")
     p.add_argument("ref", metavar="TENANT/NAME")
     p.add_argument("alias")
     p.add_argument("version", type=int)
     p.set_defaults(run=lambda r, a: r.set_alias(*_split_ref(a.ref), a.alias, a.version))
 
-    p = cmds.add_parser("list", help="list a tenant's adapters")
+    p = cmds.add_parser("list", parents=[common], help="list a tenant's adapters")
     p.add_argument("tenant")
     p.set_defaults(run=_list)
 

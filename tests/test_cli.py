@@ -1,0 +1,80 @@
+"""The operator's path through `lora-gateway`: base, template, tenant, key, train --publish,
+aliases, rollback, and clear errors (exit codes, no tracebacks) for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lora_gateway.cli import main
+from tests.conftest import write_chat_jsonl
+
+
+@pytest.fixture
+def run(tmp_path, capsys):
+    common = ["--db", f"sqlite:///{tmp_path / 'reg.db'}", "--artifacts", str(tmp_path / "art")]
+
+    def call(*args: str) -> tuple[int, str, str]:
+        argv = list(args)
+        # registry options belong to the subcommand that owns them
+        at = 2 if argv[0] == "registry" else 1
+        code = main([*argv[:at], *common, *argv[at:]] if argv[0] in ("registry", "train") else argv)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def test_operator_flow(run, tmp_path, tiny_base) -> None:
+    code, out, _ = run("registry", "add-base", "tiny-llama", str(tiny_base.path))
+    assert code == 0 and json.loads(out)["num_key_value_heads"] == 2
+    code, out, _ = run("registry", "add-template", "tiny-llama", "--r", "8", "--alpha", "16")
+    template_id = out.strip()
+    assert code == 0 and template_id.startswith("tpl-")
+    assert run("registry", "add-tenant", "acme")[0] == 0
+    code, key, _ = run("registry", "create-key", "acme")
+    assert code == 0 and key.strip().startswith("lgw-")
+
+    data = write_chat_jsonl(tmp_path / "d.jsonl", "Hello from the CLI.")
+    for n, out_dir in enumerate(("a1", "a2"), start=1):
+        code, out, err = run("train", "--template", template_id, "--base-dir", str(tiny_base.path),
+                             "--data", str(data), "--out", str(tmp_path / out_dir),
+                             "--set", "max_steps=3", "--set", f"seed={n}",
+                             "--publish", "acme/bot")
+        assert code == 0, err
+        assert f"published acme/bot@v{n}" in out
+    code, out, _ = run("registry", "list", "acme")
+    assert "bot\tversions=[1, 2]\taliases: prod->v1" in out
+    assert run("registry", "set-alias", "acme/bot", "prod", "2")[0] == 0
+    assert "prod->v2" in run("registry", "list", "acme")[1]
+    assert run("registry", "set-alias", "acme/bot", "prod", "1")[0] == 0  # rollback
+    assert "prod->v1" in run("registry", "list", "acme")[1]
+
+    # An incompatible push is refused whole, listing every violation, exit code 3.
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "a1", bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["r"] = 4
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    (bad / "adapter_model.safetensors").rename(bad / "adapter_model.bin")
+    code, _, err = run("registry", "push", "acme/bot", str(bad))
+    assert code == 3
+    assert "rank_mismatch" in err and "pickle_weights" in err and "Traceback" not in err
+    assert "versions=[1, 2]" in run("registry", "list", "acme")[1]
+
+
+def test_bad_inputs_are_clear_errors(run, tmp_path, tiny_base) -> None:
+    assert run("registry", "add-tenant", "Bad Name")[0] == 2
+    assert run("registry", "create-key", "nobody")[0] == 2
+    run("registry", "add-base", "tiny-llama", str(tiny_base.path))
+    template_id = run("registry", "add-template", "tiny-llama")[1].strip()
+    data = write_chat_jsonl(tmp_path / "d.jsonl", "x")
+    code, _, err = run("train", "--template", template_id, "--base-dir", str(tiny_base.path),
+                       "--data", str(data), "--out", str(tmp_path / "o"), "--set", "r=64")
+    assert code == 2 and "template" in err and "Traceback" not in err
+    (tmp_path / "broken.jsonl").write_text('{"messages": [{"role": "user"}]}\nnot json\n')
+    code, _, err = run("train", "--template", template_id, "--base-dir", str(tiny_base.path),
+                       "--data", str(tmp_path / "broken.jsonl"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "line 1" in err and "line 2" in err
