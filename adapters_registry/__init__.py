@@ -4,6 +4,7 @@ from adapters_registry.compat import Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
 from adapters_registry.manifest import AdapterManifest
 from adapters_registry.records import AdapterInfo, AdapterVersion, ModelRef, Tenant
+from adapters_registry.s3 import S3Config, S3Store
 from adapters_registry.service import Registry
 from adapters_registry.store import ArtifactStore, FilesystemStore
 from adapters_registry.template import AdapterTemplate, expected_tensors
@@ -19,6 +20,8 @@ __all__ = [
     "Limits",
     "ModelRef",
     "Registry",
+    "S3Config",
+    "S3Store",
     "Tenant",
     "Violation",
     "check_adapter",

@@ -16,7 +16,7 @@ from adapters_registry.hashing import sha256_file
 
 
 class ArtifactStore(Protocol):
-    """Where adapter files live. Implementations: FilesystemStore (S3Store: issue #3)."""
+    """Where adapter files live: FilesystemStore here, S3Store in adapters_registry.s3."""
 
     def put(self, src: Path, sha256: str) -> None:
         """Store the file ``src`` whose content hash is ``sha256`` (no-op if present)."""

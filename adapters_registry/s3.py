@@ -1,0 +1,115 @@
+"""S3 artifact store (boto3): content-addressed blobs, every read verified.
+
+Everything is configured explicitly through ``S3Config``; nothing is read from the
+environment here (boto3's credential chain applies only when no keys are given).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapters_registry.errors import ArtifactError, ChecksumMismatchError
+from adapters_registry.hashing import sha256_file
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str = field(metadata={"help": "Bucket holding the blobs."})
+    prefix: str = field(default="", metadata={"help": "Key prefix, e.g. 'lora-gateway/'."})
+    endpoint_url: str | None = field(default=None, metadata={"help": "Non-AWS endpoint."})
+    region: str = field(default="us-east-1", metadata={"help": "Signing region."})
+    max_attempts: int = field(default=3, metadata={"help": "Attempts per call (standard retries)."})
+    connect_timeout_s: float = field(default=5.0, metadata={"help": "TCP connect timeout."})
+    read_timeout_s: float = field(default=60.0, metadata={"help": "Socket read timeout."})
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+
+class S3Store:
+    """Blobs at ``s3://bucket/prefix/blobs/sha256/ab/abcdef…``."""
+
+    def __init__(self, config: S3Config, client: Any | None = None) -> None:
+        self.config = config
+        self._client = client if client is not None else _make_client(config)
+
+    def describe(self) -> str:
+        return f"s3://{self.config.bucket}/{self.config.prefix}"
+
+    def _key(self, sha256: str) -> str:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise ArtifactError(f"not a sha256 digest: {sha256!r}")
+        return f"{self.config.prefix}blobs/sha256/{sha256[:2]}/{sha256}"
+
+    def exists(self, sha256: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call("check", sha256, self._client.head_object,
+                       Bucket=self.config.bucket, Key=self._key(sha256))
+        except ArtifactError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in (
+                    "404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def put(self, src: Path, sha256: str) -> None:
+        if sha256_file(src) != sha256:
+            raise ChecksumMismatchError(f"{src} does not hash to {sha256[:12]}…; refusing to store it")
+        if self.exists(sha256):
+            return
+        with src.open("rb") as body:
+            self._call("upload", sha256, self._client.put_object, Bucket=self.config.bucket,
+                       Key=self._key(sha256), Body=body, Metadata={"sha256": sha256})
+
+    def get(self, sha256: str, dest: Path) -> None:
+        obj = self._call("download", sha256, self._client.get_object,
+                         Bucket=self.config.bucket, Key=self._key(sha256))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in obj["Body"].iter_chunks(_CHUNK):
+                    out.write(chunk)
+            actual = sha256_file(tmp)
+            if actual != sha256:
+                raise ChecksumMismatchError(
+                    f"{self.describe()} blob {sha256[:12]}: sha256 is {actual[:12]}…, expected "
+                    f"{sha256[:12]}… (the stored object was changed or corrupted)")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _call(self, action: str, sha256: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "?")
+            raise ArtifactError(f"S3 {action} of blob {sha256[:12]} at {self.describe()} "
+                                f"failed: {code}") from exc
+        except BotoCoreError as exc:  # endpoint unreachable, timeouts, bad credentials
+            raise ArtifactError(f"S3 {action} at {self.describe()} "
+                                f"(endpoint {self.config.endpoint_url or 'AWS'}) failed: {exc}") from exc
+
+
+def _make_client(config: S3Config) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=config.endpoint_url, region_name=config.region,
+        aws_access_key_id=config.access_key_id, aws_secret_access_key=config.secret_access_key,
+        config=Config(retries={"max_attempts": config.max_attempts, "mode": "standard"},
+                      connect_timeout=config.connect_timeout_s,
+                      read_timeout=config.read_timeout_s),
+    )

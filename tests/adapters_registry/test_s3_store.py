@@ -1,0 +1,114 @@
+"""S3Store against a real S3-protocol server process (moto's server mode) on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters_registry import Registry
+from adapters_registry.db import make_engine
+from adapters_registry.errors import ArtifactError, ChecksumMismatchError
+from adapters_registry.hashing import sha256_file
+from adapters_registry.s3 import S3Config, S3Store
+from tests.integration.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            if proc.poll() is not None:
+                raise RuntimeError(f"S3 server exited: {log.read_text()}")
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+@pytest.fixture
+def store(s3_endpoint) -> S3Store:
+    config = S3Config(bucket=f"lgw-{uuid.uuid4().hex[:8]}", prefix="tests/",
+                      endpoint_url=s3_endpoint, access_key_id="test", secret_access_key="test",
+                      max_attempts=2)
+    s = S3Store(config)
+    s._client.create_bucket(Bucket=config.bucket)
+    return s
+
+
+def blob(tmp_path: Path, data: bytes) -> tuple[Path, str]:
+    p = tmp_path / uuid.uuid4().hex
+    p.write_bytes(data)
+    return p, sha256_file(p)
+
+
+def test_round_trip_is_verified_and_idempotent(store: S3Store, tmp_path: Path) -> None:
+    src, digest = blob(tmp_path, b"adapter bytes" * 1000)
+    assert not store.exists(digest)
+    store.put(src, digest)
+    store.put(src, digest)
+    assert store.exists(digest)
+    store.get(digest, tmp_path / "out" / "file")
+    assert (tmp_path / "out" / "file").read_bytes() == src.read_bytes()
+
+
+def test_corrupted_object_is_detected(store: S3Store, tmp_path: Path) -> None:
+    src, digest = blob(tmp_path, b"good bytes")
+    store.put(src, digest)
+    store._client.put_object(Bucket=store.config.bucket, Key=store._key(digest), Body=b"evil")
+    with pytest.raises(ChecksumMismatchError, match="changed or corrupted"):
+        store.get(digest, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_missing_object_and_mismatched_source_are_errors(store: S3Store, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="NoSuchKey"):
+        store.get("0" * 64, tmp_path / "x")
+    src, _ = blob(tmp_path, b"abc")
+    with pytest.raises(ChecksumMismatchError, match="refusing"):
+        store.put(src, "1" * 64)
+
+
+def test_unreachable_endpoint_is_a_clear_error(tmp_path: Path) -> None:
+    dead = S3Store(S3Config(bucket="b", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                            access_key_id="t", secret_access_key="t", max_attempts=1,
+                            connect_timeout_s=1, read_timeout_s=1))
+    started = time.perf_counter()
+    with pytest.raises(ArtifactError, match=r"endpoint http://127\.0\.0\.1:\d+.*failed"):
+        dead.exists("a" * 64)
+    assert time.perf_counter() - started < 10
+
+
+def test_registry_on_s3(store: S3Store, tmp_path: Path, tiny_contract, tiny_template,
+                        trained_adapters) -> None:
+    reg = Registry(make_engine(f"sqlite:///{tmp_path / 'r.db'}"), store)
+    try:
+        reg.register_base(tiny_contract)
+        reg.register_template(tiny_template)
+        reg.create_tenant("acme")
+        version = reg.push("acme", "bot", trained_adapters["acme"])
+        reg.fetch(version, tmp_path / "fetched")
+        for rel, digest in version.files.items():
+            assert sha256_file(tmp_path / "fetched" / rel) == digest
+    finally:
+        reg.close()
