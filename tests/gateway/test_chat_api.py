@@ -355,3 +355,28 @@ def test_log_lines_carry_request_id_and_tenant(gw: Gateway, caplog) -> None:
     mine = [rec for rec in caplog.records if getattr(rec, "request_id", None) == "req-42"]
     assert mine and all(rec.tenant == "acme" for rec in mine)
     assert all("hi" not in rec.getMessage() for rec in caplog.records), "no prompts in logs"
+
+
+def test_alias_move_and_rollback_are_seen_within_the_ttl(gateway_factory, tiny_base,
+                                                         tiny_template, tmp_path) -> None:
+    import time
+
+    from tests.conftest import train_tiny_adapter
+
+    gw = gateway_factory(resolve_ttl_seconds=0.3)
+    reg = gw.env.registry
+
+    def served() -> str:
+        r = gw.chat("acme", "support-bot")
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"].split()[0]
+
+    assert served() == "acme/support-bot@v1"
+    v2 = train_tiny_adapter(tiny_base, tiny_template, "v2 answer", tmp_path / "v2", tmp_path, seed=5)
+    reg.push("acme", "support-bot", v2)
+    reg.set_alias("acme", "support-bot", "prod", 2)
+    time.sleep(0.35)
+    assert served() == "acme/support-bot@v2"
+    reg.set_alias("acme", "support-bot", "prod", 1)  # rollback
+    time.sleep(0.35)
+    assert served() == "acme/support-bot@v1"
