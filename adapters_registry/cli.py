@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from adapters_registry.contract import derive_contract
@@ -54,9 +55,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("name")
     p.set_defaults(run=lambda r, a: print(r.create_tenant(a.name).name))
 
-    p = cmds.add_parser("create-key", parents=[common], help="create an API key for a tenant (shown once)")
+    p = cmds.add_parser("create-key", parents=[common],
+                        help="create an API key for a tenant (shown once)")
     p.add_argument("tenant")
-    p.set_defaults(run=lambda r, a: print(r.create_api_key(a.tenant)))
+    p.add_argument("--expires-in-days", type=float, help="the key stops working after this")
+    p.set_defaults(run=_create_key)
+
+    p = cmds.add_parser("list-keys", parents=[common], help="a tenant's keys (prefixes only)")
+    p.add_argument("tenant")
+    p.set_defaults(run=_list_keys)
+
+    p = cmds.add_parser("revoke-key", parents=[common], help="revoke a tenant's key by its prefix")
+    p.add_argument("tenant")
+    p.add_argument("prefix", help="the first 10+ characters of the key")
+    p.set_defaults(run=lambda r, a: print(f"revoked {r.revoke_api_key(a.tenant, a.prefix)} key(s)"))
 
     p = cmds.add_parser("push", parents=[common], help="check and register a new adapter version")
     p.add_argument("ref", metavar="TENANT/NAME")
@@ -102,6 +114,21 @@ def _add_template(r: Registry, a: argparse.Namespace) -> None:
     template = AdapterTemplate(base.model_id, base.revision, r=a.r, lora_alpha=a.alpha,
                                target_modules=frozenset(a.targets.split(",")))
     print(r.register_template(template).template_id)
+
+
+def _create_key(r: Registry, a: argparse.Namespace) -> None:
+    expires = None
+    if a.expires_in_days is not None:
+        expires = datetime.now(UTC) + timedelta(days=a.expires_in_days)
+    print(r.create_api_key(a.tenant, expires_at=expires))
+
+
+def _list_keys(r: Registry, a: argparse.Namespace) -> None:
+    for k in r.list_api_keys(a.tenant):
+        state = "revoked" if k.revoked_at else (
+            "expired" if k.expires_at and k.expires_at <= datetime.now(UTC) else "active")
+        expiry = k.expires_at.isoformat() if k.expires_at else "never"
+        print(f"{k.prefix}…\t{state}\tcreated {k.created_at.isoformat()}\texpires {expiry}")
 
 
 def _push(r: Registry, a: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from adapters_registry.errors import AuthenticationError
 from adapters_registry.hashing import sha256_bytes
 
 PREFIX = "lgw-"
+SHOWN_PREFIX = 10  # characters kept in clear to name a key in listings and revocation
 _TOKEN_CHARS = 43  # token_urlsafe(32)
 
 

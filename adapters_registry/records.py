@@ -22,6 +22,16 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class ApiKeyInfo:
+    """What can be shown about a key after creation: never the key itself."""
+
+    prefix: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
 class AdapterVersion:
     """One immutable adapter version, as the gateway serves it."""
 

@@ -39,12 +39,14 @@ from adapters_registry.errors import (
     IncompatibleAdapterError,
     ManifestError,
     NotFoundError,
+    ValidationError,
 )
 from adapters_registry.hashing import sha256_file, sha256_tree
 from adapters_registry.manifest import AdapterManifest
 from adapters_registry.records import (
     AdapterInfo,
     AdapterVersion,
+    ApiKeyInfo,
     ModelRef,
     Tenant,
     validate_name,
@@ -144,23 +146,47 @@ class Registry:
         with Session(self.engine) as s:
             return [Tenant(r.id, r.name) for r in s.scalars(select(TenantRow).order_by(TenantRow.name))]
 
-    def create_api_key(self, tenant_name: str) -> str:
+    def create_api_key(self, tenant_name: str, *, expires_at: datetime | None = None) -> str:
         """A new key for the tenant. Only its hash is stored: the caller must show it once."""
         tenant = self.get_tenant(tenant_name)
         key = keys.new_api_key()
         with Session(self.engine) as s, s.begin():
-            s.add(ApiKeyRow(tenant_id=tenant.id, key_sha256=keys.key_hash(key), prefix=key[:10]))
+            s.add(ApiKeyRow(tenant_id=tenant.id, key_sha256=keys.key_hash(key),
+                            prefix=key[:keys.SHOWN_PREFIX], expires_at=expires_at))
         return key
+
+    def list_api_keys(self, tenant_name: str) -> list[ApiKeyInfo]:
+        tenant = self.get_tenant(tenant_name)
+        with Session(self.engine) as s:
+            return [ApiKeyInfo(r.prefix, _utc(r.created_at), _utc_or_none(r.expires_at),
+                               _utc_or_none(r.revoked_at))
+                    for r in s.scalars(select(ApiKeyRow).filter_by(tenant_id=tenant.id)
+                                       .order_by(ApiKeyRow.id))]
+
+    def revoke_api_key(self, tenant_name: str, prefix: str) -> int:
+        """Revoke the tenant's active keys that start with ``prefix``; returns how many."""
+        tenant = self.get_tenant(tenant_name)
+        if len(prefix) < keys.SHOWN_PREFIX:
+            raise ValidationError(f"give at least the first {keys.SHOWN_PREFIX} characters of the key")
+        with Session(self.engine) as s, s.begin():
+            rows = [r for r in s.scalars(select(ApiKeyRow).filter_by(
+                tenant_id=tenant.id, prefix=prefix[:keys.SHOWN_PREFIX], revoked_at=None))]
+            if not rows:
+                raise NotFoundError(f"tenant {tenant.name!r} has no active key starting {prefix!r}")
+            for r in rows:
+                r.revoked_at = datetime.now(UTC)
+        return len(rows)
 
     def authenticate(self, api_key: str) -> Tenant:
         digest = keys.key_hash(keys.check_format(api_key))
         with Session(self.engine) as s:
             row = s.execute(
-                select(TenantRow.id, TenantRow.name)
+                select(TenantRow.id, TenantRow.name, ApiKeyRow.expires_at)
                 .join(ApiKeyRow, ApiKeyRow.tenant_id == TenantRow.id)
                 .where(ApiKeyRow.key_sha256 == digest, ApiKeyRow.revoked_at.is_(None))
             ).first()
-        if row is None:
+        # Expiry is compared here, in UTC, so SQLite's naive datetimes cannot mislead SQL.
+        if row is None or (row.expires_at is not None and _utc(row.expires_at) <= datetime.now(UTC)):
             raise keys.invalid_key()
         return Tenant(row.id, row.name)
 
@@ -287,6 +313,10 @@ class Registry:
 def _utc(moment: datetime) -> datetime:
     # SQLite hands back naive datetimes; every value the registry gives out is UTC-aware.
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _utc_or_none(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _utc(moment)
 
 
 def _manifest_dict(manifest: AdapterManifest) -> dict[str, object]:

@@ -36,6 +36,12 @@ def test_operator_flow(run, tmp_path, tiny_base) -> None:
     assert run("registry", "add-tenant", "acme")[0] == 0
     code, key, _ = run("registry", "create-key", "acme")
     assert code == 0 and key.strip().startswith("lgw-")
+    code, key2, _ = run("registry", "create-key", "acme", "--expires-in-days", "30")
+    assert code == 0
+    assert run("registry", "revoke-key", "acme", key.strip()[:12])[1].strip() == "revoked 1 key(s)"
+    listing = run("registry", "list-keys", "acme")[1]
+    assert f"{key.strip()[:10]}…\trevoked" in listing and f"{key2.strip()[:10]}…\tactive" in listing
+    assert key.strip() not in listing and key2.strip() not in listing
 
     data = write_chat_jsonl(tmp_path / "d.jsonl", "Hello from the CLI.")
     for n, out_dir in enumerate(("a1", "a2"), start=1):

@@ -195,3 +195,30 @@ def test_orphan_blobs_do_not_appear_as_versions(registry_env, trained_adapters, 
         reg.resolve(reg.get_tenant("acme"), "crashbot")
     assert "crashbot" not in {a.name for a in reg.list_adapters(reg.get_tenant("acme"))}
     shutil.rmtree(good)
+
+
+def test_keys_can_be_revoked_and_expire(registry_env) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    reg = registry_env.registry
+    key = registry_env.keys["acme"]
+    other = reg.create_api_key("acme")
+    expired = reg.create_api_key("acme", expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    future = reg.create_api_key("acme", expires_at=datetime.now(UTC) + timedelta(days=1))
+    assert reg.authenticate(future).name == "acme"
+    with pytest.raises(AuthenticationError):
+        reg.authenticate(expired)
+    assert reg.revoke_api_key("acme", key[:10]) == 1
+    with pytest.raises(AuthenticationError):
+        reg.authenticate(key)
+    assert reg.authenticate(other).name == "acme", "other keys keep working"
+    with pytest.raises(NotFoundError):
+        reg.revoke_api_key("acme", key[:10])  # already revoked
+    with pytest.raises(NotFoundError):
+        reg.revoke_api_key("globex", other[:10])  # not globex's key
+    with pytest.raises(ValidationError):
+        reg.revoke_api_key("acme", "lgw-")
+    listed = reg.list_api_keys("acme")
+    assert [k.prefix for k in listed] == [k[:10] for k in (key, other, expired, future)]
+    assert listed[0].revoked_at is not None and listed[1].revoked_at is None
+    assert listed[2].expires_at is not None and listed[2].expires_at < datetime.now(UTC)
