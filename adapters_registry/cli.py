@@ -21,6 +21,8 @@ def add_registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", type=Path,
                    default=Path(os.environ.get("LGW_ARTIFACTS_DIR", "artifacts")),
                    help="artifact folder (env LGW_ARTIFACTS_DIR)")
+    p.add_argument("--actor", default=os.environ.get("USER") or "cli",
+                   help="who is making the change, for the audit trail (default: $USER)")
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
@@ -84,13 +86,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("version", type=int)
     p.set_defaults(run=lambda r, a: r.set_alias(*_split_ref(a.ref), a.alias, a.version))
 
+    for verb in ("deprecate", "delete"):
+        p = cmds.add_parser(verb, parents=[common],
+                            help=f"{verb} a version (refused while an alias points at it)")
+        p.add_argument("ref", metavar="TENANT/NAME")
+        p.add_argument("version", type=int)
+        p.set_defaults(run=_deprecate if verb == "deprecate" else _delete)
+
+    p = cmds.add_parser("audit", parents=[common], help="who changed what, newest first")
+    p.add_argument("--subject", help="only subjects starting with this, e.g. acme/bot")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(run=_audit)
+
     p = cmds.add_parser("list", parents=[common], help="list a tenant's adapters")
     p.add_argument("tenant")
     p.set_defaults(run=_list)
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = Registry.open(args.db, args.artifacts)
+    registry = Registry.open(args.db, args.artifacts, actor=args.actor)
     try:
         args.run(registry, args)
     except IncompatibleAdapterError as exc:
@@ -135,6 +149,20 @@ def _push(r: Registry, a: argparse.Namespace) -> None:
     tenant, name = _split_ref(a.ref)
     v = r.push(tenant, name, a.adapter_dir, template_id=a.template, aliases=a.alias)
     print(f"registered {v.ref} (lora_int_id={v.lora_int_id}, sha256={v.content_sha256[:12]})")
+
+
+def _deprecate(r: Registry, a: argparse.Namespace) -> None:
+    r.deprecate_version(*_split_ref(a.ref), a.version)
+
+
+def _delete(r: Registry, a: argparse.Namespace) -> None:
+    r.delete_version(*_split_ref(a.ref), a.version)
+
+
+def _audit(r: Registry, a: argparse.Namespace) -> None:
+    for e in r.audit_log(subject_prefix=a.subject, limit=a.limit):
+        details = json.dumps(e.details, sort_keys=True) if e.details else ""
+        print(f"{e.at.isoformat()}\t{e.actor}\t{e.action}\t{e.subject}\t{details}")
 
 
 def _list(r: Registry, a: argparse.Namespace) -> None:

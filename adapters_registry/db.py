@@ -103,6 +103,7 @@ class AdapterVersionRow(Base):
     manifest: Mapped[dict[str, Any]]
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    state: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
 
 
 class AliasRow(Base):
@@ -112,6 +113,29 @@ class AliasRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class AuditRow(Base):
+    """Who changed what, when: written in the same transaction as the change."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (_NEVER_REUSE_IDS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(300))
+    details: Mapped[dict[str, Any]]
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every value the registry gives out is UTC-aware."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def as_utc_or_none(moment: datetime | None) -> datetime | None:
+    return None if moment is None else as_utc(moment)
 
 
 def make_engine(url: str, *, migrate: bool = True) -> Engine:

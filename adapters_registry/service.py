@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -21,17 +20,18 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from adapters_registry import keys
+from adapters_registry._audit import AuditEntry, record
+from adapters_registry._audit import read as read_audit
+from adapters_registry._tenancy import TenancyMixin
 from adapters_registry.compat import Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract
 from adapters_registry.db import (
     AdapterRow,
     AdapterVersionRow,
     AliasRow,
-    ApiKeyRow,
     BaseModelRow,
     TemplateRow,
-    TenantRow,
+    as_utc,
     make_engine,
 )
 from adapters_registry.errors import (
@@ -39,14 +39,12 @@ from adapters_registry.errors import (
     IncompatibleAdapterError,
     ManifestError,
     NotFoundError,
-    ValidationError,
 )
 from adapters_registry.hashing import sha256_file, sha256_tree
 from adapters_registry.manifest import AdapterManifest
 from adapters_registry.records import (
     AdapterInfo,
     AdapterVersion,
-    ApiKeyInfo,
     ModelRef,
     Tenant,
     validate_name,
@@ -57,15 +55,19 @@ from adapters_registry.template import AdapterTemplate
 logger = logging.getLogger(__name__)
 
 
-class Registry:
-    def __init__(self, engine: Engine, store: ArtifactStore, limits: Limits | None = None) -> None:
+class Registry(TenancyMixin):
+    """The registry service. ``actor`` names whoever operates it, for the audit trail."""
+
+    def __init__(self, engine: Engine, store: ArtifactStore, limits: Limits | None = None,
+                 *, actor: str = "unknown") -> None:
         self.engine = engine
+        self.actor = actor
         self.store = store
         self.limits = limits or Limits()
 
     @classmethod
-    def open(cls, db_url: str, artifacts_dir: Path) -> Registry:
-        return cls(make_engine(db_url), FilesystemStore(artifacts_dir))
+    def open(cls, db_url: str, artifacts_dir: Path, *, actor: str = "unknown") -> Registry:
+        return cls(make_engine(db_url), FilesystemStore(artifacts_dir), actor=actor)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -88,6 +90,7 @@ class Registry:
                 return existing
             s.add(BaseModelRow(model_id=contract.model_id, revision=contract.revision,
                                contract=contract.to_dict()))
+            record(s, self.actor, "base.register", f"{contract.model_id}@{contract.revision[:12]}")
         logger.info("registered base %s@%s", contract.model_id, contract.revision[:12])
         return contract
 
@@ -114,6 +117,8 @@ class Registry:
             if s.get(TemplateRow, template.template_id) is None:
                 s.add(TemplateRow(template_id=template.template_id, base_id=base.id,
                                   fields=template.to_dict()))
+                record(s, self.actor, "template.register", template.template_id,
+                       **template.shape_fields())
         return template
 
     def get_template(self, template_id: str) -> AdapterTemplate:
@@ -122,73 +127,6 @@ class Registry:
             if row is None:
                 raise NotFoundError(f"template {template_id} is not registered")
             return AdapterTemplate.from_dict(row.fields)
-
-    # -- tenants and keys ----------------------------------------------------------
-
-    def create_tenant(self, name: str) -> Tenant:
-        validate_name("tenant", name)
-        with Session(self.engine) as s, s.begin():
-            if s.scalar(select(TenantRow).filter_by(name=name)) is not None:
-                raise ConflictError(f"tenant {name!r} already exists")
-            row = TenantRow(name=name)
-            s.add(row)
-            s.flush()
-            return Tenant(row.id, row.name)
-
-    def get_tenant(self, name: str) -> Tenant:
-        with Session(self.engine) as s:
-            row = s.scalar(select(TenantRow).filter_by(name=name))
-            if row is None:
-                raise NotFoundError(f"tenant {name!r} does not exist")
-            return Tenant(row.id, row.name)
-
-    def list_tenants(self) -> list[Tenant]:
-        with Session(self.engine) as s:
-            return [Tenant(r.id, r.name) for r in s.scalars(select(TenantRow).order_by(TenantRow.name))]
-
-    def create_api_key(self, tenant_name: str, *, expires_at: datetime | None = None) -> str:
-        """A new key for the tenant. Only its hash is stored: the caller must show it once."""
-        tenant = self.get_tenant(tenant_name)
-        key = keys.new_api_key()
-        with Session(self.engine) as s, s.begin():
-            s.add(ApiKeyRow(tenant_id=tenant.id, key_sha256=keys.key_hash(key),
-                            prefix=key[:keys.SHOWN_PREFIX], expires_at=expires_at))
-        return key
-
-    def list_api_keys(self, tenant_name: str) -> list[ApiKeyInfo]:
-        tenant = self.get_tenant(tenant_name)
-        with Session(self.engine) as s:
-            return [ApiKeyInfo(r.prefix, _utc(r.created_at), _utc_or_none(r.expires_at),
-                               _utc_or_none(r.revoked_at))
-                    for r in s.scalars(select(ApiKeyRow).filter_by(tenant_id=tenant.id)
-                                       .order_by(ApiKeyRow.id))]
-
-    def revoke_api_key(self, tenant_name: str, prefix: str) -> int:
-        """Revoke the tenant's active keys that start with ``prefix``; returns how many."""
-        tenant = self.get_tenant(tenant_name)
-        if len(prefix) < keys.SHOWN_PREFIX:
-            raise ValidationError(f"give at least the first {keys.SHOWN_PREFIX} characters of the key")
-        with Session(self.engine) as s, s.begin():
-            rows = [r for r in s.scalars(select(ApiKeyRow).filter_by(
-                tenant_id=tenant.id, prefix=prefix[:keys.SHOWN_PREFIX], revoked_at=None))]
-            if not rows:
-                raise NotFoundError(f"tenant {tenant.name!r} has no active key starting {prefix!r}")
-            for r in rows:
-                r.revoked_at = datetime.now(UTC)
-        return len(rows)
-
-    def authenticate(self, api_key: str) -> Tenant:
-        digest = keys.key_hash(keys.check_format(api_key))
-        with Session(self.engine) as s:
-            row = s.execute(
-                select(TenantRow.id, TenantRow.name, ApiKeyRow.expires_at)
-                .join(ApiKeyRow, ApiKeyRow.tenant_id == TenantRow.id)
-                .where(ApiKeyRow.key_sha256 == digest, ApiKeyRow.revoked_at.is_(None))
-            ).first()
-        # Expiry is compared here, in UTC, so SQLite's naive datetimes cannot mislead SQL.
-        if row is None or (row.expires_at is not None and _utc(row.expires_at) <= datetime.now(UTC)):
-            raise keys.invalid_key()
-        return Tenant(row.id, row.name)
 
     # -- adapters ------------------------------------------------------------------
 
@@ -256,19 +194,58 @@ class Registry:
             for alias in targets:
                 s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
             version = _to_version(row, tenant.name, name, template)
+            record(s, self.actor, "version.register", version.ref, lora_int_id=row.id,
+                   content_sha256=content, aliases=sorted(targets))
         logger.info("registered %s (lora_int_id=%d, aliases=%s)", version.ref,
                     version.lora_int_id, sorted(targets))
         return version
 
     def set_alias(self, tenant_name: str, name: str, alias: str, version: int) -> None:
+        """Point ``alias`` at an active version, atomically (rollback = point it back)."""
         validate_name("alias", alias)
         tenant = self.get_tenant(tenant_name)
         with Session(self.engine) as s, s.begin():
-            adapter = self._adapter_row(s, tenant, name)
-            row = s.scalar(select(AdapterVersionRow).filter_by(adapter_id=adapter.id, version=version))
-            if row is None:
-                raise NotFoundError(f"{tenant.name}/{name}@v{version} does not exist")
+            adapter, row = self._version_row(s, tenant, name, version)
+            if row.state != "active":
+                raise ConflictError(f"{tenant.name}/{name}@v{version} is {row.state}; "
+                                    "aliases may only point at active versions")
+            old = s.get(AliasRow, (adapter.id, alias))
+            previous = s.get(AdapterVersionRow, old.version_id).version if old else None  # type: ignore[union-attr]
             s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
+            record(s, self.actor, "alias.set", f"{tenant.name}/{name}:{alias}",
+                   previous=previous, version=version)
+
+    def deprecate_version(self, tenant_name: str, name: str, version: int) -> None:
+        """Still servable by ``@vN``, but no alias may point at it any more."""
+        self._set_state(tenant_name, name, version, "deprecated", "version.deprecate")
+
+    def delete_version(self, tenant_name: str, name: str, version: int) -> None:
+        """Never served again; its row stays so its lora_int_id is never reused."""
+        self._set_state(tenant_name, name, version, "deleted", "version.delete")
+
+    def _set_state(self, tenant_name: str, name: str, version: int, state: str,
+                   action: str) -> None:
+        tenant = self.get_tenant(tenant_name)
+        with Session(self.engine) as s, s.begin():
+            adapter, row = self._version_row(s, tenant, name, version)
+            pointing = sorted(a.name for a in s.scalars(select(AliasRow).filter_by(
+                adapter_id=adapter.id, version_id=row.id)))
+            if pointing:
+                raise ConflictError(f"{tenant.name}/{name}@v{version} is the target of alias(es) "
+                                    f"{pointing}; move them first")
+            row.state = state
+            record(s, self.actor, action, f"{tenant.name}/{name}@v{version}")
+
+    def audit_log(self, *, subject_prefix: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        return read_audit(self.engine, subject_prefix=subject_prefix, limit=limit)
+
+    def _version_row(self, s: Session, tenant: Tenant, name: str,
+                     version: int) -> tuple[AdapterRow, AdapterVersionRow]:
+        adapter = self._adapter_row(s, tenant, name)
+        row = s.scalar(select(AdapterVersionRow).filter_by(adapter_id=adapter.id, version=version))
+        if row is None or row.state == "deleted":
+            raise NotFoundError(f"{tenant.name}/{name}@v{version} does not exist")
+        return adapter, row
 
     def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
         """The version a tenant's ``model`` names; NotFoundError for anything else."""
@@ -281,7 +258,7 @@ class Registry:
             else:
                 alias = s.get(AliasRow, (adapter.id, ref.alias or adapter.default_alias))
                 row = s.get(AdapterVersionRow, alias.version_id) if alias else None
-            if row is None:
+            if row is None or row.state == "deleted":
                 raise NotFoundError(f"model {model!r} does not exist")
             template = AdapterTemplate.from_dict(s.get(TemplateRow, adapter.template_id).fields)  # type: ignore[union-attr]
             return _to_version(row, tenant.name, adapter.name, template)
@@ -291,11 +268,12 @@ class Registry:
             out = []
             for a in s.scalars(select(AdapterRow).filter_by(tenant_id=tenant.id).order_by(AdapterRow.name)):
                 versions = dict(s.execute(select(AdapterVersionRow.id, AdapterVersionRow.version)
-                                          .filter_by(adapter_id=a.id)).tuples().all())
+                                          .filter_by(adapter_id=a.id)
+                                          .where(AdapterVersionRow.state != "deleted")).tuples().all())
                 aliases = {al.name: versions[al.version_id]
                            for al in s.scalars(select(AliasRow).filter_by(adapter_id=a.id))}
                 out.append(AdapterInfo(tenant.name, a.name, a.template_id, a.default_alias,
-                                       aliases, sorted(versions.values()), _utc(a.created_at)))
+                                       aliases, sorted(versions.values()), as_utc(a.created_at)))
             return out
 
     def fetch(self, version: AdapterVersion, dest: Path) -> None:
@@ -310,15 +288,6 @@ class Registry:
         return row
 
 
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every value the registry gives out is UTC-aware.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _utc_or_none(moment: datetime | None) -> datetime | None:
-    return None if moment is None else _utc(moment)
-
-
 def _manifest_dict(manifest: AdapterManifest) -> dict[str, object]:
     return asdict(manifest)
 
@@ -330,5 +299,5 @@ def _to_version(row: AdapterVersionRow, tenant: str, name: str,
         content_sha256=row.content_sha256, files=dict(row.files),
         base_model_id=template.base_model_id, base_revision=template.base_revision,
         template_id=template.template_id, size_bytes=row.size_bytes,
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     )

@@ -57,6 +57,12 @@ def test_operator_flow(run, tmp_path, tiny_base) -> None:
     assert "prod->v2" in run("registry", "list", "acme")[1]
     assert run("registry", "set-alias", "acme/bot", "prod", "1")[0] == 0  # rollback
     assert "prod->v1" in run("registry", "list", "acme")[1]
+    code, _, err = run("registry", "delete", "acme/bot", "1")
+    assert code == 2 and "move them first" in err
+    assert run("registry", "deprecate", "acme/bot", "2", "--actor", "ops-bob")[0] == 0
+    audit = run("registry", "audit", "--subject", "acme/bot")[1].splitlines()
+    assert audit[0].split("\t")[1:4] == ["ops-bob", "version.deprecate", "acme/bot@v2"]
+    assert sum("alias.set" in line for line in audit) == 2
 
     # An incompatible push is refused whole, listing every violation, exit code 3.
     bad = tmp_path / "bad"

@@ -222,3 +222,47 @@ def test_keys_can_be_revoked_and_expire(registry_env) -> None:
     assert [k.prefix for k in listed] == [k[:10] for k in (key, other, expired, future)]
     assert listed[0].revoked_at is not None and listed[1].revoked_at is None
     assert listed[2].expires_at is not None and listed[2].expires_at < datetime.now(UTC)
+
+
+def test_version_lifecycle_and_audit(registry_env, tiny_base, tiny_template, tmp_path) -> None:
+    from tests.conftest import train_tiny_adapter
+
+    reg = registry_env.registry
+    reg.actor = "alice"
+    acme = reg.get_tenant("acme")
+    v2 = reg.push("acme", "support-bot",
+                  train_tiny_adapter(tiny_base, tiny_template, "two", tmp_path / "v2", tmp_path, seed=2))
+    with pytest.raises(ConflictError, match=r"alias\(es\) \['prod'\]"):
+        reg.delete_version("acme", "support-bot", 1)
+    with pytest.raises(ConflictError, match="alias"):
+        reg.deprecate_version("acme", "support-bot", 1)
+    reg.set_alias("acme", "support-bot", "prod", 2)
+    reg.deprecate_version("acme", "support-bot", 1)
+    assert reg.resolve(acme, "support-bot@v1").version == 1, "deprecated stays servable by @vN"
+    with pytest.raises(ConflictError, match="deprecated"):
+        reg.set_alias("acme", "support-bot", "canary", 1)
+    reg.delete_version("acme", "support-bot", 1)
+    with pytest.raises(NotFoundError):
+        reg.resolve(acme, "support-bot@v1")
+    with pytest.raises(NotFoundError):
+        reg.delete_version("acme", "support-bot", 1)
+    assert reg.list_adapters(acme)[0].versions == [2]
+    v3 = reg.push("acme", "support-bot",
+                  train_tiny_adapter(tiny_base, tiny_template, "three", tmp_path / "v3", tmp_path, seed=3))
+    assert v3.version == 3 and v3.lora_int_id > v2.lora_int_id, "numbers and ids never reused"
+
+    entries = reg.audit_log(subject_prefix="acme/support-bot")
+    actions = [(e.action, e.subject) for e in reversed(entries)]
+    assert actions == [
+        ("version.register", "acme/support-bot@v1"),
+        ("version.register", "acme/support-bot@v2"),
+        ("alias.set", "acme/support-bot:prod"),
+        ("version.deprecate", "acme/support-bot@v1"),
+        ("version.delete", "acme/support-bot@v1"),
+        ("version.register", "acme/support-bot@v3"),
+    ]
+    alias_move = next(e for e in entries if e.action == "alias.set")
+    assert alias_move.actor == "alice" and alias_move.details == {"previous": 1, "version": 2}
+    assert all(e.at.tzinfo is not None for e in entries)
+    assert {e.action for e in reg.audit_log()} >= {"tenant.create", "key.create", "base.register",
+                                                    "template.register"}

@@ -1,0 +1,89 @@
+"""Tenants and their API keys (a part of the Registry service)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from adapters_registry import keys
+from adapters_registry._audit import record
+from adapters_registry.db import ApiKeyRow, TenantRow, as_utc, as_utc_or_none
+from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
+from adapters_registry.records import ApiKeyInfo, Tenant, validate_name
+
+
+class TenancyMixin:
+    engine: Engine
+    actor: str
+
+    def create_tenant(self, name: str) -> Tenant:
+        validate_name("tenant", name)
+        with Session(self.engine) as s, s.begin():
+            if s.scalar(select(TenantRow).filter_by(name=name)) is not None:
+                raise ConflictError(f"tenant {name!r} already exists")
+            row = TenantRow(name=name)
+            s.add(row)
+            s.flush()
+            record(s, self.actor, "tenant.create", name)
+            return Tenant(row.id, row.name)
+
+    def get_tenant(self, name: str) -> Tenant:
+        with Session(self.engine) as s:
+            row = s.scalar(select(TenantRow).filter_by(name=name))
+            if row is None:
+                raise NotFoundError(f"tenant {name!r} does not exist")
+            return Tenant(row.id, row.name)
+
+    def list_tenants(self) -> list[Tenant]:
+        with Session(self.engine) as s:
+            return [Tenant(r.id, r.name) for r in s.scalars(select(TenantRow).order_by(TenantRow.name))]
+
+    def create_api_key(self, tenant_name: str, *, expires_at: datetime | None = None) -> str:
+        """A new key for the tenant. Only its hash is stored: the caller must show it once."""
+        tenant = self.get_tenant(tenant_name)
+        key = keys.new_api_key()
+        with Session(self.engine) as s, s.begin():
+            s.add(ApiKeyRow(tenant_id=tenant.id, key_sha256=keys.key_hash(key),
+                            prefix=key[:keys.SHOWN_PREFIX], expires_at=expires_at))
+            record(s, self.actor, "key.create", tenant.name, prefix=key[:keys.SHOWN_PREFIX],
+                   expires_at=expires_at.isoformat() if expires_at else None)
+        return key
+
+    def list_api_keys(self, tenant_name: str) -> list[ApiKeyInfo]:
+        tenant = self.get_tenant(tenant_name)
+        with Session(self.engine) as s:
+            return [ApiKeyInfo(r.prefix, as_utc(r.created_at), as_utc_or_none(r.expires_at),
+                               as_utc_or_none(r.revoked_at))
+                    for r in s.scalars(select(ApiKeyRow).filter_by(tenant_id=tenant.id)
+                                       .order_by(ApiKeyRow.id))]
+
+    def revoke_api_key(self, tenant_name: str, prefix: str) -> int:
+        """Revoke the tenant's active keys that start with ``prefix``; returns how many."""
+        tenant = self.get_tenant(tenant_name)
+        if len(prefix) < keys.SHOWN_PREFIX:
+            raise ValidationError(f"give at least the first {keys.SHOWN_PREFIX} characters of the key")
+        with Session(self.engine) as s, s.begin():
+            rows = [r for r in s.scalars(select(ApiKeyRow).filter_by(
+                tenant_id=tenant.id, prefix=prefix[:keys.SHOWN_PREFIX], revoked_at=None))]
+            if not rows:
+                raise NotFoundError(f"tenant {tenant.name!r} has no active key starting {prefix!r}")
+            for r in rows:
+                r.revoked_at = datetime.now(UTC)
+            record(s, self.actor, "key.revoke", tenant.name, prefix=prefix[:keys.SHOWN_PREFIX])
+        return len(rows)
+
+    def authenticate(self, api_key: str) -> Tenant:
+        digest = keys.key_hash(keys.check_format(api_key))
+        with Session(self.engine) as s:
+            row = s.execute(
+                select(TenantRow.id, TenantRow.name, ApiKeyRow.expires_at)
+                .join(ApiKeyRow, ApiKeyRow.tenant_id == TenantRow.id)
+                .where(ApiKeyRow.key_sha256 == digest, ApiKeyRow.revoked_at.is_(None))
+            ).first()
+        # Expiry is compared here, in UTC, so SQLite's naive datetimes cannot mislead SQL.
+        if row is None or (row.expires_at is not None and as_utc(row.expires_at) <= datetime.now(UTC)):
+            raise keys.invalid_key()
+        return Tenant(row.id, row.name)
