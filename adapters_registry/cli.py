@@ -18,9 +18,11 @@ from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
 def add_registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("LGW_DATABASE_URL", "sqlite:///lora-gateway.db"),
                    help="SQLAlchemy URL of the registry database (env LGW_DATABASE_URL)")
-    p.add_argument("--artifacts", type=Path,
-                   default=Path(os.environ.get("LGW_ARTIFACTS_DIR", "artifacts")),
-                   help="artifact folder (env LGW_ARTIFACTS_DIR)")
+    p.add_argument("--artifacts", default=os.environ.get("LGW_ARTIFACTS_DIR", "artifacts"),
+                   help="artifact folder or s3://bucket/prefix (env LGW_ARTIFACTS_DIR)")
+    p.add_argument("--s3-endpoint", default=os.environ.get("LGW_S3_ENDPOINT_URL"),
+                   help="S3 endpoint for non-AWS servers (env LGW_S3_ENDPOINT_URL)")
+    p.add_argument("--s3-region", default=os.environ.get("LGW_S3_REGION", "us-east-1"))
     p.add_argument("--actor", default=os.environ.get("USER") or "cli",
                    help="who is making the change, for the audit trail (default: $USER)")
 
@@ -104,7 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = Registry.open(args.db, args.artifacts, actor=args.actor)
+    registry = Registry.open(args.db, args.artifacts, actor=args.actor,
+                             s3_endpoint_url=args.s3_endpoint, s3_region=args.s3_region)
     try:
         args.run(registry, args)
     except IncompatibleAdapterError as exc:

@@ -49,7 +49,7 @@ from adapters_registry.records import (
     Tenant,
     validate_name,
 )
-from adapters_registry.store import ArtifactStore, FilesystemStore
+from adapters_registry.store import ArtifactStore, open_store
 from adapters_registry.template import AdapterTemplate
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,11 @@ class Registry(TenancyMixin):
         self.limits = limits or Limits()
 
     @classmethod
-    def open(cls, db_url: str, artifacts_dir: Path, *, actor: str = "unknown") -> Registry:
-        return cls(make_engine(db_url), FilesystemStore(artifacts_dir), actor=actor)
+    def open(cls, db_url: str, artifacts: str | Path, *, actor: str = "unknown",
+             s3_endpoint_url: str | None = None, s3_region: str = "us-east-1") -> Registry:
+        """``artifacts`` is a folder or ``s3://bucket/prefix``."""
+        store = open_store(artifacts, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
+        return cls(make_engine(db_url), store, actor=actor)
 
     def close(self) -> None:
         self.engine.dispose()

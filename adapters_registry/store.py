@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from adapters_registry.errors import ArtifactError, ChecksumMismatchError
+from adapters_registry.errors import ArtifactError, ChecksumMismatchError, ValidationError
 from adapters_registry.hashing import sha256_file
 
 
@@ -81,3 +81,22 @@ def _copy_verified(src: Path, dest: Path, sha256: str, *, source: str) -> None:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def open_store(location: str | Path, *, s3_endpoint_url: str | None = None,
+               s3_region: str = "us-east-1") -> ArtifactStore:
+    """A store from a location: a folder, or ``s3://bucket/prefix`` (boto3's credential chain)."""
+    text = str(location)
+    if text.startswith("s3://"):
+        from adapters_registry.s3 import S3Config, S3Store
+
+        bucket, _, prefix = text.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValidationError(f"artifact location {text!r} names no bucket")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        return S3Store(S3Config(bucket=bucket, prefix=prefix, endpoint_url=s3_endpoint_url,
+                                region=s3_region))
+    if "://" in text:
+        raise ValidationError(f"artifact location {text!r}: use a folder or s3://bucket/prefix")
+    return FilesystemStore(Path(text))

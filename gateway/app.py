@@ -80,7 +80,10 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = await asyncio.to_thread(Registry.open, settings.database_url, settings.artifacts_dir)
+        registry = await asyncio.to_thread(
+            lambda: Registry.open(settings.database_url, settings.artifacts_dir, actor="gateway",
+                                  s3_endpoint_url=settings.s3_endpoint_url,
+                                  s3_region=settings.s3_region))
         try:
             contract = await asyncio.to_thread(verify_base, registry, settings)
             renderer = await asyncio.to_thread(PromptRenderer.load, settings.base_model_dir)

@@ -18,7 +18,9 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LGW_", extra="forbid")
 
     database_url: str = Field(description="SQLAlchemy URL of the registry database.")
-    artifacts_dir: Path = Field(description="The registry's filesystem artifact store.")
+    artifacts_dir: str = Field(description="The registry's artifacts: a folder or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (non-AWS servers).")
+    s3_region: str = "us-east-1"
     cache_dir: Path = Field(description="Local, verified, content-addressed adapter cache.")
     base_model_id: str = Field(description="Registered base this gateway serves.")
     base_model_dir: Path = Field(description="Its checkpoint; must match the registered contract.")

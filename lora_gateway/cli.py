@@ -63,7 +63,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(banner(setup, args.host, args.port))
         return 0
     settings = GatewaySettings(
-        database_url=setup.database_url, artifacts_dir=setup.artifacts_dir,
+        database_url=setup.database_url, artifacts_dir=str(setup.artifacts_dir),
         cache_dir=home / args.base / "gateway-cache", base_model_id=setup.base_model_id,
         base_model_dir=setup.base_model_dir, host=args.host, port=args.port,
     )

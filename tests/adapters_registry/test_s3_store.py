@@ -112,3 +112,26 @@ def test_registry_on_s3(store: S3Store, tmp_path: Path, tiny_contract, tiny_temp
             assert sha256_file(tmp_path / "fetched" / rel) == digest
     finally:
         reg.close()
+
+
+def test_registry_opens_an_s3_location(s3_endpoint, tmp_path, monkeypatch, tiny_contract) -> None:
+    from adapters_registry.errors import ValidationError
+    from adapters_registry.store import open_store
+
+    # No keys in the config: boto3's own credential chain applies (here, the environment).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    store = open_store("s3://lgw-open/some/prefix", s3_endpoint_url=s3_endpoint)
+    assert isinstance(store, S3Store) and store.describe() == "s3://lgw-open/some/prefix/"
+    store._client.create_bucket(Bucket="lgw-open")
+    reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", "s3://lgw-open/some/prefix",
+                        s3_endpoint_url=s3_endpoint)
+    try:
+        src, digest = blob(tmp_path, b"through Registry.open")
+        reg.store.put(src, digest)
+        assert reg.store.exists(digest)
+    finally:
+        reg.close()
+    for bad in ("s3://", "gs://bucket/x"):
+        with pytest.raises(ValidationError):
+            open_store(bad)

@@ -27,7 +27,7 @@ class Gateway:
 
 
 def make_settings(env, tmp_path, **overrides) -> GatewaySettings:
-    values = dict(database_url=env.db_url, artifacts_dir=env.artifacts,
+    values = dict(database_url=env.db_url, artifacts_dir=str(env.artifacts),
                   cache_dir=tmp_path / "gateway-cache", base_model_id=env.contract.model_id,
                   base_model_dir=env.base.path, resolve_ttl_seconds=0.0, max_model_len=256,
                   max_cpu_loras=4, max_loras=2)
