@@ -95,6 +95,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p.add_argument("version", type=int)
         p.set_defaults(run=_deprecate if verb == "deprecate" else _delete)
 
+    p = cmds.add_parser("gc", parents=[common], help="delete blobs no version references")
+    p.add_argument("--grace-minutes", type=float, default=60,
+                   help="keep unreferenced blobs younger than this (pushes in flight)")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(run=_gc)
+
     p = cmds.add_parser("audit", parents=[common], help="who changed what, newest first")
     p.add_argument("--subject", help="only subjects starting with this, e.g. acme/bot")
     p.add_argument("--limit", type=int, default=50)
@@ -160,6 +166,13 @@ def _deprecate(r: Registry, a: argparse.Namespace) -> None:
 
 def _delete(r: Registry, a: argparse.Namespace) -> None:
     r.delete_version(*_split_ref(a.ref), a.version)
+
+
+def _gc(r: Registry, a: argparse.Namespace) -> None:
+    report = r.collect_garbage(grace=timedelta(minutes=a.grace_minutes), dry_run=a.dry_run)
+    verb = "would delete" if report.dry_run else "deleted"
+    print(f"{verb} {len(report.orphans)} unreferenced blob(s); kept {report.kept_young} younger "
+          f"than the grace period; {report.referenced} referenced")
 
 
 def _audit(r: Registry, a: argparse.Namespace) -> None:

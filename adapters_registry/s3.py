@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,17 @@ class S3Store:
         with src.open("rb") as body:
             self._call("upload", sha256, self._client.put_object, Bucket=self.config.bucket,
                        Key=self._key(sha256), Body=body, Metadata={"sha256": sha256})
+
+    def list_blobs(self) -> Iterator[tuple[str, datetime]]:
+        pages = self._call("list", "*", self._client.get_paginator("list_objects_v2").paginate,
+                           Bucket=self.config.bucket, Prefix=f"{self.config.prefix}blobs/sha256/")
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                yield obj["Key"].rsplit("/", 1)[-1], obj["LastModified"]
+
+    def delete(self, sha256: str) -> None:
+        self._call("delete", sha256, self._client.delete_object, Bucket=self.config.bucket,
+                   Key=self._key(sha256))
 
     def get(self, sha256: str, dest: Path) -> None:
         obj = self._call("download", sha256, self._client.get_object,

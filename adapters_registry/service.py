@@ -12,7 +12,8 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -53,6 +54,14 @@ from adapters_registry.store import ArtifactStore, open_store
 from adapters_registry.template import AdapterTemplate
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    orphans: list[str]  # deleted, or that would be with dry_run
+    kept_young: int
+    referenced: int
+    dry_run: bool
 
 
 class Registry(TenancyMixin):
@@ -238,6 +247,33 @@ class Registry(TenancyMixin):
                                     f"{pointing}; move them first")
             row.state = state
             record(s, self.actor, action, f"{tenant.name}/{name}@v{version}")
+
+    def collect_garbage(self, *, grace: timedelta = timedelta(hours=1),
+                        dry_run: bool = False) -> GcReport:
+        """Delete blobs no live version references and older than ``grace``.
+
+        Blobs are uploaded before their version's row commits, so a young unreferenced
+        blob may belong to a push in flight: the grace period keeps it.
+        """
+        with Session(self.engine) as s:
+            referenced = {digest for files in s.scalars(select(AdapterVersionRow.files).where(
+                AdapterVersionRow.state != "deleted")) for digest in files.values()}
+        cutoff = datetime.now(UTC) - grace
+        orphans, young = [], 0
+        for digest, modified in self.store.list_blobs():
+            if digest in referenced:
+                continue
+            if modified > cutoff:
+                young += 1
+            else:
+                orphans.append(digest)
+        if not dry_run:
+            for digest in orphans:
+                self.store.delete(digest)
+            with Session(self.engine) as s, s.begin():
+                record(s, self.actor, "gc.run", self.store.describe(), deleted=len(orphans),
+                       kept_young=young)
+        return GcReport(sorted(orphans), young, len(referenced), dry_run)
 
     def audit_log(self, *, subject_prefix: str | None = None, limit: int = 100) -> list[AuditEntry]:
         return read_audit(self.engine, subject_prefix=subject_prefix, limit=limit)

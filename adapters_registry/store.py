@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +31,12 @@ class ArtifactStore(Protocol):
     def exists(self, sha256: str) -> bool: ...
 
     def describe(self) -> str: ...
+
+    def list_blobs(self) -> Iterator[tuple[str, datetime]]:
+        """Every stored blob's digest and last-modified time (for garbage collection)."""
+        ...
+
+    def delete(self, sha256: str) -> None: ...
 
 
 class FilesystemStore:
@@ -55,6 +63,14 @@ class FilesystemStore:
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         _copy_verified(src, dest, sha256, source=str(src))
+
+    def list_blobs(self) -> Iterator[tuple[str, datetime]]:
+        for p in (self.root / "blobs" / "sha256").glob("??/*"):
+            if p.is_file() and not p.name.startswith(".partial-"):
+                yield p.name, datetime.fromtimestamp(p.stat().st_mtime, UTC)
+
+    def delete(self, sha256: str) -> None:
+        self._path(sha256).unlink(missing_ok=True)
 
     def get(self, sha256: str, dest: Path) -> None:
         src = self._path(sha256)

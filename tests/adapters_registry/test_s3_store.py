@@ -135,3 +135,16 @@ def test_registry_opens_an_s3_location(s3_endpoint, tmp_path, monkeypatch, tiny_
     for bad in ("s3://", "gs://bucket/x"):
         with pytest.raises(ValidationError):
             open_store(bad)
+
+
+def test_s3_lists_and_deletes_blobs(store: S3Store, tmp_path: Path) -> None:
+    digests = []
+    for data in (b"one", b"two"):
+        src, digest = blob(tmp_path, data)
+        store.put(src, digest)
+        digests.append(digest)
+    listed = dict(store.list_blobs())
+    assert sorted(listed) == sorted(digests)
+    assert all(t.tzinfo is not None for t in listed.values())
+    store.delete(digests[0])
+    assert [d for d, _ in store.list_blobs()] == [digests[1]]

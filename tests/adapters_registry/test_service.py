@@ -266,3 +266,34 @@ def test_version_lifecycle_and_audit(registry_env, tiny_base, tiny_template, tmp
     assert all(e.at.tzinfo is not None for e in entries)
     assert {e.action for e in reg.audit_log()} >= {"tenant.create", "key.create", "base.register",
                                                     "template.register"}
+
+
+def test_gc_collects_orphans_after_the_grace_period(registry_env, trained_adapters, tmp_path,
+                                                    monkeypatch) -> None:
+    from datetime import timedelta
+
+    reg = registry_env.registry
+    before = stored_blobs(registry_env)
+    crashed = copy_adapter(trained_adapters["acme"], tmp_path / "crashed")
+    (crashed / "README.md").write_text("orphan to be\n")
+
+    def crash(*_a, **_k):
+        raise RuntimeError("power cut")
+
+    with monkeypatch.context() as m:
+        m.setattr(Registry, "_insert_version", crash)
+        with pytest.raises(RuntimeError):
+            reg.push("acme", "crashbot", crashed)
+    orphans = stored_blobs(registry_env) - before
+    assert len(orphans) == 1, "only the new README blob; the rest were already stored"
+
+    young = reg.collect_garbage()  # default grace: a push may still be in flight
+    assert young.orphans == [] and young.kept_young == 1
+    dry = reg.collect_garbage(grace=timedelta(0), dry_run=True)
+    assert dry.orphans == [p.name for p in orphans] and stored_blobs(registry_env) - before == orphans
+    assert reg.audit_log(limit=1)[0].action != "gc.run", "a dry run changes nothing"
+    done = reg.collect_garbage(grace=timedelta(0))
+    assert done.orphans == dry.orphans and stored_blobs(registry_env) == before
+    for tenant, model in (("acme", "support-bot"), ("globex", "pirate")):
+        reg.fetch(reg.resolve(reg.get_tenant(tenant), model), tmp_path / tenant)  # still whole
+    assert reg.audit_log(limit=1)[0].action == "gc.run"
