@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("name")
     p.set_defaults(run=lambda r, a: print(r.create_tenant(a.name).name))
 
+    p = cmds.add_parser("list-tenants", parents=[common], help="list tenants")
+    p.set_defaults(run=lambda r, a: print("\n".join(t.name for t in r.list_tenants())))
+
     p = cmds.add_parser("create-key", parents=[common],
                         help="create an API key for a tenant (shown once)")
     p.add_argument("tenant")

@@ -19,8 +19,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_registry import Registry
 from adapters_registry.contract import BaseContract, derive_contract
-from adapters_registry.errors import NotFoundError
+from adapters_registry.errors import (
+    ArtifactError,
+    ConflictError,
+    IncompatibleAdapterError,
+    NotFoundError,
+    RegistryError,
+    ValidationError,
+)
 from gateway.adapters import AdapterManager
+from gateway.api.admin import router as admin_router
 from gateway.api.deps import Services
 from gateway.api.routes import router
 from gateway.chat import ChatService, PromptRenderer
@@ -108,7 +116,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         chat = ChatService(engine, adapters, renderer, base_name=settings.base_name,
                            expose_base=settings.expose_base, max_model_len=settings.max_model_len,
                            metrics=metrics, on_engine_dead=engine_died)
-        services = Services(settings, adapters, chat, metrics)
+        admin = Registry(registry.engine, registry.store, actor="admin")
+        services = Services(settings, adapters, chat, metrics, admin)
         app.state.services = services
         logger.info("gateway ready: base %s, %d adapter slots in engine memory",
                     settings.base_model_id, settings.max_cpu_loras)
@@ -120,6 +129,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
 
     app = FastAPI(title="lora-gateway", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(admin_router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestContext)
@@ -132,6 +142,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+        # Only the admin API reaches the registry's errors directly; tenants' paths
+        # translate NotFound into model_not_found before this.
+        status, code = next(((s, c) for kind, s, c in _REGISTRY_STATUS if isinstance(exc, kind)),
+                            (400, None))
+        body = {"error": {"message": str(exc), "type": "invalid_request_error" if status < 500
+                          else "server_error", "param": None, "code": code}}
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -163,6 +183,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = {"error": {"message": "internal error; see the gateway log",
                           "type": "server_error", "param": None, "code": "internal_error"}}
         return JSONResponse(body, status_code=500)
+
+
+_REGISTRY_STATUS: tuple[tuple[type[RegistryError], int, str], ...] = (
+    (NotFoundError, 404, "not_found"),
+    (ConflictError, 409, "conflict"),
+    (ValidationError, 400, "invalid_value"),
+    (IncompatibleAdapterError, 422, "incompatible_adapter"),
+    (ArtifactError, 503, "artifact_unavailable"),
+)
 
 
 class BodySizeLimit:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -43,6 +43,9 @@ class GatewaySettings(BaseSettings):
         default=2.0, ge=0, description="How long a name→version resolution or a key is cached."
     )
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    admin_api_key: SecretStr | None = Field(
+        default=None, min_length=32,
+        description="Bearer key of the admin API (/admin/v1); unset disables it.")
     exit_on_engine_death: bool = Field(
         default=True, description="Exit the process when the engine dies (the supervisor restarts it)."
     )

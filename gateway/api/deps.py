@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from adapters_registry import Registry
 from adapters_registry.records import Tenant
 from gateway.adapters import AdapterManager
 from gateway.chat import ChatService
@@ -24,6 +25,7 @@ class Services:
     adapters: AdapterManager
     chat: ChatService
     metrics: GatewayMetrics
+    admin_registry: Registry  # the same database and store, audited as "admin"
     ready: bool = True
 
 

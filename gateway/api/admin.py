@@ -1,0 +1,132 @@
+"""Admin HTTP API (/admin/v1): the registry's management operations over HTTP.
+
+Its own identity: one admin key from the settings, never a tenant key. Without a
+configured admin key every route answers 404, as if the API were not there.
+Pushing adapter files stays with the CLI/trainer (they run the check on local files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_registry import Registry
+from gateway.api.deps import ServicesDep
+from gateway.errors import AuthenticationFailedError, GatewayError
+
+router = APIRouter(prefix="/admin/v1")
+
+
+class _AdminDisabled(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+async def admin_registry(request: Request, services: ServicesDep) -> Registry:
+    expected = services.settings.admin_api_key
+    if expected is None:
+        raise _AdminDisabled("Not Found")
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(),
+                                                             expected.get_secret_value().encode()):
+        raise AuthenticationFailedError("invalid admin key")
+    return services.admin_registry
+
+
+AdminDep = Annotated[Registry, Depends(admin_registry)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantIn(_Body):
+    name: str
+
+
+class KeyIn(_Body):
+    expires_in_days: float | None = Field(default=None, gt=0)
+
+
+class AliasIn(_Body):
+    version: int = Field(ge=1)
+
+
+class GcIn(_Body):
+    grace_minutes: float = Field(default=60, ge=0)
+    dry_run: bool = False
+
+
+async def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return await asyncio.to_thread(fn, *args, **kwargs)  # the registry is synchronous
+
+
+@router.get("/tenants")
+async def list_tenants(reg: AdminDep) -> dict[str, Any]:
+    return {"data": [t.name for t in await _run(reg.list_tenants)]}
+
+
+@router.post("/tenants", status_code=201)
+async def create_tenant(body: TenantIn, reg: AdminDep) -> dict[str, Any]:
+    return {"name": (await _run(reg.create_tenant, body.name)).name}
+
+
+@router.post("/tenants/{tenant}/keys", status_code=201)
+async def create_key(tenant: str, body: KeyIn, reg: AdminDep) -> dict[str, Any]:
+    expires = (datetime.now(UTC) + timedelta(days=body.expires_in_days)
+               if body.expires_in_days else None)
+    key = await _run(reg.create_api_key, tenant, expires_at=expires)
+    return {"key": key, "prefix": key[:10], "expires_at": expires, "note": "shown once"}
+
+
+@router.get("/tenants/{tenant}/keys")
+async def list_keys(tenant: str, reg: AdminDep) -> dict[str, Any]:
+    return {"data": [k.__dict__ for k in await _run(reg.list_api_keys, tenant)]}
+
+
+@router.delete("/tenants/{tenant}/keys/{prefix}")
+async def revoke_key(tenant: str, prefix: str, reg: AdminDep) -> dict[str, Any]:
+    return {"revoked": await _run(reg.revoke_api_key, tenant, prefix)}
+
+
+@router.get("/tenants/{tenant}/adapters")
+async def list_adapters(tenant: str, reg: AdminDep) -> dict[str, Any]:
+    t = await _run(reg.get_tenant, tenant)
+    return {"data": [a.__dict__ for a in await _run(reg.list_adapters, t)]}
+
+
+@router.put("/tenants/{tenant}/adapters/{name}/aliases/{alias}")
+async def set_alias(tenant: str, name: str, alias: str, body: AliasIn, reg: AdminDep) -> dict[str, Any]:
+    await _run(reg.set_alias, tenant, name, alias, body.version)
+    return {"alias": f"{tenant}/{name}:{alias}", "version": body.version}
+
+
+@router.post("/tenants/{tenant}/adapters/{name}/versions/{version}/deprecate")
+async def deprecate(tenant: str, name: str, version: int, reg: AdminDep) -> dict[str, Any]:
+    await _run(reg.deprecate_version, tenant, name, version)
+    return {"version": f"{tenant}/{name}@v{version}", "state": "deprecated"}
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}")
+async def delete_version(tenant: str, name: str, version: int, reg: AdminDep) -> dict[str, Any]:
+    await _run(reg.delete_version, tenant, name, version)
+    return {"version": f"{tenant}/{name}@v{version}", "state": "deleted"}
+
+
+@router.get("/audit")
+async def audit(reg: AdminDep, subject: str | None = None, limit: int = 100) -> dict[str, Any]:
+    entries = await _run(reg.audit_log, subject_prefix=subject, limit=min(max(limit, 1), 1000))
+    return {"data": [e.__dict__ for e in entries]}
+
+
+@router.post("/gc")
+async def gc(body: GcIn, reg: AdminDep) -> dict[str, Any]:
+    report = await _run(reg.collect_garbage, grace=timedelta(minutes=body.grace_minutes),
+                        dry_run=body.dry_run)
+    return report.__dict__  # type: ignore[no-any-return]
