@@ -18,23 +18,27 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from adapters_registry import Registry
 from adapters_registry.errors import (
     ArtifactError,
     AuthenticationError,
+    ChecksumMismatchError,
     NotFoundError,
 )
 from adapters_registry.hashing import sha256_file
 from adapters_registry.keys import key_hash
 from adapters_registry.records import AdapterVersion, Tenant
+from gateway.disk_cache import FETCH_PREFIX, DiskCache
 from gateway.engine import AdapterRejectedError, Engine, LoraSpec
 from gateway.errors import (
     AdapterUnavailableError,
     AuthenticationFailedError,
+    GatewayError,
+    InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
 )
@@ -43,6 +47,9 @@ from gateway.metrics import GatewayMetrics
 logger = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+Tier = Literal["slot_hit", "engine_hit", "disk_hit", "remote_fetch"]
+CacheName = Literal["engine", "disk"]
+EvictTarget = Literal["engine", "disk", "all"]
 
 
 class TtlCache(Generic[K, V]):
@@ -66,31 +73,60 @@ class TtlCache(Generic[K, V]):
             self._data.popitem(last=False)
 
 
+class CacheConflictError(GatewayError):
+    """An admin cache operation that would break a guarantee (evict in use, pin too many)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 @dataclass(frozen=True)
 class AcquiredAdapter:
     lora: LoraSpec
-    tier: str  # engine_hit | disk_hit | remote_fetch
+    tier: Tier
+
+
+@dataclass
+class _Timer:
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 class AdapterManager:
-    def __init__(self, registry: Registry, engine: Engine, cache_dir: Path,
+    """Three caches in front of the registry's store, each an LRU the gateway owns.
+
+    ``slot``: the ``max_loras`` adapters vLLM keeps activated for batching, as the gateway
+    sees them (the most recently served distinct adapters). ``engine``: adapters vLLM
+    holds in memory (``max_cpu_loras``); the gateway adds and removes them itself.
+    ``disk``: verified folders on local disk, LRU by bytes. A request is served from the
+    first cache that has its adapter; its tier is that cache (``slot_hit``,
+    ``engine_hit``, ``disk_hit``) or ``remote_fetch``.
+    """
+
+    def __init__(self, registry: Registry, engine: Engine, disk: DiskCache,
                  metrics: GatewayMetrics, *, served_base: tuple[str, str], ttl: float,
-                 engine_capacity: int) -> None:
+                 engine_capacity: int, slot_capacity: int) -> None:
         self._served_base = served_base  # (model_id, revision)
         self._registry = registry
         self._engine = engine
-        self._cache_dir = Path(cache_dir)
+        self._disk = disk
         self._metrics = metrics
         self._keys: TtlCache[str, Tenant] = TtlCache(ttl)
         self._resolved: TtlCache[tuple[int, str], AdapterVersion] = TtlCache(ttl)
         self._capacity = engine_capacity
+        self._slot_capacity = slot_capacity
         self._in_engine: OrderedDict[int, None] = OrderedDict()  # LRU, oldest first
+        self._slots: OrderedDict[int, None] = OrderedDict()
         self._in_use: Counter[int] = Counter()
-        self._names: dict[int, str] = {}
+        self._versions: dict[int, AdapterVersion] = {}  # every version seen, by lora_int_id
+        self._pinned: set[int] = set()
         self._engine_lock = asyncio.Lock()
         self._fetches: dict[str, asyncio.Task[Path]] = {}
         self._rejected: dict[int, str] = {}  # lora_int_id -> why; a version never changes
-        self._cache_dir.mkdir(parents=True, exist_ok=True)
+        self._update_gauges()
 
     async def authenticate(self, api_key: str) -> Tenant:
         digest = key_hash(api_key)  # never a secret as a cache key
@@ -117,59 +153,211 @@ class AdapterManager:
             self._resolved.put((tenant.id, model), version)
         return version
 
+    async def resolve_ref(self, ref: str) -> AdapterVersion:
+        """An operator's ``tenant/name``, ``tenant/name:alias`` or ``tenant/name@vN``."""
+        tenant_name, sep, model = ref.partition("/")
+        if not sep or not tenant_name or not model:
+            raise InvalidRequestError(f"adapter {ref!r} must be tenant/name[:alias|@vN]",
+                                      param="adapter")
+        try:
+            tenant = await asyncio.to_thread(self._registry.get_tenant, tenant_name)
+        except NotFoundError:
+            raise ModelNotFoundError(ref) from None
+        try:
+            return await self.resolve(tenant, model)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(ref) from None
+
     async def list_models(self, tenant: Tenant) -> list[Any]:
         return await asyncio.to_thread(self._registry.list_adapters, tenant)
 
     @asynccontextmanager
     async def use(self, version: AdapterVersion) -> AsyncIterator[AcquiredAdapter]:
-        """The adapter, accepted by the engine and pinned there until the block exits."""
-        started = time.perf_counter()
+        """The adapter, accepted by the engine and held there until the block exits."""
+        timer = _Timer()
         vid = version.lora_int_id
-        if vid in self._in_engine:
-            tier = "engine_hit"
-            self._in_engine.move_to_end(vid)
-        else:
-            if vid in self._rejected:
-                raise self._unavailable(version)
-            path, tier = await self._ensure_local(version)
-            # A task, so a cancelled request cannot leave vLLM and our LRU out of step.
-            await asyncio.shield(asyncio.ensure_future(self._load_locked(version, path)))
-        self._in_use[vid] += 1  # no await since the check above: eviction cannot interleave
-        self._metrics.adapter_loads.labels(tier).inc()
-        self._metrics.adapter_load_seconds.labels(tier).observe(time.perf_counter() - started)
+        self._versions[vid] = version
+        # Held from the start: neither the disk nor the engine may evict it while it loads.
+        self._in_use[vid] += 1
         try:
-            yield AcquiredAdapter(self._spec(version, self._local_path(version)), tier)
+            tier = await self._make_ready(version)
+            self._metrics.adapter_requests.labels(tier).inc()
+            self._metrics.adapter_ready_seconds.labels(tier).observe(timer.seconds())
+            yield AcquiredAdapter(self._spec(version, self._disk.path(version.content_sha256)), tier)
         finally:
             self._in_use[vid] -= 1
+            if self._in_use[vid] <= 0:
+                del self._in_use[vid]
+
+    async def _make_ready(self, version: AdapterVersion) -> Tier:
+        vid = version.lora_int_id
+        if vid in self._in_engine:
+            self._in_engine.move_to_end(vid)
+            self._metrics.cache_hits.labels("engine").inc()
+            return "slot_hit" if self._touch_slot(vid) else "engine_hit"
+        self._metrics.cache_misses.labels("engine").inc()
+        if vid in self._rejected:
+            raise self._unavailable(version)
+        path, tier = await self._ensure_local(version)
+        # A task, so a cancelled request cannot leave vLLM and our LRU out of step.
+        await asyncio.shield(asyncio.ensure_future(self._load_locked(version, path)))
+        self._touch_slot(vid)
+        return tier
+
+    def _touch_slot(self, vid: int) -> bool:
+        """Record ``vid`` as the most recently batched adapter; True if it held a slot."""
+        m = self._metrics
+        if vid in self._slots:
+            self._slots.move_to_end(vid)
+            m.cache_hits.labels("slot").inc()
+            return True
+        m.cache_misses.labels("slot").inc()
+        m.cache_loads.labels("slot").inc()
+        self._slots[vid] = None
+        while len(self._slots) > self._slot_capacity:
+            self._slots.popitem(last=False)
+            m.cache_evictions.labels("slot").inc()
+        return False
+
+    # -- operator controls: pin, prefetch, evict -----------------------------------------
+
+    async def pin(self, version: AdapterVersion) -> Tier | None:
+        """Load it into the engine and keep it there (and on disk) until unpinned."""
+        vid = version.lora_int_id
+        if vid in self._pinned:
+            return None
+        if len(self._pinned) + 1 >= self._capacity:
+            raise CacheConflictError(
+                f"cannot pin {version.ref}: {len(self._pinned)} of {self._capacity} engine "
+                "adapter slots are pinned and at least one must stay free for the others")
+        self._pinned.add(vid)  # before loading, so nothing evicts it in between
+        try:
+            async with self.use(version) as acquired:
+                tier: Tier = acquired.tier
+        except BaseException:
+            self._pinned.discard(vid)
+            raise
+        self._update_gauges()
+        logger.info("pinned %s", version.ref)
+        return tier
+
+    def unpin(self, version: AdapterVersion) -> bool:
+        if version.lora_int_id not in self._pinned:
+            return False
+        self._pinned.discard(version.lora_int_id)
+        self._update_gauges()
+        logger.info("unpinned %s", version.ref)
+        return True
+
+    async def prefetch(self, version: AdapterVersion, into: CacheName) -> str:
+        """Warm one tier ahead of traffic; returns where the adapter was before."""
+        if into == "disk":
+            self._versions[version.lora_int_id] = version
+            if version.lora_int_id in self._in_engine:
+                return "engine_hit"
+            _path, tier = await self._ensure_local(version)
+            return tier
+        async with self.use(version) as acquired:
+            return acquired.tier
+
+    async def evict(self, version: AdapterVersion, where: EvictTarget) -> list[str]:
+        """Drop it from the engine, the disk, or both; refused while pinned or in use."""
+        vid = version.lora_int_id
+        if vid in self._pinned:
+            raise CacheConflictError(f"{version.ref} is pinned; unpin it first")
+        if self._in_use[vid]:
+            raise CacheConflictError(f"{version.ref} is serving requests; retry when idle")
+        done: list[str] = []
+        if where in ("engine", "all"):
+            async with self._engine_lock:
+                if vid in self._in_engine and not self._in_use[vid]:
+                    await self._remove_from_engine(vid)
+                    done.append("engine")
+        if where in ("disk", "all"):
+            sha = version.content_sha256
+            if sha in self._protected_shas():
+                raise CacheConflictError(
+                    f"{version.ref}'s files are held by the engine, a pin or a request in flight "
+                    "(this version or one with identical files); evict from 'all' instead")
+            if sha in self._disk:
+                freed = await asyncio.to_thread(self._disk.discard, sha)
+                self._metrics.cache_evictions.labels("disk").inc()
+                logger.info("evicted %s from disk (%d bytes)", version.ref, freed)
+                done.append("disk")
+        self._update_gauges()
+        return done
+
+    def cache_state(self) -> dict[str, Any]:
+        entries = []
+        for vid in self._in_engine:
+            v = self._versions[vid]
+            entries.append({"adapter": v.ref, "lora_int_id": vid, "in_slot": vid in self._slots,
+                            "pinned": vid in self._pinned, "in_use": self._in_use[vid]})
+        disk_refs = sorted(v.ref for v in self._versions.values() if v.content_sha256 in self._disk)
+        return {
+            "slot": {"capacity": self._slot_capacity, "used": len(self._slots)},
+            "engine": {"capacity": self._capacity, "used": len(self._in_engine), "adapters": entries},
+            "disk": {"max_bytes": self._disk.max_bytes, "bytes": self._disk.total_bytes,
+                     "folders": len(self._disk), "known_adapters": disk_refs},
+            "pinned": sorted(self._versions[v].ref for v in self._pinned),
+        }
 
     def engine_state(self) -> tuple[list[str], int]:
         """Names of the adapters serving requests now, and the engine's adapter capacity."""
-        running = [self._names[v] for v, n in self._in_use.items() if n > 0]
+        running = [self._versions[v].ref for v, n in self._in_use.items() if n > 0]
         return sorted(running), self._capacity
+
+    # -- internals ------------------------------------------------------------------------
 
     def _spec(self, version: AdapterVersion, path: Path) -> LoraSpec:
         return LoraSpec(name=version.ref, int_id=version.lora_int_id, path=path)
 
-    def _local_path(self, version: AdapterVersion) -> Path:
-        return self._cache_dir / version.content_sha256
+    def _protected_shas(self) -> set[str]:
+        # Engine-resident adapters keep their folder too: should vLLM ever reload one, the
+        # files must be there (a missing path inside generate() can kill the engine).
+        held = set(self._pinned) | set(self._in_engine) | {v for v, n in self._in_use.items() if n > 0}
+        return {self._versions[v].content_sha256 for v in held}
 
-    async def _ensure_local(self, version: AdapterVersion) -> tuple[Path, str]:
-        path = self._local_path(version)
-        if path.is_dir():
+    def _update_gauges(self) -> None:
+        m = self._metrics
+        m.cache_entries.labels("slot").set(len(self._slots))
+        m.cache_entries.labels("engine").set(len(self._in_engine))
+        m.cache_entries.labels("disk").set(len(self._disk))
+        m.disk_cache_bytes.set(self._disk.total_bytes)
+        m.pinned.set(len(self._pinned))
+
+    async def _ensure_local(self, version: AdapterVersion) -> tuple[Path, Tier]:
+        sha = version.content_sha256
+        path = await asyncio.to_thread(self._disk.lookup, sha)
+        if path is not None:
+            self._metrics.cache_hits.labels("disk").inc()
             return path, "disk_hit"
-        # Single flight: concurrent first requests for one version share one download,
+        self._metrics.cache_misses.labels("disk").inc()
+        # Single flight: concurrent first requests for one artifact share one download,
         # run as its own task so a cancelled requester cannot fail the others.
-        key = version.content_sha256
-        task = self._fetches.get(key)
+        task = self._fetches.get(sha)
         if task is None:
-            task = asyncio.create_task(asyncio.to_thread(self._download, version, path))
-            self._fetches[key] = task
+            task = asyncio.create_task(self._fetch(version))
+            self._fetches[sha] = task
             # A failure is not cached: the next request after it retries.
-            task.add_done_callback(lambda _t: self._fetches.pop(key, None))
+            task.add_done_callback(lambda _t: self._fetches.pop(sha, None))
         return await asyncio.shield(task), "remote_fetch"
 
-    def _download(self, version: AdapterVersion, path: Path) -> Path:
-        tmp = Path(tempfile.mkdtemp(dir=self._cache_dir, prefix=".fetch-"))
+    async def _fetch(self, version: AdapterVersion) -> Path:
+        timer = _Timer()
+        path = await asyncio.to_thread(self._download, version)
+        evicted = await asyncio.to_thread(self._disk.admit, version.content_sha256,
+                                          self._protected_shas() | {version.content_sha256})
+        m = self._metrics
+        m.cache_loads.labels("disk").inc()
+        m.cache_load_seconds.labels("disk").observe(timer.seconds())
+        m.cache_evictions.labels("disk").inc(len(evicted))
+        self._update_gauges()
+        return path
+
+    def _download(self, version: AdapterVersion) -> Path:
+        path = self._disk.path(version.content_sha256)
+        tmp = Path(tempfile.mkdtemp(dir=self._disk.root, prefix=FETCH_PREFIX))
         try:
             self._registry.fetch(version, tmp)
             try:
@@ -177,11 +365,16 @@ class AdapterManager:
             except OSError:
                 if not path.is_dir():  # else: an earlier fetch won; _load verifies it
                     raise
-        except ArtifactError as exc:
+        except ChecksumMismatchError as exc:
             logger.error("artifact of %s failed verification: %s", version.ref, exc)
             raise AdapterUnavailableError(
                 f"adapter {version.ref} cannot be served: its stored artifact failed "
                 "sha256 verification; the operator must re-register it"
+            ) from exc
+        except ArtifactError as exc:  # missing object, store unreachable: may pass on retry
+            logger.error("could not fetch %s: %s", version.ref, exc)
+            raise AdapterUnavailableError(
+                f"adapter {version.ref} could not be fetched from the artifact store; retry shortly"
             ) from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -206,21 +399,21 @@ class AdapterManager:
 
     async def _load(self, version: AdapterVersion, path: Path) -> None:
         """Verify the local copy, make room, and hand it to the engine (engine lock held)."""
+        timer = _Timer()
         if version.lora_int_id in self._rejected:
             raise self._unavailable(version)
         if not await asyncio.to_thread(self._verify_local, version, path):
             logger.warning("local copy of %s failed verification; fetching again", version.ref)
-            await asyncio.to_thread(shutil.rmtree, path, True)
+            await asyncio.to_thread(self._disk.discard, version.content_sha256)
             path, _ = await self._ensure_local(version)
         while len(self._in_engine) >= self._capacity:
-            victim = next((v for v in self._in_engine if self._in_use[v] == 0), None)
+            victim = next((v for v in self._in_engine
+                           if not self._in_use[v] and v not in self._pinned), None)
             if victim is None:
                 raise OverloadedError(
-                    f"all {self._capacity} adapter slots are serving requests; retry shortly"
+                    f"all {self._capacity} adapter slots are serving requests or pinned; retry shortly"
                 )
-            del self._in_engine[victim]
-            await self._engine.remove_lora(victim)
-            self._metrics.engine_evictions.inc()
+            await self._remove_from_engine(victim)
         try:
             await self._engine.add_lora(self._spec(version, path))
         except AdapterRejectedError as exc:
@@ -228,5 +421,14 @@ class AdapterManager:
             self._rejected[version.lora_int_id] = str(exc)
             raise self._unavailable(version) from exc
         self._in_engine[version.lora_int_id] = None
-        self._names[version.lora_int_id] = version.ref
+        self._metrics.cache_loads.labels("engine").inc()
+        self._metrics.cache_load_seconds.labels("engine").observe(timer.seconds())
+        self._update_gauges()
         logger.info("engine accepted %s (lora_int_id=%d)", version.ref, version.lora_int_id)
+
+    async def _remove_from_engine(self, vid: int) -> None:
+        del self._in_engine[vid]
+        self._slots.pop(vid, None)
+        await self._engine.remove_lora(vid)
+        self._metrics.cache_evictions.labels("engine").inc()
+        self._update_gauges()

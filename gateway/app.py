@@ -33,6 +33,7 @@ from gateway.api.deps import Services
 from gateway.api.routes import router
 from gateway.chat import ChatService, PromptRenderer
 from gateway.config import GatewaySettings
+from gateway.disk_cache import DiskCache
 from gateway.engine import Engine
 from gateway.errors import GatewayError, PayloadTooLargeError
 from gateway.logs import RequestContext
@@ -84,6 +85,26 @@ def verify_base(registry: Registry, settings: GatewaySettings) -> BaseContract:
     return registered
 
 
+async def warm_up(adapters: AdapterManager, settings: GatewaySettings) -> dict[str, str]:
+    """Pin, then prefetch, the configured adapters; a failure is logged and reported, not fatal.
+
+    A typo in one ref must not keep every tenant's traffic from being served; the admin
+    API's /cache shows what failed (and the log says why).
+    """
+    errors: dict[str, str] = {}
+    jobs = [(ref, True) for ref in dict.fromkeys(settings.pinned_adapters)]
+    jobs += [(ref, False) for ref in dict.fromkeys(settings.prefetch_adapters)]
+    for ref, pin in jobs:
+        try:
+            version = await adapters.resolve_ref(ref)
+            await (adapters.pin(version) if pin else adapters.prefetch(version, "engine"))
+        except GatewayError as exc:
+            errors[ref] = exc.message
+            logger.error("could not %s %s at start-up: %s", "pin" if pin else "prefetch", ref,
+                         exc.message)
+    return errors
+
+
 def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vllm_engine_factory,
                on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     @asynccontextmanager
@@ -109,16 +130,19 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
             if settings.exit_on_engine_death:
                 (on_engine_dead or _terminate_process)()
 
-        adapters = AdapterManager(registry, engine, settings.cache_dir, metrics,
+        disk = await asyncio.to_thread(DiskCache, settings.cache_dir, settings.disk_cache_max_bytes)
+        adapters = AdapterManager(registry, engine, disk, metrics,
                                   served_base=(contract.model_id, contract.revision),
                                   ttl=settings.resolve_ttl_seconds,
-                                  engine_capacity=settings.max_cpu_loras)
+                                  engine_capacity=settings.max_cpu_loras,
+                                  slot_capacity=settings.max_loras)
         chat = ChatService(engine, adapters, renderer, base_name=settings.base_name,
                            expose_base=settings.expose_base, max_model_len=settings.max_model_len,
                            metrics=metrics, on_engine_dead=engine_died)
         admin = Registry(registry.engine, registry.store, actor="admin")
         services = Services(settings, adapters, chat, metrics, admin)
         app.state.services = services
+        services.warmup_errors = await warm_up(adapters, settings)
         logger.info("gateway ready: base %s, %d adapter slots in engine memory",
                     settings.base_model_id, settings.max_cpu_loras)
         try:

@@ -229,7 +229,13 @@ class ChatService:
         finally:
             m.in_flight.dec()
         m.requests.labels(*labels, "200").inc()
-        m.e2e.labels(*labels).observe(time.perf_counter() - started)
+        e2e = time.perf_counter() - started
+        m.e2e.labels(*labels).observe(e2e)
+        completion = last.completion_tokens if last is not None else 0
+        # One access record per request: which tier served its adapter, and how fast.
+        logger.info("served model=%s adapter_tier=%s completion_tokens=%d latency_ms=%.1f",
+                    call.label, call.tier, completion, e2e * 1000,
+                    extra={"adapter_tier": call.tier})
         if last is not None:
             m.prompt_tokens.labels(*labels).inc(last.prompt_tokens)
             m.completion_tokens.labels(*labels).inc(last.completion_tokens)

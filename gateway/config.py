@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import ByteSize, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -39,6 +39,15 @@ class GatewaySettings(BaseSettings):
     cpu_kvcache_space_gib: int | None = Field(
         default=1, ge=1, description="vLLM CPU backend KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, "
         "unless already set); ignored on GPUs.")
+    disk_cache_max_bytes: ByteSize = Field(
+        default=ByteSize(10 << 30), ge=1 << 20,
+        description="Budget of the local adapter cache (e.g. 10GiB); LRU by bytes, never evicting "
+        "an adapter in use, pinned or in engine memory.")
+    pinned_adapters: list[str] = Field(
+        default_factory=list, description="tenant/name[:alias|@vN] refs loaded at start and never "
+        "evicted (JSON list in the environment).")
+    prefetch_adapters: list[str] = Field(
+        default_factory=list, description="Refs loaded into engine memory at start (evictable).")
     resolve_ttl_seconds: float = Field(
         default=2.0, ge=0, description="How long a name→version resolution or a key is cached."
     )
@@ -54,6 +63,9 @@ class GatewaySettings(BaseSettings):
     def _check(self) -> GatewaySettings:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
+        if len(set(self.pinned_adapters)) >= self.max_cpu_loras:
+            raise ValueError(f"{len(set(self.pinned_adapters))} pinned adapters need max_cpu_loras "
+                             "above that: one engine slot must stay free for the others")
         return self
 
     @property

@@ -22,15 +22,28 @@ class GatewayMetrics:
         self.e2e = Histogram("lgw_request_latency_seconds", "End-to-end request latency.",
                              ["tenant", "adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("lgw_requests_in_flight", "Requests being served.", registry=r)
-        self.adapter_loads = Counter("lgw_adapter_loads", "Adapter acquisitions by tier.",
-                                     ["tier"], registry=r)
-        self.adapter_load_seconds = Histogram("lgw_adapter_load_seconds",
-                                              "Time to make an adapter ready, by tier.", ["tier"],
-                                              buckets=_LATENCY_BUCKETS, registry=r)
+        # Per request: the tier that served its adapter (slot_hit, engine_hit, disk_hit, remote_fetch).
+        self.adapter_requests = Counter("lgw_adapter_requests", "Adapter requests by serving tier.",
+                                        ["tier"], registry=r)
+        self.adapter_ready_seconds = Histogram("lgw_adapter_ready_seconds",
+                                               "Time to make a request's adapter ready, by tier.",
+                                               ["tier"], buckets=_LATENCY_BUCKETS, registry=r)
+        # Per cache (slot, engine, disk): what each LRU did.
+        self.cache_hits = Counter("lgw_adapter_cache_hits", "Adapter cache hits.", ["cache"], registry=r)
+        self.cache_misses = Counter("lgw_adapter_cache_misses", "Adapter cache misses.", ["cache"],
+                                    registry=r)
+        self.cache_loads = Counter("lgw_adapter_cache_loads", "Adapters loaded into a cache.", ["cache"],
+                                   registry=r)
+        self.cache_load_seconds = Histogram("lgw_adapter_cache_load_seconds",
+                                            "Time to load an adapter into a cache.", ["cache"],
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache_evictions = Counter("lgw_adapter_cache_evictions", "Adapters evicted from a cache.",
+                                       ["cache"], registry=r)
+        self.cache_entries = Gauge("lgw_adapter_cache_entries", "Adapters held by a cache.", ["cache"],
+                                   registry=r)
         self.disk_cache_bytes = Gauge("lgw_adapter_disk_cache_bytes",
                                       "Bytes of verified adapters on local disk.", registry=r)
-        self.engine_evictions = Counter("lgw_adapter_engine_evictions",
-                                        "Adapters removed from engine memory.", registry=r)
+        self.pinned = Gauge("lgw_adapter_pinned", "Adapters pinned in engine memory.", registry=r)
         # vLLM's own gauge, so adapter-affinity routers can read it from the gateway too.
         self.lora_requests_info = Gauge(
             "vllm:lora_requests_info", "Running stats on LoRA requests.",

@@ -16,7 +16,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_registry import Registry
-from gateway.api.deps import ServicesDep
+from gateway.adapters import AdapterManager, CacheName, EvictTarget
+from gateway.api.deps import Services, ServicesDep
 from gateway.errors import AuthenticationFailedError, GatewayError
 
 router = APIRouter(prefix="/admin/v1")
@@ -28,7 +29,7 @@ class _AdminDisabled(GatewayError):
     code = "not_found"
 
 
-async def admin_registry(request: Request, services: ServicesDep) -> Registry:
+def require_admin(request: Request, services: ServicesDep) -> Services:
     expected = services.settings.admin_api_key
     if expected is None:
         raise _AdminDisabled("Not Found")
@@ -36,10 +37,19 @@ async def admin_registry(request: Request, services: ServicesDep) -> Registry:
     if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(),
                                                              expected.get_secret_value().encode()):
         raise AuthenticationFailedError("invalid admin key")
+    return services
+
+
+async def admin_registry(services: Annotated[Services, Depends(require_admin)]) -> Registry:
     return services.admin_registry
 
 
+async def admin_adapters(services: Annotated[Services, Depends(require_admin)]) -> AdapterManager:
+    return services.adapters
+
+
 AdminDep = Annotated[Registry, Depends(admin_registry)]
+CacheDep = Annotated[AdapterManager, Depends(admin_adapters)]
 
 
 class _Body(BaseModel):
@@ -56,6 +66,20 @@ class KeyIn(_Body):
 
 class AliasIn(_Body):
     version: int = Field(ge=1)
+
+
+class PrefetchIn(_Body):
+    adapters: list[str] = Field(min_length=1, max_length=1000)
+    into: CacheName = "engine"
+
+
+class AdapterRefIn(_Body):
+    adapter: str = Field(min_length=3)
+
+
+class EvictIn(AdapterRefIn):
+    # "from" is the natural word but a Python keyword; the JSON field is "from".
+    where: EvictTarget = Field(default="engine", alias="from")
 
 
 class GcIn(_Body):
@@ -130,3 +154,42 @@ async def gc(body: GcIn, reg: AdminDep) -> dict[str, Any]:
     report = await _run(reg.collect_garbage, grace=timedelta(minutes=body.grace_minutes),
                         dry_run=body.dry_run)
     return report.__dict__  # type: ignore[no-any-return]
+
+
+@router.get("/cache")
+async def cache_state(cache: CacheDep, services: ServicesDep) -> dict[str, Any]:
+    return {**cache.cache_state(), "warmup_errors": services.warmup_errors}
+
+
+@router.post("/cache/prefetch")
+async def prefetch(body: PrefetchIn, cache: CacheDep) -> dict[str, Any]:
+    """Warm each adapter into ``into``; one result per adapter, failures included."""
+    results = []
+    for ref in dict.fromkeys(body.adapters):
+        try:
+            version = await cache.resolve_ref(ref)
+            before = await cache.prefetch(version, body.into)
+            results.append({"adapter": ref, "version": version.ref, "was": before, "error": None})
+        except GatewayError as exc:
+            results.append({"adapter": ref, "version": None, "was": None, "error": exc.body()["error"]})
+    return {"into": body.into, "data": results,
+            "failed": sum(1 for r in results if r["error"] is not None)}
+
+
+@router.post("/cache/pin")
+async def pin(body: AdapterRefIn, cache: CacheDep) -> dict[str, Any]:
+    version = await cache.resolve_ref(body.adapter)
+    was = await cache.pin(version)
+    return {"adapter": version.ref, "pinned": True, "was": was or "pinned"}
+
+
+@router.post("/cache/unpin")
+async def unpin(body: AdapterRefIn, cache: CacheDep) -> dict[str, Any]:
+    version = await cache.resolve_ref(body.adapter)
+    return {"adapter": version.ref, "pinned": False, "changed": cache.unpin(version)}
+
+
+@router.post("/cache/evict")
+async def evict(body: EvictIn, cache: CacheDep) -> dict[str, Any]:
+    version = await cache.resolve_ref(body.adapter)
+    return {"adapter": version.ref, "evicted_from": await cache.evict(version, body.where)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,6 +27,7 @@ class Services:
     metrics: GatewayMetrics
     admin_registry: Registry  # the same database and store, audited as "admin"
     ready: bool = True
+    warmup_errors: dict[str, str] = field(default_factory=dict)  # ref -> why
 
 
 def get_services(request: Request) -> Services:

@@ -158,5 +158,5 @@ def test_adapter_refused_by_vllm_fails_only_its_own_request(env: Env) -> None:
 def test_metrics_count_requests_per_tenant(env: Env) -> None:
     text = httpx.get(env.gateway.url + "/metrics").text
     assert 'lgw_requests_total{adapter="acme/support-bot",status="200",tenant="acme"}' in text
-    assert 'lgw_adapter_loads_total{tier="remote_fetch"}' in text
+    assert 'lgw_adapter_requests_total{tier="remote_fetch"}' in text
     assert "vllm:lora_requests_info{" in text

@@ -1,0 +1,119 @@
+"""The gateway's local disk tier: verified adapter folders, content-addressed, LRU by bytes.
+
+Each entry is ``<root>/<content sha256>/`` (one folder per distinct artifact, shared by
+versions with identical files). Recency is the folder's mtime, touched on every use, so
+the LRU order survives a restart: the cache is rebuilt from the folders at start-up.
+Entries the caller protects (in use, pinned) are never evicted; if only protected entries
+remain the cache stays over its budget until they are released, and says so in the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FETCH_PREFIX = ".fetch-"  # downloads in progress; never entries
+
+
+@dataclass(frozen=True)
+class DiskEviction:
+    sha: str
+    size: int
+
+
+class DiskCache:
+    """Thread-safe: downloads admit entries from worker threads."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, int] = OrderedDict()  # sha -> bytes, oldest first
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for child in self.root.iterdir():
+            if child.name.startswith(FETCH_PREFIX):
+                shutil.rmtree(child, ignore_errors=True)  # a download a crash interrupted
+            elif child.is_dir() and not child.name.startswith("."):
+                found.append((child.stat().st_mtime, child.name, _folder_bytes(child)))
+        for _mtime, sha, size in sorted(found):
+            self._entries[sha] = size
+        if found:
+            logger.info("disk cache: %d adapter folder(s), %d bytes, from an earlier run",
+                        len(found), self.total_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, sha: object) -> bool:
+        return sha in self._entries
+
+    def path(self, sha: str) -> Path:
+        return self.root / sha
+
+    def lookup(self, sha: str) -> Path | None:
+        """The folder if cached (and marks it most recently used), else None."""
+        with self._lock:
+            if sha not in self._entries:
+                return None
+            path = self.path(sha)
+            if not path.is_dir():  # removed behind our back
+                del self._entries[sha]
+                return None
+            self._entries.move_to_end(sha)
+        # Recency on disk is a hint for the next start; the order in memory is exact.
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return path
+
+    def admit(self, sha: str, protected: Collection[str]) -> list[DiskEviction]:
+        """Record a folder just renamed into place, then shrink to the budget."""
+        size = _folder_bytes(self.path(sha))
+        with self._lock:
+            self._entries[sha] = size
+            self._entries.move_to_end(sha)
+        return self.shrink(protected)
+
+    def shrink(self, protected: Collection[str]) -> list[DiskEviction]:
+        evicted: list[DiskEviction] = []
+        with self._lock:
+            for sha in list(self._entries):
+                if self.total_bytes <= self.max_bytes:
+                    break
+                if sha in protected:
+                    continue
+                evicted.append(DiskEviction(sha, self._entries.pop(sha)))
+            over = self.total_bytes - self.max_bytes
+        for e in evicted:
+            shutil.rmtree(self.path(e.sha), ignore_errors=True)
+        if over > 0:
+            logger.warning("disk cache is %d bytes over its %d-byte budget: every remaining "
+                           "folder is in use or pinned", over, self.max_bytes)
+        return evicted
+
+    def discard(self, sha: str) -> int:
+        """Remove one entry now; returns the bytes freed (0 if it was not cached)."""
+        with self._lock:
+            size = self._entries.pop(sha, 0)
+        shutil.rmtree(self.path(sha), ignore_errors=True)
+        return size
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
