@@ -25,6 +25,7 @@ from adapters_registry import AdapterTemplate, BaseContract, FilesystemStore, Re
 from adapters_registry.db import AdapterRow, AdapterVersionRow, AliasRow, make_engine
 from adapters_registry.records import Tenant
 from gateway.adapters import AdapterManager
+from gateway.disk_cache import DiskCache
 from gateway.metrics import GatewayMetrics
 
 _CONTRACT = BaseContract(
@@ -91,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         tenants = populate(registry, args.tenants, args.adapters)
         populated_s = time.perf_counter() - started
         names = [(t, f"bot-{a:04d}") for t in tenants for a in range(args.adapters)]
-        manager = AdapterManager(registry, engine=None, cache_dir=Path(tmp) / "cache",  # type: ignore[arg-type]
+        manager = AdapterManager(registry, engine=None,  # type: ignore[arg-type]
+                                 disk=DiskCache(Path(tmp) / "cache", 1 << 30),
                                  metrics=GatewayMetrics(),
                                  served_base=(_CONTRACT.model_id, _CONTRACT.revision),
-                                 ttl=3600, engine_capacity=1)
+                                 ttl=3600, engine_capacity=1, slot_capacity=1)
         result = asyncio.run(measure(manager, names, args.lookups, cold_sample=min(1000, len(names))))
         registry.close()
     print(json.dumps({"versions": len(names), "populate_s": round(populated_s, 2), **result},
