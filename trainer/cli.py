@@ -1,9 +1,14 @@
-"""`lora-gateway train ...` and `lora-gateway base prepare ...`."""
+"""`lora-gateway train ...` and `lora-gateway base prepare ...`.
+
+Exit codes of ``train``: 0 trained (and published, if asked); 2 bad input (config,
+data, eval sets, template, tenant, missing QLoRA requirements, existing --out);
+3 the registry refused the adapter (compatibility check); 4 an eval gate failed
+(nothing published, no alias moved; the adapter is kept at ``<out>.failed``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -13,13 +18,17 @@ import yaml
 
 from adapters_registry.cli import add_registry_options
 from adapters_registry.errors import IncompatibleAdapterError, RegistryError
+from adapters_registry.records import validate_name
 from adapters_registry.service import Registry
 
 DEFAULT_CACHE = Path(".cache")
+EXIT_BAD_INPUT, EXIT_INCOMPATIBLE, EXIT_GATE_FAILED = 2, 3, 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("train", help="train a LoRA adapter from a registered template")
+    p = sub.add_parser("train", help="train a LoRA adapter from a registered template",
+                       description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_registry_options(p)
     p.add_argument("--template", required=True, help="registered template id (fixes the shape)")
     p.add_argument("--base-dir", type=Path, required=True, help="the base model's directory")
@@ -27,9 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", type=Path, required=True, help="new folder for the adapter")
     p.add_argument("--config", type=Path, help="YAML file of run knobs (RunConfig fields)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one run knob; repeatable")
-    p.add_argument("--publish", metavar="TENANT/NAME", help="register the result")
-    p.add_argument("--alias", action="append", default=[], help="with --publish: aliases to move")
+                   help="override one run knob (after --config); repeatable")
+    p.add_argument("--eval-golden", type=Path, metavar="FILE",
+                   help="golden prompts with expected answers (JSONL): the target gate")
+    p.add_argument("--eval-regression", type=Path, metavar="FILE",
+                   help="prompts the adapter must not change much vs the base (JSONL)")
+    p.add_argument("--publish", metavar="TENANT/NAME",
+                   help="register the result if every gate passes")
+    p.add_argument("--alias", action="append", default=[],
+                   help="with --publish: alias to point at the new version; repeatable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway without a TTY)")
 
     b = sub.add_parser("base", help="build or convert a local base model")
     bc = b.add_subparsers(dest="base_cmd", required=True)
@@ -47,46 +63,120 @@ def run_base(args: argparse.Namespace) -> int:
 
 
 def load_run_config(path: Path | None, overrides: list[str]) -> Any:
-    """RunConfig from YAML and KEY=VALUE flags; unknown or shape keys are errors."""
+    """RunConfig from YAML and KEY=VALUE flags (flags win); unknown or shape keys are errors."""
     from trainer.config import RunConfig
+    from trainer.errors import ConfigError
 
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
-            raise SystemExit(f"{path}: expected a mapping of run knobs")
+            raise ConfigError(f"{path}: expected a mapping of run knobs, got {type(loaded).__name__}")
         data.update(loaded)
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        data[key] = yaml.safe_load(value)
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            data[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse {value!r}: {exc}") from None
     return RunConfig.from_mapping(data)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainer.data import load_chat_jsonl
-    from trainer.errors import TrainerError
-    from trainer.train import train_adapter
+    from trainer.errors import GateFailedError, TrainerError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = Registry.open(args.db, args.artifacts)
     try:
-        config = load_run_config(args.config, args.set)
-        template = registry.get_template(args.template)
-        dataset = load_chat_jsonl(args.data)
-        result = train_adapter(args.base_dir, template.base_model_id, template, dataset,
-                               config, args.out)
-        print(json.dumps({"adapter": str(result.out_dir), "final_loss": result.final_loss,
-                          "train_seconds": round(result.seconds, 1)}, indent=2))
-        if args.publish:
-            tenant, _, name = args.publish.partition("/")
-            v = registry.push(tenant, name, result.out_dir, template_id=template.template_id,
-                              aliases=args.alias)
-            print(f"published {v.ref} (lora_int_id={v.lora_int_id})")
-    except (TrainerError, IncompatibleAdapterError, RegistryError, FileExistsError) as exc:
+        return _train(args, registry)
+    except GateFailedError as exc:
+        if exc.report is not None:
+            print(summary_table(exc.report), file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_GATE_FAILED
+    except IncompatibleAdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INCOMPATIBLE
+    except (TrainerError, RegistryError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     finally:
         registry.close()
+
+
+def _train(args: argparse.Namespace, registry: Registry) -> int:
+    from trainer.data import load_chat_jsonl
+    from trainer.errors import ConfigError
+    from trainer.evals import load_golden_jsonl, load_regression_jsonl
+    from trainer.qlora import require_quantization_support
+    from trainer.train import train_adapter
+
+    config = load_run_config(args.config, args.set)
+    require_quantization_support(config.quantization)
+    # Everything that can be checked is checked before minutes of training are spent.
+    tenant = name = None
+    if args.publish:
+        tenant, sep, name = args.publish.partition("/")
+        if not sep or not tenant or not name:
+            raise ConfigError(f"--publish expects TENANT/NAME, got {args.publish!r}")
+        registry.get_tenant(tenant)
+        validate_name("adapter", name)
+        for alias in args.alias:
+            validate_name("alias", alias)
+    elif args.alias:
+        raise ConfigError("--alias needs --publish: only a published version can be aliased")
+    if args.out.exists():
+        raise FileExistsError(f"{args.out} already exists; adapter versions are never overwritten")
+    template = registry.get_template(args.template)
+    dataset = load_chat_jsonl(args.data)
+    golden = load_golden_jsonl(args.eval_golden) if args.eval_golden else None
+    regression = load_regression_jsonl(args.eval_regression) if args.eval_regression else None
+
+    result = train_adapter(args.base_dir, template.base_model_id, template, dataset, config, args.out,
+                           golden=golden, regression=regression,
+                           progress=sys.stderr.isatty() and not args.no_progress)
+    print(summary_table(result.report))
+    print(f"adapter: {result.out_dir}")
+    if tenant and name:
+        v = registry.push(tenant, name, result.out_dir, template_id=template.template_id, aliases=args.alias)
+        moved = f"; aliases moved: {', '.join(args.alias)}" if args.alias else ""
+        print(f"published {v.ref} (lora_int_id={v.lora_int_id}){moved}")
     return 0
+
+
+def summary_table(report: Any) -> str:
+    """A short plain-text summary of a trainer.train.RunReport."""
+    rows = [("epoch", "train loss", "val loss", "val ppl", "")]
+    for e in report.epochs:
+        rows.append((
+            str(e.epoch), f"{e.train_loss:.4f}",
+            "-" if e.val_loss is None else f"{e.val_loss:.4f}",
+            "-" if e.val_perplexity is None else f"{e.val_perplexity:.2f}",
+            "<- kept" if e.epoch == report.best_epoch and len(report.epochs) > 1 else "",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+             for r in rows]
+    if len(rows) > 13:  # long max_steps runs: first and last epochs are enough
+        lines = [*lines[:6], f"{'...'.rjust(widths[0])}", *lines[-6:]]
+    d = report.data
+    lines.append(
+        f"data:  {d.read} read, {d.exact_duplicates} exact + {d.near_duplicates} near duplicates, "
+        f"{d.contaminated} contaminated dropped -> {d.train} train / {d.validation} validation; "
+        f"truncated {report.truncated} ({report.truncation_rate:.1%})"
+    )
+    if report.stopped_early:
+        lines.append(f"early stop: after epoch {len(report.epochs)}, kept epoch {report.best_epoch}")
+    for gate in report.gates or []:
+        lines.append(f"gate:  {gate}")
+    if not report.gates:
+        lines.append("gates: none configured")
+    lines.append(f"time:  training {report.train_seconds:.1f}s, evals {report.eval_seconds:.1f}s")
+    return "\n".join(line.rstrip() for line in lines)

@@ -2,6 +2,7 @@
 
 The adapter's *shape* (rank, alpha, target modules, base) is not here: it comes from
 the registered AdapterTemplate, so every adapter of a base can be served side by side.
+Knobs fall in four groups: optimisation, data hygiene, evaluation gates, quantization.
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ _SHAPE_FIELDS = frozenset(f.name for f in dataclasses.fields(AdapterTemplate)) |
     "layers_to_transform",
 }
 
+SCHEDULERS = ("linear", "cosine", "constant")
+QUANTIZATIONS = ("none", "nf4")
+CONTAMINATION_POLICIES = ("drop", "fail")
+
 
 @dataclass(frozen=True)
 class RunConfig:
-    """How to train: optimiser, schedule, batching, regularisation, seed.
+    """How to train and when to refuse the result: optimiser, schedule, data, gates.
 
     The defaults suit small style datasets (tens of examples) on a ~100M-parameter
     base: 4 epochs of 32 examples teach SmolLM2-135M a clear style in ~30 s on 2 cores.
     """
 
+    # -- optimisation ------------------------------------------------------------------
     learning_rate: float = field(default=5e-3, metadata={"help": "Peak AdamW learning rate."})
     epochs: int = field(default=4, metadata={"help": "Passes over the data (if no max_steps)."})
     max_steps: int | None = field(
@@ -40,8 +46,10 @@ class RunConfig:
     )
     batch_size: int = field(default=4, metadata={"help": "Examples per forward pass."})
     grad_accumulation: int = field(default=1, metadata={"help": "Forward passes per optimiser step."})
-    warmup_steps: int = field(
-        default=5, metadata={"help": "Linear warm-up steps, then linear decay towards zero."}
+    warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up steps before the schedule."})
+    scheduler: str = field(
+        default="linear",
+        metadata={"help": "Learning-rate decay after warm-up.", "choices": SCHEDULERS},
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -49,7 +57,67 @@ class RunConfig:
         default=1.0, metadata={"help": "Clip the gradient norm to this (0 disables)."}
     )
     max_length: int = field(default=512, metadata={"help": "Tokens kept per example (the start is kept)."})
-    seed: int = field(default=0, metadata={"help": "Seeds LoRA init and data order."})
+    seed: int = field(default=0, metadata={"help": "Seeds LoRA init, data order and the split."})
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "'nf4' loads the base in 4-bit NF4 with bf16 compute (QLoRA; needs CUDA "
+            "and bitsandbytes).",
+            "choices": QUANTIZATIONS,
+        },
+    )
+    # -- data hygiene --------------------------------------------------------------------
+    near_duplicate_threshold: float | None = field(
+        default=0.9,
+        metadata={
+            "help": "Drop an example whose normalised text has at least this Jaccard "
+            "similarity (character 5-grams) to an earlier one; null disables."
+        },
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of examples held out for validation (none if it rounds to 0)."},
+    )
+    on_contamination: str = field(
+        default="drop",
+        metadata={
+            "help": "Training examples whose prompt matches a golden eval prompt: 'drop' "
+            "them (and report) or 'fail' the run.",
+            "choices": CONTAMINATION_POLICIES,
+        },
+    )
+    # -- evaluation and gates --------------------------------------------------------------
+    early_stopping_patience: int | None = field(
+        default=2,
+        metadata={
+            "help": "Stop after this many epochs without validation improvement and keep "
+            "the best epoch's weights; null trains every epoch and keeps the last."
+        },
+    )
+    early_stopping_min_delta: float = field(
+        default=0.0, metadata={"help": "A validation loss drop smaller than this is no improvement."}
+    )
+    max_val_perplexity: float | None = field(
+        default=None, metadata={"help": "Gate: the best validation perplexity must be at most this."}
+    )
+    golden_min_score: float = field(
+        default=1.0,
+        metadata={"help": "Gate: share of golden prompts whose answer must match (with a golden set)."},
+    )
+    regression_max_kl: float = field(
+        default=0.5,
+        metadata={
+            "help": "Gate: mean per-token KL(base || adapter) on the regression prompts "
+            "(with a regression set), in nats."
+        },
+    )
+    regression_min_agreement: float | None = field(
+        default=None,
+        metadata={"help": "Gate: share of regression prompts answered exactly as the base does."},
+    )
+    eval_max_new_tokens: int = field(
+        default=64, metadata={"help": "Greedy tokens generated per eval prompt."}
+    )
 
     def __post_init__(self) -> None:
         problems = _type_problems(self)
@@ -83,7 +151,7 @@ class RunConfig:
 def _coerce(cls: type[RunConfig], key: str, value: Any) -> Any:
     # YAML 1.1 reads "1e-3" as a string; accept a numeric string for a float field only.
     kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
-    if kind == "float" and isinstance(value, str):
+    if kind in ("float", "float | None") and isinstance(value, str):
         try:
             return float(value)
         except ValueError:
@@ -96,20 +164,27 @@ def _type_problems(config: RunConfig) -> list[str]:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         # annotations are strings here (from __future__ import annotations)
+        kind, nullable = str(f.type).removesuffix(" | None"), str(f.type).endswith(" | None")
         is_int = isinstance(value, int) and not isinstance(value, bool)
-        if f.type == "float":
-            ok, wanted = (is_int or isinstance(value, float)), "a finite number"
-            ok = ok and math.isfinite(value)
-        elif f.type == "int":
+        if nullable and value is None:
+            continue
+        if kind == "float":
+            ok = (is_int or isinstance(value, float)) and math.isfinite(value)
+            wanted = "a finite number"
+        elif kind == "int":
             ok, wanted = is_int, "an integer"
-        else:  # "int | None"
-            ok, wanted = (is_int or value is None), "an integer or null"
+        else:  # "str", always with choices
+            choices = f.metadata["choices"]
+            ok, wanted = value in choices, f"one of {list(choices)}"
         if not ok:
-            problems.append(f"{f.name} must be {wanted}, got {value!r}")
+            problems.append(f"{f.name} must be {wanted}{' or null' if nullable else ''}, got {value!r}")
     return problems
 
 
 def _value_problems(c: RunConfig) -> list[str]:
+    def share(value: float | None) -> bool:
+        return value is None or 0 <= value <= 1
+
     checks = [
         (c.learning_rate > 0, f"learning_rate must be positive, got {c.learning_rate}"),
         (c.epochs >= 1, f"epochs must be at least 1, got {c.epochs}"),
@@ -122,5 +197,33 @@ def _value_problems(c: RunConfig) -> list[str]:
         (c.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {c.max_grad_norm}"),
         (c.max_length >= 2, f"max_length must be at least 2, got {c.max_length}"),
         (c.seed >= 0, f"seed must be >= 0, got {c.seed}"),
+        (
+            # below ~0.7 the MinHash index would miss too many true matches
+            c.near_duplicate_threshold is None or 0.7 <= c.near_duplicate_threshold <= 1,
+            f"near_duplicate_threshold must be in [0.7, 1] or null, got {c.near_duplicate_threshold}",
+        ),
+        (
+            0 <= c.validation_fraction <= 0.5,
+            f"validation_fraction must be in [0, 0.5], got {c.validation_fraction}",
+        ),
+        (
+            c.early_stopping_patience is None or c.early_stopping_patience >= 1,
+            f"early_stopping_patience must be >= 1 or null, got {c.early_stopping_patience}",
+        ),
+        (
+            c.early_stopping_min_delta >= 0,
+            f"early_stopping_min_delta must be >= 0, got {c.early_stopping_min_delta}",
+        ),
+        (
+            c.max_val_perplexity is None or c.max_val_perplexity >= 1,
+            f"max_val_perplexity must be >= 1 or null, got {c.max_val_perplexity}",
+        ),
+        (share(c.golden_min_score), f"golden_min_score must be in [0, 1], got {c.golden_min_score}"),
+        (c.regression_max_kl >= 0, f"regression_max_kl must be >= 0, got {c.regression_max_kl}"),
+        (
+            share(c.regression_min_agreement),
+            f"regression_min_agreement must be in [0, 1] or null, got {c.regression_min_agreement}",
+        ),
+        (c.eval_max_new_tokens >= 1, f"eval_max_new_tokens must be >= 1, got {c.eval_max_new_tokens}"),
     ]
     return [message for ok, message in checks if not ok]

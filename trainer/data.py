@@ -3,18 +3,29 @@
 Each line is ``{"messages": [{"role": ..., "content": ...}, ...]}`` with an optional
 leading system message, then user and assistant turns alternating, ending on an
 assistant turn. Every bad line is reported at once, with its line number.
+
+:func:`prepare_data` then cleans a loaded set for one run: near duplicates are dropped,
+examples whose prompts repeat a golden eval prompt are dropped (or fail the run), and
+the rest is split into train and validation sets, deterministically for a seed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import random
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from adapters_registry.hashing import canonical_json, sha256_bytes
-from trainer.errors import DatasetError, LineProblem
+from trainer.config import RunConfig
+from trainer.errors import ContaminationError, DatasetError, LineProblem
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +45,10 @@ class ChatDataset:
     sha256: str  # of the file's bytes, so the manifest names exactly what was read
     path: Path
     duplicates_removed: int = 0
+    lines: list[int] = field(default_factory=list)  # the file line of each example
+
+    def line_of(self, index: int) -> int:
+        return self.lines[index] if self.lines else index + 1
 
 
 def load_chat_jsonl(path: Path) -> ChatDataset:
@@ -46,6 +61,7 @@ def load_chat_jsonl(path: Path) -> ChatDataset:
 
     problems: list[LineProblem] = []
     examples: list[list[Message]] = []
+    lines: list[int] = []
     seen: set[bytes] = set()
     duplicates = 0
     for number, line in enumerate(raw.split(b"\n"), start=1):
@@ -61,6 +77,7 @@ def load_chat_jsonl(path: Path) -> ChatDataset:
             continue
         seen.add(key)
         examples.append(messages)
+        lines.append(number)
 
     if problems:
         raise DatasetError(path, problems)
@@ -68,7 +85,9 @@ def load_chat_jsonl(path: Path) -> ChatDataset:
         raise DatasetError(path, [LineProblem(0, "no examples")])
     if duplicates:
         logger.info("%s: removed %d exact duplicate example(s)", path, duplicates)
-    return ChatDataset(examples=examples, sha256=sha256_bytes(raw), path=path, duplicates_removed=duplicates)
+    return ChatDataset(
+        examples=examples, sha256=sha256_bytes(raw), path=path, duplicates_removed=duplicates, lines=lines
+    )
 
 
 def validate_messages(messages: Any) -> list[str]:
@@ -143,3 +162,233 @@ def _order_problems(roles: list[str]) -> list[str]:
     elif roles[-1] != "assistant":
         problems.append(f"the last turn must be an assistant turn, got {roles[-1]}")
     return problems
+
+
+# -- hygiene for one run: near duplicates, contamination, split ---------------------------
+
+_NOTES_KEPT = 20  # notes a report carries; counts are always complete
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """What happened to a dataset on its way into a run, for the summary and manifest."""
+
+    read: int  # valid, distinct examples in the file
+    exact_duplicates: int
+    near_duplicates: int
+    contaminated: int  # dropped because a prompt repeats a golden eval prompt
+    train: int
+    validation: int
+    notes: tuple[str, ...] = ()  # the first few "line N: why" explanations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "exact_duplicates": self.exact_duplicates,
+            "near_duplicates": self.near_duplicates,
+            "contaminated": self.contaminated,
+            "train": self.train,
+            "validation": self.validation,
+        }
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: list[list[Message]]
+    validation: list[list[Message]]
+    report: DataReport
+
+
+def prepare_data(
+    dataset: ChatDataset,
+    config: RunConfig,
+    eval_prompts: Sequence[tuple[int, Sequence[Message]]] = (),
+    eval_path: Path | None = None,
+) -> PreparedData:
+    """Drop near duplicates and contaminated examples, then split train/validation.
+
+    ``eval_prompts`` are (line, prompt messages) of the golden eval set: a training
+    example containing the same prompt (normalised, or near it) would make the golden
+    gate measure memory instead of skill.
+    """
+    kept, notes = _drop_near_duplicates(dataset, config.near_duplicate_threshold)
+    near = len(dataset.examples) - len(kept)
+    contaminated = _contaminated(dataset, kept, eval_prompts, config.near_duplicate_threshold)
+    if contaminated and config.on_contamination == "fail":
+        problems = [
+            LineProblem(dataset.line_of(i), f"its prompt matches golden eval line {line} ({how})")
+            for i, (line, how) in sorted(contaminated.items())
+        ]
+        raise ContaminationError(
+            dataset.path, problems, f"example(s) repeat golden prompts of {eval_path} (on_contamination=fail)"
+        )
+    notes += [
+        f"line {dataset.line_of(i)}: dropped, its prompt matches golden line {line} ({how})"
+        for i, (line, how) in sorted(contaminated.items())
+    ]
+    kept = [i for i in kept if i not in contaminated]
+    if not kept:
+        problem = LineProblem(0, "no examples left after the dedup and contamination checks")
+        raise DatasetError(dataset.path, [problem])
+    train, validation = split_indices(len(kept), config.validation_fraction, config.seed)
+    for note in notes[:_NOTES_KEPT]:
+        logger.info("%s: %s", dataset.path, note)
+    report = DataReport(
+        read=len(dataset.examples),
+        exact_duplicates=dataset.duplicates_removed,
+        near_duplicates=near,
+        contaminated=len(contaminated),
+        train=len(train),
+        validation=len(validation),
+        notes=tuple(notes[:_NOTES_KEPT]),
+    )
+    return PreparedData(
+        train=[dataset.examples[kept[i]] for i in train],
+        validation=[dataset.examples[kept[i]] for i in validation],
+        report=report,
+    )
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) positions: a seeded shuffle, ``floor(n * fraction)`` held out."""
+    n_validation = int(n * fraction)
+    if n_validation >= n:
+        n_validation = n - 1  # never leave nothing to train on
+    order = list(range(n))
+    random.Random(f"lora-gateway-split:{seed}").shuffle(order)
+    return sorted(order[n_validation:]), sorted(order[:n_validation])
+
+
+def normalize_text(text: str) -> str:
+    """Case, width, punctuation and spacing folded away: what near-duplicate checks compare."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(_PUNCTUATION.sub(" ", text).split())
+
+
+def _dialogue(messages: Sequence[Message]) -> str:
+    turns = (f"{m['role']}: {normalize_text(m['content'])}" for m in messages if m["role"] != "system")
+    return "\n".join(turns)
+
+
+def _system(messages: Sequence[Message]) -> str:
+    return normalize_text(messages[0]["content"]) if messages and messages[0]["role"] == "system" else ""
+
+
+def _drop_near_duplicates(dataset: ChatDataset, threshold: float | None) -> tuple[list[int], list[str]]:
+    """Indices kept (the first of each group) and a note per dropped example."""
+    if threshold is None:
+        return list(range(len(dataset.examples))), []
+    index = _MinHashIndex(threshold)
+    kept: list[int] = []
+    notes: list[str] = []
+    for i, messages in enumerate(dataset.examples):
+        # A shared system prompt is boilerplate: two examples are near duplicates only when
+        # their system prompts are equal and their dialogues are near each other.
+        match = index.first_match(_shingles(_dialogue(messages)), _system(messages), key=i)
+        if match is None:
+            kept.append(i)
+        else:
+            other, similarity = match
+            notes.append(
+                f"line {dataset.line_of(i)}: dropped, near duplicate of line {dataset.line_of(other)} "
+                f"(similarity {similarity:.2f})"
+            )
+    return kept, notes
+
+
+def _contaminated(
+    dataset: ChatDataset,
+    kept: list[int],
+    eval_prompts: Sequence[tuple[int, Sequence[Message]]],
+    threshold: float | None,
+) -> dict[int, tuple[int, str]]:
+    """Example index -> (golden line, "exact" or "similarity x") for each contaminated example."""
+    if not eval_prompts:
+        return {}
+    exact: dict[str, list[int]] = {}
+    index = _MinHashIndex(threshold or 1.0)
+    owner: list[int] = []  # index entry -> example
+    for i in kept:
+        messages = dataset.examples[i]
+        # every prompt the example trains an answer to: the turns before each assistant turn
+        for end, message in enumerate(messages):
+            if message["role"] == "assistant":
+                text = _dialogue(messages[:end])
+                exact.setdefault(text, []).append(i)
+                if threshold is not None:
+                    index.add(len(owner), _shingles(text), "")
+                    owner.append(i)
+    found: dict[int, tuple[int, str]] = {}
+    for line, prompt in eval_prompts:
+        text = _dialogue(prompt)
+        for i in exact.get(text, []):
+            found.setdefault(i, (line, "exact"))
+        if threshold is not None:
+            for entry, similarity in index.matches(_shingles(text), ""):
+                found.setdefault(owner[entry], (line, f"similarity {similarity:.2f}"))
+    return found
+
+
+_PUNCTUATION = re.compile(r"[^\w\s]")
+_SHINGLE = 5  # bytes; short enough for one-line prompts, long enough to carry words
+_BANDS, _ROWS = 20, 6  # 120 hashes; a pair at Jaccard 0.8 becomes a candidate with p > 0.99
+_rng = np.random.default_rng(0x5EED)
+_MULT = _rng.integers(1, 2**63, size=_BANDS * _ROWS, dtype=np.uint64) | np.uint64(1)
+_ADD = _rng.integers(0, 2**63, size=_BANDS * _ROWS, dtype=np.uint64)
+_SHIFTS = np.arange(_SHINGLE, dtype=np.uint64) * np.uint64(8)
+
+Shingles = np.ndarray  # sorted unique uint64 codes of a text's byte 5-grams
+
+
+def _shingles(text: str) -> Shingles:
+    """Each byte 5-gram packed into one integer: exact (no hash collisions) and vectorised."""
+    data = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint64)
+    if len(data) < _SHINGLE:
+        data = np.concatenate([data, np.zeros(_SHINGLE - len(data), dtype=np.uint64)])
+    windows = np.lib.stride_tricks.sliding_window_view(data, _SHINGLE)
+    return np.unique((windows << _SHIFTS).sum(axis=1, dtype=np.uint64))
+
+
+class _MinHashIndex:
+    """MinHash signatures in LSH bands: candidate pairs are found in ~O(n), then verified
+    with the exact Jaccard similarity, so a reported match is never a hashing artefact."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._buckets: dict[tuple[int, str, bytes], list[int]] = {}
+        self._items: dict[int, Shingles] = {}
+
+    def add(self, key: int, shingles: Shingles, group: str, bands: list[Any] | None = None) -> None:
+        for band in bands if bands is not None else self._bands(shingles, group):
+            self._buckets.setdefault(band, []).append(key)
+        self._items[key] = shingles
+
+    def first_match(self, shingles: Shingles, group: str, key: int) -> tuple[int, float] | None:
+        """The earliest match, or None after adding the text under ``key``."""
+        bands = self._bands(shingles, group)
+        matches = self._verified(shingles, bands)
+        if matches:
+            return min(matches)
+        self.add(key, shingles, group, bands)
+        return None
+
+    def matches(self, shingles: Shingles, group: str) -> list[tuple[int, float]]:
+        return self._verified(shingles, self._bands(shingles, group))
+
+    def _verified(self, shingles: Shingles, bands: list[Any]) -> list[tuple[int, float]]:
+        candidates = sorted({k for band in bands for k in self._buckets.get(band, ())})
+        out = []
+        for key in candidates:
+            other = self._items[key]
+            common = len(np.intersect1d(shingles, other, assume_unique=True))
+            similarity = common / (len(shingles) + len(other) - common)
+            if similarity >= self.threshold:
+                out.append((key, similarity))
+        return out
+
+    @staticmethod
+    def _bands(shingles: Shingles, group: str) -> list[tuple[int, str, bytes]]:
+        # multiply-shift hashing: wrapping uint64 arithmetic is the point, not an accident
+        signature = ((shingles[:, None] * _MULT[None, :] + _ADD[None, :]) >> np.uint64(32)).min(axis=0)
+        packed = signature.astype(np.uint32).reshape(_BANDS, _ROWS)
+        return [(b, group, packed[b].tobytes()) for b in range(_BANDS)]

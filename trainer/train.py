@@ -1,60 +1,108 @@
-"""Train one LoRA adapter of a registered template on a chat dataset, on CPU or GPU.
+"""Train one LoRA adapter of a registered template on a chat dataset, then gate it.
 
-A plain PyTorch loop (AdamW, linear warm-up then decay, padded batches): the HF
-Trainer's machinery costs more than the training itself for adapters this small.
-The adapter directory appears whole or not at all: it is built under a temporary
-name beside ``out_dir`` and renamed at the end.
+A plain PyTorch loop (AdamW, warm-up then linear/cosine/constant decay, padded
+batches): the HF Trainer's machinery costs more than the training itself for adapters
+this small. Validation loss is measured every epoch (early stopping keeps the best
+epoch's weights), then the golden and regression evals run and every gate is checked.
+
+The adapter directory appears whole or not at all: it is built under a temporary name
+beside ``out_dir``, checked with the registry's own compatibility check, and renamed at
+the end. A run that misses a gate does not produce ``out_dir``: the adapter is kept for
+inspection at ``<out_dir>.failed`` with an ``eval_report.json`` that the registry refuses
+as an unexpected file, so it cannot be pushed by mistake, and GateFailedError is raised.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import peft
 import torch
-import torch.nn.functional as F
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from adapters_registry.compat import check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
 from adapters_registry.hashing import sha256_bytes
 from adapters_registry.manifest import AdapterManifest
 from adapters_registry.template import AdapterTemplate
 from trainer.config import RunConfig
-from trainer.data import ChatDataset
-from trainer.errors import TrainError
-from trainer.sft import IGNORE_INDEX, EncodedExample, encode_example, render_golden
+from trainer.data import ChatDataset, DataReport, Message, prepare_data
+from trainer.errors import GateFailedError, TrainError
+from trainer.evals import (
+    EvalSet,
+    GateResult,
+    GoldenResult,
+    RegressionResult,
+    check_gates,
+    eval_report,
+    golden_eval,
+    regression_eval,
+)
+from trainer.loop import EarlyStopping, EpochStats, train_loop
+from trainer.qlora import load_base_for_training, require_quantization_support
+from trainer.sft import EncodedExample, encode_example, render_golden
 
 logger = logging.getLogger(__name__)
 
 TRAINING_CONFIG_FILE = "training_config.json"
 GOLDEN_RENDER_FILE = "golden_render.txt"
+EVAL_REPORT_FILE = "eval_report.json"  # only in a refused run's folder: the registry refuses it
+FAILED_SUFFIX = ".failed"
 # Used when running from a source tree, where the distribution's metadata is absent.
 _SOURCE_VERSION = "0.1.0"
 _PARALLEL_MIN_PARAMS = 20_000_000
 
 
 @dataclass(frozen=True)
+class RunReport:
+    """Everything the summary table and the manifest metrics say about one run."""
+
+    data: DataReport
+    truncated: int  # training examples cut by max_length
+    skipped: int  # training examples with no assistant token left within max_length
+    epochs: list[EpochStats]
+    best_epoch: int  # the epoch whose weights were kept
+    stopped_early: bool
+    gates: list[GateResult]
+    golden: GoldenResult | None
+    regression: RegressionResult | None
+    train_seconds: float
+    eval_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def truncation_rate(self) -> float:
+        return self.truncated / max(self.data.train, 1)
+
+    @property
+    def kept(self) -> EpochStats:
+        return self.epochs[self.best_epoch - 1]
+
+
+@dataclass(frozen=True)
 class TrainResult:
     out_dir: Path
-    final_loss: float  # mean token loss of the last epoch
+    final_loss: float  # mean token loss of the kept epoch
     seconds: float  # the training loop only
     manifest: AdapterManifest
     epoch_losses: tuple[float, ...] = ()
+    report: RunReport | None = field(default=None, compare=False)
 
 
 def train_adapter(
@@ -64,8 +112,17 @@ def train_adapter(
     dataset: ChatDataset,
     config: RunConfig,
     out_dir: Path,
+    *,
+    golden: EvalSet | None = None,
+    regression: EvalSet | None = None,
+    progress: bool = False,
 ) -> TrainResult:
-    """Train an adapter of ``template`` on ``dataset``; write it and its manifest to out_dir."""
+    """Train an adapter of ``template`` on ``dataset``, evaluate it, and write it to out_dir.
+
+    Raises GateFailedError (after keeping the adapter at ``<out_dir>.failed``) when an
+    eval gate is missed; ``out_dir`` then does not exist.
+    """
+    require_quantization_support(config.quantization)  # before anything is loaded
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; adapter versions are never overwritten")
@@ -74,10 +131,19 @@ def train_adapter(
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     _check_chat_template(tokenizer, contract)
-    usable, truncated = _encode(tokenizer, dataset, config.max_length)
+    data = prepare_data(dataset, config, golden.prompts() if golden else (), golden.path if golden else None)
+    usable, truncated = _encode(tokenizer, data.train, config.max_length)
+    validation = [e for e in (encode_example(tokenizer, m, config.max_length) for m in data.validation)
+                  if e.trained_tokens > 0]
+    if config.max_val_perplexity is not None and not validation:
+        raise TrainError(
+            f"max_val_perplexity is set but no validation examples exist ({data.report.train} "
+            f"examples, validation_fraction={config.validation_fraction}); raise validation_fraction "
+            "or drop the gate"
+        )
 
     torch.manual_seed(config.seed)  # LoRA A init and dropout draw from it
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = load_base_for_training(base_dir, config.quantization)
     lora = LoraConfig(
         **template.peft_config_kwargs(),
         lora_dropout=config.lora_dropout,
@@ -87,10 +153,25 @@ def train_adapter(
     pad_id = _pad_id(tokenizer)
     with _torch_threads(_threads_for(model)):
         started = time.perf_counter()
-        epoch_losses = _train_loop(model, usable, config, pad_id)
+        stopper = EarlyStopping(model, validation, config, pad_id)
+        train_loop(model, usable, config, pad_id, stopper, progress)
+        stopper.restore_best()
         seconds = time.perf_counter() - started
         model.eval()
+        started = time.perf_counter()
+        golden_result = golden_eval(model, tokenizer, golden, config, progress) if golden else None
+        regression_result = (
+            regression_eval(model, tokenizer, regression, config, progress) if regression else None
+        )
+        eval_seconds = time.perf_counter() - started
 
+    report = RunReport(
+        data=data.report, truncated=truncated, skipped=len(data.train) - len(usable),
+        epochs=stopper.history, best_epoch=stopper.best_epoch, stopped_early=stopper.stopped_early,
+        gates=check_gates(config, stopper.kept_perplexity(), golden_result, regression_result),
+        golden=golden_result, regression=regression_result,
+        train_seconds=seconds, eval_seconds=eval_seconds,
+    )
     manifest = AdapterManifest(
         base_model_id=contract.model_id,
         base_revision=contract.revision,
@@ -102,27 +183,25 @@ def train_adapter(
         seed=config.seed,
         versions=_versions(),
         run_config=config.to_dict(),
-        metrics={
-            "final_train_loss": epoch_losses[-1],
-            "train_seconds": round(seconds, 3),
-            "examples": len(usable),
-            "truncated": truncated,
-            "trained_tokens": sum(e.trained_tokens for e in usable),
-            "epochs": len(epoch_losses),
-        },
+        metrics=_metrics(report, usable, golden, regression),
     )
     training_config = {
         "run_config": config.to_dict(),
         "template": template.to_dict(),
         "dataset": {
+            "path_name": dataset.path.name,
             "sha256": dataset.sha256,
             "examples": len(dataset.examples),
             "duplicates_removed": dataset.duplicates_removed,
         },
+        "data": data.report.to_dict(),
+        "eval_sets": {name: {"path_name": s.path.name, "sha256": s.sha256, "prompts": len(s.items)}
+                      for name, s in (("golden", golden), ("regression", regression)) if s is not None},
     }
     # the artifact names the base by id, not by this machine's path to it
     model.peft_config["default"].base_model_name_or_path = base_model_id
-    with _atomic_dir(out_dir) as tmp:
+    target = out_dir if report.passed else out_dir.with_name(out_dir.name + FAILED_SUFFIX)
+    with _atomic_dir(target, replace=not report.passed) as tmp:
         # Templates never target embeddings; saying so also stops PEFT from asking the
         # Hugging Face hub about base_model_name_or_path.
         model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
@@ -132,13 +211,58 @@ def train_adapter(
         )
         (tmp / GOLDEN_RENDER_FILE).write_text(render_golden(tokenizer, dataset.examples[0]), encoding="utf-8")
         manifest.write(tmp)
-    logger.info("adapter written to %s (loss %.4f, %.1fs)", out_dir, epoch_losses[-1], seconds)
-    return TrainResult(out_dir, epoch_losses[-1], seconds, manifest, tuple(epoch_losses))
+        _check_compatible(tmp, contract, template)
+        if not report.passed:
+            details = eval_report(report.gates, golden_result, regression_result, detailed=True)
+            (tmp / EVAL_REPORT_FILE).write_text(json.dumps(details, indent=2) + "\n", encoding="utf-8")
+    if not report.passed:
+        raise GateFailedError(report.gates, target, report)
+    logger.info("adapter written to %s (loss %.4f, %.1fs)", out_dir, report.kept.train_loss, seconds)
+    losses = tuple(e.train_loss for e in report.epochs)
+    return TrainResult(out_dir, report.kept.train_loss, seconds, manifest, losses, report)
 
 
-def _encode(tokenizer: Any, dataset: ChatDataset, max_length: int) -> tuple[list[EncodedExample], int]:
+def _metrics(
+    report: RunReport, usable: list[EncodedExample], golden: EvalSet | None, regression: EvalSet | None
+) -> dict[str, Any]:
+    kept = report.kept
+    evals = eval_report(report.gates, report.golden, report.regression, detailed=False)
+    for name, eval_set in (("golden", golden), ("regression", regression)):
+        if eval_set is not None:
+            evals[name]["sha256"] = eval_set.sha256
+    return {
+        "final_train_loss": kept.train_loss,
+        "val_loss": kept.val_loss,
+        "val_perplexity": kept.val_perplexity,
+        "train_seconds": round(report.train_seconds, 3),
+        "eval_seconds": round(report.eval_seconds, 3),
+        "examples": len(usable),
+        "validation_examples": report.data.validation,
+        "truncated": report.truncated,
+        "truncation_rate": round(report.truncation_rate, 4),
+        "trained_tokens": sum(e.trained_tokens for e in usable),
+        "epochs": len(report.epochs),
+        "best_epoch": report.best_epoch,
+        "stopped_early": report.stopped_early,
+        "epoch_metrics": [e.to_dict() for e in report.epochs],
+        "data": report.data.to_dict(),
+        "evals": evals,
+    }
+
+
+def _check_compatible(adapter_dir: Path, contract: BaseContract, template: AdapterTemplate) -> None:
+    # The registry would refuse it anyway; failing here names the trainer as the culprit.
+    violations = check_adapter(adapter_dir, contract, template)
+    if violations:
+        listed = "\n".join(f"  {v.code}: {v.message}" for v in violations)
+        raise TrainError(f"the trained adapter does not match template {template.template_id}:\n{listed}")
+
+
+def _encode(
+    tokenizer: Any, examples: Sequence[Sequence[Message]], max_length: int
+) -> tuple[list[EncodedExample], int]:
     """The examples that still train something after truncation, and how many were cut."""
-    encoded = [encode_example(tokenizer, m, max_length) for m in dataset.examples]
+    encoded = [encode_example(tokenizer, m, max_length) for m in examples]
     usable = [e for e in encoded if e.trained_tokens > 0]
     if not usable:
         raise TrainError(f"no example has assistant tokens within max_length={max_length}")
@@ -149,93 +273,6 @@ def _encode(tokenizer: Any, dataset: ChatDataset, max_length: int) -> tuple[list
             max_length,
         )
     return usable, sum(e.truncated for e in encoded)
-
-
-def _train_loop(model: Any, examples: list[EncodedExample], config: RunConfig, pad_id: int) -> list[float]:
-    plan = _plan_steps(len(examples), config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    epochs = plan[-1][0] + 1
-    epoch_loss, epoch_tokens, epoch_started = 0.0, 0, time.perf_counter()
-    losses: list[float] = []
-    model.train()
-    for step, (epoch, micro_batches) in enumerate(plan):
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * _lr_factor(step, len(plan), config.warmup_steps)
-        step_tokens = sum(examples[i].trained_tokens for batch in micro_batches for i in batch)
-        for batch in micro_batches:
-            input_ids, attention_mask, labels = _collate([examples[i] for i in batch], pad_id)
-            # Position t predicts token t + 1. Only positions that predict a trained token
-            # need logits: skipping the rest saves much of a large vocabulary's LM head.
-            targets = labels[:, 1:]
-            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-            loss_sum = F.cross_entropy(
-                logits.flatten(0, 1).float(),
-                targets[:, keep].flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            (loss_sum / step_tokens).backward()
-            epoch_loss += loss_sum.item()
-        epoch_tokens += step_tokens
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step + 1 == len(plan) or plan[step + 1][0] != epoch:
-            losses.append(epoch_loss / epoch_tokens)
-            if not math.isfinite(losses[-1]):
-                raise TrainError(
-                    f"training diverged in epoch {epoch + 1} (loss {losses[-1]}); "
-                    "lower learning_rate or max_grad_norm"
-                )
-            logger.info(
-                "epoch %d/%d: loss %.4f (step %d/%d, %.1fs)",
-                epoch + 1,
-                epochs,
-                losses[-1],
-                step + 1,
-                len(plan),
-                time.perf_counter() - epoch_started,
-            )
-            epoch_loss, epoch_tokens, epoch_started = 0.0, 0, time.perf_counter()
-    return losses
-
-
-def _plan_steps(n: int, config: RunConfig) -> list[tuple[int, list[list[int]]]]:
-    """Every optimiser step as (epoch, its micro-batches of example indices), seeded order."""
-    rng = random.Random(config.seed)
-    per_epoch = math.ceil(math.ceil(n / config.batch_size) / config.grad_accumulation)
-    total = config.max_steps or config.epochs * per_epoch
-    plan: list[tuple[int, list[list[int]]]] = []
-    epoch = 0
-    while len(plan) < total:
-        order = list(range(n))
-        rng.shuffle(order)
-        batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
-        for i in range(0, len(batches), config.grad_accumulation):
-            plan.append((epoch, batches[i : i + config.grad_accumulation]))
-        epoch += 1
-    return plan[:total]
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    # linear warm-up to the peak, then linear decay; no executed step gets a zero rate
-    return min((step + 1) / (warmup + 1), (total - step) / max(total - warmup, 1))
-
-
-def _collate(batch: Sequence[EncodedExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for row, example in enumerate(batch):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(example.labels)
-    return ids, mask, labels
 
 
 def _check_template(contract: BaseContract, template: AdapterTemplate) -> None:
@@ -288,13 +325,19 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 @contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """A fresh directory beside ``final`` that becomes ``final`` only if the block succeeds."""
+def _atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+    """A fresh directory beside ``final`` that becomes ``final`` only if the block succeeds.
+
+    With ``replace``, an existing ``final`` (a scratch folder, never an adapter version)
+    is removed first.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private
+        if replace and final.exists():
+            shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
