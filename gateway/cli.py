@@ -13,7 +13,7 @@ _FLAGS = {
     "database_url": str, "artifacts_dir": str, "s3_endpoint_url": str, "cache_dir": Path,
     "base_model_id": str,
     "base_model_dir": Path, "host": str, "port": int, "max_model_len": int,
-    "max_loras": int, "max_cpu_loras": int, "max_lora_rank": int, "dtype": str,
+    "max_loras": int, "max_cpu_loras": int, "max_lora_rank": int, "dtype": str, "max_num_seqs": int,
 }
 
 

@@ -88,8 +88,13 @@ def summarize(phase: PhaseResult) -> dict[str, Any]:
     }
 
 
-def write_report(out_dir: Path, config: dict[str, Any], phases: Sequence[PhaseResult]) -> dict[str, Any]:
-    """Write loadtest.json and the plots; returns the JSON document."""
+def write_report(out_dir: Path, config: dict[str, Any], phases: Sequence[PhaseResult],
+                 throughput_phases: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write loadtest.json and the plots; returns the JSON document.
+
+    The throughput plot uses ``throughput_phases`` (names), by default every phase, and
+    is drawn when they differ in their number of distinct adapters.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
         "config": config,
@@ -98,8 +103,9 @@ def write_report(out_dir: Path, config: dict[str, Any], phases: Sequence[PhaseRe
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(doc, indent=2) + "\n")
     plots = [plot_ttft_cdf(out_dir / CDF_PLOT, [r for p in phases for r in p.records])]
-    if len({p.distinct_adapters for p in phases}) > 1:
-        plots.append(plot_throughput(out_dir / THROUGHPUT_PLOT, doc["phases"]))
+    sweep = [p for p in doc["phases"] if throughput_phases is None or p["phase"] in throughput_phases]
+    if len({p["distinct_adapters"] for p in sweep}) > 1:
+        plots.append(plot_throughput(out_dir / THROUGHPUT_PLOT, sweep))
     doc["plots"] = [str(p.name) for p in plots]
     return doc
 
