@@ -90,3 +90,48 @@ def test_bad_inputs_are_clear_errors(run, tmp_path, tiny_base) -> None:
     code, _, err = run("train", "--template", template_id, "--base-dir", str(tiny_base.path),
                        "--data", str(tmp_path / "broken.jsonl"), "--out", str(tmp_path / "o"))
     assert code == 2 and "line 1" in err and "line 2" in err
+
+
+def test_train_gates_decide_whether_anything_is_published(run, tmp_path, tiny_base) -> None:
+    run("registry", "add-base", "tiny-llama", str(tiny_base.path))
+    template_id = run("registry", "add-template", "tiny-llama", "--r", "8", "--alpha", "16")[1].strip()
+    run("registry", "add-tenant", "acme")
+    data = write_chat_jsonl(tmp_path / "d.jsonl", "Hello from the CLI.")
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(json.dumps({"messages": [{"role": "user", "content": "Tell me a story."}],
+                                  "expected": "Something it was never taught."}) + "\n")
+    common = ["--template", template_id, "--base-dir", str(tiny_base.path), "--data", str(data),
+              "--set", "max_steps=30", "--set", "learning_rate=1e-2", "--publish", "acme/bot"]
+
+    # A missed gate: exit 4, the summary and every gate on stderr, nothing registered.
+    code, out, err = run("train", *common, "--out", str(tmp_path / "v1"), "--eval-golden", str(golden),
+                         "--alias", "canary")
+    assert code == 4, err
+    assert "golden_score: FAILED" in err and "train loss" in err and "Traceback" not in err
+    assert "not published" in err and (tmp_path / "v1.failed").is_dir() and not (tmp_path / "v1").exists()
+    assert run("registry", "list", "acme")[1].strip() == ""
+
+    # The same run without the gate publishes and moves the alias; the summary is printed.
+    code, out, err = run("train", *common, "--out", str(tmp_path / "v1"), "--alias", "canary")
+    assert code == 0, err
+    assert "gates: none configured" in out and "published acme/bot@v1" in out
+    assert "aliases: canary->v1, prod->v1" in run("registry", "list", "acme")[1]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--publish", "acme"], "--publish expects TENANT/NAME"),
+    (["--publish", "nobody/bot"], "nobody"),
+    (["--alias", "canary"], "--alias needs --publish"),
+    (["--set", "quantization=nf4"], "quantization='nf4'"),
+    (["--set", "scheduler=steep"], "scheduler must be one of"),
+    (["--eval-golden", "missing.jsonl"], "cannot read file"),
+])
+def test_train_refuses_bad_requests_before_training(run, tmp_path, tiny_base, extra, message) -> None:
+    run("registry", "add-base", "tiny-llama", str(tiny_base.path))
+    template_id = run("registry", "add-template", "tiny-llama")[1].strip()
+    run("registry", "add-tenant", "acme")
+    data = write_chat_jsonl(tmp_path / "d.jsonl", "x")
+    code, out, err = run("train", "--template", template_id, "--base-dir", str(tiny_base.path),
+                         "--data", str(data), "--out", str(tmp_path / "o"), *extra)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() and "train loss" not in out  # nothing was trained
