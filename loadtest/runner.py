@@ -7,6 +7,9 @@ A scenario decides which adapter each request names and how caches are prepared:
     cold-disk    per target: evict it from engine memory (files stay on disk), then one
                  first request and ``cold_repeats`` repeats; sequential, needs the admin key
     cold-remote  the same, evicting from disk too, so the first request fetches from the store
+    warm-swap    per target, cycling through more targets than the gateway's batch slots
+                 (``max_loras``): all held in engine memory, so each visit's first request
+                 swaps an adapter from engine memory into a slot; needs the admin key
     zipf         Zipf(s)-distributed over the targets in their given order (churn)
     tenants      uniform over targets of several tenants (a mix of keys)
 
@@ -23,15 +26,17 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
 from loadtest.client import RequestRecord, RequestShape, Target, send
 
-Scenario = Literal["hot", "warm", "cold-disk", "cold-remote", "zipf", "tenants"]
-SCENARIOS: tuple[Scenario, ...] = ("hot", "warm", "cold-disk", "cold-remote", "zipf", "tenants")
-_EVICT_FROM = {"cold-disk": "engine", "cold-remote": "all"}
+Scenario = Literal["hot", "warm", "warm-swap", "cold-disk", "cold-remote", "zipf", "tenants"]
+SCENARIOS: tuple[Scenario, ...] = ("hot", "warm", "warm-swap", "cold-disk", "cold-remote", "zipf",
+                                   "tenants")
+# What each probe scenario evicts before a target's first request (None: nothing).
+_PROBES: dict[str, str | None] = {"cold-disk": "engine", "cold-remote": "all", "warm-swap": None}
 _MAX_IN_FLIGHT = 1024  # an open loop never holds more; arrivals beyond it are counted as dropped
 
 
@@ -61,7 +66,7 @@ class RunSpec:
         problems = []
         if not self.targets:
             problems.append("no targets: give --api-key with --model, or --targets FILE")
-        if self.scenario in _EVICT_FROM and not self.admin_key:
+        if self.scenario in _PROBES and not self.admin_key:
             problems.append(f"scenario {self.scenario} prepares the gateway's caches through its "
                             "admin API: give --admin-key (a plain vLLM server has no such tiers)")
         if self.scenario == "warm" and not self.admin_key:
@@ -92,7 +97,7 @@ async def run_phase(spec: RunSpec, name: str | None = None) -> PhaseResult:
     limits = httpx.Limits(max_connections=_MAX_IN_FLIGHT, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=spec.timeout, limits=limits) as client:
         t0 = time.perf_counter()
-        if spec.scenario in _EVICT_FROM:
+        if spec.scenario in _PROBES:
             records = await _cold_probe(client, spec, t0)
             dropped = 0
         else:
@@ -114,14 +119,19 @@ def _ref(target: Target) -> str:
     return f"{target.tenant}/{target.model}"
 
 
-async def admin_call(client: httpx.AsyncClient, spec: RunSpec, op: str, body: dict[str, object]) -> None:
-    resp = await client.post(f"{spec.url.rstrip('/')}/admin/v1/cache/{op}", json=body,
-                             headers={"Authorization": f"Bearer {spec.admin_key}"})
+async def admin_call(client: httpx.AsyncClient, spec: RunSpec, op: str,
+                     body: dict[str, object] | None = None) -> dict[str, Any]:
+    """POST /admin/v1/cache/{op} (GET the cache state without a body)."""
+    url = f"{spec.url.rstrip('/')}/admin/v1/cache" + (f"/{op}" if body is not None else "")
+    headers = {"Authorization": f"Bearer {spec.admin_key}"}
+    resp = await (client.post(url, json=body, headers=headers) if body is not None
+                  else client.get(url, headers=headers))
     if resp.status_code != 200:
         raise LoadTestError(f"admin {op} failed ({resp.status_code}): {resp.text[:300]}")
-    failed = resp.json().get("failed")
-    if failed:
-        raise LoadTestError(f"admin {op} failed for {failed} adapter(s): {resp.text[:300]}")
+    doc: dict[str, Any] = resp.json()
+    if doc.get("failed"):
+        raise LoadTestError(f"admin {op} failed for {doc['failed']} adapter(s): {resp.text[:300]}")
+    return doc
 
 
 def _picker(spec: RunSpec) -> Callable[[], Target]:
@@ -204,15 +214,22 @@ async def _cold_probe(client: httpx.AsyncClient, spec: RunSpec, t0: float) -> li
     """Per target: put it in the scenario's tier, then one first request and its repeats."""
     bounds = _Bounds(spec, t0)
     records: list[RequestRecord] = []
-    where = _EVICT_FROM[spec.scenario]
+    where = _PROBES[spec.scenario]
+    refs = [_ref(t) for t in spec.targets]
     if where == "engine":  # make sure each is on local disk before it is evicted from memory
-        await admin_call(client, spec, "prefetch",
-                         {"adapters": [_ref(t) for t in spec.targets], "into": "disk"})
+        await admin_call(client, spec, "prefetch", {"adapters": refs, "into": "disk"})
+    if where is None:
+        slots = (await admin_call(client, spec, "state"))["slot"]["capacity"]
+        if len(set(refs)) <= slots:
+            raise LoadTestError(f"scenario warm-swap needs more distinct targets than the gateway's "
+                                f"{slots} batch slots (max_loras), got {len(set(refs))}")
+        await admin_call(client, spec, "prefetch", {"adapters": refs, "into": "engine"})
     i = 0
     while True:
         target = spec.targets[i % len(spec.targets)]
         i += 1
-        await admin_call(client, spec, "evict", {"adapter": _ref(target), "from": where})
+        if where is not None:
+            await admin_call(client, spec, "evict", {"adapter": _ref(target), "from": where})
         for n in range(1 + spec.cold_repeats):
             if not bounds.take():
                 return records

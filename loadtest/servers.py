@@ -53,9 +53,10 @@ class ServerProcess:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the server and every process it started (vLLM's engine core)."""
-        return sum(_rss(pid) for pid in [self.proc.pid, *_descendants(self.proc.pid)])
+    def rss_by_process(self) -> dict[str, int]:
+        """Resident bytes of the server and of every process it started (vLLM's engine core),
+        keyed ``name:pid``."""
+        return {f"{_name(pid)}:{pid}": _rss(pid) for pid in [self.proc.pid, *_descendants(self.proc.pid)]}
 
 
 def start(cmd: Sequence[str], log: Path, *, cwd: Path | None = None,
@@ -96,11 +97,14 @@ def _descendants(pid: int) -> list[int]:
     frontier = [pid]
     while frontier:
         parent = frontier.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            continue
-        kids = [int(c) for c in children]
+        # Each thread has its own children file: vLLM's engine core is started from a
+        # worker thread of the gateway, not its main thread.
+        kids = []
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids += [int(c) for c in children.read_text().split()]
+            except OSError:
+                continue
         found += kids
         frontier += kids
     return found
@@ -114,3 +118,10 @@ def _rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"

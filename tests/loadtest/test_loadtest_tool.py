@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ import yaml
 
 from gateway.app import create_app
 from loadtest import cli as loadtest_cli
+from loadtest.client import RequestRecord
+from loadtest.report import swap_penalty
 from lora_gateway.cli import build_parser
 from tests.gateway.conftest import make_settings
 from tests.gateway.fakes import FakeEngine
@@ -82,6 +85,43 @@ def test_cold_remote_then_warm_report_tiers_and_swap_penalty(server, targets_fil
     assert rc == 0
     disk = json.loads((tmp_path / "disk" / "loadtest.json").read_text())
     assert [r["tier"] for r in disk["records"]["cold-disk"] if r["first_on_adapter"]] == ["disk_hit"] * 2
+
+
+def test_warm_swap_cycles_adapters_through_the_batch_slots(server, targets_file, tmp_path) -> None:
+    # the test gateway has max_loras=1: each visit to the other adapter swaps it into the slot
+    out = tmp_path / "warm"
+    rc = run_cli("--url", server, "--targets", str(targets_file), "--admin-key", ADMIN_KEY,
+                 "--scenario", "warm-swap", "--max-requests", "9", "--cold-repeats", "2",
+                 "--out", str(out))
+    assert rc == 0
+    doc = json.loads((out / "loadtest.json").read_text())
+    records = doc["records"]["warm-swap"]
+    assert [r["tier"] for r in records if r["first_on_adapter"]] == ["engine_hit"] * 3
+    assert {r["tier"] for r in records if not r["first_on_adapter"]} == {"slot_hit"}
+    assert [r["target"] for r in records][::3] == ["acme/support-bot", "globex/pirate", "acme/support-bot"]
+    assert set(doc["phases"][0]["swap_penalty"]) == {"engine_hit"}
+
+
+def test_warm_swap_needs_more_adapters_than_slots(server, registry_env, tmp_path, capsys) -> None:
+    rc = run_cli("--url", server, "--api-key", registry_env.keys["acme"], "--tenant", "acme",
+                 "--model", "support-bot", "--admin-key", ADMIN_KEY, "--scenario", "warm-swap",
+                 "--out", str(tmp_path / "o"))
+    assert rc == 2
+    assert "more distinct targets than the gateway's 1 batch slots" in capsys.readouterr().err
+
+
+def test_swap_penalty_baseline_is_the_hot_repeats() -> None:
+    def rec(tier: str, first: bool, ttft: float) -> RequestRecord:
+        return RequestRecord("t/a", "p", 0.0, status=200, tier=tier, first_on_adapter=first, ttft=ttft)
+
+    records = [rec("engine_hit", True, 0.030), rec("slot_hit", False, 0.010), rec("slot_hit", False, 0.012),
+               rec("engine_hit", False, 0.500)]  # a repeat that itself swapped: not the baseline
+    penalty = swap_penalty(records)
+    assert penalty == {"engine_hit": {"first_requests": 1, "first_ttft_p50_ms": 30.0,
+                                      "repeat_ttft_p50_ms": 11.0, "penalty_ms": 19.0}}
+    # servers without tiers: first vs every repeat
+    plain = [replace(r, tier=None) for r in records]
+    assert swap_penalty(plain)["first"]["repeat_ttft_p50_ms"] == 12.0
 
 
 def test_open_loop_zipf_sweep_is_bounded_and_plots_throughput(server, targets_file, tmp_path) -> None:
