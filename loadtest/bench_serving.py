@@ -73,7 +73,8 @@ def start_s3(work: Path) -> ServerProcess:
     port = free_port()
     server = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                    work / "s3.log", port=port, ready_path="/moto-api/")
-    os.environ.update(S3_ENV)  # boto3's own chain, as an operator's machine would have it
+    for name, value in S3_ENV.items():  # boto3's own chain, as on an operator's machine
+        os.environ.setdefault(name, value)
     boto3.client("s3", endpoint_url=server.url).create_bucket(Bucket=BUCKET)
     return server
 
@@ -198,7 +199,7 @@ def churn(url: str, targets: list[Target]) -> PhaseResult:
     return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
@@ -206,7 +207,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10, help="alternating throughput rounds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     s3 = start_s3(args.work)
