@@ -121,7 +121,8 @@ def validate_messages(messages: Any) -> list[str]:
     return problems
 
 
-def _parse_line(line: bytes) -> tuple[list[Message] | None, list[str]]:
+def parse_json_object(line: bytes) -> tuple[dict[str, Any] | None, list[str]]:
+    """One JSONL line as a JSON object, or None and why not."""
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
@@ -130,6 +131,13 @@ def _parse_line(line: bytes) -> tuple[list[Message] | None, list[str]]:
         return None, [f"invalid JSON ({exc.msg} at column {exc.colno})"]
     if not isinstance(record, dict):
         return None, [f"expected a JSON object, got {type(record).__name__}"]
+    return record, []
+
+
+def _parse_line(line: bytes) -> tuple[list[Message] | None, list[str]]:
+    record, problems = parse_json_object(line)
+    if record is None:
+        return None, problems
     problems = []
     extra = sorted(set(record) - _LINE_KEYS)
     if extra:

@@ -16,7 +16,6 @@ the run is refused if any is missed.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from transformers import GenerationConfig
 
 from adapters_registry.hashing import sha256_bytes
 from trainer.config import RunConfig
-from trainer.data import Message, validate_messages
+from trainer.data import Message, parse_json_object, validate_messages
 from trainer.errors import DatasetError, LineProblem
 
 MATCH_KINDS = ("exact", "prefix", "contains")
@@ -90,14 +89,9 @@ def _load(path: Path, *, golden: bool) -> EvalSet:
 
 
 def _parse(number: int, line: bytes, golden: bool) -> tuple[EvalItem | None, list[str]]:
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        return None, ["not valid UTF-8"]
-    except json.JSONDecodeError as exc:
-        return None, [f"invalid JSON ({exc.msg} at column {exc.colno})"]
-    if not isinstance(record, dict):
-        return None, [f"expected a JSON object, got {type(record).__name__}"]
+    record, problems = parse_json_object(line)
+    if record is None:
+        return None, problems
     allowed = _GOLDEN_KEYS if golden else frozenset({"messages"})
     extra = sorted(set(record) - allowed)
     problems = [f"unsupported key(s) {extra}; allowed: {sorted(allowed)}"] if extra else []
