@@ -11,11 +11,8 @@ from pathlib import Path
 from adapters_registry.cli import add_registry_options
 from adapters_registry.errors import IncompatibleAdapterError, RegistryError
 from adapters_registry.service import Registry
+from trainer.cli import EXIT_BAD_INPUT, EXIT_INCOMPATIBLE
 from trainer.errors import TrainerError
-
-# Exit codes, as the registry CLI uses them.
-_EXIT_ERROR = 2
-_EXIT_INCOMPATIBLE = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -52,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
         return _compose(args)
     except IncompatibleAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return _EXIT_INCOMPATIBLE
+        return EXIT_INCOMPATIBLE
     except (TrainerError, RegistryError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return _EXIT_ERROR
+        return EXIT_BAD_INPUT
 
 
 def _merge(args: argparse.Namespace) -> int:
