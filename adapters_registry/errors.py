@@ -5,6 +5,7 @@
     ├── ContractError             a base model directory cannot be described exactly
     ├── TemplateError             an adapter template is invalid or does not match
     ├── ManifestError             an adapter's manifest.json is missing or malformed
+    ├── ChatTemplateRenderError   the base's chat template refuses a list of messages
     ├── IncompatibleAdapterError  registration refused; carries every Violation
     ├── NotFoundError             no such base, template, tenant, adapter or version
     ├── ConflictError             the name or content already exists
@@ -39,6 +40,10 @@ class TemplateError(RegistryError):
 
 
 class ManifestError(RegistryError):
+    pass
+
+
+class ChatTemplateRenderError(RegistryError):
     pass
 
 
