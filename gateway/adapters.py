@@ -1,4 +1,4 @@
-"""From a tenant's ``model`` to an adapter the engine has accepted.
+"""Adapter residency: from a resolved version to an adapter the engine has accepted.
 
 Rules (shared/feasibility/README.md): an adapter reaches ``generate()`` only after
 ``add_lora`` accepted it; each version has one stable ``lora_int_id``; files are
@@ -6,6 +6,11 @@ verified against the registry's sha256 before the engine reads them. The gateway
 also mirrors the engine's adapter memory as an LRU and removes victims itself, so
 vLLM never evicts on its own and later reloads unverified files inside ``generate()``
 (where a bad file would kill the engine for every tenant).
+
+Cold loads of different versions run in parallel (up to ``load_concurrency``): each
+version loads at most once at a time (single flight), downloads and hashing run in
+threads under no shared lock, and the only shared step, reserving engine capacity and
+choosing victims, is synchronous code between two awaits.
 """
 
 from __future__ import annotations
@@ -16,83 +21,36 @@ import shutil
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 from adapters_registry import Registry
-from adapters_registry.errors import (
-    ArtifactError,
-    AuthenticationError,
-    ChecksumMismatchError,
-    NotFoundError,
-)
+from adapters_registry.errors import ArtifactError, ChecksumMismatchError
 from adapters_registry.hashing import sha256_file
-from adapters_registry.keys import key_hash
-from adapters_registry.records import AdapterVersion, Tenant
+from adapters_registry.records import AdapterVersion
 from gateway.disk_cache import FETCH_PREFIX, DiskCache
-from gateway.engine import AdapterRejectedError, Engine, LoraSpec
+from gateway.engine import Engine, LoraSpec
 from gateway.errors import (
+    AdapterRejectedError,
     AdapterUnavailableError,
-    AuthenticationFailedError,
-    GatewayError,
-    InvalidRequestError,
-    ModelNotFoundError,
+    CacheConflictError,
     OverloadedError,
 )
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 Tier = Literal["slot_hit", "engine_hit", "disk_hit", "remote_fetch"]
 CacheName = Literal["engine", "disk"]
 EvictTarget = Literal["engine", "disk", "all"]
-
-
-class TtlCache(Generic[K, V]):
-    """A tiny time-bounded cache: entries are trusted for ``ttl`` seconds."""
-
-    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        hit = self._data.get(key)
-        if hit is None or hit[0] < time.monotonic():
-            return None
-        return hit[1]
-
-    def put(self, key: K, value: V) -> None:
-        self._data[key] = (time.monotonic() + self.ttl, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-
-
-class CacheConflictError(GatewayError):
-    """An admin cache operation that would break a guarantee (evict in use, pin too many)."""
-
-    status = 409
-    type = "invalid_request_error"
-    code = "conflict"
 
 
 @dataclass(frozen=True)
 class AcquiredAdapter:
     lora: LoraSpec
     tier: Tier
-
-
-@dataclass
-class _Timer:
-    started: float = field(default_factory=time.perf_counter)
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
 
 
 class AdapterManager:
@@ -107,74 +65,31 @@ class AdapterManager:
     """
 
     def __init__(self, registry: Registry, engine: Engine, disk: DiskCache,
-                 metrics: GatewayMetrics, *, served_base: tuple[str, str], ttl: float,
-                 engine_capacity: int, slot_capacity: int) -> None:
-        self._served_base = served_base  # (model_id, revision)
+                 metrics: GatewayMetrics, *, engine_capacity: int, slot_capacity: int,
+                 load_concurrency: int = 8) -> None:
         self._registry = registry
         self._engine = engine
         self._disk = disk
         self._metrics = metrics
-        self._keys: TtlCache[str, Tenant] = TtlCache(ttl)
-        self._resolved: TtlCache[tuple[int, str], AdapterVersion] = TtlCache(ttl)
         self._capacity = engine_capacity
         self._slot_capacity = slot_capacity
         self._in_engine: OrderedDict[int, None] = OrderedDict()  # LRU, oldest first
+        self._loading: set[int] = set()  # capacity reserved, add_lora under way
+        self._removals: dict[int, asyncio.Task[None]] = {}  # remove_lora under way
         self._slots: OrderedDict[int, None] = OrderedDict()
         self._in_use: Counter[int] = Counter()
         self._versions: dict[int, AdapterVersion] = {}  # every version seen, by lora_int_id
         self._pinned: set[int] = set()
-        self._engine_lock = asyncio.Lock()
-        self._fetches: dict[str, asyncio.Task[Path]] = {}
+        self._loads: dict[int, asyncio.Task[Tier]] = {}  # single flight per version
+        self._fetches: dict[str, asyncio.Task[Path]] = {}  # single flight per artifact
+        self._load_slots = asyncio.Semaphore(load_concurrency)
         self._rejected: dict[int, str] = {}  # lora_int_id -> why; a version never changes
         self._update_gauges()
-
-    async def authenticate(self, api_key: str) -> Tenant:
-        digest = key_hash(api_key)  # never a secret as a cache key
-        tenant = self._keys.get(digest)
-        if tenant is None:
-            try:
-                tenant = await asyncio.to_thread(self._registry.authenticate, api_key)
-            except AuthenticationError as exc:
-                raise AuthenticationFailedError(str(exc)) from None
-            self._keys.put(digest, tenant)
-        return tenant
-
-    async def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
-        version = self._resolved.get((tenant.id, model))
-        if version is None:
-            try:
-                version = await asyncio.to_thread(self._registry.resolve, tenant, model)
-            except NotFoundError:
-                raise ModelNotFoundError(model) from None
-            if (version.base_model_id, version.base_revision) != self._served_base:
-                # Built for another base (or revision): its shapes were never checked
-                # against this one, and vLLM may serve garbage silently. Not ours to serve.
-                raise ModelNotFoundError(model)
-            self._resolved.put((tenant.id, model), version)
-        return version
-
-    async def resolve_ref(self, ref: str) -> AdapterVersion:
-        """An operator's ``tenant/name``, ``tenant/name:alias`` or ``tenant/name@vN``."""
-        tenant_name, sep, model = ref.partition("/")
-        if not sep or not tenant_name or not model:
-            raise InvalidRequestError(f"adapter {ref!r} must be tenant/name[:alias|@vN]",
-                                      param="adapter")
-        try:
-            tenant = await asyncio.to_thread(self._registry.get_tenant, tenant_name)
-        except NotFoundError:
-            raise ModelNotFoundError(ref) from None
-        try:
-            return await self.resolve(tenant, model)
-        except ModelNotFoundError:
-            raise ModelNotFoundError(ref) from None
-
-    async def list_models(self, tenant: Tenant) -> list[Any]:
-        return await asyncio.to_thread(self._registry.list_adapters, tenant)
 
     @asynccontextmanager
     async def use(self, version: AdapterVersion) -> AsyncIterator[AcquiredAdapter]:
         """The adapter, accepted by the engine and held there until the block exits."""
-        timer = _Timer()
+        started = time.perf_counter()
         vid = version.lora_int_id
         self._versions[vid] = version
         # Held from the start: neither the disk nor the engine may evict it while it loads.
@@ -182,7 +97,7 @@ class AdapterManager:
         try:
             tier = await self._make_ready(version)
             self._metrics.adapter_requests.labels(tier).inc()
-            self._metrics.adapter_ready_seconds.labels(tier).observe(timer.seconds())
+            self._metrics.adapter_ready_seconds.labels(tier).observe(time.perf_counter() - started)
             yield AcquiredAdapter(self._spec(version, self._disk.path(version.content_sha256)), tier)
         finally:
             self._in_use[vid] -= 1
@@ -198,9 +113,14 @@ class AdapterManager:
         self._metrics.cache_misses.labels("engine").inc()
         if vid in self._rejected:
             raise self._unavailable(version)
-        path, tier = await self._ensure_local(version)
-        # A task, so a cancelled request cannot leave vLLM and our LRU out of step.
-        await asyncio.shield(asyncio.ensure_future(self._load_locked(version, path)))
+        load = self._loads.get(vid)
+        if load is None:
+            # A task, so a cancelled request cannot leave vLLM and our LRU out of step;
+            # concurrent first requests for one version share it.
+            load = asyncio.create_task(self._load(version))
+            self._loads[vid] = load
+            load.add_done_callback(lambda _t: self._loads.pop(vid, None))
+        tier = await asyncio.shield(load)
         self._touch_slot(vid)
         return tier
 
@@ -265,14 +185,12 @@ class AdapterManager:
         vid = version.lora_int_id
         if vid in self._pinned:
             raise CacheConflictError(f"{version.ref} is pinned; unpin it first")
-        if self._in_use[vid]:
+        if self._in_use[vid] or vid in self._loading:
             raise CacheConflictError(f"{version.ref} is serving requests; retry when idle")
         done: list[str] = []
-        if where in ("engine", "all"):
-            async with self._engine_lock:
-                if vid in self._in_engine and not self._in_use[vid]:
-                    await self._remove_from_engine(vid)
-                    done.append("engine")
+        if where in ("engine", "all") and vid in self._in_engine:
+            await self._start_removal(vid)
+            done.append("engine")
         if where in ("disk", "all"):
             sha = version.content_sha256
             if sha in self._protected_shas():
@@ -296,7 +214,8 @@ class AdapterManager:
         disk_refs = sorted(v.ref for v in self._versions.values() if v.content_sha256 in self._disk)
         return {
             "slot": {"capacity": self._slot_capacity, "used": len(self._slots)},
-            "engine": {"capacity": self._capacity, "used": len(self._in_engine), "adapters": entries},
+            "engine": {"capacity": self._capacity, "used": len(self._in_engine), "adapters": entries,
+                       "loading": len(self._loading)},
             "disk": {"max_bytes": self._disk.max_bytes, "bytes": self._disk.total_bytes,
                      "folders": len(self._disk), "known_adapters": disk_refs},
             "pinned": sorted(self._versions[v].ref for v in self._pinned),
@@ -315,7 +234,8 @@ class AdapterManager:
     def _protected_shas(self) -> set[str]:
         # Engine-resident adapters keep their folder too: should vLLM ever reload one, the
         # files must be there (a missing path inside generate() can kill the engine).
-        held = set(self._pinned) | set(self._in_engine) | {v for v, n in self._in_use.items() if n > 0}
+        held = (set(self._pinned) | set(self._in_engine) | self._loading
+                | {v for v, n in self._in_use.items() if n > 0})
         return {self._versions[v].content_sha256 for v in held}
 
     def _update_gauges(self) -> None:
@@ -325,6 +245,74 @@ class AdapterManager:
         m.cache_entries.labels("disk").set(len(self._disk))
         m.disk_cache_bytes.set(self._disk.total_bytes)
         m.pinned.set(len(self._pinned))
+
+    async def _load(self, version: AdapterVersion) -> Tier:
+        """Make a verified local copy, reserve engine capacity, hand it to the engine."""
+        vid = version.lora_int_id
+        async with self._load_slots:
+            path, tier = await self._ensure_local(version)
+            # A fresh download was verified as it was fetched; a folder found on disk may
+            # have changed since (or been tampered with): hash it before vLLM reads it.
+            if tier == "disk_hit" and not await asyncio.to_thread(self._verify_local, version, path):
+                logger.warning("local copy of %s failed verification; fetching again", version.ref)
+                await asyncio.to_thread(self._disk.discard, version.content_sha256)
+                path, _ = await self._ensure_local(version)
+            if vid in self._rejected:
+                raise self._unavailable(version)
+            pending = self._removals.get(vid)
+            if pending is not None:  # evicted a moment ago: let vLLM finish removing it first
+                await pending
+            victims = self._reserve(vid)
+            started = time.perf_counter()
+            try:
+                if victims:
+                    await asyncio.gather(*victims)
+                await self._engine.add_lora(self._spec(version, path))
+            except AdapterRejectedError as exc:
+                logger.error("engine rejected %s: %s", version.ref, exc)
+                self._rejected[vid] = str(exc)
+                raise self._unavailable(version) from exc
+            finally:
+                self._loading.discard(vid)
+            self._in_engine[vid] = None
+        self._metrics.cache_loads.labels("engine").inc()
+        self._metrics.cache_load_seconds.labels("engine").observe(time.perf_counter() - started)
+        self._update_gauges()
+        logger.info("engine accepted %s (lora_int_id=%d)", version.ref, vid)
+        return tier
+
+    def _reserve(self, vid: int) -> list[asyncio.Task[None]]:
+        """Claim one engine slot for ``vid``, starting the removal of LRU victims if full.
+
+        Synchronous on purpose: no other coroutine runs between counting and claiming.
+        """
+        victims = []
+        while len(self._in_engine) + len(self._loading) >= self._capacity:
+            victim = next((v for v in self._in_engine
+                           if not self._in_use[v] and v not in self._pinned), None)
+            if victim is None:
+                raise OverloadedError(
+                    f"all {self._capacity} adapter slots are serving requests, loading or pinned; "
+                    "retry shortly")
+            victims.append(self._start_removal(victim))
+        self._loading.add(vid)
+        return victims
+
+    def _start_removal(self, vid: int) -> asyncio.Task[None]:
+        del self._in_engine[vid]
+        self._slots.pop(vid, None)
+        task = asyncio.create_task(self._engine.remove_lora(vid))
+        self._removals[vid] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._removals.pop(vid, None)
+            if not t.cancelled() and t.exception() is not None:
+                logger.error("engine failed to remove lora_int_id=%d: %s", vid, t.exception())
+
+        task.add_done_callback(done)
+        self._metrics.cache_evictions.labels("engine").inc()
+        self._update_gauges()
+        return task
 
     async def _ensure_local(self, version: AdapterVersion) -> tuple[Path, Tier]:
         sha = version.content_sha256
@@ -344,13 +332,13 @@ class AdapterManager:
         return await asyncio.shield(task), "remote_fetch"
 
     async def _fetch(self, version: AdapterVersion) -> Path:
-        timer = _Timer()
+        started = time.perf_counter()
         path = await asyncio.to_thread(self._download, version)
         evicted = await asyncio.to_thread(self._disk.admit, version.content_sha256,
                                           self._protected_shas() | {version.content_sha256})
         m = self._metrics
         m.cache_loads.labels("disk").inc()
-        m.cache_load_seconds.labels("disk").observe(timer.seconds())
+        m.cache_load_seconds.labels("disk").observe(time.perf_counter() - started)
         m.cache_evictions.labels("disk").inc(len(evicted))
         self._update_gauges()
         return path
@@ -359,11 +347,11 @@ class AdapterManager:
         path = self._disk.path(version.content_sha256)
         tmp = Path(tempfile.mkdtemp(dir=self._disk.root, prefix=FETCH_PREFIX))
         try:
-            self._registry.fetch(version, tmp)
+            self._registry.fetch(version, tmp)  # verifies every file against its sha256
             try:
                 tmp.rename(path)
             except OSError:
-                if not path.is_dir():  # else: an earlier fetch won; _load verifies it
+                if not path.is_dir():  # else: an earlier fetch won with the same bytes
                     raise
         except ChecksumMismatchError as exc:
             logger.error("artifact of %s failed verification: %s", version.ref, exc)
@@ -391,44 +379,3 @@ class AdapterManager:
         return AdapterUnavailableError(
             f"adapter {version.ref} was rejected by the inference engine; "
             "the operator must fix and re-register it")
-
-    async def _load_locked(self, version: AdapterVersion, path: Path) -> None:
-        async with self._engine_lock:
-            if version.lora_int_id not in self._in_engine:
-                await self._load(version, path)
-
-    async def _load(self, version: AdapterVersion, path: Path) -> None:
-        """Verify the local copy, make room, and hand it to the engine (engine lock held)."""
-        timer = _Timer()
-        if version.lora_int_id in self._rejected:
-            raise self._unavailable(version)
-        if not await asyncio.to_thread(self._verify_local, version, path):
-            logger.warning("local copy of %s failed verification; fetching again", version.ref)
-            await asyncio.to_thread(self._disk.discard, version.content_sha256)
-            path, _ = await self._ensure_local(version)
-        while len(self._in_engine) >= self._capacity:
-            victim = next((v for v in self._in_engine
-                           if not self._in_use[v] and v not in self._pinned), None)
-            if victim is None:
-                raise OverloadedError(
-                    f"all {self._capacity} adapter slots are serving requests or pinned; retry shortly"
-                )
-            await self._remove_from_engine(victim)
-        try:
-            await self._engine.add_lora(self._spec(version, path))
-        except AdapterRejectedError as exc:
-            logger.error("engine rejected %s: %s", version.ref, exc)
-            self._rejected[version.lora_int_id] = str(exc)
-            raise self._unavailable(version) from exc
-        self._in_engine[version.lora_int_id] = None
-        self._metrics.cache_loads.labels("engine").inc()
-        self._metrics.cache_load_seconds.labels("engine").observe(timer.seconds())
-        self._update_gauges()
-        logger.info("engine accepted %s (lora_int_id=%d)", version.ref, version.lora_int_id)
-
-    async def _remove_from_engine(self, vid: int) -> None:
-        del self._in_engine[vid]
-        self._slots.pop(vid, None)
-        await self._engine.remove_lora(vid)
-        self._metrics.cache_evictions.labels("engine").inc()
-        self._update_gauges()

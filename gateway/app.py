@@ -35,17 +35,14 @@ from gateway.chat import ChatService, PromptRenderer
 from gateway.config import GatewaySettings
 from gateway.disk_cache import DiskCache
 from gateway.engine import Engine
-from gateway.errors import GatewayError, PayloadTooLargeError
+from gateway.errors import BaseMismatchError, GatewayError, PayloadTooLargeError, error_body
 from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
+from gateway.tenancy import TenantDirectory
 
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[GatewaySettings], Engine]
-
-
-class BaseMismatchError(RuntimeError):
-    """The checkpoint on disk is not the base the registry says this gateway serves."""
 
 
 def vllm_engine_factory(settings: GatewaySettings) -> Engine:
@@ -85,7 +82,8 @@ def verify_base(registry: Registry, settings: GatewaySettings) -> BaseContract:
     return registered
 
 
-async def warm_up(adapters: AdapterManager, settings: GatewaySettings) -> dict[str, str]:
+async def warm_up(tenants: TenantDirectory, adapters: AdapterManager,
+                  settings: GatewaySettings) -> dict[str, str]:
     """Pin, then prefetch, the configured adapters; a failure is logged and reported, not fatal.
 
     A typo in one ref must not keep every tenant's traffic from being served; the admin
@@ -96,7 +94,7 @@ async def warm_up(adapters: AdapterManager, settings: GatewaySettings) -> dict[s
     jobs += [(ref, False) for ref in dict.fromkeys(settings.prefetch_adapters)]
     for ref, pin in jobs:
         try:
-            version = await adapters.resolve_ref(ref)
+            version = await tenants.resolve_ref(ref)
             await (adapters.pin(version) if pin else adapters.prefetch(version, "engine"))
         except GatewayError as exc:
             errors[ref] = exc.message
@@ -131,18 +129,19 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                 (on_engine_dead or _terminate_process)()
 
         disk = await asyncio.to_thread(DiskCache, settings.cache_dir, settings.disk_cache_max_bytes)
+        tenants = TenantDirectory(registry, served_base=(contract.model_id, contract.revision),
+                                  ttl=settings.resolve_ttl_seconds)
         adapters = AdapterManager(registry, engine, disk, metrics,
-                                  served_base=(contract.model_id, contract.revision),
-                                  ttl=settings.resolve_ttl_seconds,
                                   engine_capacity=settings.max_cpu_loras,
-                                  slot_capacity=settings.max_loras)
-        chat = ChatService(engine, adapters, renderer, base_name=settings.base_name,
+                                  slot_capacity=settings.max_loras,
+                                  load_concurrency=settings.adapter_load_concurrency)
+        chat = ChatService(engine, tenants, adapters, renderer, base_name=settings.base_name,
                            expose_base=settings.expose_base, max_model_len=settings.max_model_len,
                            metrics=metrics, on_engine_dead=engine_died)
         admin = Registry(registry.engine, registry.store, actor="admin")
-        services = Services(settings, adapters, chat, metrics, admin)
+        services = Services(settings, tenants, adapters, chat, metrics, admin)
         app.state.services = services
-        services.warmup_errors = await warm_up(adapters, settings)
+        services.warmup_errors = await warm_up(tenants, adapters, settings)
         logger.info("gateway ready: base %s, %d adapter slots in engine memory",
                     settings.base_model_id, settings.max_cpu_loras)
         try:
@@ -173,9 +172,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         # translate NotFound into model_not_found before this.
         status, code = next(((s, c) for kind, s, c in _REGISTRY_STATUS if isinstance(exc, kind)),
                             (400, None))
-        body = {"error": {"message": str(exc), "type": "invalid_request_error" if status < 500
-                          else "server_error", "param": None, "code": code}}
-        return JSONResponse(body, status_code=status)
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse(error_body(str(exc), kind, code), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -190,23 +188,19 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem(s))"
-        body = {"error": {"message": message, "type": "invalid_request_error",
-                          "param": ".".join(loc) or None, "code": None}}
+        body = error_body(message, "invalid_request_error", None, ".".join(loc) or None)
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "payload_too_large" if exc.status_code == 413 else None
-        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}}
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), kind, code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        body = {"error": {"message": "internal error; see the gateway log",
-                          "type": "server_error", "param": None, "code": "internal_error"}}
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(GatewayError("internal error; see the gateway log").body(), status_code=500)
 
 
 _REGISTRY_STATUS: tuple[tuple[type[RegistryError], int, str], ...] = (

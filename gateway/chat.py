@@ -13,19 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters_registry.errors import ChatTemplateRenderError
+from adapters_registry.prompts import prompt_ids
 from adapters_registry.records import AdapterVersion, Tenant
 from gateway.adapters import AdapterManager
-from gateway.engine import (
-    Delta,
-    Engine,
+from gateway.engine import Delta, Engine, LoraSpec, SamplingSpec
+from gateway.errors import (
+    ContextLengthError,
     EngineDeadError,
     EngineError,
     EngineRequestError,
-    LoraSpec,
-    SamplingSpec,
-)
-from gateway.errors import (
-    ContextLengthError,
     EngineUnavailableError,
     GatewayError,
     InvalidRequestError,
@@ -39,6 +36,7 @@ from gateway.schemas import (
     Usage,
     chunk,
 )
+from gateway.tenancy import TenantDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +54,10 @@ class PromptRenderer:
         return cls(AutoTokenizer.from_pretrained(str(model_dir)))
 
     def render(self, messages: list[dict[str, str]]) -> list[int]:
-        from jinja2 import TemplateError
-
         try:
-            text = self._tok.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
-        except TemplateError as exc:
-            raise InvalidRequestError(f"the base model's chat template rejected the "
-                                      f"messages: {exc}", param="messages") from None
-        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+            return prompt_ids(self._tok, messages)
+        except ChatTemplateRenderError as exc:
+            raise InvalidRequestError(str(exc), param="messages") from None
 
 
 @dataclass
@@ -83,10 +76,12 @@ class _Call:
 
 
 class ChatService:
-    def __init__(self, engine: Engine, adapters: AdapterManager, renderer: PromptRenderer, *,
+    def __init__(self, engine: Engine, tenants: TenantDirectory, adapters: AdapterManager,
+                 renderer: PromptRenderer, *,
                  base_name: str, expose_base: bool, max_model_len: int,
                  metrics: GatewayMetrics, on_engine_dead: Callable[[], None]) -> None:
         self._engine = engine
+        self._tenants = tenants
         self._adapters = adapters
         self._renderer = renderer
         self._base_name = base_name
@@ -166,7 +161,7 @@ class ChatService:
         if req.model == self._base_name and self._expose_base:
             label = self._base_name
         else:
-            version = await self._adapters.resolve(tenant, req.model)
+            version = await self._tenants.resolve(tenant, req.model)
             label = f"{version.tenant}/{version.adapter}"
         messages = [m.for_template() for m in req.messages]
         prompt_ids = await asyncio.to_thread(self._renderer.render, messages)

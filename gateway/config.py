@@ -48,6 +48,9 @@ class GatewaySettings(BaseSettings):
         "evicted (JSON list in the environment).")
     prefetch_adapters: list[str] = Field(
         default_factory=list, description="Refs loaded into engine memory at start (evictable).")
+    adapter_load_concurrency: int = Field(
+        default=8, ge=1, description="Cold adapter loads (fetch, verify, add to the engine) run in "
+        "parallel up to this many; 1 serialises them.")
     resolve_ttl_seconds: float = Field(
         default=2.0, ge=0, description="How long a name→version resolution or a key is cached."
     )

@@ -1,19 +1,39 @@
-"""Errors a request can end with, and their one translation to OpenAI's envelope.
+"""Every exception the gateway raises, and the one shape of its error answers.
+
+Answers to a request (each becomes OpenAI's envelope, ``error_body``):
 
     GatewayError                    status, type, code
     ├── InvalidRequestError         400 invalid_request_error
     │   └── ContextLengthError      400 invalid_request_error / context_length_exceeded
     ├── AuthenticationFailedError   401 authentication_error / invalid_api_key
+    ├── RouteNotFoundError          404 invalid_request_error / not_found (e.g. admin API off)
     ├── ModelNotFoundError          404 invalid_request_error / model_not_found
+    ├── CacheConflictError          409 invalid_request_error / conflict (evict in use, pin too many)
     ├── PayloadTooLargeError        413 invalid_request_error / payload_too_large
     ├── AdapterUnavailableError     503 server_error / adapter_unavailable
     ├── OverloadedError             503 server_error / overloaded
     └── EngineUnavailableError      503 server_error / engine_unavailable
+
+Engine failures, raised by ``gateway.engine`` and translated by the services:
+
+    EngineError                     one request failed; the engine is fine
+    ├── EngineRequestError          the engine refused the request's parameters (→ 400)
+    └── AdapterRejectedError        the engine refused to load an adapter (→ 503 for it)
+    EngineDeadError                 the engine is gone for every request (→ 503, restart)
+
+At start-up:
+
+    BaseMismatchError               the checkpoint is not the registered base; refuse to start
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope: the one shape of every error the gateway answers with."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class GatewayError(Exception):
@@ -27,8 +47,7 @@ class GatewayError(Exception):
         self.param = param
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.code, self.param)
 
 
 class InvalidRequestError(GatewayError):
@@ -47,14 +66,28 @@ class AuthenticationFailedError(GatewayError):
     code = "invalid_api_key"
 
 
+class RouteNotFoundError(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class ModelNotFoundError(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist or you do not have access to it.",
+        # Names are echoed, but never at any length a caller chooses.
+        shown = model if len(model) <= 200 else model[:200] + "…"
+        super().__init__(f"The model `{shown}` does not exist or you do not have access to it.",
                          param="model")
+
+
+class CacheConflictError(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class PayloadTooLargeError(GatewayError):
@@ -76,3 +109,23 @@ class OverloadedError(GatewayError):
 class EngineUnavailableError(GatewayError):
     status = 503
     code = "engine_unavailable"
+
+
+class EngineError(Exception):
+    """An engine failure that concerns one request only."""
+
+
+class EngineRequestError(EngineError):
+    """The engine refused the request's parameters: the caller's mistake (a 400)."""
+
+
+class AdapterRejectedError(EngineError):
+    """The engine refused to load an adapter; the engine itself is fine."""
+
+
+class EngineDeadError(Exception):
+    """The engine is gone for every request: the process must be restarted."""
+
+
+class BaseMismatchError(RuntimeError):
+    """The checkpoint on disk is not the base the registry says this gateway serves."""

@@ -16,23 +16,17 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_registry import Registry
-from gateway.adapters import AdapterManager, CacheName, EvictTarget
+from gateway.adapters import CacheName, EvictTarget
 from gateway.api.deps import Services, ServicesDep
-from gateway.errors import AuthenticationFailedError, GatewayError
+from gateway.errors import AuthenticationFailedError, GatewayError, RouteNotFoundError
 
 router = APIRouter(prefix="/admin/v1")
-
-
-class _AdminDisabled(GatewayError):
-    status = 404
-    type = "invalid_request_error"
-    code = "not_found"
 
 
 def require_admin(request: Request, services: ServicesDep) -> Services:
     expected = services.settings.admin_api_key
     if expected is None:
-        raise _AdminDisabled("Not Found")
+        raise RouteNotFoundError("Not Found")
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(),
                                                              expected.get_secret_value().encode()):
@@ -44,12 +38,8 @@ async def admin_registry(services: Annotated[Services, Depends(require_admin)]) 
     return services.admin_registry
 
 
-async def admin_adapters(services: Annotated[Services, Depends(require_admin)]) -> AdapterManager:
-    return services.adapters
-
-
 AdminDep = Annotated[Registry, Depends(admin_registry)]
-CacheDep = Annotated[AdapterManager, Depends(admin_adapters)]
+AdminServicesDep = Annotated[Services, Depends(require_admin)]
 
 
 class _Body(BaseModel):
@@ -157,18 +147,18 @@ async def gc(body: GcIn, reg: AdminDep) -> dict[str, Any]:
 
 
 @router.get("/cache")
-async def cache_state(cache: CacheDep, services: ServicesDep) -> dict[str, Any]:
-    return {**cache.cache_state(), "warmup_errors": services.warmup_errors}
+async def cache_state(svc: AdminServicesDep) -> dict[str, Any]:
+    return {**svc.adapters.cache_state(), "warmup_errors": svc.warmup_errors}
 
 
 @router.post("/cache/prefetch")
-async def prefetch(body: PrefetchIn, cache: CacheDep) -> dict[str, Any]:
+async def prefetch(body: PrefetchIn, svc: AdminServicesDep) -> dict[str, Any]:
     """Warm each adapter into ``into``; one result per adapter, failures included."""
     results = []
     for ref in dict.fromkeys(body.adapters):
         try:
-            version = await cache.resolve_ref(ref)
-            before = await cache.prefetch(version, body.into)
+            version = await svc.tenants.resolve_ref(ref)
+            before = await svc.adapters.prefetch(version, body.into)
             results.append({"adapter": ref, "version": version.ref, "was": before, "error": None})
         except GatewayError as exc:
             results.append({"adapter": ref, "version": None, "was": None, "error": exc.body()["error"]})
@@ -177,19 +167,19 @@ async def prefetch(body: PrefetchIn, cache: CacheDep) -> dict[str, Any]:
 
 
 @router.post("/cache/pin")
-async def pin(body: AdapterRefIn, cache: CacheDep) -> dict[str, Any]:
-    version = await cache.resolve_ref(body.adapter)
-    was = await cache.pin(version)
+async def pin(body: AdapterRefIn, svc: AdminServicesDep) -> dict[str, Any]:
+    version = await svc.tenants.resolve_ref(body.adapter)
+    was = await svc.adapters.pin(version)
     return {"adapter": version.ref, "pinned": True, "was": was or "pinned"}
 
 
 @router.post("/cache/unpin")
-async def unpin(body: AdapterRefIn, cache: CacheDep) -> dict[str, Any]:
-    version = await cache.resolve_ref(body.adapter)
-    return {"adapter": version.ref, "pinned": False, "changed": cache.unpin(version)}
+async def unpin(body: AdapterRefIn, svc: AdminServicesDep) -> dict[str, Any]:
+    version = await svc.tenants.resolve_ref(body.adapter)
+    return {"adapter": version.ref, "pinned": False, "changed": svc.adapters.unpin(version)}
 
 
 @router.post("/cache/evict")
-async def evict(body: EvictIn, cache: CacheDep) -> dict[str, Any]:
-    version = await cache.resolve_ref(body.adapter)
-    return {"adapter": version.ref, "evicted_from": await cache.evict(version, body.where)}
+async def evict(body: EvictIn, svc: AdminServicesDep) -> dict[str, Any]:
+    version = await svc.tenants.resolve_ref(body.adapter)
+    return {"adapter": version.ref, "evicted_from": await svc.adapters.evict(version, body.where)}

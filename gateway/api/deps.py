@@ -15,6 +15,7 @@ from gateway.config import GatewaySettings
 from gateway.errors import AuthenticationFailedError
 from gateway.logs import tenant_var
 from gateway.metrics import GatewayMetrics
+from gateway.tenancy import TenantDirectory
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Services:
     """What the lifespan built, handed to handlers."""
 
     settings: GatewaySettings
+    tenants: TenantDirectory
     adapters: AdapterManager
     chat: ChatService
     metrics: GatewayMetrics
@@ -44,7 +46,7 @@ async def authenticate(request: Request, services: ServicesDep) -> Tenant:
     if scheme.lower() != "bearer" or not key.strip():
         raise AuthenticationFailedError(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-    tenant = await services.adapters.authenticate(key.strip())
+    tenant = await services.tenants.authenticate(key.strip())
     tenant_var.set(tenant.name)
     return tenant
 

@@ -33,7 +33,7 @@ async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
     cards = []
     if settings.expose_base:
         cards.append(ModelCard(id=settings.base_name, created=now, owned_by="lora-gateway"))
-    for info in await services.adapters.list_models(tenant):
+    for info in await services.tenants.list_adapters(tenant):
         created = int(info.created_at.timestamp())
         cards.append(ModelCard(id=info.name, created=created, owned_by=tenant.name,
                                root=info.name, parent=settings.base_name))

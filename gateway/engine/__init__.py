@@ -4,16 +4,8 @@
 same interface. vLLM types never leak past this package.
 """
 
-from gateway.engine.base import (
-    AdapterRejectedError,
-    Delta,
-    Engine,
-    EngineDeadError,
-    EngineError,
-    EngineRequestError,
-    LoraSpec,
-    SamplingSpec,
-)
+from gateway.engine.base import Delta, Engine, LoraSpec, SamplingSpec
+from gateway.errors import AdapterRejectedError, EngineDeadError, EngineError, EngineRequestError
 
 __all__ = [
     "AdapterRejectedError",

@@ -8,22 +8,6 @@ from pathlib import Path
 from typing import Protocol
 
 
-class EngineError(Exception):
-    """An engine failure that concerns one request only."""
-
-
-class EngineRequestError(EngineError):
-    """The engine refused the request's parameters: the caller's mistake (a 400)."""
-
-
-class AdapterRejectedError(EngineError):
-    """The engine refused to load an adapter; the engine itself is fine."""
-
-
-class EngineDeadError(Exception):
-    """The engine is gone for every request: the process must be restarted."""
-
-
 @dataclass(frozen=True)
 class LoraSpec:
     """One adapter version as the engine sees it: a stable id and a verified local folder."""

@@ -16,15 +16,8 @@ from vllm.v1.engine import exceptions as vllm_exc
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from gateway.config import Dtype, LoraRank
-from gateway.engine.base import (
-    AdapterRejectedError,
-    Delta,
-    EngineDeadError,
-    EngineError,
-    EngineRequestError,
-    LoraSpec,
-    SamplingSpec,
-)
+from gateway.engine.base import Delta, LoraSpec, SamplingSpec
+from gateway.errors import AdapterRejectedError, EngineDeadError, EngineError, EngineRequestError
 
 logger = logging.getLogger(__name__)
 

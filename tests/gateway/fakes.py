@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from gateway.engine import (
     AdapterRejectedError,
@@ -22,6 +22,8 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.loaded: dict[int, LoraSpec] = {}
+        self.capacity: int | None = None  # vLLM's max_cpu_loras: never exceeded by the gateway
+        self.add_gate: Callable[[], Awaitable[None]] | None = None  # runs inside add_lora
         self.add_calls: list[int] = []
         self.removed: list[int] = []
         self.reject: set[int] = set()
@@ -37,7 +39,11 @@ class FakeEngine:
         if lora.int_id in self.reject:
             raise AdapterRejectedError(f"fake engine refuses {lora.name}")
         assert (lora.path / "adapter_model.safetensors").is_file(), "add_lora on missing files"
+        if self.add_gate is not None:
+            await self.add_gate()
         self.loaded[lora.int_id] = lora
+        # Past its capacity vLLM would evict on its own, possibly an adapter in use.
+        assert self.capacity is None or len(self.loaded) <= self.capacity, "engine over capacity"
 
     async def remove_lora(self, int_id: int) -> None:
         self.removed.append(int_id)

@@ -9,15 +9,22 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 from adapters_registry.errors import ArtifactError
-from gateway.adapters import AdapterManager, CacheConflictError
+from gateway.adapters import AdapterManager
 from gateway.disk_cache import DiskCache
-from gateway.errors import AdapterUnavailableError, ModelNotFoundError, OverloadedError
+from gateway.errors import (
+    AdapterUnavailableError,
+    CacheConflictError,
+    ModelNotFoundError,
+    OverloadedError,
+)
 from gateway.metrics import GatewayMetrics
+from gateway.tenancy import TenantDirectory
 from tests.conftest import copy_adapter
 from tests.gateway.conftest import Gateway
 from tests.gateway.fakes import FakeEngine
@@ -27,9 +34,11 @@ ADMIN_KEY = "a" * 40
 
 class Env:
     def __init__(self, registry_env, tmp_path: Path, *, engine_capacity: int = 4,
-                 disk_bytes: int = 1 << 30) -> None:
+                 disk_bytes: int = 1 << 30, load_concurrency: int = 8) -> None:
         self.reg = registry_env.registry
         self.engine = FakeEngine()
+        self.engine.capacity = engine_capacity
+        self.fetch_gate: threading.Barrier | None = None
         self.metrics = GatewayMetrics()
         self.fetches: list[str] = []
         self.fail_fetches = 0
@@ -37,6 +46,8 @@ class Env:
 
         def counting_fetch(version, dest):
             self.fetches.append(version.ref)
+            if self.fetch_gate is not None:
+                self.fetch_gate.wait()  # in a worker thread: passes only when downloads overlap
             if self.fail_fetches:
                 self.fail_fetches -= 1
                 raise ArtifactError("store unreachable (injected)")
@@ -47,8 +58,10 @@ class Env:
         self.disk = DiskCache(self.cache_dir, disk_bytes)
         contract = registry_env.contract
         self.manager = AdapterManager(self.reg, self.engine, self.disk, self.metrics,
-                                      served_base=(contract.model_id, contract.revision), ttl=0,
-                                      engine_capacity=engine_capacity, slot_capacity=1)
+                                      engine_capacity=engine_capacity, slot_capacity=1,
+                                      load_concurrency=load_concurrency)
+        self.tenants = TenantDirectory(self.reg, served_base=(contract.model_id, contract.revision),
+                                       ttl=0)
 
     def version(self, tenant: str, model: str):
         return self.reg.resolve(self.reg.get_tenant(tenant), model)
@@ -278,7 +291,7 @@ def test_too_many_pins_is_a_settings_error(registry_env, tmp_path) -> None:
 
 def test_unknown_ref_is_not_found(env: Env) -> None:
     with pytest.raises(ModelNotFoundError):
-        asyncio.run(env.manager.resolve_ref("nobody/support-bot"))
+        asyncio.run(env.tenants.resolve_ref("nobody/support-bot"))
 
 
 def test_a_second_version_with_identical_files_shares_the_folder(env: Env, registry_env,
@@ -294,3 +307,72 @@ def test_a_second_version_with_identical_files_shares_the_folder(env: Env, regis
 
     assert asyncio.run(main()) == ["remote_fetch", "disk_hit"]
     assert env.fetches == [v1.ref]
+
+
+def _two_versions(env: Env) -> list:
+    return [env.version("acme", "support-bot"), env.version("globex", "pirate")]
+
+
+def test_cold_loads_of_different_versions_overlap(env: Env) -> None:
+    """Two first requests download at the same time and are in add_lora at the same time.
+
+    Each gate lets a caller through only once both are waiting at it: with loads
+    serialised behind one lock, the first would wait for the second forever (timeout).
+    """
+    env.fetch_gate = threading.Barrier(2, timeout=10)
+    both_adding = asyncio.Barrier(2)
+
+    async def add_gate() -> None:
+        await asyncio.wait_for(both_adding.wait(), timeout=10)
+
+    env.engine.add_gate = add_gate
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*[tier_of(env.manager, v) for v in _two_versions(env)]))
+
+    assert asyncio.run(main()) == ["remote_fetch", "remote_fetch"]
+    assert sorted(env.engine.loaded) == sorted(v.lora_int_id for v in _two_versions(env))
+
+
+def test_load_concurrency_one_serialises_cold_loads(registry_env, tmp_path) -> None:
+    env = Env(registry_env, tmp_path, load_concurrency=1)
+    in_add, most = 0, 0
+
+    async def add_gate() -> None:
+        nonlocal in_add, most
+        in_add += 1
+        most = max(most, in_add)
+        await asyncio.sleep(0.05)  # room for a second load to overlap, if anything allowed it
+        in_add -= 1
+
+    env.engine.add_gate = add_gate
+
+    async def main() -> None:
+        await asyncio.gather(*[tier_of(env.manager, v) for v in _two_versions(env)])
+
+    asyncio.run(main())
+    assert most == 1 and len(env.engine.add_calls) == 2
+
+
+def test_parallel_loads_never_overfill_the_engine(registry_env, trained_adapters, tmp_path) -> None:
+    """Capacity 2 with one adapter in use: of two concurrent cold loads one is refused.
+
+    Reserving a slot counts loads under way, so the engine never holds three; once the
+    held adapter is idle it is the victim and the refused load goes through.
+    """
+    env = Env(registry_env, tmp_path, engine_capacity=2)
+    acme, globex = _two_versions(env)
+    other = registry_env.registry.push("acme", "other", copy_adapter(trained_adapters["globex"],
+                                                                     tmp_path / "other"))
+
+    async def main() -> tuple[list[object], str]:
+        async with env.manager.use(acme):
+            results = await asyncio.gather(tier_of(env.manager, globex), tier_of(env.manager, other),
+                                           return_exceptions=True)
+        refused = other if isinstance(results[1], OverloadedError) else globex
+        return results, await tier_of(env.manager, refused)
+
+    results, later = asyncio.run(main())
+    assert sorted(type(r).__name__ for r in results) == ["OverloadedError", "str"], results
+    assert later in ("disk_hit", "remote_fetch")
+    assert acme.lora_int_id not in env.engine.loaded and len(env.engine.loaded) == 2

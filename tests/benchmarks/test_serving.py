@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from loadtest import bench_serving
-from loadtest.bench_summary import TARGETS
+from benchmarks import serving as bench_serving
+from benchmarks.summary import TARGETS
 
 pytestmark = pytest.mark.integration
 

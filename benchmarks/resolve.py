@@ -1,8 +1,8 @@
 """Benchmark: resolving a tenant's `model` among 10,000 registered adapter versions.
 
-    python -m loadtest.bench_resolve [--tenants 100] [--adapters 100] [--lookups 100000]
+    python -m benchmarks.resolve [--tenants 100] [--adapters 100] [--lookups 100000]
 
-Measures, in one run, the gateway's resolution path (AdapterManager.resolve) cold
+Measures, in one run, the gateway's resolution path (TenantDirectory.resolve) cold
 (through the registry database, SQLite by default) and from its TTL cache, and prints
 percentiles as JSON. Rows are inserted directly: resolution never touches blobs.
 """
@@ -24,9 +24,7 @@ from sqlalchemy.orm import Session
 from adapters_registry import AdapterTemplate, BaseContract, FilesystemStore, Registry
 from adapters_registry.db import AdapterRow, AdapterVersionRow, AliasRow, make_engine
 from adapters_registry.records import Tenant
-from gateway.adapters import AdapterManager
-from gateway.disk_cache import DiskCache
-from gateway.metrics import GatewayMetrics
+from gateway.tenancy import TenantDirectory
 
 _CONTRACT = BaseContract(
     model_id="bench-base", revision="b" * 64, architecture="LlamaForCausalLM", hidden_size=128,
@@ -59,21 +57,21 @@ def percentiles(samples_ns: list[int]) -> dict[str, float]:
             "max_us": round(us[-1], 2), "mean_us": round(statistics.fmean(us), 2), "n": len(us)}
 
 
-async def measure(manager: AdapterManager, names: list[tuple[Tenant, str]], lookups: int,
+async def measure(directory: TenantDirectory, names: list[tuple[Tenant, str]], lookups: int,
                   cold_sample: int) -> dict[str, object]:
     rng = random.Random(0)
     cold = []
     for tenant, model in rng.sample(names, cold_sample):
         t = time.perf_counter_ns()
-        await manager.resolve(tenant, model)
+        await directory.resolve(tenant, model)
         cold.append(time.perf_counter_ns() - t)
     for tenant, model in names:  # warm every name once
-        await manager.resolve(tenant, model)
+        await directory.resolve(tenant, model)
     hot = []
     for _ in range(lookups):
         tenant, model = names[rng.randrange(len(names))]
         t = time.perf_counter_ns()
-        await manager.resolve(tenant, model)
+        await directory.resolve(tenant, model)
         hot.append(time.perf_counter_ns() - t)
     return {"cold_through_database": percentiles(cold), "cached": percentiles(hot)}
 
@@ -92,12 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         tenants = populate(registry, args.tenants, args.adapters)
         populated_s = time.perf_counter() - started
         names = [(t, f"bot-{a:04d}") for t in tenants for a in range(args.adapters)]
-        manager = AdapterManager(registry, engine=None,  # type: ignore[arg-type]
-                                 disk=DiskCache(Path(tmp) / "cache", 1 << 30),
-                                 metrics=GatewayMetrics(),
-                                 served_base=(_CONTRACT.model_id, _CONTRACT.revision),
-                                 ttl=3600, engine_capacity=1, slot_capacity=1)
-        result = asyncio.run(measure(manager, names, args.lookups, cold_sample=min(1000, len(names))))
+        directory = TenantDirectory(registry, served_base=(_CONTRACT.model_id, _CONTRACT.revision),
+                                    ttl=3600)
+        result = asyncio.run(measure(directory, names, args.lookups, cold_sample=min(1000, len(names))))
         registry.close()
     print(json.dumps({"versions": len(names), "populate_s": round(populated_s, 2), **result},
                      indent=2))

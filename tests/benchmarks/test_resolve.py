@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from loadtest.bench_resolve import main
+from benchmarks.resolve import main
 
 
 def test_benchmark_runs_and_reports(capsys) -> None:

@@ -1,6 +1,6 @@
 """Benchmarks of serving many adapters, each printed as a ratio measured in one run.
 
-    python -m loadtest.bench_serving [--out loadtest/results] [--adapters 1000]
+    python -m benchmarks.serving [--out benchmarks/results] [--adapters 1000]
 
 On the tiny-llama base (fp32, CPU), with real vLLM and the registry's artifacts on a
 real S3-protocol server (moto, on loopback):
@@ -14,7 +14,7 @@ real S3-protocol server (moto, on loopback):
 4. RSS of the gateway and its engine process before and after churning through
    ``--adapters`` more distinct adapters (engine memory holds ``max_cpu_loras``).
 
-Throughput ratios come from alternating rounds (see bench_summary.paired_ratio), so
+Throughput ratios come from alternating rounds (see benchmarks.summary.paired_ratio), so
 a noisy shared machine slows both sides of a ratio alike. Adapters are one really
 trained tiny adapter plus seeded perturbations of its tensors: the same shapes (so the
 same compute), each a distinct artifact the registry checks. Writes bench.json,
@@ -41,7 +41,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from adapters_registry import AdapterTemplate, Registry, derive_contract
-from loadtest.bench_summary import TARGETS, markdown, merge, paired_ratio
+from benchmarks.summary import TARGETS, markdown, merge, paired_ratio
 from loadtest.client import RequestRecord, RequestShape, Target, send
 from loadtest.report import summarize, write_report
 from loadtest.runner import PhaseResult, RunSpec, run_phase
@@ -201,7 +201,7 @@ def churn(url: str, targets: list[Target]) -> PhaseResult:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--adapters", type=int, default=1000, help="distinct adapters to churn through")
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase")
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace, servers: list[ServerProcess]) -> int:
     registry.close()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_report(args.out, {"benchmark": "bench_serving", **results["config"]}, phases,
+    write_report(args.out, {"benchmark": "benchmarks.serving", **results["config"]}, phases,
                  throughput_phases=["hot-1", "uniform-8", "uniform-64"])
     (args.out / "loadtest.json").replace(args.out / "phases.json")
     (args.out / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

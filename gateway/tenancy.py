@@ -1,0 +1,140 @@
+"""Who is calling, and which adapter version their ``model`` names.
+
+API keys, name resolution and model listings, in front of the registry's database
+behind a short TTL cache. A hot entry is refreshed in the background before it
+expires, so steady traffic never waits on the database, and an alias move or a key
+revocation is still seen within the TTL. Concurrent misses for one key share one
+lookup. Adapter residency (which files and engine slots hold a version) is
+``gateway.adapters``'s business, not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from adapters_registry import Registry
+from adapters_registry.errors import AuthenticationError, NotFoundError
+from adapters_registry.keys import key_hash
+from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
+from gateway.errors import AuthenticationFailedError, InvalidRequestError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class TtlCache(Generic[K, V]):
+    """Values trusted for ``ttl`` seconds; refreshed ahead of expiry while in use.
+
+    ``get_or_load`` returns a fresh value without awaiting anything when it has one. In
+    the second half of an entry's life a hit also starts one background reload, so a
+    key in steady use is reloaded before it expires and never blocks a caller; the
+    entry itself still expires on time, so nothing older than ``ttl`` is ever served.
+    A failed load is not cached: the next caller tries again.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._loads: dict[K, asyncio.Future[V]] = {}
+
+    async def get_or_load(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        hit = self._data.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            if hit[0] - now < self.ttl / 2 and key not in self._loads:
+                self._start_load(key, load).add_done_callback(_consume_exception)
+            return hit[1]
+        future = self._loads.get(key) or self._start_load(key, load)
+        return await asyncio.shield(future)
+
+    def invalidate(self, key: K | None = None) -> None:
+        """Forget one key, or everything."""
+        if key is None:
+            self._data.clear()
+        else:
+            self._data.pop(key, None)
+
+    def _start_load(self, key: K, load: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
+        async def run() -> V:
+            started = time.monotonic()
+            try:
+                value = await load()
+            finally:
+                self._loads.pop(key, None)
+            # Valid from when the lookup started: a value is never trusted past its TTL.
+            self._data[key] = (started + self.ttl, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+            return value
+
+        future = asyncio.ensure_future(run())
+        self._loads[key] = future
+        return future
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    # A background refresh that failed leaves the entry to expire; the next caller
+    # after that loads it again and sees the error itself.
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("background refresh failed: %s", future.exception())
+
+
+class TenantDirectory:
+    """Keys to tenants, and a tenant's ``model`` to the adapter version it names."""
+
+    def __init__(self, registry: Registry, *, served_base: tuple[str, str], ttl: float) -> None:
+        self._registry = registry
+        self._served_base = served_base  # (model_id, revision)
+        self._keys: TtlCache[str, Tenant] = TtlCache(ttl)
+        self._models: TtlCache[tuple[int, str], AdapterVersion] = TtlCache(ttl)
+
+    async def authenticate(self, api_key: str) -> Tenant:
+        async def load() -> Tenant:
+            try:
+                return await asyncio.to_thread(self._registry.authenticate, api_key)
+            except AuthenticationError as exc:
+                raise AuthenticationFailedError(str(exc)) from None
+
+        return await self._keys.get_or_load(key_hash(api_key), load)  # never a secret as a key
+
+    async def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
+        """The version ``model`` names in ``tenant``'s namespace, built for the served base."""
+
+        async def load() -> AdapterVersion:
+            try:
+                version = await asyncio.to_thread(self._registry.resolve, tenant, model)
+            except NotFoundError:
+                raise ModelNotFoundError(model) from None
+            if (version.base_model_id, version.base_revision) != self._served_base:
+                # Built for another base (or revision): its shapes were never checked
+                # against this one, and vLLM may serve garbage silently. Not ours to serve.
+                raise ModelNotFoundError(model)
+            return version
+
+        return await self._models.get_or_load((tenant.id, model), load)
+
+    async def resolve_ref(self, ref: str) -> AdapterVersion:
+        """An operator's ``tenant/name``, ``tenant/name:alias`` or ``tenant/name@vN``."""
+        tenant_name, sep, model = ref.partition("/")
+        if not sep or not tenant_name or not model:
+            raise InvalidRequestError(f"adapter {ref[:200]!r} must be tenant/name[:alias|@vN]",
+                                      param="adapter")
+        try:
+            tenant = await asyncio.to_thread(self._registry.get_tenant, tenant_name)
+        except NotFoundError:
+            raise ModelNotFoundError(ref) from None
+        try:
+            return await self.resolve(tenant, model)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(ref) from None
+
+    async def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:
+        return await asyncio.to_thread(self._registry.list_adapters, tenant)

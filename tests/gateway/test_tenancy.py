@@ -1,0 +1,100 @@
+"""The tenancy module's TTL cache: one lookup per miss, refreshed ahead, never stale past its TTL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.tenancy import TtlCache
+
+
+class Source:
+    """A lookup whose answers and timing the test controls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.value = "v1"
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail = False
+
+    async def load(self) -> str:
+        self.calls += 1
+        await self.release.wait()
+        if self.fail:
+            raise LookupError("database down")
+        return self.value
+
+
+def test_concurrent_misses_share_one_lookup() -> None:
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=60)
+        src = Source()
+        src.release.clear()
+        waiting = [asyncio.create_task(cache.get_or_load("k", src.load)) for _ in range(20)]
+        await asyncio.sleep(0)
+        src.release.set()
+        assert await asyncio.gather(*waiting) == ["v1"] * 20
+        assert src.calls == 1
+
+    asyncio.run(main())
+
+
+def test_hits_in_the_second_half_refresh_in_the_background() -> None:
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=0.4)
+        src = Source()
+        assert await cache.get_or_load("k", src.load) == "v1"
+        src.value = "v2"
+        assert await cache.get_or_load("k", src.load) == "v1"  # young entry: no lookup
+        assert src.calls == 1
+        await asyncio.sleep(0.25)  # past half its life
+        assert await cache.get_or_load("k", src.load) == "v1"  # served now, refreshed behind
+        await asyncio.sleep(0.01)
+        assert src.calls == 2
+        assert await cache.get_or_load("k", src.load) == "v2"
+
+    asyncio.run(main())
+
+
+def test_nothing_is_served_past_its_ttl() -> None:
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=0.1)
+        src = Source()
+        await cache.get_or_load("k", src.load)
+        src.value = "v2"
+        src.release.clear()  # the database is slow now
+        await asyncio.sleep(0.15)
+        pending = asyncio.create_task(cache.get_or_load("k", src.load))
+        await asyncio.sleep(0.02)
+        assert not pending.done()  # expired: the caller waits for the lookup, never gets v1
+        src.release.set()
+        assert await pending == "v2"
+
+    asyncio.run(main())
+
+
+def test_a_failed_lookup_is_not_cached() -> None:
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=60)
+        src = Source()
+        src.fail = True
+        with pytest.raises(LookupError):
+            await cache.get_or_load("k", src.load)
+        src.fail = False
+        assert await cache.get_or_load("k", src.load) == "v1"
+        assert src.calls == 2
+
+    asyncio.run(main())
+
+
+def test_zero_ttl_always_looks_up() -> None:
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=0)
+        src = Source()
+        for _ in range(3):
+            await cache.get_or_load("k", src.load)
+        assert src.calls == 3
+
+    asyncio.run(main())
