@@ -32,7 +32,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,24 +128,30 @@ def engine_flags() -> list[str]:
     return ["--dtype", "float32", *(f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items())]
 
 
-def start_gateway(work: Path, base: Any, s3_url: str) -> ServerProcess:
+def start_gateway(work: Path, base: Any, s3_url: str, tree: Path = REPO,
+                  extra: Sequence[str] = ()) -> ServerProcess:
+    """The gateway, run from ``tree`` (another checkout measures an older gateway the same way)."""
     port = free_port()
     args = ["--database-url", f"sqlite:///{work / 'registry.db'}", "--artifacts-dir",
             f"s3://{BUCKET}/artifacts", "--s3-endpoint-url", s3_url, "--cache-dir",
             str(work / "gateway-cache"), "--base-model-id", base.model_id, "--base-model-dir",
-            str(base.path), *engine_flags()]
-    return start(gateway_command(port, args), work / "gateway.log", cwd=REPO, port=port,
-                 env={"LGW_ADMIN_API_KEY": ADMIN_KEY, "LGW_DISK_CACHE_MAX_BYTES": str(4 << 30), **S3_ENV})
+            str(base.path), *engine_flags(), *extra]
+    return start(gateway_command(port, args), work / "gateway.log", cwd=tree, port=port,
+                 env={"LGW_ADMIN_API_KEY": ADMIN_KEY, "LGW_DISK_CACHE_MAX_BYTES": str(4 << 30),
+                      "PYTHONPATH": str(tree), **S3_ENV})
 
 
-def start_vllm(work: Path, base: Any, registry: Registry, name: str) -> ServerProcess:
-    version = registry.resolve(registry.get_tenant(TENANT), name)
-    local = work / "direct" / name
-    if not local.exists():
-        registry.fetch(version, local)
+def start_vllm(work: Path, base: Any, registry: Registry, names: list[str]) -> ServerProcess:
+    """vLLM's own OpenAI server with ``names`` as static LoRA modules (same engine settings)."""
+    modules = []
+    for name in names:
+        local = work / "direct" / name
+        if not local.exists():
+            registry.fetch(registry.resolve(registry.get_tenant(TENANT), name), local)
+        modules.append(f"{name}={local}")
     port = free_port()
     args = ["--model", str(base.path), "--served-model-name", "base", "--enable-lora",
-            "--lora-modules", f"{name}={local}", *engine_flags()]
+            "--lora-modules", *modules, *engine_flags()]
     return start(vllm_server_command(port, args), work / "vllm.log", cwd=REPO, port=port)
 
 
@@ -207,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10, help="alternating throughput rounds")
+    parser.add_argument("--gateway-tree", type=Path, default=REPO,
+                        help="run the gateway from this checkout (to measure another version)")
+    parser.add_argument("--suite", choices=("full", "overhead"), default="full",
+                        help="overhead: only the throughput rounds against vLLM's own server")
     args = parser.parse_args(argv)
+    args.work = args.work.resolve()  # the servers run in other folders
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     s3 = start_s3(args.work)
@@ -222,37 +233,51 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, servers: list[ServerProcess]) -> int:
     s3_url = servers[0].url
     # 112 for the throughput phases and probes, then --adapters never seen before
-    registry, key, base, names = build_adapters(args.work, 112 + args.adapters, s3_url)
+    count = 64 if args.suite == "overhead" else 112 + args.adapters
+    registry, key, base, names = build_adapters(args.work, count, s3_url)
     targets = [Target(TENANT, n, key) for n in names]
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "engine": ENGINE, "targets": TARGETS,
         "config": {"rounds": args.rounds, "requests": args.requests, "concurrency": args.concurrency,
-                   "max_tokens": MAX_TOKENS, "adapters": args.adapters}}
+                   "max_tokens": MAX_TOKENS, "adapters": args.adapters, "suite": args.suite}}
 
     # Both servers run side by side (only one is under load at a time).
-    print("== starting vLLM's own OpenAI server (direct) and the gateway", flush=True)
-    direct = start_vllm(args.work, base, registry, names[0])
+    print("== starting vLLM's own OpenAI server (direct, 64 static adapters) and the gateway",
+          flush=True)
+    direct = start_vllm(args.work, base, registry, names[:64])
     servers.append(direct)
-    gw = start_gateway(args.work, base, s3_url)
+    gw = start_gateway(args.work, base, s3_url, args.gateway_tree)
     servers.append(gw)
     results["startup_s"] = {"direct": round(direct.startup_seconds, 1),
                             "gateway": round(gw.startup_seconds, 1)}
-    d_target = [replace(targets[0], model=names[0])]
-    for url, t in ((direct.url, d_target), (gw.url, targets[:1])):
+    direct_targets = targets[:64]  # the same names, served as vLLM's static LoRA modules
+    for url, t in ((direct.url, direct_targets[:1]), (gw.url, targets[:1])):
         phase(url, t, "hot", "warm-up", concurrency=2, max_requests=16)
     phase(gw.url, targets[:64], "warm", "prefetch-64", concurrency=1, max_requests=64, duration=600)
+    phase(direct.url, direct_targets, "uniform", "warm-up-64-direct", concurrency=4, max_requests=64)
 
     print(f"== throughput: {args.rounds} alternating rounds", flush=True)
-    plan = [("hot-1-direct", direct.url, d_target, "hot"), ("hot-1", gw.url, targets[:1], "hot"),
-            ("uniform-8", gw.url, targets[:8], "warm"), ("uniform-64", gw.url, targets[:64], "warm")]
+    plan = [("hot-1-direct", direct.url, direct_targets[:1], "hot"),
+            ("hot-1", gw.url, targets[:1], "hot"),
+            ("uniform-64-direct", direct.url, direct_targets, "uniform"),
+            ("uniform-64", gw.url, targets[:64], "uniform"),
+            ("uniform-8", gw.url, targets[:8], "uniform")]
     rounds = throughput_rounds(args, plan)
     direct.stop()
-    results["ratios"] = {"gateway_vs_direct": paired_ratio(rounds, "hot-1", "hot-1-direct"),
-                         "64_vs_1": paired_ratio(rounds, "uniform-64", "hot-1"),
-                         "8_vs_1": paired_ratio(rounds, "uniform-8", "hot-1")}
+    results["ratios"] = {
+        "gateway_vs_direct": paired_ratio(rounds, "hot-1", "hot-1-direct"),
+        "ttft_gateway_vs_direct": paired_ratio(rounds, "hot-1", "hot-1-direct", "ttft_p50"),
+        "gateway_vs_direct_64": paired_ratio(rounds, "uniform-64", "uniform-64-direct"),
+        "ttft_gateway_vs_direct_64": paired_ratio(rounds, "uniform-64", "uniform-64-direct",
+                                                  "ttft_p50"),
+        "64_vs_1": paired_ratio(rounds, "uniform-64", "hot-1"),
+        "64_vs_1_direct": paired_ratio(rounds, "uniform-64-direct", "hot-1-direct"),
+        "8_vs_1": paired_ratio(rounds, "uniform-8", "hot-1")}
     merged = {name: merge(name, [r[name] for r in rounds], len(t)) for name, _url, t, _s in plan}
+    if args.suite == "overhead":
+        return finish(args, results, list(merged.values()), registry, ok=True)
 
     print("== swap penalties, one request at a time", flush=True)
     probes = {
@@ -281,18 +306,23 @@ def run(args: argparse.Namespace, servers: list[ServerProcess]) -> int:
                       "before_by_process": rss_before, "after_by_process": rss_after,
                       "adapters_churned": len({r.target for r in churned.records}),
                       "churn_errors": s_churn["errors"], "churn_tiers": s_churn["tiers"]}
-    phases = [*merged.values(), *probes.values(), churned]
+    return finish(args, results, [*merged.values(), *probes.values(), churned], registry,
+                  ok=not s_churn["errors"])
+
+
+def finish(args: argparse.Namespace, results: dict[str, Any], phases: list[PhaseResult],
+           registry: Registry, *, ok: bool) -> int:
     results["phases"] = {p.name: summarize(p) for p in phases}
     registry.close()
-
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(args.out, {"benchmark": "benchmarks.serving", **results["config"]}, phases,
                  throughput_phases=["hot-1", "uniform-8", "uniform-64"])
     (args.out / "loadtest.json").replace(args.out / "phases.json")
     (args.out / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (args.out / "REPORT.md").write_text(markdown(results))
-    print(json.dumps({k: results[k] for k in ("ratios", "swap_penalty_ms", "rss")}, indent=2, default=str))
-    return 0 if not s_churn["errors"] else 1
+    shown = ("ratios", "swap_penalty_ms", "rss")
+    print(json.dumps({k: results[k] for k in shown if k in results}, indent=2, default=str))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 A scenario decides which adapter each request names and how caches are prepared:
 
     hot          every request names the first target (one adapter, always resident)
+    uniform      uniform over all targets, nothing prepared (any OpenAI-compatible server)
     warm         uniform over all targets, after prefetching them into engine memory
     cold-disk    per target: evict it from engine memory (files stay on disk), then one
                  first request and ``cold_repeats`` repeats; sequential, needs the admin key
@@ -32,9 +33,10 @@ import httpx
 
 from loadtest.client import RequestRecord, RequestShape, Target, send
 
-Scenario = Literal["hot", "warm", "warm-swap", "cold-disk", "cold-remote", "zipf", "tenants"]
-SCENARIOS: tuple[Scenario, ...] = ("hot", "warm", "warm-swap", "cold-disk", "cold-remote", "zipf",
-                                   "tenants")
+Scenario = Literal["hot", "uniform", "warm", "warm-swap", "cold-disk", "cold-remote", "zipf",
+                   "tenants"]
+SCENARIOS: tuple[Scenario, ...] = ("hot", "uniform", "warm", "warm-swap", "cold-disk", "cold-remote",
+                                   "zipf", "tenants")
 # What each probe scenario evicts before a target's first request (None: nothing).
 _PROBES: dict[str, str | None] = {"cold-disk": "engine", "cold-remote": "all", "warm-swap": None}
 _MAX_IN_FLIGHT = 1024  # an open loop never holds more; arrivals beyond it are counted as dropped

@@ -1,0 +1,60 @@
+"""`lora-gateway serve` flags: one per setting (secrets excepted), validated like the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.cli import FLAG_FIELDS, settings_from_args
+from gateway.config import GatewaySettings
+from lora_gateway.cli import build_parser, main
+
+REQUIRED = ["--database-url", "sqlite:///x.db", "--artifacts-dir", "art", "--cache-dir", "cache",
+            "--base-model-id", "tiny", "--base-model-dir", "models/tiny"]
+
+
+def test_every_setting_but_secrets_has_a_flag() -> None:
+    secrets = {"admin_api_key"}
+    assert set(FLAG_FIELDS) == set(GatewaySettings.model_fields) - secrets
+
+
+def test_flags_become_typed_settings() -> None:
+    args = build_parser().parse_args([
+        "serve", *REQUIRED, "--max-lora-rank", "32", "--max-loras", "2", "--max-cpu-loras", "4",
+        "--resolve-ttl-seconds", "0.5", "--no-expose-base", "--pinned-adapter", "acme/bot",
+        "--disk-cache-max-bytes", "2GiB", "--dtype", "float32"])
+    s = settings_from_args(args)
+    assert (s.max_lora_rank, s.max_loras, s.resolve_ttl_seconds) == (32, 2, 0.5)
+    assert s.expose_base is False and s.pinned_adapters == ["acme/bot"]
+    assert s.disk_cache_max_bytes == 2 << 30 and s.dtype == "float32"
+
+
+def test_flags_override_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("LGW_MAX_NUM_SEQS", "3")
+    monkeypatch.setenv("LGW_MAX_LORAS", "2")
+    s = settings_from_args(build_parser().parse_args(["serve", *REQUIRED, "--max-loras", "3"]))
+    assert (s.max_num_seqs, s.max_loras) == (3, 3)
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--max-lora-rank", "17"], "--max-lora-rank (LGW_MAX_LORA_RANK)"),
+    (["--max-cpu-loras", "1", "--max-loras", "2"], "max_cpu_loras must be >= max_loras"),
+    (["--dtype", "fp8"], "--dtype (LGW_DTYPE)"),
+    (["--disk-cache-max-bytes", "lots"], "--disk-cache-max-bytes"),
+])
+def test_bad_settings_exit_2_naming_the_setting(argv, named, capsys) -> None:
+    assert main(["serve", *REQUIRED, *argv]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def test_missing_required_settings_are_listed(capsys) -> None:
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    for name in ("--database-url", "--artifacts-dir", "--cache-dir", "--base-model-id"):
+        assert f"{name} (LGW_" in err
+
+
+def test_a_non_number_for_a_number_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", *REQUIRED, "--max-loras", "abc"])
+    assert exc.value.code == 2 and "--max-loras" in capsys.readouterr().err
