@@ -110,14 +110,8 @@ class AdapterTemplate:
 
     def peft_config_kwargs(self) -> dict[str, Any]:
         """The LoraConfig arguments that fix the shape (the trainer adds run knobs)."""
-        return {
-            "r": self.r,
-            "lora_alpha": self.lora_alpha,
-            "target_modules": sorted(self.target_modules),
-            "bias": self.bias,
-            "use_dora": self.use_dora,
-            "use_rslora": self.use_rslora,
-        }
+        base = ("base_model_id", "base_revision")
+        return {k: v for k, v in self.shape_fields().items() if k not in base}
 
 
 def module_dims(contract: BaseContract, module: str) -> tuple[int, int]:

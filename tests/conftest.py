@@ -114,17 +114,25 @@ def registry_env(tmp_path, db_url, tiny_base, tiny_contract, tiny_template, trai
     """A registry with the tiny base, its template, tenants acme and globex with keys, and
     acme/support-bot and globex/pirate registered (v1, alias prod)."""
     registry = Registry.open(db_url, tmp_path / "artifacts")
-    registry.register_base(tiny_contract)
-    registry.register_template(tiny_template)
+    keys = populate(registry, tiny_contract, tiny_template, trained_adapters)
+    yield RegistryEnv(registry, db_url, tmp_path / "artifacts", keys, tiny_base,
+                      tiny_contract, tiny_template)
+    registry.close()
+
+
+def populate(registry: Registry, contract: BaseContract, template: AdapterTemplate,
+             adapters: dict[str, Path]) -> dict[str, str]:
+    """The tiny base and template, tenants acme and globex (keys returned), and their
+    adapters as acme/support-bot and globex/pirate (v1, alias prod)."""
+    registry.register_base(contract)
+    registry.register_template(template)
     keys = {}
     for tenant in ANSWERS:
         registry.create_tenant(tenant)
         keys[tenant] = registry.create_api_key(tenant)
-    registry.push("acme", "support-bot", trained_adapters["acme"])
-    registry.push("globex", "pirate", trained_adapters["globex"])
-    yield RegistryEnv(registry, db_url, tmp_path / "artifacts", keys, tiny_base,
-                      tiny_contract, tiny_template)
-    registry.close()
+    registry.push("acme", "support-bot", adapters["acme"])
+    registry.push("globex", "pirate", adapters["globex"])
+    return keys
 
 
 def copy_adapter(src: Path, dest: Path) -> Path:

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from adapters_registry import AdapterTemplate, Registry
-from tests.conftest import ANSWERS, PROMPTS, REPO, train_tiny_adapter
+from tests.conftest import ANSWERS, PROMPTS, REPO, populate, train_tiny_adapter
 from tests.integration.conftest import GatewayProcess, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -37,14 +37,7 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
     root: Path = tmp_path_factory.mktemp("e2e")
     db_url = f"sqlite:///{root / 'registry.db'}"
     registry = Registry.open(db_url, root / "artifacts")
-    registry.register_base(tiny_contract)
-    registry.register_template(tiny_template)
-    keys = {}
-    for tenant in ANSWERS:
-        registry.create_tenant(tenant)
-        keys[tenant] = registry.create_api_key(tenant)
-    registry.push("acme", "support-bot", trained_adapters["acme"])
-    registry.push("globex", "pirate", trained_adapters["globex"])
+    keys = populate(registry, tiny_contract, tiny_template, trained_adapters)
     # A third adapter whose stored bytes the test corrupts behind the registry's back
     # (its own content, so no other version shares its blobs).
     broken = train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], root / "broken",
