@@ -9,13 +9,11 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_registry import Registry
 from adapters_registry.contract import BaseContract, derive_contract
@@ -35,9 +33,10 @@ from gateway.chat import ChatService, PromptRenderer
 from gateway.config import GatewaySettings
 from gateway.disk_cache import DiskCache
 from gateway.engine import Engine
-from gateway.errors import BaseMismatchError, GatewayError, PayloadTooLargeError, error_body
+from gateway.errors import BaseMismatchError, GatewayError, error_body
 from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
+from gateway.middleware import BodySizeLimit, MetricsPortSplit
 from gateway.tenancy import TenantDirectory
 
 logger = logging.getLogger(__name__)
@@ -155,6 +154,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     app.include_router(admin_router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.metrics_port is not None:
+        app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
     app.add_middleware(RequestContext)
     return app
 
@@ -210,49 +211,3 @@ _REGISTRY_STATUS: tuple[tuple[type[RegistryError], int, str], ...] = (
     (IncompatibleAdapterError, 422, "incompatible_adapter"),
     (ArtifactError, 503, "artifact_unavailable"),
 )
-
-
-class BodySizeLimit:
-    """Refuses bodies over ``max_bytes`` with 413, declared or streamed (pure ASGI)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge(self.max_bytes)
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send: Send) -> None:
-        err = PayloadTooLargeError(f"request body exceeds {self.max_bytes} bytes")
-        await JSONResponse(err.body(), status_code=413)({"type": "http"}, _no_receive, send)
-
-
-class _TooLarge(StarletteHTTPException):
-    # An HTTPException, so FastAPI's body parsing lets it through instead of calling
-    # it a malformed body (400).
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body exceeds {max_bytes} bytes")
-
-
-async def _no_receive() -> Any:
-    return {"type": "http.disconnect"}

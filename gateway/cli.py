@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 import typing
+from types import FrameType
 
 from pydantic import SecretStr, ValidationError
 
@@ -94,10 +96,39 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Readiness fails from the first signal on; uvicorn then stops accepting and
+            # gives requests in flight drain_grace_seconds before it closes them.
+            services = getattr(app.state, "services", None)
+            if services is not None and not services.draining:
+                services.draining = True
+                logging.getLogger(__name__).info(
+                    "draining: %.0fs for requests in flight", settings.drain_grace_seconds)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level=args.log_level,
+                            timeout_graceful_shutdown=max(1, round(settings.drain_grace_seconds)))
+    try:
+        sockets = [_bind(settings.host, settings.port)]
+        if settings.metrics_port is not None:
+            sockets.append(_bind(settings.metrics_host or settings.host, settings.metrics_port))
+    except OSError as exc:
+        print(f"lora-gateway serve: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    DrainingServer(config).run(sockets=sockets)
     services = getattr(app.state, "services", None)
     if services is not None and not services.ready:
         logging.getLogger(__name__).critical("exiting because the inference engine died")
         return 70  # EX_SOFTWARE: the supervisor restarts us
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock

@@ -29,7 +29,15 @@ class GatewaySettings(BaseSettings):
     )
     expose_base: bool = Field(default=True, description="Let tenants call the bare base.")
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=1, le=65535)
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve /metrics on this port only (not to "
+        "tenants on the API port); unset: /metrics on the API port.")
+    metrics_host: str | None = Field(default=None, description="Address of the metrics port "
+                                     "(default: host).")
+    drain_grace_seconds: float = Field(
+        default=30.0, ge=0, description="On SIGTERM: readiness fails at once, requests in flight "
+        "get this long to finish, then the process exits.")
     dtype: Dtype = "bfloat16"
     max_model_len: int = Field(default=2048, ge=16)
     max_num_seqs: int = Field(default=16, ge=1)
@@ -66,6 +74,8 @@ class GatewaySettings(BaseSettings):
     def _check(self) -> GatewaySettings:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("metrics_port must differ from port")
         if len(set(self.pinned_adapters)) >= self.max_cpu_loras:
             raise ValueError(f"{len(set(self.pinned_adapters))} pinned adapters need max_cpu_loras "
                              "above that: one engine slot must stay free for the others")

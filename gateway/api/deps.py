@@ -29,6 +29,7 @@ class Services:
     metrics: GatewayMetrics
     admin_registry: Registry  # the same database and store, audited as "admin"
     ready: bool = True
+    draining: bool = False  # SIGTERM received: finishing requests in flight, then exiting
     warmup_errors: dict[str, str] = field(default_factory=dict)  # ref -> why
 
 

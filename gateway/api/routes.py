@@ -47,10 +47,21 @@ async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
 
 
 @router.get("/health")
-async def health(services: ServicesDep) -> JSONResponse:
-    if services.ready and services.chat.engine_alive():
+@router.get("/health/ready")
+async def ready(services: ServicesDep) -> JSONResponse:
+    """Readiness: send traffic here. False while draining or once the engine died."""
+    if services.ready and not services.draining and services.chat.engine_alive():
         return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "unavailable"}, status_code=503)
+    status = "draining" if services.draining else "unavailable"
+    return JSONResponse({"status": status}, status_code=503)
+
+
+@router.get("/health/live")
+async def live(services: ServicesDep) -> JSONResponse:
+    """Liveness: the event loop answers and the engine runs; never fails for being busy."""
+    if services.chat.engine_alive():
+        return JSONResponse({"status": "alive"})
+    return JSONResponse({"status": "engine dead"}, status_code=503)
 
 
 @router.get("/metrics")

@@ -346,3 +346,26 @@ def test_alias_move_and_rollback_are_seen_within_the_ttl(gateway_factory, tiny_b
     reg.set_alias("acme", "support-bot", "prod", 1)  # rollback
     time.sleep(0.35)
     assert served() == "acme/support-bot@v1"
+
+
+def test_liveness_and_readiness_are_separate(gw: Gateway) -> None:
+    for path in ("/health", "/health/ready", "/health/live"):
+        assert gw.client.get(path).status_code == 200
+    gw.client.app.state.services.draining = True  # what SIGTERM does
+    assert gw.client.get("/health/ready").json() == {"status": "draining"}
+    assert gw.client.get("/health/ready").status_code == 503
+    assert gw.client.get("/health/live").status_code == 200  # busy or draining is not dead
+    gw.engine.dead = True
+    assert gw.client.get("/health/live").status_code == 503
+
+
+def test_metrics_port_keeps_metrics_off_the_api_port(gateway_factory) -> None:
+    gw = gateway_factory(metrics_port=9400)
+    api = gw.client  # the test client talks to port 80 unless told otherwise
+    assert gw.chat("acme", "support-bot").status_code == 200
+    r = api.get("/metrics")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    metrics = api.get("http://testserver:9400/metrics")
+    assert metrics.status_code == 200 and "lgw_requests_total" in metrics.text
+    # and nothing of the API on the metrics port
+    assert api.get("http://testserver:9400/v1/models", headers=gw.headers("acme")).status_code == 404
