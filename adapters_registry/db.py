@@ -163,6 +163,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+def current_revision(engine: Engine) -> str | None:
+    """The migration revision the database is at (None before the first migration)."""
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets the gateway read while the CLI registers; busy_timeout waits instead of failing.
     cur = dbapi_conn.cursor()

@@ -58,6 +58,17 @@ class GatewaySettings(BaseSettings):
     exit_on_engine_death: bool = Field(
         default=True, description="Exit the process when the engine dies (the supervisor restarts it)."
     )
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0, le=1, description="Fraction of GPU memory the engine may use (vLLM).")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve /metrics on this port only (not on the API port); unset keeps it on the API port.")
+    drain_grace_seconds: float = Field(
+        default=30, ge=0, description="On SIGTERM: readiness goes false at once, in-flight requests get "
+        "this long to finish, then the process exits.")
+    redis_url: SecretStr | None = Field(
+        default=None, description="Redis URL for quotas and cross-replica invalidation (optional for "
+        "one process).")
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
