@@ -31,13 +31,20 @@ truncated to 63 characters. Objects that add a suffix stay under the limit throu
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Standard labels on every object. */}}
-{{- define "lora-gateway.labels" -}}
+{{/* Standard labels, without the component. */}}
+{{- define "lora-gateway.commonLabels" -}}
 helm.sh/chart: {{ include "lora-gateway.chart" . }}
-{{ include "lora-gateway.selectorLabels" . }}
+app.kubernetes.io/name: {{ include "lora-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: lora-gateway
+{{- end }}
+
+{{/* Standard labels of the gateway's objects. */}}
+{{- define "lora-gateway.labels" -}}
+{{ include "lora-gateway.commonLabels" . }}
+app.kubernetes.io/component: gateway
 {{- end }}
 
 {{/* Labels that select the gateway pods (Service, PDB, NetworkPolicy, InferencePool). */}}
