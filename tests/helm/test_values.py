@@ -153,3 +153,13 @@ def _walk(values: Any, node: dict[str, Any], path: str) -> None:
 
 def test_schema_describes_exactly_the_keys_of_values_yaml() -> None:
     _walk(yaml.safe_load((CHART / "values.yaml").read_text()), schema(), "")
+
+
+def test_readme_values_table_is_values_yaml() -> None:
+    from tests.helm.values_doc import BEGIN, END, table, undocumented
+
+    text = (CHART / "values.yaml").read_text()
+    assert undocumented(text) == [], "values.yaml keys without a `# --` description"
+    readme = (CHART / "README.md").read_text()
+    current = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert current == table(text), "regenerate it: python -m tests.helm.values_doc"
