@@ -119,6 +119,7 @@ def _schema_error(values: dict[str, Any]) -> str:
     ({"registry": {"artifacts": "/data/artifacts"}}, ["/registry/artifacts", "s3://"]),
     ({"image": {"flavor": "tpu"}}, ["/image/flavor", "gpu", "cpu"]),
     ({"adapterCache": {"sizeGiB": "20Gi"}}, ["/adapterCache/sizeGiB", "integer"]),
+    ({"gpu": {"count": 2}}, ["/gpu/count", "maximum"]),  # no tensor parallelism: a 2nd GPU idles
     ({"model": {"s3": {"sizeLimit": "lots"}}}, ["/model/s3/sizeLimit"]),
     ({"secrets": {"database": {"password": "hunter2"}}},
      ["/secrets/database", "additional properties 'password' not allowed"]),
