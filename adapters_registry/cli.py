@@ -9,7 +9,11 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
 from adapters_registry.contract import derive_contract
+from adapters_registry.db import current_revision, make_engine
 from adapters_registry.errors import IncompatibleAdapterError, RegistryError
 from adapters_registry.service import Registry
 from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
@@ -39,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     cmds = reg.add_subparsers(dest="registry_cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     add_registry_options(common)
+
+    p = cmds.add_parser("migrate", help="apply the database migrations, then exit (once per release, "
+                        "before the gateways start)")
+    p.add_argument("--db", default=os.environ.get("LGW_DATABASE_URL", "sqlite:///lora-gateway.db"),
+                   help="SQLAlchemy URL of the registry database (env LGW_DATABASE_URL)")
 
     p = cmds.add_parser("add-base", parents=[common], help="register a base model directory's contract")
     p.add_argument("model_id")
@@ -115,6 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.registry_cmd == "migrate":
+        return _migrate(args.db)
     registry = Registry.open(args.db, args.artifacts, actor=args.actor,
                              s3_endpoint_url=args.s3_endpoint, s3_region=args.s3_region)
     try:
@@ -127,6 +138,26 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         registry.close()
+    return 0
+
+
+def _migrate(db_url: str) -> int:
+    # Only the database: a migration job needs no artifact store or its credentials.
+    try:
+        safe_url = make_url(db_url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        print("error: --db is not a SQLAlchemy database URL", file=sys.stderr)
+        return 2
+    try:
+        engine = make_engine(db_url)
+    except SQLAlchemyError as exc:
+        print(f"error: could not migrate {safe_url}: {type(exc).__name__}: {exc.__cause__ or exc}",
+              file=sys.stderr)
+        return 2
+    try:
+        print(f"{safe_url} is at revision {current_revision(engine)}")
+    finally:
+        engine.dispose()
     return 0
 
 

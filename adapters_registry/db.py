@@ -163,6 +163,26 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+def head_revision() -> str:
+    """The newest migration revision this code knows."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", "adapters_registry:migrations")
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None, "the migrations folder has no head revision"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The migration revision the database is at (None before the first migration)."""
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets the gateway read while the CLI registers; busy_timeout waits instead of failing.
     cur = dbapi_conn.cursor()

@@ -33,6 +33,8 @@ from adapters_registry.db import (
     BaseModelRow,
     TemplateRow,
     as_utc,
+    current_revision,
+    head_revision,
     make_engine,
 )
 from adapters_registry.errors import (
@@ -76,10 +78,19 @@ class Registry(TenancyMixin):
 
     @classmethod
     def open(cls, db_url: str, artifacts: str | Path, *, actor: str = "unknown",
-             s3_endpoint_url: str | None = None, s3_region: str = "us-east-1") -> Registry:
-        """``artifacts`` is a folder or ``s3://bucket/prefix``."""
+             s3_endpoint_url: str | None = None, s3_region: str = "us-east-1",
+             migrate: bool = True) -> Registry:
+        """``artifacts`` is a folder or ``s3://bucket/prefix``. Without ``migrate`` the schema
+        must already be current (``lora-gateway registry migrate``), else ConflictError."""
         store = open_store(artifacts, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
-        return cls(make_engine(db_url), store, actor=actor)
+        engine = make_engine(db_url, migrate=migrate)
+        if not migrate:
+            at, head = current_revision(engine), head_revision()
+            if at != head:
+                engine.dispose()
+                raise ConflictError(f"the registry database is at schema revision {at or 'none'}, "
+                                    f"this version needs {head}: run `lora-gateway registry migrate`")
+        return cls(engine, store, actor=actor)
 
     def close(self) -> None:
         self.engine.dispose()

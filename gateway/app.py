@@ -55,7 +55,7 @@ def vllm_engine_factory(settings: GatewaySettings) -> Engine:
         model_dir=settings.base_model_dir, dtype=settings.dtype,
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
         max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras,
-        max_lora_rank=settings.max_lora_rank,
+        max_lora_rank=settings.max_lora_rank, gpu_memory_utilization=settings.gpu_memory_utilization,
     ))
 
 
@@ -109,7 +109,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         registry = await asyncio.to_thread(
             lambda: Registry.open(settings.database_url, settings.artifacts_dir, actor="gateway",
                                   s3_endpoint_url=settings.s3_endpoint_url,
-                                  s3_region=settings.s3_region))
+                                  s3_region=settings.s3_region,
+                                  migrate=settings.migrate_on_start))
         try:
             contract = await asyncio.to_thread(verify_base, registry, settings)
             renderer = await asyncio.to_thread(PromptRenderer.load, settings.base_model_dir)

@@ -69,6 +69,14 @@ class GatewaySettings(BaseSettings):
     exit_on_engine_death: bool = Field(
         default=True, description="Exit the process when the engine dies (the supervisor restarts it)."
     )
+    migrate_on_start: bool = Field(
+        default=True, description="Bring the registry database's schema up to date at start; "
+        "off when migrations run once per release (`lora-gateway registry migrate`, Helm hook).")
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0, le=1, description="Fraction of GPU memory the engine may use (vLLM).")
+    redis_url: SecretStr | None = Field(
+        default=None, description="Redis URL for quotas and cross-replica invalidation (optional for "
+        "one process).")
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:

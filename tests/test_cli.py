@@ -135,3 +135,26 @@ def test_train_refuses_bad_requests_before_training(run, tmp_path, tiny_base, ex
                          "--data", str(data), "--out", str(tmp_path / "o"), *extra)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists() and "train loss" not in out  # nothing was trained
+
+
+def test_registry_migrate_applies_migrations_and_exits(tmp_path, capsys) -> None:
+    from adapters_registry.db import current_revision, make_engine
+
+    db = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert main(["registry", "migrate", "--db", db]) == 0
+    assert capsys.readouterr().out.strip().endswith("is at revision 0003")
+    engine = make_engine(db, migrate=False)
+    try:
+        assert current_revision(engine) == "0003"
+    finally:
+        engine.dispose()
+    assert main(["registry", "migrate", "--db", db]) == 0  # idempotent: once per release, any number of times
+
+
+def test_registry_migrate_failure_is_a_clear_error_without_the_password(capsys) -> None:
+    code = main(["registry", "migrate", "--db", "postgresql+psycopg://lgw:s3cret@127.0.0.1:1/nope"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: could not migrate ")
+    assert "s3cret" not in err and "***" in err
+    assert main(["registry", "migrate", "--db", "not a url"]) == 2
+    assert "not a SQLAlchemy database URL" in capsys.readouterr().err

@@ -13,7 +13,7 @@ REQUIRED = ["--database-url", "sqlite:///x.db", "--artifacts-dir", "art", "--cac
 
 
 def test_every_setting_but_secrets_has_a_flag() -> None:
-    secrets = {"admin_api_key"}
+    secrets = {"admin_api_key", "redis_url"}
     assert set(FLAG_FIELDS) == set(GatewaySettings.model_fields) - secrets
 
 

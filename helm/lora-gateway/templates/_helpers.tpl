@@ -1,0 +1,106 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "lora-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: <release>-<chart> (just <release> when it already contains the chart name),
+truncated to 63 characters. Objects that add a suffix stay under the limit through
+"lora-gateway.suffixed".
+*/}}
+{{- define "lora-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* fullname-suffix within 63 characters: (dict "ctx" $ "suffix" "migrate") */}}
+{{- define "lora-gateway.suffixed" -}}
+{{- $base := include "lora-gateway.fullname" .ctx | trunc (int (sub 62 (len .suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s" $base .suffix }}
+{{- end }}
+
+{{- define "lora-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Standard labels, without the component. */}}
+{{- define "lora-gateway.commonLabels" -}}
+helm.sh/chart: {{ include "lora-gateway.chart" . }}
+app.kubernetes.io/name: {{ include "lora-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lora-gateway
+{{- end }}
+
+{{/* Standard labels of the gateway's objects. */}}
+{{- define "lora-gateway.labels" -}}
+{{ include "lora-gateway.commonLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/* Labels that select the gateway pods (Service, PDB, NetworkPolicy, InferencePool). */}}
+{{- define "lora-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lora-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "lora-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lora-gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "lora-gateway.image" -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.flavor) }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* More than one gateway can run at once: quotas then need Redis. */}}
+{{- define "lora-gateway.multiReplica" -}}
+{{- if or (gt (int .Values.replicaCount) 1) .Values.autoscaling.hpa.enabled .Values.autoscaling.keda.enabled }}true{{- end }}
+{{- end }}
+
+{{/* S3 is used by the registry's artifacts (always s3://) and perhaps the base checkpoint. */}}
+{{- define "lora-gateway.s3Env" -}}
+{{- if not .Values.secrets.s3.ambientCredentials -}}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.s3.existingSecret }}
+      key: {{ .Values.secrets.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.s3.existingSecret }}
+      key: {{ .Values.secrets.s3.secretAccessKeyKey }}
+{{- end }}
+{{- end }}
+
+{{- define "lora-gateway.databaseEnv" -}}
+- name: LGW_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.secrets.database.existingSecret }}
+      key: {{ .Values.secrets.database.key }}
+{{- end }}
+
+{{/* disk_cache_max_bytes: 90% of the cache volume, the rest is room for downloads in progress. */}}
+{{- define "lora-gateway.diskCacheMaxBytes" -}}
+{{- div (mul (int64 .Values.adapterCache.sizeGiB) 1073741824 9) 10 }}
+{{- end }}
+
+{{- define "lora-gateway.terminationGracePeriodSeconds" -}}
+{{- add .Values.gateway.preStopSleepSeconds .Values.gateway.drainGraceSeconds .Values.gateway.shutdownMarginSeconds }}
+{{- end }}
