@@ -3,7 +3,8 @@
 from adapters_registry.compat import Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
 from adapters_registry.manifest import AdapterManifest
-from adapters_registry.records import AdapterInfo, AdapterVersion, ModelRef, Tenant
+from adapters_registry.names import AdapterRef, ModelRef, parse_adapter_ref, validate_name
+from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
 from adapters_registry.s3 import S3Config, S3Store
 from adapters_registry.service import Registry
 from adapters_registry.store import ArtifactStore, FilesystemStore
@@ -12,6 +13,7 @@ from adapters_registry.template import AdapterTemplate, expected_tensors
 __all__ = [
     "AdapterInfo",
     "AdapterManifest",
+    "AdapterRef",
     "AdapterTemplate",
     "AdapterVersion",
     "ArtifactStore",
@@ -27,4 +29,6 @@ __all__ = [
     "check_adapter",
     "derive_contract",
     "expected_tensors",
+    "parse_adapter_ref",
+    "validate_name",
 ]
