@@ -2,23 +2,27 @@
 
 Its own identity: one admin key from the settings, never a tenant key. Without a
 configured admin key every route answers 404, as if the API were not there.
-Pushing adapter files stays with the CLI/trainer (they run the check on local files).
+Adapters are uploaded as a .tar, .tar.gz or .zip body and run through exactly the check
+``registry push`` runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import shutil
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_registry import Registry
 from gateway.adapters import AdapterManager, CacheName, EvictTarget
 from gateway.api.deps import Services, ServicesDep
-from gateway.errors import AuthenticationFailedError, GatewayError
+from gateway.errors import AuthenticationFailedError, GatewayError, PayloadTooLargeError
 
 router = APIRouter(prefix="/admin/v1")
 
@@ -129,6 +133,33 @@ async def list_adapters(tenant: str, reg: AdminDep) -> dict[str, Any]:
 async def set_alias(tenant: str, name: str, alias: str, body: AliasIn, reg: AdminDep) -> dict[str, Any]:
     await _run(reg.set_alias, tenant, name, alias, body.version)
     return {"alias": f"{tenant}/{name}:{alias}", "version": body.version}
+
+
+@router.post("/tenants/{tenant}/adapters/{name}/versions", status_code=201)
+async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep,
+                         template: str | None = None, base: str | None = None,
+                         alias: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
+    """Register a new version from an uploaded .tar, .tar.gz or .zip (the request body)."""
+    limit = reg.limits.max_archive_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the upload is {declared} bytes, over the {limit}-byte limit")
+    folder = Path(await _run(tempfile.mkdtemp, prefix="lgw-upload-"))
+    try:
+        archive = folder / "upload"
+        with await _run(archive.open, "wb") as out:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    raise PayloadTooLargeError(f"the upload exceeds the {limit}-byte limit")
+                await _run(out.write, chunk)
+        version = await _run(reg.push, tenant, name, archive, template_id=template, base=base,
+                             aliases=alias or [])
+    finally:
+        await _run(shutil.rmtree, folder, ignore_errors=True)
+    return {"version": version.ref, "lora_int_id": version.lora_int_id,
+            "content_sha256": version.content_sha256, "files": version.files}
 
 
 @router.post("/tenants/{tenant}/adapters/{name}/versions/{version}/deprecate")
