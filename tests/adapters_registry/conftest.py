@@ -218,10 +218,3 @@ def nobody(tiny_base) -> Iterator[Nobody]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-
-@pytest.fixture(scope="session")
-def corpus(tiny_base, tmp_path_factory) -> Path:
-    """The intake corpus (tests/adapters_registry/corpus.py) for the tiny-llama base."""
-    from tests.adapters_registry.corpus import build
-
-    return build(Path(tiny_base.path), tmp_path_factory.mktemp("intake") / "corpus")
