@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The command that repairs what verify finds; the gateway's 503 message names it too.
+# The command that repairs what verify finds; the gateway's 503 message names it too
+# (PATH: the adapter's original folder or archive).
 REPAIR_COMMAND = "lora-gateway registry verify --repair PATH"
 
 

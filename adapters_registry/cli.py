@@ -16,7 +16,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from adapters_registry._integrity import VerifyReport
+from adapters_registry._integrity import REPAIR_COMMAND, VerifyReport
 from adapters_registry.contract import derive_contract
 from adapters_registry.errors import (
     ArtifactError,
@@ -217,7 +217,7 @@ def _verify(r: Registry, a: argparse.Namespace) -> int:
           f"{len(report.problems) - len(bad)} repaired")
     if bad:
         hint = ("the supplied files do not contain them" if a.repair else
-                "repair with: lora-gateway registry verify --repair PATH (the adapter's folder or archive)")
+                f"repair with: {REPAIR_COMMAND} (the adapter's folder or archive)")
         print(f"error: {len(bad)} blob(s) still corrupted or missing; {hint}", file=sys.stderr)
         return 5
     return 0

@@ -38,6 +38,7 @@ from adapters_registry.db import (
 )
 from adapters_registry.errors import (
     ConflictError,
+    DatabaseError,
     IncompatibleAdapterError,
     ManifestError,
     NotFoundError,
@@ -187,6 +188,9 @@ class Registry(TenancyMixin, IntegrityMixin):
                                         repaired)
         except IntegrityError:
             raise ConflictError(f"{ref}: a concurrent registration won; push again") from None
+        except DatabaseError as exc:
+            raise DatabaseError(f"{exc}; {ref} was not registered (its uploaded blobs are "
+                                "unreferenced: `registry gc` collects them)") from None
 
     def _template_for(self, staged: Path, template_id: str | None, base: str | None,
                       ref: str) -> AdapterTemplate:
