@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from adapters_registry.contract import BaseContract
+from adapters_registry.names import shown
 from adapters_registry.template import AdapterTemplate
 
 Problem = tuple[str, str, str]  # (violation code, config key, message)
@@ -127,3 +129,31 @@ def _target_modules_problem(value: Any, template: AdapterTemplate) -> tuple[str,
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def base_problems(cfg: dict[str, Any], contract: BaseContract) -> list[Problem]:
+    """The base the config itself names (``base_model_name_or_path``, ``revision``) against
+    the served base's registered id, its aliases and its revision.
+
+    An unset field makes no claim (the operator named the base); any other value must be
+    one the registry knows, so a local path or another model's id is refused with a fix.
+    """
+    out: list[Problem] = []
+    known = [contract.model_id, *contract.aliases]
+    declared = cfg.get("base_model_name_or_path")
+    if declared not in (None, "") and declared not in known:
+        out.append((
+            "base_model_mismatch", "base_model_name_or_path",
+            f"has base_model_name_or_path={shown(declared)}, but the adapter is being registered "
+            f"on base {contract.model_id!r} (known as {known}); if it was trained on that base, "
+            f"set base_model_name_or_path to {contract.model_id!r}, else register it on its own base",
+        ))
+    revision = cfg.get("revision")
+    if revision not in (None, "") and revision != contract.revision:
+        out.append((
+            "base_revision_mismatch", "revision",
+            f"has revision={shown(revision)}, but base {contract.model_id} is registered at "
+            f"revision {contract.revision[:12]}…; retrain on that revision, or set revision to null "
+            "if the adapter was trained on it",
+        ))
+    return out

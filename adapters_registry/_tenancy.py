@@ -12,7 +12,8 @@ from adapters_registry import keys
 from adapters_registry._audit import record
 from adapters_registry.db import ApiKeyRow, TenantRow, as_utc, as_utc_or_none
 from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
-from adapters_registry.records import ApiKeyInfo, Tenant, validate_name
+from adapters_registry.names import shown, validate_name
+from adapters_registry.records import ApiKeyInfo, Tenant
 
 
 class TenancyMixin:
@@ -23,7 +24,7 @@ class TenancyMixin:
         validate_name("tenant", name)
         with Session(self.engine) as s, s.begin():
             if s.scalar(select(TenantRow).filter_by(name=name)) is not None:
-                raise ConflictError(f"tenant {name!r} already exists")
+                raise ConflictError(f"tenant {shown(name)} already exists")
             row = TenantRow(name=name)
             s.add(row)
             s.flush()
@@ -34,7 +35,7 @@ class TenancyMixin:
         with Session(self.engine) as s:
             row = s.scalar(select(TenantRow).filter_by(name=name))
             if row is None:
-                raise NotFoundError(f"tenant {name!r} does not exist")
+                raise NotFoundError(f"tenant {shown(name)} does not exist")
             return Tenant(row.id, row.name)
 
     def list_tenants(self) -> list[Tenant]:
@@ -69,7 +70,7 @@ class TenancyMixin:
             rows = [r for r in s.scalars(select(ApiKeyRow).filter_by(
                 tenant_id=tenant.id, prefix=prefix[:keys.SHOWN_PREFIX], revoked_at=None))]
             if not rows:
-                raise NotFoundError(f"tenant {tenant.name!r} has no active key starting {prefix!r}")
+                raise NotFoundError(f"tenant {shown(tenant.name)} has no active key starting {shown(prefix)}")
             for r in rows:
                 r.revoked_at = datetime.now(UTC)
             record(s, self.actor, "key.revoke", tenant.name, prefix=prefix[:keys.SHOWN_PREFIX])

@@ -1,4 +1,11 @@
-"""`lora-gateway registry ...`: bases, templates, tenants, keys, adapters, aliases."""
+"""`lora-gateway registry ...`: bases, templates, tenants, keys, adapters, aliases.
+
+Exit codes (one table, EXIT_CODES): 0 done; 2 invalid argument, unknown or conflicting
+name; 3 adapter refused by the check (every violation listed); 4 the adapter path,
+archive or upload cannot be read or staged; 5 artifact store failure (read-only, disk
+full, S3 unreachable or denied, blobs corrupted or missing); 6 database failure
+(read-only, locked, unreachable).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,28 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from adapters_registry._integrity import REPAIR_COMMAND, VerifyReport
 from adapters_registry.contract import derive_contract
 from adapters_registry.db import current_revision, make_engine
-from adapters_registry.errors import IncompatibleAdapterError, RegistryError
+from adapters_registry.errors import (
+    ArtifactError,
+    DatabaseError,
+    IncompatibleAdapterError,
+    RegistryError,
+    SourceError,
+)
+from adapters_registry.names import AdapterRef, parse_adapter_ref
 from adapters_registry.service import Registry
 from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
+
+# Most specific first; anything else that is a RegistryError exits 2.
+EXIT_CODES: tuple[tuple[type[RegistryError], int], ...] = (
+    (IncompatibleAdapterError, 3),
+    (SourceError, 4),
+    (ArtifactError, 5),
+    (DatabaseError, 6),
+    (RegistryError, 2),
+)
 
 
 def add_registry_options(p: argparse.ArgumentParser) -> None:
@@ -29,13 +53,12 @@ def add_registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-region", default=os.environ.get("LGW_S3_REGION", "us-east-1"))
     p.add_argument("--actor", default=os.environ.get("USER") or "cli",
                    help="who is making the change, for the audit trail (default: $USER)")
+    p.add_argument("--db-lock-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for another writer's lock on a SQLite database")
 
 
-def _split_ref(ref: str) -> tuple[str, str]:
-    tenant, sep, name = ref.partition("/")
-    if not sep or not tenant or not name:
-        raise SystemExit(f"expected TENANT/NAME, got {ref!r}")
-    return tenant, name
+def _ref(a: argparse.Namespace) -> AdapterRef:
+    return parse_adapter_ref(a.ref)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -53,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("model_id")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--license")
+    p.add_argument("--alias", action="append", default=[], dest="base_aliases",
+                   help="another id of the same weights, e.g. the hub id it was converted from")
     p.set_defaults(run=_add_base)
 
     p = cmds.add_parser("add-template", parents=[common],
@@ -88,17 +113,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = cmds.add_parser("push", parents=[common], help="check and register a new adapter version")
     p.add_argument("ref", metavar="TENANT/NAME")
-    p.add_argument("adapter_dir", type=Path)
-    p.add_argument("--template", help="template id (default: the one in the adapter's manifest)")
+    p.add_argument("adapter", type=Path, metavar="PATH",
+                   help="a PEFT adapter folder, or a .tar, .tar.gz or .zip of one")
+    p.add_argument("--template", help="template id (default: the manifest's, else the base's only one)")
+    p.add_argument("--base", help="base model id the adapter was trained on (checked against "
+                   "adapter_config.json; picks the template when the base has one)")
     p.add_argument("--alias", action="append", default=[], help="aliases to point at it")
     p.set_defaults(run=_push)
+
+    p = cmds.add_parser("verify", parents=[common],
+                        help="re-hash every stored blob a live version uses; --repair fixes them")
+    p.add_argument("--repair", type=Path, metavar="PATH",
+                   help="a folder or archive holding the original files: bad blobs whose "
+                   "content it has are rewritten")
+    p.set_defaults(run=_verify)
 
     p = cmds.add_parser("set-alias", parents=[common],
                         help="point an alias at a version (rollback = point back)")
     p.add_argument("ref", metavar="TENANT/NAME")
     p.add_argument("alias")
     p.add_argument("version", type=int)
-    p.set_defaults(run=lambda r, a: r.set_alias(*_split_ref(a.ref), a.alias, a.version))
+    p.set_defaults(run=lambda r, a: r.set_alias(*_ref_parts(a), a.alias, a.version))
 
     for verb in ("deprecate", "delete"):
         p = cmds.add_parser(verb, parents=[common],
@@ -126,19 +161,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     if args.registry_cmd == "migrate":
         return _migrate(args.db)
-    registry = Registry.open(args.db, args.artifacts, actor=args.actor,
-                             s3_endpoint_url=args.s3_endpoint, s3_region=args.s3_region)
+    registry: Registry | None = None
     try:
-        args.run(registry, args)
-    except IncompatibleAdapterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        registry = Registry.open(args.db, args.artifacts, actor=args.actor,
+                                 s3_endpoint_url=args.s3_endpoint, s3_region=args.s3_region,
+                                 db_lock_timeout_s=args.db_lock_timeout)
+        return int(args.run(registry, args) or 0)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     finally:
-        registry.close()
-    return 0
+        if registry is not None:
+            registry.close()
+
+
+def exit_code(exc: RegistryError) -> int:
+    return next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
+
+
+def _ref_parts(a: argparse.Namespace) -> tuple[str, str]:
+    ref = _ref(a)
+    return ref.tenant, ref.name
 
 
 def _migrate(db_url: str) -> int:
@@ -150,6 +193,9 @@ def _migrate(db_url: str) -> int:
         return 2
     try:
         engine = make_engine(db_url)
+    except RegistryError as exc:  # a DatabaseError: the URL in it is already redacted
+        print(f"error: could not migrate {safe_url}: {exc}", file=sys.stderr)
+        return exit_code(exc)
     except SQLAlchemyError as exc:
         print(f"error: could not migrate {safe_url}: {type(exc).__name__}: {exc.__cause__ or exc}",
               file=sys.stderr)
@@ -162,7 +208,8 @@ def _migrate(db_url: str) -> int:
 
 
 def _add_base(r: Registry, a: argparse.Namespace) -> None:
-    contract = r.register_base(derive_contract(a.model_dir, a.model_id, license=a.license))
+    contract = r.register_base(derive_contract(a.model_dir, a.model_id, license=a.license,
+                                               aliases=a.base_aliases))
     print(json.dumps(contract.to_dict(), indent=2))
 
 
@@ -189,17 +236,33 @@ def _list_keys(r: Registry, a: argparse.Namespace) -> None:
 
 
 def _push(r: Registry, a: argparse.Namespace) -> None:
-    tenant, name = _split_ref(a.ref)
-    v = r.push(tenant, name, a.adapter_dir, template_id=a.template, aliases=a.alias)
+    ref = _ref(a)
+    v = r.push(ref.tenant, ref.name, a.adapter, template_id=a.template, base=a.base, aliases=a.alias)
     print(f"registered {v.ref} (lora_int_id={v.lora_int_id}, sha256={v.content_sha256[:12]})")
 
 
+def _verify(r: Registry, a: argparse.Namespace) -> int:
+    report: VerifyReport = r.verify_blobs(repair_from=a.repair)
+    for p in report.problems:
+        state = "repaired" if p.repaired else p.state
+        print(f"{state}\t{p.digest}\tused by {', '.join(p.used_by)}")
+    bad = report.unrepaired
+    print(f"checked {report.checked} blob(s): {len(report.problems)} corrupted or missing, "
+          f"{len(report.problems) - len(bad)} repaired")
+    if bad:
+        hint = ("the supplied files do not contain them" if a.repair else
+                f"repair with: {REPAIR_COMMAND} (the adapter's folder or archive)")
+        print(f"error: {len(bad)} blob(s) still corrupted or missing; {hint}", file=sys.stderr)
+        return 5
+    return 0
+
+
 def _deprecate(r: Registry, a: argparse.Namespace) -> None:
-    r.deprecate_version(*_split_ref(a.ref), a.version)
+    r.deprecate_version(*_ref_parts(a), a.version)
 
 
 def _delete(r: Registry, a: argparse.Namespace) -> None:
-    r.delete_version(*_split_ref(a.ref), a.version)
+    r.delete_version(*_ref_parts(a), a.version)
 
 
 def _gc(r: Registry, a: argparse.Namespace) -> None:

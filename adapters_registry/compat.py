@@ -14,21 +14,23 @@ import re
 import stat
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters_registry._adapter_config import config_problems
+from adapters_registry._adapter_config import base_problems, config_problems
 from adapters_registry._safetensors_header import Header, count_non_finite, read_header
+from adapters_registry._tokenizer_files import TOKENIZER_FILES, check_tokenizer_files
 from adapters_registry.contract import BaseContract
 from adapters_registry.errors import ManifestError
 from adapters_registry.manifest import MANIFEST_FILE, AdapterManifest
 from adapters_registry.template import AdapterTemplate, expected_tensors
+from adapters_registry.violations import Limits, Violation
 
 __all__ = [
     "ALLOWED_EXTRA_FILES",
     "CONFIG_FILE",
     "REQUIRED_FILES",
+    "TOKENIZER_FILES",
     "WEIGHTS_FILE",
     "Limits",
     "Violation",
@@ -37,57 +39,49 @@ __all__ = [
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# What trainers outside ours ship beside an adapter: a saved tokenizer is checked against
+# the base's (its hashes must match); the rest is bookkeeping and never read.
 ALLOWED_EXTRA_FILES = frozenset(
-    {"README.md", "training_config.json", "golden_render.txt", "training_args.json"}
-)
+    {MANIFEST_FILE, "README.md", "training_config.json", "golden_render.txt", "training_args.json"}
+) | TOKENIZER_FILES
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One reason an adapter cannot be served on a base."""
-
-    code: str  # stable snake_case identifier, for programs
-    message: str  # what is wrong, expected vs found, for people
-    where: str | None = None  # the file, tensor or field concerned
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size and dtype limits an adapter must respect."""
-
-    max_file_bytes: int = 2 * 1024**3
-    max_total_bytes: int = 4 * 1024**3
-    allowed_dtypes: frozenset[str] = frozenset({"F32", "F16", "BF16"})
 
 
 def check_adapter(
     adapter_dir: Path,
     contract: BaseContract,
     template: AdapterTemplate,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
+    *,
+    refused: Iterable[Violation] = (),
 ) -> list[Violation]:
     """Every reason the adapter in ``adapter_dir`` cannot be served on ``contract``'s base
     with ``template``; ``[]`` means compatible.
 
-    Reads files only, and never raises for a bad adapter: each problem is a Violation.
+    ``refused`` are the violations intake found for entries it did not stage (links,
+    devices, oversized files): they are reported first, and a required file among them
+    is not reported again as missing. Reads files only, and never raises for a bad
+    adapter: each problem is a Violation. A manifest.json is optional (plain PEFT
+    folders have none); when present, it is checked too.
     """
     adapter_dir = Path(adapter_dir)
-    out = _check_template_base(contract, template)
+    limits = limits or Limits()
+    out = list(refused) + _check_template_base(contract, template)
     if not adapter_dir.is_dir():
         out.append(Violation("missing_file", f"adapter directory {adapter_dir} does not exist"))
         return out
-    readable, layout = _check_files(adapter_dir, limits)
+    readable, layout = _check_files(adapter_dir, limits, {v.where for v in out if v.where})
     out += layout
-    # A required file that is missing, a symlink or too large was reported and is not read.
+    # A file that is missing, a symlink or too large was reported and is not read.
     if CONFIG_FILE in readable:
-        out += _check_config(adapter_dir / CONFIG_FILE, template)
+        out += _check_config(adapter_dir / CONFIG_FILE, contract, template)
     if WEIGHTS_FILE in readable:
         out += _check_weights(adapter_dir / WEIGHTS_FILE, contract, template, limits)
     if MANIFEST_FILE in readable:
         out += _check_manifest(adapter_dir, contract, template)
+    out += check_tokenizer_files(adapter_dir, readable, contract)
     return out
 
 
@@ -108,11 +102,14 @@ def _check_template_base(contract: BaseContract, template: AdapterTemplate) -> l
     ]
 
 
-def _check_files(adapter_dir: Path, limits: Limits) -> tuple[set[str], list[Violation]]:
-    """Layout and size checks; returns the required files that are safe to read."""
+def _check_files(adapter_dir: Path, limits: Limits,
+                 reported: set[str]) -> tuple[set[str], list[Violation]]:
+    """Layout and size checks; returns the known files that are safe to read.
+
+    ``reported``: names already explained by another violation (not reported missing).
+    """
     out: list[Violation] = []
     readable: set[str] = set()
-    reported: set[str] = set()  # required names already explained by another violation
     total = 0
     try:
         entries = sorted(os.scandir(adapter_dir), key=lambda e: e.name)
@@ -192,10 +189,10 @@ def _check_files(adapter_dir: Path, limits: Limits) -> tuple[set[str], list[Viol
         if name not in readable and name not in reported:
             hint = " (adapter weights must be in safetensors format)" if name == WEIGHTS_FILE else ""
             out.append(Violation("missing_file", f"required file {name} is missing{hint}", name))
-    return readable & set(REQUIRED_FILES), out
+    return readable, out
 
 
-def _check_config(path: Path, template: AdapterTemplate) -> list[Violation]:
+def _check_config(path: Path, contract: BaseContract, template: AdapterTemplate) -> list[Violation]:
     """adapter_config.json against the template's shape fields."""
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -206,7 +203,7 @@ def _check_config(path: Path, template: AdapterTemplate) -> list[Violation]:
         return [Violation("adapter_config_invalid", f"{CONFIG_FILE} is not a JSON object", CONFIG_FILE)]
     return [
         Violation(code, f"{CONFIG_FILE} {message}", f"{CONFIG_FILE}:{key}")
-        for code, key, message in config_problems(cfg, template)
+        for code, key, message in config_problems(cfg, template) + base_problems(cfg, contract)
     ]
 
 

@@ -21,6 +21,8 @@ LLAMA_LIKE = frozenset(
 )
 WEIGHT_SUFFIXES = (".safetensors",)
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor")
+# Fields that describe a base without changing what runs on it: never a mismatch.
+_NOT_SHAPE = frozenset({"license", "aliases"})
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class BaseContract:
     dtype: str
     rope: dict[str, Any] = field(default_factory=dict)
     license: str | None = None
+    # Other ids the same weights are known by (e.g. the hub id they were converted from):
+    # an adapter_config.json naming one of them names this base.
+    aliases: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +66,7 @@ class BaseContract:
         return [
             f"{key}: {mine[key]!r} != {theirs[key]!r}"
             for key in mine
-            if key != "license" and mine[key] != theirs[key]
+            if key not in _NOT_SHAPE and mine[key] != theirs[key]
         ]
 
 
@@ -106,7 +111,8 @@ def weights_revision(model_dir: Path) -> str:
     return sha256_tree(files)
 
 
-def derive_contract(model_dir: Path, model_id: str, *, license: str | None = None) -> BaseContract:
+def derive_contract(model_dir: Path, model_id: str, *, license: str | None = None,
+                    aliases: list[str] | None = None) -> BaseContract:
     """Read a model directory into its contract; refuses what it cannot describe exactly."""
     model_dir = Path(model_dir)
     cfg = _read_json(model_dir / "config.json")
@@ -136,6 +142,7 @@ def derive_contract(model_dir: Path, model_id: str, *, license: str | None = Non
             dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             rope={k: cfg[k] for k in _ROPE_KEYS if cfg.get(k) is not None},
             license=license,
+            aliases=sorted(set(aliases or ())),
         )
     except KeyError as exc:
         raise ContractError(f"{model_dir}/config.json: missing field {exc.args[0]!r}") from None

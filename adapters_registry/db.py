@@ -19,8 +19,11 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, ExceptionContext
+from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from adapters_registry.errors import DatabaseError
 
 # SQLite needs AUTOINCREMENT so a deleted version's id is never handed out again:
 # that id is vLLM's lora_int_id, and vLLM's cache would serve the old content.
@@ -138,14 +141,69 @@ def as_utc_or_none(moment: datetime | None) -> datetime | None:
     return None if moment is None else as_utc(moment)
 
 
-def make_engine(url: str, *, migrate: bool = True) -> Engine:
-    """An engine with the settings each backend needs, its schema migrated to head."""
-    engine = create_engine(url, future=True, pool_pre_ping=True)
+def make_engine(url: str, *, migrate: bool = True, lock_timeout_s: float = 10.0) -> Engine:
+    """An engine with the settings each backend needs, its schema migrated to head.
+
+    Every driver error it raises afterwards is a DatabaseError naming the database and
+    the condition (read-only, locked, unreachable), never a driver traceback.
+    ``lock_timeout_s`` is how long SQLite waits for another writer's lock.
+    """
+    try:
+        engine = create_engine(url, future=True, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as exc:
+        raise DatabaseError(f"database URL {_redacted(url)} is not usable: {exc}") from None
+    event.listen(engine, "handle_error", _as_database_error)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        busy_ms = max(0, int(lock_timeout_s * 1000))
+        event.listen(engine, "connect", lambda conn, rec: _sqlite_pragmas(conn, busy_ms))
     if migrate:
         upgrade(engine)
     return engine
+
+
+# Conditions by driver code, never by message text: SQLite's primary result codes and
+# PostgreSQL's SQLSTATE (exact code, else its two-character class).
+_READ_ONLY = "it is read-only for this user"
+_LOCKED = "another process holds its lock; retry when it is done"
+_SQLITE_HINTS = {
+    3: "permission denied", 5: _LOCKED, 6: _LOCKED, 8: _READ_ONLY, 10: "disk I/O error",
+    13: "disk full",
+    14: "it cannot be opened (missing folder, or no permission on the file or its folder)",
+}
+_SQLSTATE_HINTS = {
+    "25006": _READ_ONLY, "55P03": _LOCKED, "40P01": _LOCKED, "42501": "permission denied",
+    "3D000": "the database does not exist", "53100": "disk full",
+    "08": "it is unreachable", "28": "authentication failed", "53": "the server is out of resources",
+    "57": "the server is shutting down or cancelled the operation",
+}
+
+
+def _as_database_error(context: ExceptionContext) -> DatabaseError | None:
+    """The one translation of driver errors (SQLAlchemy calls it for every failure)."""
+    exc = context.original_exception
+    if isinstance(context.sqlalchemy_exception, IntegrityError):
+        return None  # a constraint: the service turns it into a ConflictError
+    if not isinstance(exc, Exception):
+        return None
+    sqlite_code = getattr(exc, "sqlite_errorcode", None)
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlite_code, int):
+        hint = _SQLITE_HINTS.get(sqlite_code & 0xFF)
+    elif isinstance(sqlstate, str):
+        hint = _SQLSTATE_HINTS.get(sqlstate) or _SQLSTATE_HINTS.get(sqlstate[:2])
+    else:
+        hint = None
+    if hint is None:
+        hint = "it is unreachable" if context.is_disconnect else "the database refused the operation"
+    engine = context.engine
+    where = _redacted(engine.url.render_as_string(hide_password=True)) if engine else "the database"
+    first = str(exc).strip().splitlines()
+    detail = first[0][:200] if first else type(exc).__name__
+    return DatabaseError(f"database {where}: {hint} ({detail})")
+
+
+def _redacted(url: str) -> str:
+    return url.split("?", 1)[0]
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -183,10 +241,10 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:
     # WAL lets the gateway read while the CLI registers; busy_timeout waits instead of failing.
     cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout={busy_ms}")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
     cur.close()

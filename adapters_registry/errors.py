@@ -10,8 +10,16 @@
     ├── NotFoundError             no such base, template, tenant, adapter or version
     ├── ConflictError             the name or content already exists
     ├── AuthenticationError       an API key is unknown, revoked or malformed
-    └── ArtifactError             a stored artifact is missing or fails verification
+    ├── SourceError               the adapter to register cannot be read or staged: missing or
+    │                             dangling path, not a folder or archive, unreadable file,
+    │                             no room to stage it
+    ├── DatabaseError             the metadata database refused: read-only, locked, unreachable
+    └── ArtifactError             the artifact store failed: read-only, full, S3 unreachable or
+        │                         denied, a blob missing
         └── ChecksumMismatchError the bytes do not match the recorded sha256
+
+Each maps to one CLI exit code in ``adapters_registry.cli`` and one HTTP status in the
+gateway; none is ever told apart by its text.
 """
 
 from __future__ import annotations
@@ -68,6 +76,14 @@ class ConflictError(RegistryError):
 
 class AuthenticationError(RegistryError):
     pass
+
+
+class SourceError(RegistryError):
+    """The adapter folder, archive or upload could not be read or staged (I/O, not content)."""
+
+
+class DatabaseError(RegistryError):
+    """The metadata database could not be opened, written or locked in time."""
 
 
 class ArtifactError(RegistryError):

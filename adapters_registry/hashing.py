@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from adapters_registry.errors import ArtifactError, ChecksumMismatchError
 
 _CHUNK = 1 << 20
 
@@ -15,11 +20,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_chunks(file_chunks(path))
 
 
 def canonical_json(value: Any) -> bytes:
@@ -34,3 +35,57 @@ def sha256_json(value: Any) -> str:
 def sha256_tree(files: dict[str, str]) -> str:
     """One digest for a set of files, from their relative names and per-file sha256."""
     return sha256_json(sorted(files.items()))
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_digest(text: str) -> str:
+    """``text`` if it is a lowercase hex sha256 digest; ArtifactError otherwise."""
+    if not isinstance(text, str) or len(text) != 64 or not _HEX.issuperset(text):
+        raise ArtifactError(f"not a sha256 digest: {text[:80]!r}")
+    return text
+
+
+def sha256_chunks(chunks: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def write_verified(chunks: Iterable[bytes], dest: Path, sha256: str, *, source: str) -> None:
+    """Write ``chunks`` to a temp file beside ``dest``, hashing as they pass, and rename it
+    into place only if they hash to ``sha256``; ChecksumMismatchError otherwise.
+
+    Both stores read and write blobs through this, so a corrupted byte is caught the
+    same way whether it came from a disk or from S3.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                h.update(chunk)
+                out.write(chunk)
+        raise_unless_digest(h.hexdigest(), sha256, source=source)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def raise_unless_digest(actual: str, expected: str, *, source: str) -> None:
+    """ChecksumMismatchError naming ``source`` when ``actual`` is not ``expected``."""
+    if actual != expected:
+        raise ChecksumMismatchError(
+            f"{source}: sha256 is {actual[:12]}…, expected {expected[:12]}… "
+            "(the bytes were changed or corrupted)"
+        )
+
+
+def file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            yield chunk

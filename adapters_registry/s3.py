@@ -6,8 +6,6 @@ environment here (boto3's credential chain applies only when no keys are given).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters_registry.errors import ArtifactError, ChecksumMismatchError
-from adapters_registry.hashing import sha256_file
+from adapters_registry.hashing import check_digest, sha256_chunks, sha256_file, write_verified
+from adapters_registry.store import BlobState, PutResult
 
 _CHUNK = 1 << 20
 
@@ -44,8 +43,7 @@ class S3Store:
         return f"s3://{self.config.bucket}/{self.config.prefix}"
 
     def _key(self, sha256: str) -> str:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise ArtifactError(f"not a sha256 digest: {sha256!r}")
+        check_digest(sha256)
         return f"{self.config.prefix}blobs/sha256/{sha256[:2]}/{sha256}"
 
     def exists(self, sha256: str) -> bool:
@@ -62,14 +60,24 @@ class S3Store:
             raise
         return True
 
-    def put(self, src: Path, sha256: str) -> None:
+    def verify(self, sha256: str) -> BlobState:
+        if not self.exists(sha256):
+            return "missing"
+        obj = self._call("download", sha256, self._client.get_object,
+                         Bucket=self.config.bucket, Key=self._key(sha256))
+        actual = self._call("download", sha256, lambda: sha256_chunks(obj["Body"].iter_chunks(_CHUNK)))
+        return "ok" if actual == sha256 else "corrupt"
+
+    def put(self, src: Path, sha256: str) -> PutResult:
         if sha256_file(src) != sha256:
             raise ChecksumMismatchError(f"{src} does not hash to {sha256[:12]}…; refusing to store it")
-        if self.exists(sha256):
-            return
+        state = self.verify(sha256)
+        if state == "ok":
+            return "present"
         with src.open("rb") as body:
             self._call("upload", sha256, self._client.put_object, Bucket=self.config.bucket,
                        Key=self._key(sha256), Body=body, Metadata={"sha256": sha256})
+        return "stored" if state == "missing" else "repaired"
 
     def list_blobs(self) -> Iterator[tuple[str, datetime]]:
         pages = self._call("list", "*", self._client.get_paginator("list_objects_v2").paginate,
@@ -85,21 +93,8 @@ class S3Store:
     def get(self, sha256: str, dest: Path) -> None:
         obj = self._call("download", sha256, self._client.get_object,
                          Bucket=self.config.bucket, Key=self._key(sha256))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in obj["Body"].iter_chunks(_CHUNK):
-                    out.write(chunk)
-            actual = sha256_file(tmp)
-            if actual != sha256:
-                raise ChecksumMismatchError(
-                    f"{self.describe()} blob {sha256[:12]}: sha256 is {actual[:12]}…, expected "
-                    f"{sha256[:12]}… (the stored object was changed or corrupted)")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        self._call("download", sha256, lambda: write_verified(
+            obj["Body"].iter_chunks(_CHUNK), dest, sha256, source=f"{self.describe()} blob {sha256[:12]}"))
 
     def _call(self, action: str, sha256: str, fn: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError

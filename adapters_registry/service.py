@@ -8,13 +8,12 @@ and harmless; collecting them is issue #3's garbage collection).
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -23,8 +22,10 @@ from sqlalchemy.orm import Session
 
 from adapters_registry._audit import AuditEntry, record
 from adapters_registry._audit import read as read_audit
+from adapters_registry._integrity import IntegrityMixin
 from adapters_registry._tenancy import TenancyMixin
-from adapters_registry.compat import Limits, Violation, check_adapter
+from adapters_registry._tokenizer_files import TOKENIZER_FILES, shipped_chat_template
+from adapters_registry.compat import CONFIG_FILE, Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract
 from adapters_registry.db import (
     AdapterRow,
@@ -39,34 +40,27 @@ from adapters_registry.db import (
 )
 from adapters_registry.errors import (
     ConflictError,
+    DatabaseError,
     IncompatibleAdapterError,
     ManifestError,
     NotFoundError,
+    ValidationError,
 )
 from adapters_registry.hashing import sha256_file, sha256_tree
-from adapters_registry.manifest import AdapterManifest
-from adapters_registry.records import (
-    AdapterInfo,
-    AdapterVersion,
-    ModelRef,
-    Tenant,
-    validate_name,
-)
+from adapters_registry.intake import stage, staging_folder
+from adapters_registry.manifest import MANIFEST_FILE, AdapterManifest
+from adapters_registry.names import ModelRef, shown, validate_name
+from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
 from adapters_registry.store import ArtifactStore, open_store
 from adapters_registry.template import AdapterTemplate
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GcReport:
-    orphans: list[str]  # deleted, or that would be with dry_run
-    kept_young: int
-    referenced: int
-    dry_run: bool
+INTAKE_FORMAT = "lora-gateway/intake@1"
 
 
-class Registry(TenancyMixin):
+class Registry(TenancyMixin, IntegrityMixin):
     """The registry service. ``actor`` names whoever operates it, for the audit trail."""
 
     def __init__(self, engine: Engine, store: ArtifactStore, limits: Limits | None = None,
@@ -79,11 +73,11 @@ class Registry(TenancyMixin):
     @classmethod
     def open(cls, db_url: str, artifacts: str | Path, *, actor: str = "unknown",
              s3_endpoint_url: str | None = None, s3_region: str = "us-east-1",
-             migrate: bool = True) -> Registry:
+             db_lock_timeout_s: float = 10.0, migrate: bool = True) -> Registry:
         """``artifacts`` is a folder or ``s3://bucket/prefix``. Without ``migrate`` the schema
         must already be current (``lora-gateway registry migrate``), else ConflictError."""
         store = open_store(artifacts, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
-        engine = make_engine(db_url, migrate=migrate)
+        engine = make_engine(db_url, migrate=migrate, lock_timeout_s=db_lock_timeout_s)
         if not migrate:
             at, head = current_revision(engine), head_revision()
             if at != head:
@@ -98,7 +92,11 @@ class Registry(TenancyMixin):
     # -- bases and templates -------------------------------------------------------
 
     def register_base(self, contract: BaseContract) -> BaseContract:
-        """Idempotent for an identical contract; a different one under the same revision is refused."""
+        """Idempotent for an identical contract (new aliases are added); a different one
+        under the same revision is refused."""
+        validate_name("base", contract.model_id)
+        for alias in contract.aliases:
+            validate_name("base", alias)
         with Session(self.engine) as s, s.begin():
             row = s.scalar(
                 select(BaseModelRow).filter_by(model_id=contract.model_id, revision=contract.revision)
@@ -110,6 +108,14 @@ class Registry(TenancyMixin):
                         f"base {contract.model_id}@{contract.revision[:12]} is registered with a "
                         f"different contract: {'; '.join(existing.mismatches(contract))}"
                     )
+                added = sorted(set(contract.aliases) - set(existing.aliases))
+                if not added:
+                    return existing
+                existing = BaseContract.from_dict(existing.to_dict() | {
+                    "aliases": sorted(set(existing.aliases) | set(added))})
+                row.contract = existing.to_dict()
+                record(s, self.actor, "base.alias", f"{contract.model_id}@{contract.revision[:12]}",
+                       added=added)
                 return existing
             s.add(BaseModelRow(model_id=contract.model_id, revision=contract.revision,
                                contract=contract.to_dict()))
@@ -153,43 +159,83 @@ class Registry(TenancyMixin):
 
     # -- adapters ------------------------------------------------------------------
 
-    def push(self, tenant_name: str, name: str, adapter_dir: Path, *,
-             template_id: str | None = None, aliases: Iterable[str] = ()) -> AdapterVersion:
-        """Check and register a new immutable version of ``tenant/name``."""
+    def push(self, tenant_name: str, name: str, source: Path, *, template_id: str | None = None,
+             base: str | None = None, aliases: Iterable[str] = ()) -> AdapterVersion:
+        """Check and register a new immutable version of ``tenant/name``.
+
+        ``source`` is a PEFT adapter folder (with or without our trainer's manifest.json)
+        or a .tar, .tar.gz or .zip of one. The template comes from ``template_id``, else
+        the manifest, else the one template registered for ``base``.
+        """
         validate_name("adapter", name)
         aliases = [validate_name("alias", a) for a in aliases]
+        if template_id is not None:
+            validate_name("template", template_id)
+        if base is not None:
+            validate_name("base", base)
         tenant = self.get_tenant(tenant_name)
         ref = f"{tenant.name}/{name}"
-        with tempfile.TemporaryDirectory(prefix="lgw-stage-") as tmp:
+        with staging_folder() as tmp:
             # Check and upload one private copy, so the files cannot change in between.
-            staged = Path(tmp) / "adapter"
-            shutil.copytree(adapter_dir, staged, symlinks=True)
-            template = self._template_for(staged, template_id, ref)
+            staged = stage(Path(source), tmp / "adapter", self.limits)
+            if not staged.complete:
+                raise IncompatibleAdapterError(ref, staged.refused)
+            template = self._template_for(staged.path, template_id, base, ref)
             contract = self.get_base(template.base_model_id, template.base_revision)
-            violations = check_adapter(staged, contract, template, self.limits)
+            violations = check_adapter(staged.path, contract, template, self.limits,
+                                       refused=staged.refused)
             if violations:
                 raise IncompatibleAdapterError(ref, violations)
-            files = {p.name: sha256_file(p) for p in sorted(staged.iterdir())}
-            for rel, digest in files.items():
-                self.store.put(staged / rel, digest)
-            size = sum((staged / rel).stat().st_size for rel in files)
-            manifest = AdapterManifest.read(staged)
+            files = {p.name: sha256_file(p) for p in sorted(staged.path.iterdir())}
+            repaired = [rel for rel, digest in files.items()
+                        if self.store.put(staged.path / rel, digest) == "repaired"]
+            if repaired:
+                logger.warning("%s: re-pushing repaired corrupted blob(s) of %s", ref, repaired)
+            size = sum((staged.path / rel).stat().st_size for rel in files)
+            record_ = _intake_record(staged.path, staged.kind, files)
         try:
-            return self._insert_version(tenant, name, template, files, size, manifest, aliases)
+            return self._insert_version(tenant, name, template, files, size, record_, aliases,
+                                        repaired)
         except IntegrityError:
             raise ConflictError(f"{ref}: a concurrent registration won; push again") from None
+        except DatabaseError as exc:
+            raise DatabaseError(f"{exc}; {ref} was not registered (its uploaded blobs are "
+                                "unreferenced: `registry gc` collects them)") from None
 
-    def _template_for(self, staged: Path, template_id: str | None, ref: str) -> AdapterTemplate:
-        if template_id is None:
+    def _template_for(self, staged: Path, template_id: str | None, base: str | None,
+                      ref: str) -> AdapterTemplate:
+        if template_id is None and (staged / MANIFEST_FILE).is_file():
             try:
                 template_id = AdapterManifest.read(staged).template_id
             except ManifestError as exc:
                 raise IncompatibleAdapterError(ref, [Violation("manifest_invalid", str(exc))]) from None
-        return self.get_template(template_id)
+        if template_id is None:
+            if base is None:
+                raise ValidationError(
+                    f"{ref}: the adapter has no manifest.json naming its template; name its "
+                    "template (--template tpl-…) or its base (--base MODEL_ID)")
+            template_id = self._only_template(base)
+        template = self.get_template(template_id)
+        if base is not None and base != template.base_model_id:
+            raise ValidationError(f"template {template_id} is for base {template.base_model_id!r}, "
+                                  f"not {shown(base)}")
+        return template
+
+    def _only_template(self, base: str) -> str:
+        with Session(self.engine) as s:
+            ids = sorted(s.scalars(select(TemplateRow.template_id).join(
+                BaseModelRow, TemplateRow.base_id == BaseModelRow.id).where(
+                BaseModelRow.model_id == base)))
+        if not ids:
+            raise NotFoundError(f"base {shown(base)} has no registered template")
+        if len(ids) > 1:
+            raise ValidationError(f"base {base!r} has {len(ids)} templates ({', '.join(ids)}): "
+                                  "name one with --template")
+        return ids[0]
 
     def _insert_version(self, tenant: Tenant, name: str, template: AdapterTemplate,
-                        files: dict[str, str], size: int, manifest: AdapterManifest,
-                        aliases: list[str]) -> AdapterVersion:
+                        files: dict[str, str], size: int, intake: dict[str, Any],
+                        aliases: list[str], repaired: list[str]) -> AdapterVersion:
         content = sha256_tree(files)
         with Session(self.engine) as s, s.begin():
             adapter = s.scalar(select(AdapterRow).filter_by(tenant_id=tenant.id, name=name))
@@ -205,11 +251,12 @@ class Registry(TenancyMixin):
             same = s.scalar(select(AdapterVersionRow.version).filter_by(
                 adapter_id=adapter.id, content_sha256=content))
             if same is not None:
-                raise ConflictError(f"{tenant.name}/{name}: identical content is already v{same}")
+                fixed = f"; its corrupted stored file(s) {repaired} were repaired" if repaired else ""
+                raise ConflictError(f"{tenant.name}/{name}: identical content is already v{same}{fixed}")
             latest = s.scalar(select(func.max(AdapterVersionRow.version)).filter_by(adapter_id=adapter.id))
             row = AdapterVersionRow(adapter_id=adapter.id, version=(latest or 0) + 1,
                                     content_sha256=content, files=files,
-                                    manifest=_manifest_dict(manifest), size_bytes=size)
+                                    manifest=intake, size_bytes=size)
             s.add(row)
             s.flush()
             has_default = s.get(AliasRow, (adapter.id, adapter.default_alias)) is not None
@@ -259,33 +306,6 @@ class Registry(TenancyMixin):
             row.state = state
             record(s, self.actor, action, f"{tenant.name}/{name}@v{version}")
 
-    def collect_garbage(self, *, grace: timedelta = timedelta(hours=1),
-                        dry_run: bool = False) -> GcReport:
-        """Delete blobs no live version references and older than ``grace``.
-
-        Blobs are uploaded before their version's row commits, so a young unreferenced
-        blob may belong to a push in flight: the grace period keeps it.
-        """
-        with Session(self.engine) as s:
-            referenced = {digest for files in s.scalars(select(AdapterVersionRow.files).where(
-                AdapterVersionRow.state != "deleted")) for digest in files.values()}
-        cutoff = datetime.now(UTC) - grace
-        orphans, young = [], 0
-        for digest, modified in self.store.list_blobs():
-            if digest in referenced:
-                continue
-            if modified > cutoff:
-                young += 1
-            else:
-                orphans.append(digest)
-        if not dry_run:
-            for digest in orphans:
-                self.store.delete(digest)
-            with Session(self.engine) as s, s.begin():
-                record(s, self.actor, "gc.run", self.store.describe(), deleted=len(orphans),
-                       kept_young=young)
-        return GcReport(sorted(orphans), young, len(referenced), dry_run)
-
     def audit_log(self, *, subject_prefix: str | None = None, limit: int = 100) -> list[AuditEntry]:
         return read_audit(self.engine, subject_prefix=subject_prefix, limit=limit)
 
@@ -301,7 +321,7 @@ class Registry(TenancyMixin):
         """The version a tenant's ``model`` names; NotFoundError for anything else."""
         ref = ModelRef.parse(model)
         with Session(self.engine) as s:
-            adapter = self._adapter_row(s, tenant, ref.name, shown=model)
+            adapter = self._adapter_row(s, tenant, ref.name, shown_as=model)
             if ref.version is not None:
                 row = s.scalar(select(AdapterVersionRow).filter_by(
                     adapter_id=adapter.id, version=ref.version))
@@ -331,15 +351,29 @@ class Registry(TenancyMixin):
         for rel, digest in version.files.items():
             self.store.get(digest, Path(dest) / rel)
 
-    def _adapter_row(self, s: Session, tenant: Tenant, name: str, shown: str | None = None) -> AdapterRow:
+    def _adapter_row(self, s: Session, tenant: Tenant, name: str, shown_as: str | None = None) -> AdapterRow:
         row = s.scalar(select(AdapterRow).filter_by(tenant_id=tenant.id, name=name))
         if row is None:
-            raise NotFoundError(f"model {shown or name!r} does not exist")
+            raise NotFoundError(f"model {shown(shown_as or name)} does not exist")
         return row
 
 
-def _manifest_dict(manifest: AdapterManifest) -> dict[str, object]:
-    return asdict(manifest)
+def _intake_record(staged: Path, kind: str, files: dict[str, str]) -> dict[str, Any]:
+    """What the version's files prove beyond the check: stored as the version's record."""
+    cfg = json.loads((staged / CONFIG_FILE).read_text(encoding="utf-8"))
+    manifest = AdapterManifest.read(staged) if MANIFEST_FILE in files else None
+    names = set(files)
+    return {
+        "format": INTAKE_FORMAT,
+        "source": kind,
+        "manifest": asdict(manifest) if manifest else None,
+        "adapter_config_base": cfg.get("base_model_name_or_path"),
+        "adapter_config_revision": cfg.get("revision"),
+        # "matches base" only ever reaches a record: a mismatch refused the push.
+        "tokenizer": "matches base" if "tokenizer.json" in names else "not shipped",
+        "chat_template": "matches base" if shipped_chat_template(staged, names) else "not shipped",
+        "tokenizer_files": sorted(names & TOKENIZER_FILES),
+    }
 
 
 def _to_version(row: AdapterVersionRow, tenant: str, name: str,

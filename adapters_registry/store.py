@@ -6,26 +6,35 @@ are stored once, and every read can be verified against the name it was asked by
 
 from __future__ import annotations
 
-import os
-import tempfile
+import errno
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
-from adapters_registry.errors import ArtifactError, ChecksumMismatchError, ValidationError
-from adapters_registry.hashing import sha256_file
+from adapters_registry.errors import ArtifactError, ValidationError
+from adapters_registry.hashing import check_digest, file_chunks, sha256_file, write_verified
+
+BlobState = Literal["ok", "missing", "corrupt"]
+PutResult = Literal["stored", "present", "repaired"]
 
 
 class ArtifactStore(Protocol):
     """Where adapter files live: FilesystemStore here, S3Store in adapters_registry.s3."""
 
-    def put(self, src: Path, sha256: str) -> None:
-        """Store the file ``src`` whose content hash is ``sha256`` (no-op if present)."""
+    def put(self, src: Path, sha256: str) -> PutResult:
+        """Store the file ``src``, which must hash to ``sha256``. A blob already stored under
+        that digest is re-hashed and rewritten when its bytes no longer match ("repaired"),
+        so pushing the same content again repairs a corrupted blob."""
         ...
 
     def get(self, sha256: str, dest: Path) -> None:
         """Write the blob to ``dest``, verified; raises ChecksumMismatchError on bad bytes."""
+        ...
+
+    def verify(self, sha256: str) -> BlobState:
+        """Re-hash the stored blob: "ok", "missing" or "corrupt"."""
         ...
 
     def exists(self, sha256: str) -> bool: ...
@@ -44,11 +53,11 @@ class FilesystemStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        with self._io("create the blob folder in"):
+            (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
 
     def _path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise ArtifactError(f"not a sha256 digest: {sha256!r}")
+        check_digest(sha256)
         return self.root / "blobs" / "sha256" / sha256[:2] / sha256
 
     def describe(self) -> str:
@@ -57,46 +66,58 @@ class FilesystemStore:
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()
 
-    def put(self, src: Path, sha256: str) -> None:
+    def verify(self, sha256: str) -> BlobState:
+        path = self._path(sha256)
+        if not path.is_file():
+            return "missing"
+        with self._io("read"):
+            return "ok" if sha256_file(path) == sha256 else "corrupt"
+
+    def put(self, src: Path, sha256: str) -> PutResult:
         dest = self._path(sha256)
-        if dest.is_file():
-            return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _copy_verified(src, dest, sha256, source=str(src))
+        state = self.verify(sha256)
+        if state == "ok":
+            return "present"
+        with self._io("write to"):
+            write_verified(file_chunks(src), dest, sha256, source=str(src))
+        return "stored" if state == "missing" else "repaired"
 
     def list_blobs(self) -> Iterator[tuple[str, datetime]]:
-        for p in (self.root / "blobs" / "sha256").glob("??/*"):
-            if p.is_file() and not p.name.startswith(".partial-"):
-                yield p.name, datetime.fromtimestamp(p.stat().st_mtime, UTC)
+        with self._io("list"):
+            for p in (self.root / "blobs" / "sha256").glob("??/*"):
+                if p.is_file() and not p.name.startswith(".partial-"):
+                    yield p.name, datetime.fromtimestamp(p.stat().st_mtime, UTC)
 
     def delete(self, sha256: str) -> None:
-        self._path(sha256).unlink(missing_ok=True)
+        with self._io("delete from"):
+            self._path(sha256).unlink(missing_ok=True)
 
     def get(self, sha256: str, dest: Path) -> None:
         src = self._path(sha256)
         if not src.is_file():
             raise ArtifactError(f"blob {sha256} is missing from {self.describe()}")
-        _copy_verified(src, dest, sha256, source=f"{self.describe()} blob {sha256[:12]}")
+        write_verified(file_chunks(src), dest, sha256, source=f"{self.describe()} blob {sha256[:12]}")
+
+    @contextmanager
+    def _io(self, action: str) -> Iterator[None]:
+        """OSError (read-only, full, permission) as an ArtifactError naming the store."""
+        try:
+            yield
+        except OSError as exc:
+            raise ArtifactError(
+                f"cannot {action} the artifact store {self.describe()}: {describe_os_error(exc)}"
+            ) from exc
 
 
-def _copy_verified(src: Path, dest: Path, sha256: str, *, source: str) -> None:
-    """Copy to a temp file beside ``dest``, check its hash, then rename into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-            while chunk := inp.read(1 << 20):
-                out.write(chunk)
-        actual = sha256_file(tmp)
-        if actual != sha256:
-            raise ChecksumMismatchError(
-                f"{source}: sha256 is {actual[:12]}…, expected {sha256[:12]}… "
-                "(the stored bytes were changed or corrupted)"
-            )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+def describe_os_error(exc: OSError) -> str:
+    """An OSError in words an operator acts on: which condition, on which path."""
+    hint = {
+        errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted", errno.EFBIG: "file too large for this system",
+    }.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{hint}{where}"
 
 
 def open_store(location: str | Path, *, s3_endpoint_url: str | None = None,

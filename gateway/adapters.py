@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters_registry import Registry
+from adapters_registry import REPAIR_COMMAND, Registry
 from adapters_registry.errors import ArtifactError, ChecksumMismatchError
 from adapters_registry.hashing import sha256_file
 from adapters_registry.records import AdapterVersion
@@ -356,8 +356,8 @@ class AdapterManager:
         except ChecksumMismatchError as exc:
             logger.error("artifact of %s failed verification: %s", version.ref, exc)
             raise AdapterUnavailableError(
-                f"adapter {version.ref} cannot be served: its stored artifact failed "
-                "sha256 verification; the operator must re-register it"
+                f"adapter {version.ref} cannot be served: its stored artifact failed sha256 "
+                f"verification; the operator can repair it with `{REPAIR_COMMAND}`"
             ) from exc
         except ArtifactError as exc:  # missing object, store unreachable: may pass on retry
             logger.error("could not fetch %s: %s", version.ref, exc)

@@ -20,12 +20,14 @@ from adapters_registry.contract import BaseContract, derive_contract
 from adapters_registry.errors import (
     ArtifactError,
     ConflictError,
+    DatabaseError,
     IncompatibleAdapterError,
     NotFoundError,
     RegistryError,
     ValidationError,
 )
 from gateway.adapters import AdapterManager
+from gateway.api.admin import is_upload_path
 from gateway.api.admin import router as admin_router
 from gateway.api.deps import Services
 from gateway.api.routes import router
@@ -154,7 +156,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     app.include_router(router)
     app.include_router(admin_router)
     _install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, exempt=is_upload_path)
     if settings.metrics_port is not None:
         app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
     app.add_middleware(RequestContext)
@@ -211,4 +213,5 @@ _REGISTRY_STATUS: tuple[tuple[type[RegistryError], int, str], ...] = (
     (ValidationError, 400, "invalid_value"),
     (IncompatibleAdapterError, 422, "incompatible_adapter"),
     (ArtifactError, 503, "artifact_unavailable"),
+    (DatabaseError, 503, "database_unavailable"),
 )

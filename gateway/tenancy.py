@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from adapters_registry import Registry
-from adapters_registry.errors import AuthenticationError, NotFoundError
+from adapters_registry.errors import AuthenticationError, NotFoundError, ValidationError
 from adapters_registry.keys import key_hash
+from adapters_registry.names import parse_qualified_model
 from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
 from gateway.errors import AuthenticationFailedError, InvalidRequestError, ModelNotFoundError
 
@@ -123,17 +124,16 @@ class TenantDirectory:
 
     async def resolve_ref(self, ref: str) -> AdapterVersion:
         """An operator's ``tenant/name``, ``tenant/name:alias`` or ``tenant/name@vN``."""
-        tenant_name, sep, model = ref.partition("/")
-        if not sep or not tenant_name or not model:
-            raise InvalidRequestError(f"adapter {ref[:200]!r} must be tenant/name[:alias|@vN]",
-                                      param="adapter")
         try:
-            tenant = await asyncio.to_thread(self._registry.get_tenant, tenant_name)
+            tenant_name, model = parse_qualified_model(ref)
+        except ValidationError as exc:
+            raise InvalidRequestError(str(exc), param="adapter") from None
         except NotFoundError:
             raise ModelNotFoundError(ref) from None
         try:
-            return await self.resolve(tenant, model)
-        except ModelNotFoundError:
+            tenant = await asyncio.to_thread(self._registry.get_tenant, tenant_name)
+            return await self.resolve(tenant, str(model))
+        except (NotFoundError, ModelNotFoundError):
             raise ModelNotFoundError(ref) from None
 
     async def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:

@@ -138,3 +138,11 @@ def populate(registry: Registry, contract: BaseContract, template: AdapterTempla
 def copy_adapter(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def corpus(tiny_base, tmp_path_factory) -> Path:
+    """The intake corpus (tests/adapters_registry/corpus.py) for the tiny-llama base."""
+    from tests.adapters_registry.corpus import build
+
+    return build(Path(tiny_base.path), tmp_path_factory.mktemp("intake") / "corpus")

@@ -154,7 +154,7 @@ def test_registry_migrate_applies_migrations_and_exits(tmp_path, capsys) -> None
 def test_registry_migrate_failure_is_a_clear_error_without_the_password(capsys) -> None:
     code = main(["registry", "migrate", "--db", "postgresql+psycopg://lgw:s3cret@127.0.0.1:1/nope"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: could not migrate ")
+    assert code == 6 and err.startswith("error: could not migrate ")
     assert "s3cret" not in err and "***" in err
     assert main(["registry", "migrate", "--db", "not a url"]) == 2
     assert "not a SQLAlchemy database URL" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import yaml
 
 from adapters_registry.cli import add_registry_options
 from adapters_registry.errors import IncompatibleAdapterError, RegistryError
-from adapters_registry.records import validate_name
+from adapters_registry.names import parse_adapter_ref, validate_name
 from adapters_registry.service import Registry
 
 DEFAULT_CACHE = Path(".cache")
@@ -123,11 +123,9 @@ def _train(args: argparse.Namespace, registry: Registry) -> int:
     # Everything that can be checked is checked before minutes of training are spent.
     tenant = name = None
     if args.publish:
-        tenant, sep, name = args.publish.partition("/")
-        if not sep or not tenant or not name:
-            raise ConfigError(f"--publish expects TENANT/NAME, got {args.publish!r}")
+        ref = parse_adapter_ref(args.publish, what="--publish")
+        tenant, name = ref.tenant, ref.name
         registry.get_tenant(tenant)
-        validate_name("adapter", name)
         for alias in args.alias:
             validate_name("alias", alias)
     elif args.alias:

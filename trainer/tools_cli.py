@@ -10,6 +10,7 @@ from pathlib import Path
 
 from adapters_registry.cli import add_registry_options
 from adapters_registry.errors import IncompatibleAdapterError, RegistryError
+from adapters_registry.names import parse_adapter_ref
 from adapters_registry.service import Registry
 from trainer.cli import EXIT_BAD_INPUT, EXIT_INCOMPATIBLE
 from trainer.errors import TrainerError
@@ -70,7 +71,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _compose(args: argparse.Namespace) -> int:
     from trainer.compose import compose_adapters, parse_source
 
-    publish = _split_ref(args.publish) if args.publish else None
+    publish = parse_adapter_ref(args.publish, what="--publish") if args.publish else None
     if args.alias and publish is None:
         raise _UsageError("--alias only applies with --publish")
     sources = [parse_source(s) for s in args.source]
@@ -82,8 +83,8 @@ def _compose(args: argparse.Namespace) -> int:
         print(json.dumps({"adapter": str(result.out_dir), "relative_error": result.relative_error,
                           "dataset_sha256": result.manifest.dataset_sha256}, indent=2))
         if publish is not None:
-            v = registry.push(*publish, result.out_dir, template_id=template.template_id,
-                              aliases=args.alias)
+            v = registry.push(publish.tenant, publish.name, result.out_dir,
+                              template_id=template.template_id, aliases=args.alias)
             print(f"published {v.ref} (lora_int_id={v.lora_int_id})")
     finally:
         registry.close()
@@ -93,9 +94,3 @@ def _compose(args: argparse.Namespace) -> int:
 class _UsageError(TrainerError, ValueError):
     """A flag combination that makes no sense."""
 
-
-def _split_ref(ref: str) -> tuple[str, str]:
-    tenant, sep, name = ref.partition("/")
-    if not sep or not tenant or not name:
-        raise _UsageError(f"--publish expects TENANT/NAME, got {ref!r}")
-    return tenant, name

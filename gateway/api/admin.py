@@ -2,23 +2,33 @@
 
 Its own identity: one admin key from the settings, never a tenant key. Without a
 configured admin key every route answers 404, as if the API were not there.
-Pushing adapter files stays with the CLI/trainer (they run the check on local files).
+Adapters are uploaded as a .tar, .tar.gz or .zip body and run through exactly the check
+``registry push`` runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import re
+import shutil
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters_registry import Registry
+from adapters_registry import REPAIR_COMMAND, Registry
 from gateway.adapters import CacheName, EvictTarget
 from gateway.api.deps import Services, ServicesDep
-from gateway.errors import AuthenticationFailedError, GatewayError, RouteNotFoundError
+from gateway.errors import (
+    AuthenticationFailedError,
+    GatewayError,
+    PayloadTooLargeError,
+    RouteNotFoundError,
+)
 
 router = APIRouter(prefix="/admin/v1")
 
@@ -121,6 +131,41 @@ async def set_alias(tenant: str, name: str, alias: str, body: AliasIn, reg: Admi
     return {"alias": f"{tenant}/{name}:{alias}", "version": body.version}
 
 
+_UPLOAD_PATH = re.compile(r"/admin/v1/tenants/[^/]+/adapters/[^/]+/versions")
+
+
+def is_upload_path(path: str) -> bool:
+    """The upload route streams archives bigger than a request body and checks its own limit."""
+    return _UPLOAD_PATH.fullmatch(path) is not None
+
+
+@router.post("/tenants/{tenant}/adapters/{name}/versions", status_code=201)
+async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep,
+                         template: str | None = None, base: str | None = None,
+                         alias: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
+    """Register a new version from an uploaded .tar, .tar.gz or .zip (the request body)."""
+    limit = reg.limits.max_archive_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the upload is {declared} bytes, over the {limit}-byte limit")
+    folder = Path(await _run(tempfile.mkdtemp, prefix="lgw-upload-"))
+    try:
+        archive = folder / "upload"
+        with await _run(archive.open, "wb") as out:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    raise PayloadTooLargeError(f"the upload exceeds the {limit}-byte limit")
+                await _run(out.write, chunk)
+        version = await _run(reg.push, tenant, name, archive, template_id=template, base=base,
+                             aliases=alias or [])
+    finally:
+        await _run(shutil.rmtree, folder, ignore_errors=True)
+    return {"version": version.ref, "lora_int_id": version.lora_int_id,
+            "content_sha256": version.content_sha256, "files": version.files}
+
+
 @router.post("/tenants/{tenant}/adapters/{name}/versions/{version}/deprecate")
 async def deprecate(tenant: str, name: str, version: int, reg: AdminDep) -> dict[str, Any]:
     await _run(reg.deprecate_version, tenant, name, version)
@@ -183,3 +228,11 @@ async def unpin(body: AdapterRefIn, svc: AdminServicesDep) -> dict[str, Any]:
 async def evict(body: EvictIn, svc: AdminServicesDep) -> dict[str, Any]:
     version = await svc.tenants.resolve_ref(body.adapter)
     return {"adapter": version.ref, "evicted_from": await svc.adapters.evict(version, body.where)}
+
+
+@router.post("/verify")
+async def verify(reg: AdminDep) -> dict[str, Any]:
+    """Re-hash every stored blob a live version uses; report the missing and corrupt ones."""
+    report = await _run(reg.verify_blobs)
+    return {"checked": report.checked, "problems": [p.__dict__ for p in report.problems],
+            "repair": f"{REPAIR_COMMAND} (on a machine with the adapter's original files)"}

@@ -7,8 +7,14 @@ have exactly the names and shapes a trained adapter has, which is all the check 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import os
 import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,3 +141,80 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
 def adapter(kit: Kit, tmp_path: Path) -> Path:
     """A private copy of the good adapter, free to break."""
     return Path(shutil.copytree(kit.good, tmp_path / "adapter"))
+
+
+@dataclass
+class Nobody:
+    """A world-readable folder and a way to run `lora-gateway registry` in it as nobody."""
+
+    dir: Path
+    db: str
+    artifacts: Path
+
+    def copy(self, src: Path) -> Path:
+        """A copy of ``src`` that nobody owns (test folders are root's, mode 0700)."""
+        dest = Path(shutil.copytree(src, self.dir / src.name))
+        for path in [dest, *dest.iterdir()]:
+            os.chown(path, NOBODY, NOBODY)
+        return dest
+
+    def cli(self, *args: str, db: str | None = None, artifacts: Path | None = None) -> tuple[int, str]:
+        """(exit code, stderr) of the command run by uid/gid 65534 with real permissions.
+
+        A forked child drops root and calls the CLI in-process: the interpreter lives under
+        /root, which nobody cannot read, and every module the CLI needs is already imported.
+        """
+        from lora_gateway.cli import main
+
+        argv = ["registry", args[0], "--db", db or self.db, "--artifacts",
+                str(artifacts or self.artifacts), *args[1:]]
+        err = self.dir / f"stderr-{os.getpid()}-{len(argv)}.txt"
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                sys.stderr = open(err, "w")  # noqa: SIM115 - the child exits right after
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+                code = main(argv)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        text = err.read_text()
+        err.unlink()
+        return os.waitstatus_to_exitcode(status), text
+
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobody(tiny_base) -> Iterator[Nobody]:
+    """A registry (tiny-llama, its template, tenant acme) in a fresh folder that nobody
+    owns: tests take permissions away from there."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the CLI as another user")
+    from lora_gateway.cli import main
+
+    root = Path(tempfile.mkdtemp(prefix="lgw-nobody-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        db = f"sqlite:///{root / 'reg.db'}"
+        common = ["--db", db, "--artifacts", str(root / "art")]
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["registry", "add-base", *common, "tiny-llama", str(tiny_base.path)]) == 0
+            assert main(["registry", "add-template", *common, "tiny-llama"]) == 0
+            assert main(["registry", "add-tenant", *common, "acme"]) == 0
+        for path in [root, *root.rglob("*")]:
+            os.chown(path, NOBODY, NOBODY)
+        yield Nobody(root, db, root / "art")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+

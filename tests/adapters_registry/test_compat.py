@@ -185,8 +185,6 @@ CASES = [
     pytest.param(write("optimizer.pt"), {"pickle_weights": "optimizer.pt"}, id="pickle-extra"),
     pytest.param(remove(CONFIG), {"missing_file": "adapter_config.json is missing"},
                  id="no-config"),
-    pytest.param(remove("manifest.json"), {"missing_file": "manifest.json is missing"},
-                 id="no-manifest"),
     pytest.param(link_extra_file, {"symlink": "training_config.json is a symlink"},
                  id="symlink"),
     pytest.param(write("notes.txt"), {"unexpected_file": "unexpected file notes.txt"},
@@ -216,6 +214,11 @@ def assert_reports(violations: list[Violation], expected: dict[str, str]) -> Non
 
 def test_good_adapter_has_no_violations(kit: Any) -> None:
     assert check_adapter(kit.good, kit.contract, kit.template) == []
+
+
+def test_plain_peft_folder_without_a_manifest_is_compatible(kit: Any, adapter: Path) -> None:
+    (adapter / "manifest.json").unlink()
+    assert check_adapter(adapter, kit.contract, kit.template) == []
 
 
 @pytest.mark.parametrize(("mutate", "expected"), CASES)

@@ -99,19 +99,24 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path: Path) -> None:
     assert time.perf_counter() - started < 10
 
 
-def test_registry_on_s3(store: S3Store, tmp_path: Path, tiny_contract, tiny_template,
-                        trained_adapters) -> None:
+@pytest.fixture
+def s3_registry(store: S3Store, tmp_path: Path, tiny_contract, tiny_template) -> Iterator[Registry]:
+    """A registry on ``store`` with the tiny base, its template and tenant acme."""
     reg = Registry(make_engine(f"sqlite:///{tmp_path / 'r.db'}"), store)
     try:
         reg.register_base(tiny_contract)
         reg.register_template(tiny_template)
         reg.create_tenant("acme")
-        version = reg.push("acme", "bot", trained_adapters["acme"])
-        reg.fetch(version, tmp_path / "fetched")
-        for rel, digest in version.files.items():
-            assert sha256_file(tmp_path / "fetched" / rel) == digest
+        yield reg
     finally:
         reg.close()
+
+
+def test_registry_on_s3(s3_registry: Registry, tmp_path: Path, trained_adapters) -> None:
+    version = s3_registry.push("acme", "bot", trained_adapters["acme"])
+    s3_registry.fetch(version, tmp_path / "fetched")
+    for rel, digest in version.files.items():
+        assert sha256_file(tmp_path / "fetched" / rel) == digest
 
 
 def test_registry_opens_an_s3_location(s3_endpoint, tmp_path, monkeypatch, tiny_contract) -> None:
@@ -148,3 +153,28 @@ def test_s3_lists_and_deletes_blobs(store: S3Store, tmp_path: Path) -> None:
     assert all(t.tzinfo is not None for t in listed.values())
     store.delete(digests[0])
     assert [d for d, _ in store.list_blobs()] == [digests[1]]
+
+
+def test_corrupt_blob_round_trip_on_s3(s3_registry: Registry, store: S3Store, tmp_path: Path,
+                                       trained_adapters) -> None:
+    """Re-pushing identical content re-uploads a corrupted object; verify with a repair
+    source restores a deleted one."""
+    from adapters_registry.errors import ConflictError
+
+    reg = s3_registry
+    version = reg.push("acme", "bot", trained_adapters["acme"])
+    digest = version.files["adapter_model.safetensors"]
+    store._client.put_object(Bucket=store.config.bucket, Key=store._key(digest), Body=b"rot")
+    report = reg.verify_blobs()
+    assert [(p.digest, p.state) for p in report.problems] == [(digest, "corrupt")]
+    assert report.problems[0].used_by == ["acme/bot@v1:adapter_model.safetensors"]
+    with pytest.raises(ChecksumMismatchError):
+        reg.fetch(version, tmp_path / "broken")
+    with pytest.raises(ConflictError, match="repaired"):
+        reg.push("acme", "bot", trained_adapters["acme"])
+    reg.fetch(version, tmp_path / "fetched")
+    store.delete(digest)
+    assert reg.verify_blobs().problems[0].state == "missing"
+    repaired = reg.verify_blobs(repair_from=trained_adapters["acme"])
+    assert repaired.problems[0].repaired and repaired.unrepaired == []
+    assert reg.verify_blobs().problems == []

@@ -297,6 +297,9 @@ def test_adapter_of_another_base_is_not_served(gw: Gateway, tmp_path) -> None:
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     manifest.update(base_model_id="other-base", template_id=tpl.template_id)
     (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "other-base"  # the registry checks the config's claim too
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     reg.push("acme", "other-bot", tmp_path / "a")
     assert_envelope(gw.chat("acme", "other-bot"), 404, "invalid_request_error", "model_not_found")
 

@@ -98,3 +98,13 @@ def test_zero_ttl_always_looks_up() -> None:
         assert src.calls == 3
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("ref", ["acme", "/bot", "acme/", "ACME/bot", "acme/bot\n"])
+def test_malformed_operator_refs_are_clear_errors(registry_env, ref: str) -> None:
+    from gateway.errors import InvalidRequestError, ModelNotFoundError
+    from gateway.tenancy import TenantDirectory
+
+    directory = TenantDirectory(registry_env.registry, served_base=("x", "y"), ttl=0)
+    with pytest.raises((InvalidRequestError, ModelNotFoundError)):
+        asyncio.run(directory.resolve_ref(ref))
