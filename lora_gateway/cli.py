@@ -14,8 +14,8 @@ from pathlib import Path
 from adapters_registry import cli as registry_cli
 from gateway import cli as gateway_cli
 from loadtest import cli as loadtest_cli
+from trainer import adapter_cli
 from trainer import cli as trainer_cli
-from trainer import tools_cli as adapter_tools_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_cli.register(sub)
     registry_cli.register(sub)
     trainer_cli.register(sub)
-    adapter_tools_cli.register(sub)
+    adapter_cli.register(sub)
     loadtest_cli.register(sub)
     demo = sub.add_parser("demo", help="build a base, train two tenants' adapters, serve them")
     demo.add_argument("--base", default="smollm2-135m-instruct",
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "base":
         return trainer_cli.run_base(args)
     if args.command == "adapter":
-        return adapter_tools_cli.run(args)
+        return adapter_cli.run(args)
     if args.command == "loadtest":
         return loadtest_cli.run(args)
     return _run_demo(args)
