@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from gateway.config import GatewaySettings
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, quiet_known_harmless
 
 _FLAGS = {
     "database_url": str, "artifacts_dir": str, "s3_endpoint_url": str, "cache_dir": Path,
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging(args.log_level)
+    quiet_known_harmless(settings.cache_dir)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -61,22 +62,30 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.config import GatewaySettings
-    from gateway.logs import configure_logging
-    from lora_gateway.demo import banner, prepare
+    from gateway.logs import configure_logging, quiet_known_harmless
+    from lora_gateway.demo import ENGINE_START_SECONDS, banner, prepare
 
+    home = (args.home / args.base).resolve()
     configure_logging("INFO")
-    home = args.home.resolve()
-    setup = prepare(home / args.base, args.base, args.models_cache.resolve())
+    quiet_known_harmless(home / "gateway-cache")
+    # Alembic's plugin set-up lines say nothing a demo user can act on.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    _say(f"lora-gateway demo: {args.base}, two tenants' adapters and the gateway, all kept in {home}")
+    _say("(the first run builds and trains, ≈3 min on 2 CPU cores; later runs reuse it all)")
+    setup = prepare(home, args.base, args.models_cache.resolve(), announce=_say,
+                    progress=sys.stderr.isatty())
     if args.prepare_only:
-        print(banner(setup, args.host, args.port))
+        print(banner(setup, args.host, args.port, serving=False))
         return 0
     settings = GatewaySettings(
         database_url=setup.database_url, artifacts_dir=str(setup.artifacts_dir),
-        cache_dir=home / args.base / "gateway-cache", base_model_id=setup.base_model_id,
+        cache_dir=home / "gateway-cache", base_model_id=setup.base_model_id,
         base_model_dir=setup.base_model_dir, host=args.host, port=args.port,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port,
                                            log_level="info", timeout_graceful_shutdown=10))
+    _say(f"starting the gateway: vLLM loads {args.base} "
+         f"(≈{ENGINE_START_SECONDS.get(args.base, 60)} s)")
 
     async def serve() -> None:
         task = asyncio.create_task(server.serve())
@@ -88,6 +97,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+def _say(line: str) -> None:
+    """A demo step, announced before it starts."""
+    print(f"==> {line}", flush=True)
 
 
 if __name__ == "__main__":
