@@ -36,8 +36,9 @@ class DemoTenant:
 
 
 # Measured on 2 shared CPU cores (README, set-up): one adapter's training with the
-# default run config, and the gateway's start-up (vLLM loading the base).
-TRAIN_SECONDS = {"smollm2-135m-instruct": 45, "tiny-llama": 5}
+# default run config (smollm2: 106-154 s), and the gateway's start-up (vLLM loading
+# the base: 24-43 s).
+TRAIN_SECONDS = {"smollm2-135m-instruct": 120, "tiny-llama": 5}
 ENGINE_START_SECONDS = {"smollm2-135m-instruct": 40, "tiny-llama": 30}
 
 DEMO_TENANTS = (
@@ -107,7 +108,7 @@ def prepare(
             out = home / "adapters" / f"{demo.tenant}-{demo.adapter}-{run_key}"
             if not out.exists():
                 say(f"training {demo.tenant}/{demo.adapter} on {len(dataset.examples)} chats "
-                    f"(≈{TRAIN_SECONDS.get(base_name, 60)} s on 2 CPU cores)")
+                    f"(≈{_duration(TRAIN_SECONDS.get(base_name, 120))} on 2 CPU cores)")
                 result = train_adapter(base.path, base.model_id, template, dataset, config, out,
                                        progress=progress)
                 logger.info("trained %s/%s in %.1fs (final loss %.4f)", demo.tenant,
@@ -156,6 +157,10 @@ def banner(setup: DemoSetup, host: str, port: int, serving: bool = True) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
 
 
 def _ensure_tenant(registry: Registry, name: str) -> tuple[Tenant, bool]:
