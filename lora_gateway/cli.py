@@ -65,7 +65,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     # Alembic's plugin set-up lines say nothing a demo user can act on.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     _say(f"lora-gateway demo: {args.base}, two tenants' adapters and the gateway, all kept in {home}")
-    _say("(the first run builds and trains, ≈6 min on 2 CPU cores; later runs reuse it all and "
+    _say("(the first run builds and trains, ≈4-7 min on 2 CPU cores; later runs reuse it all and "
          "are serving in ≈40 s)")
     setup = prepare(home, args.base, args.models_cache.resolve(), announce=_say,
                     progress=sys.stderr.isatty())

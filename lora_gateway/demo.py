@@ -36,7 +36,7 @@ class DemoTenant:
 
 
 # Measured on 2 shared CPU cores (README, set-up): one adapter's training with the
-# default run config (smollm2: 106-154 s), and the gateway's start-up (vLLM loading
+# default run config (smollm2: 85-156 s), and the gateway's start-up (vLLM loading
 # the base: 24-43 s).
 TRAIN_SECONDS = {"smollm2-135m-instruct": 120, "tiny-llama": 5}
 ENGINE_START_SECONDS = {"smollm2-135m-instruct": 40, "tiny-llama": 30}
