@@ -18,7 +18,7 @@ from types import FrameType
 from pydantic import SecretStr, ValidationError
 
 from gateway.config import GatewaySettings
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, quiet_known_harmless
 
 
 def _flag_fields() -> dict[str, str]:
@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lora-gateway serve: invalid settings:\n{settings_problems(exc)}", file=sys.stderr)
         return 2
     configure_logging(args.log_level)
+    quiet_known_harmless(settings.cache_dir)
     app = create_app(settings)
 
     class DrainingServer(uvicorn.Server):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import os
+import re
 import uuid
+import warnings
 from contextvars import ContextVar
+from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +35,59 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+# Start-up messages known to be harmless on a CPU-only vLLM install, each identified by the
+# logger that emits it and the start of its message template (never a whole logger muted).
+KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
+    ("vllm.triton_utils.importing", "Triton not installed or not compatible"),  # CPU: no Triton
+    ("vllm.platforms.cpu", "Triton is not installed. triton-cpu is expected"),  # likewise
+    ("torch._library.triton", "Triton not available, find_triton_kernels"),  # likewise
+    ("vllm.config.vllm", "Model Runner V2 requires Triton"),  # vLLM picks the V1 runner itself
+    ("vllm.config.vllm", "Inductor compilation was disabled by user settings"),  # CPU runs eager
+    ("vllm.platforms.cpu", "Reset SSM cache type to float32"),  # no Mamba layers in a Llama base
+)
+# vLLM's Triton shim touches a deprecated torch attribute while scanning modules:
+# (message start, category, module that warns).
+HARMLESS_WARNING = ("`torch.distributed.reduce_op` is deprecated", FutureWarning,
+                    "vllm.triton_utils.dispatcher")
+
+
+class KnownHarmlessFilter(logging.Filter):
+    """Drops the records listed in KNOWN_HARMLESS and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template = str(record.msg)
+        return not any(record.name == name and template.startswith(start)
+                       for name, start in KNOWN_HARMLESS)
+
+
+def quiet_known_harmless(config_dir: Path) -> None:
+    """Once, at the entry point: drop KNOWN_HARMLESS here and in vLLM's engine processes.
+
+    vLLM spawns its engine processes on CPU, so filters set here do not reach them; they
+    get the same filter through a logging config file (``VLLM_LOGGING_CONFIG_PATH``,
+    unless the operator set one) and the warning filter through ``PYTHONWARNINGS``.
+    """
+    harmless = KnownHarmlessFilter()
+    for name in {name for name, _ in KNOWN_HARMLESS}:
+        logging.getLogger(name).addFilter(harmless)
+    message, category, module = HARMLESS_WARNING
+    warnings.filterwarnings("ignore", re.escape(message), category, re.escape(module))
+    rule = f"ignore:{message}:{category.__name__}:{module}"  # -W syntax: literal, not a regex
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), rule)))
+    if "VLLM_LOGGING_CONFIG_PATH" in os.environ:
+        return
+    from vllm.logger import DEFAULT_LOGGING_CONFIG  # vLLM's own handlers, plus the filter
+
+    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+    config["filters"] = {"known_harmless": {"()": f"{__name__}.KnownHarmlessFilter"}}
+    for name in {name for name, _ in KNOWN_HARMLESS}:
+        config["loggers"].setdefault(name, {})["filters"] = ["known_harmless"]
+    path = Path(config_dir) / "vllm-logging.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
 
 
 class RequestContext:

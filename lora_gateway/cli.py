@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from adapters_registry import cli as registry_cli
 from gateway import cli as gateway_cli
 from loadtest import cli as loadtest_cli
+from trainer import adapter_cli
 from trainer import cli as trainer_cli
-from trainer import tools_cli as adapter_tools_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_cli.register(sub)
     registry_cli.register(sub)
     trainer_cli.register(sub)
-    adapter_tools_cli.register(sub)
+    adapter_cli.register(sub)
     loadtest_cli.register(sub)
     demo = sub.add_parser("demo", help="build a base, train two tenants' adapters, serve them")
     demo.add_argument("--base", default="smollm2-135m-instruct",
@@ -41,19 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return gateway_cli.run(args)
-    if args.command == "registry":
-        return registry_cli.run(args)
-    if args.command == "train":
-        return trainer_cli.run_train(args)
-    if args.command == "base":
-        return trainer_cli.run_base(args)
-    if args.command == "adapter":
-        return adapter_tools_cli.run(args)
-    if args.command == "loadtest":
-        return loadtest_cli.run(args)
-    return _run_demo(args)
+    runners: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": gateway_cli.run, "registry": registry_cli.run, "train": trainer_cli.run_train,
+        "base": trainer_cli.run_base, "adapter": adapter_cli.run, "loadtest": loadtest_cli.run,
+        "demo": _run_demo,
+    }
+    return runners[args.command](args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -61,22 +56,31 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.config import GatewaySettings
-    from gateway.logs import configure_logging
-    from lora_gateway.demo import banner, prepare
+    from gateway.logs import configure_logging, quiet_known_harmless
+    from lora_gateway.demo import ENGINE_START_SECONDS, banner, prepare
 
+    home = (args.home / args.base).resolve()
     configure_logging("INFO")
-    home = args.home.resolve()
-    setup = prepare(home / args.base, args.base, args.models_cache.resolve())
+    quiet_known_harmless(home / "gateway-cache")
+    # Alembic's plugin set-up lines say nothing a demo user can act on.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    _say(f"lora-gateway demo: {args.base}, two tenants' adapters and the gateway, all kept in {home}")
+    _say("(the first run builds and trains, ≈4-7 min on 2 CPU cores; later runs reuse it all and "
+         "are serving in ≈40 s)")
+    setup = prepare(home, args.base, args.models_cache.resolve(), announce=_say,
+                    progress=sys.stderr.isatty())
     if args.prepare_only:
-        print(banner(setup, args.host, args.port))
+        print(banner(setup, args.host, args.port, serving=False))
         return 0
     settings = GatewaySettings(
         database_url=setup.database_url, artifacts_dir=str(setup.artifacts_dir),
-        cache_dir=home / args.base / "gateway-cache", base_model_id=setup.base_model_id,
+        cache_dir=home / "gateway-cache", base_model_id=setup.base_model_id,
         base_model_dir=setup.base_model_dir, host=args.host, port=args.port,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port,
                                            log_level="info", timeout_graceful_shutdown=10))
+    _say(f"starting the gateway: vLLM loads {args.base} "
+         f"(≈{ENGINE_START_SECONDS.get(args.base, 60)} s)")
 
     async def serve() -> None:
         task = asyncio.create_task(server.serve())
@@ -88,6 +92,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+def _say(line: str) -> None:
+    """A demo step, announced before it starts."""
+    print(f"==> {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +24,8 @@ from adapters_registry.records import Tenant
 
 logger = logging.getLogger(__name__)
 
+KEYS_FILE = "keys.json"
+
 
 @dataclass(frozen=True)
 class DemoTenant:
@@ -30,6 +34,12 @@ class DemoTenant:
     dataset: str  # file in lora_gateway/demo_data
     example_question: str
 
+
+# Measured on 2 shared CPU cores (README, set-up): one adapter's training with the
+# default run config (smollm2: 85-156 s), and the gateway's start-up (vLLM loading
+# the base: 24-43 s).
+TRAIN_SECONDS = {"smollm2-135m-instruct": 120, "tiny-llama": 5}
+ENGINE_START_SECONDS = {"smollm2-135m-instruct": 40, "tiny-llama": 30}
 
 DEMO_TENANTS = (
     DemoTenant("acme", "support-bot", "support_desk.jsonl", "How do I reset my password?"),
@@ -44,6 +54,7 @@ class DemoSetup:
     base_model_id: str
     base_model_dir: Path
     keys: dict[str, str]  # tenant -> API key
+    keys_file: Path
 
 
 def dataset_path(name: str) -> Path:
@@ -51,17 +62,28 @@ def dataset_path(name: str) -> Path:
 
 
 def prepare(
-    home: Path, base_name: str, models_cache: Path, run_overrides: dict[str, object] | None = None
+    home: Path,
+    base_name: str,
+    models_cache: Path,
+    run_overrides: dict[str, object] | None = None,
+    *,
+    announce: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> DemoSetup:
-    """Build or reuse the base, register it, create tenants and keys, train and push adapters."""
+    """Build or reuse the base, register it, create tenants and keys, train and push adapters.
+
+    ``announce`` is told before each long step (building the base, training an adapter)
+    what it is and how long it takes; ``progress`` shows the training progress bars.
+    """
     from trainer.bases import prepare_base
     from trainer.config import RunConfig
     from trainer.data import load_chat_jsonl
     from trainer.train import train_adapter
 
+    say = announce or (lambda _: None)
     home.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    base = prepare_base(base_name, models_cache)
+    base = prepare_base(base_name, models_cache, say)
     logger.info("base %s ready at %s (%.1fs)", base.model_id, base.path, time.perf_counter() - t0)
     db_url = f"sqlite:///{home / 'registry.db'}"
     registry = Registry.open(db_url, home / "artifacts")
@@ -85,26 +107,37 @@ def prepare(
             run_key = sha256_json([template.template_id, dataset.sha256, config.to_dict()])[:16]
             out = home / "adapters" / f"{demo.tenant}-{demo.adapter}-{run_key}"
             if not out.exists():
-                result = train_adapter(base.path, base.model_id, template, dataset, config, out)
+                say(f"training {demo.tenant}/{demo.adapter} on {len(dataset.examples)} chats "
+                    f"(≈{_duration(TRAIN_SECONDS.get(base_name, 120))} on 2 CPU cores)")
+                result = train_adapter(base.path, base.model_id, template, dataset, config, out,
+                                       progress=progress)
                 logger.info("trained %s/%s in %.1fs (final loss %.4f)", demo.tenant,
                             demo.adapter, result.seconds, result.final_loss)
             registry.push(demo.tenant, demo.adapter, out, template_id=template.template_id)
     finally:
         registry.close()
-    return DemoSetup(db_url, home / "artifacts", base.model_id, base.path, keys)
+    return DemoSetup(db_url, home / "artifacts", base.model_id, base.path, keys, home / KEYS_FILE)
 
 
-def banner(setup: DemoSetup, host: str, port: int) -> str:
+def banner(setup: DemoSetup, host: str, port: int, serving: bool = True) -> str:
+    """What the demo prints when it is ready: keys, where its state lives, how to call it."""
     url = f"http://{host}:{port}/v1"
-    lines = [
-        "",
-        f"lora-gateway demo is serving {setup.base_model_id} at {url}",
-        "",
-    ]
+    first, second = DEMO_TENANTS
+    db, artifacts = shlex.quote(setup.database_url), shlex.quote(str(setup.artifacts_dir))
+    headline = (f"lora-gateway demo is serving {setup.base_model_id} at {url}" if serving else
+                f"lora-gateway demo is ready to serve {setup.base_model_id} (run it without --prepare-only)")
+    lines = ["", headline, ""]
     for demo in DEMO_TENANTS:
         lines.append(f"  tenant {demo.tenant:<11} model={demo.adapter:<12} key={setup.keys[demo.tenant]}")
-    first = DEMO_TENANTS[0]
     lines += [
+        "",
+        f"  registry   {setup.database_url}",
+        f"  artifacts  {setup.artifacts_dir}",
+        f"  API keys   {setup.keys_file} (mode 0600)",
+        "",
+        "Manage it with the CLI (every `lora-gateway registry` command takes these --db and --artifacts):",
+        "",
+        f"  lora-gateway registry list {first.tenant} --db {db} --artifacts {artifacts}",
         "",
         "Try it (the official openai client):",
         "",
@@ -117,13 +150,17 @@ def banner(setup: DemoSetup, host: str, port: int) -> str:
         "or with curl:",
         "",
         f"  curl -s {url}/chat/completions \\",
-        f"    -H 'Authorization: Bearer {setup.keys[DEMO_TENANTS[1].tenant]}' \\",
+        f"    -H 'Authorization: Bearer {setup.keys[second.tenant]}' \\",
         "    -H 'Content-Type: application/json' \\",
-        f"    -d '{{\"model\": \"{DEMO_TENANTS[1].adapter}\", \"temperature\": 0, "
+        f"    -d '{{\"model\": \"{second.adapter}\", \"temperature\": 0, "
         f"\"messages\": [{{\"role\": \"user\", \"content\": \"Who are you?\"}}]}}'",
         "",
     ]
     return "\n".join(lines)
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
 
 
 def _ensure_tenant(registry: Registry, name: str) -> tuple[Tenant, bool]:
@@ -134,12 +171,12 @@ def _ensure_tenant(registry: Registry, name: str) -> tuple[Tenant, bool]:
 
 
 def _load_keys(home: Path) -> dict[str, str]:
-    path = home / "keys.json"
+    path = home / KEYS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _save_keys(home: Path, keys: dict[str, str]) -> None:
-    path = home / "keys.json"
+    path = home / KEYS_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(keys, f, indent=2)

@@ -20,9 +20,12 @@ from adapters_registry.cli import add_registry_options
 from adapters_registry.errors import IncompatibleAdapterError, RegistryError
 from adapters_registry.names import parse_adapter_ref, validate_name
 from adapters_registry.service import Registry
+from trainer.errors import ConfigError, GateFailedError, TrainerError, UsageError
 
 DEFAULT_CACHE = Path(".cache")
 EXIT_BAD_INPUT, EXIT_INCOMPATIBLE, EXIT_GATE_FAILED = 2, 3, 4
+# What a trainer command reports as one `error: …` line and an exit code, never a traceback.
+CLI_ERRORS = (TrainerError, RegistryError, FileExistsError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -57,7 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run_base(args: argparse.Namespace) -> int:
     from trainer.bases import prepare_base
 
-    base = prepare_base(args.name, args.cache)
+    try:
+        base = prepare_base(args.name, args.cache)
+    except CLI_ERRORS as exc:
+        return report_error(exc)
     print(base.path)
     return 0
 
@@ -65,7 +71,6 @@ def run_base(args: argparse.Namespace) -> int:
 def load_run_config(path: Path | None, overrides: list[str]) -> Any:
     """RunConfig from YAML and KEY=VALUE flags (flags win); unknown or shape keys are errors."""
     from trainer.config import RunConfig
-    from trainer.errors import ConfigError
 
     data: dict[str, Any] = {}
     if path is not None:
@@ -90,30 +95,31 @@ def load_run_config(path: Path | None, overrides: list[str]) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainer.errors import GateFailedError, TrainerError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = Registry.open(args.db, args.artifacts)
     try:
         return _train(args, registry)
-    except GateFailedError as exc:
-        if exc.report is not None:
-            print(summary_table(exc.report), file=sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_GATE_FAILED
-    except IncompatibleAdapterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INCOMPATIBLE
-    except (TrainerError, RegistryError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except CLI_ERRORS as exc:
+        return report_error(exc)
     finally:
         registry.close()
 
 
+def report_error(exc: Exception) -> int:
+    """Print one of CLI_ERRORS as ``error: …`` (a failed gate with its table); its exit code."""
+    code = EXIT_BAD_INPUT
+    if isinstance(exc, GateFailedError):
+        if exc.report is not None:
+            print(summary_table(exc.report), file=sys.stderr)
+        code = EXIT_GATE_FAILED
+    elif isinstance(exc, IncompatibleAdapterError):
+        code = EXIT_INCOMPATIBLE
+    print(f"error: {exc}", file=sys.stderr)
+    return code
+
+
 def _train(args: argparse.Namespace, registry: Registry) -> int:
     from trainer.data import load_chat_jsonl
-    from trainer.errors import ConfigError
     from trainer.evals import load_golden_jsonl, load_regression_jsonl
     from trainer.qlora import require_quantization_support
     from trainer.train import train_adapter
@@ -129,7 +135,7 @@ def _train(args: argparse.Namespace, registry: Registry) -> int:
         for alias in args.alias:
             validate_name("alias", alias)
     elif args.alias:
-        raise ConfigError("--alias needs --publish: only a published version can be aliased")
+        raise UsageError("--alias needs --publish: only a published version can be aliased")
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; adapter versions are never overwritten")
     template = registry.get_template(args.template)

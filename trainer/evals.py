@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 from adapters_registry.hashing import sha256_bytes
+from adapters_registry.prompts import prompt_ids
 from trainer.config import RunConfig
 from trainer.data import Message, parse_json_object, validate_messages
 from trainer.errors import DatasetError, LineProblem
@@ -162,16 +163,21 @@ def is_match(got: str, expected: str, match: str) -> bool:
 
 
 def golden_eval(
-    model: Any, tokenizer: Any, golden: EvalSet, config: RunConfig, progress: bool = False
+    model: Any, tokenizer: Any, golden: EvalSet, config: RunConfig, stop_ids: Collection[int],
+    progress: bool = False,
 ) -> GoldenResult:
-    """Greedy answers of the adapted model to every golden prompt, scored."""
+    """Greedy answers of the adapted model to every golden prompt, scored.
+
+    ``stop_ids`` end a generation (``adapters_registry.prompts.stop_token_ids``, as served).
+    """
     items = []
     for item in tqdm(golden.items, desc="golden eval", unit="prompt", disable=not progress, file=sys.stderr):
         assert item.expected is not None
         budget = config.eval_max_new_tokens
         if item.match != "contains":  # enough to see the whole answer and whatever follows it
             budget = len(tokenizer(item.expected, add_special_tokens=False)["input_ids"]) + _ANSWER_MARGIN
-        got = tokenizer.decode(_greedy(model, tokenizer, item.messages, budget), skip_special_tokens=True)
+        answer = _greedy(model, tokenizer, item.messages, budget, stop_ids)
+        got = tokenizer.decode(answer, skip_special_tokens=True)
         ok = is_match(got, item.expected, item.match)
         items.append({"line": item.line, "match": item.match, "expected": item.expected,
                       "got": got[:_SHOWN], "ok": ok})
@@ -180,15 +186,16 @@ def golden_eval(
 
 
 def regression_eval(
-    model: Any, tokenizer: Any, regression: EvalSet, config: RunConfig, progress: bool = False
+    model: Any, tokenizer: Any, regression: EvalSet, config: RunConfig, stop_ids: Collection[int],
+    progress: bool = False,
 ) -> RegressionResult:
     """How far the adapter moves the base on prompts it should leave alone."""
     items = []
     for item in tqdm(regression.items, desc="regression eval", unit="prompt", disable=not progress,
                      file=sys.stderr):
         with model.disable_adapter():
-            base_answer = _greedy(model, tokenizer, item.messages, config.eval_max_new_tokens)
-        adapter_answer = _greedy(model, tokenizer, item.messages, config.eval_max_new_tokens)
+            base_answer = _greedy(model, tokenizer, item.messages, config.eval_max_new_tokens, stop_ids)
+        adapter_answer = _greedy(model, tokenizer, item.messages, config.eval_max_new_tokens, stop_ids)
         kl = _answer_kl(model, tokenizer, item.messages, base_answer)
         items.append({
             "line": item.line, "kl": kl, "same": base_answer == adapter_answer,
@@ -200,21 +207,11 @@ def regression_eval(
     return RegressionResult(sum(kls) / len(kls), max(kls), agreement, len(items), items)
 
 
-def _prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured]
-    return sorted({int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None})
-
-
-def _greedy(model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tokens: int) -> list[int]:
+def _greedy(model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tokens: int,
+            stop_ids: Collection[int]) -> list[int]:
     device = next(model.parameters()).device
-    ids = torch.tensor([_prompt_ids(tokenizer, messages)], device=device)
-    stop = _stop_ids(model, tokenizer)
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    stop = sorted(stop_ids)
     generation = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0],
@@ -226,7 +223,7 @@ def _greedy(model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tok
 
 def _answer_kl(model: Any, tokenizer: Any, messages: Sequence[Message], answer: list[int]) -> float:
     """Mean KL(base || adapter) of the next-token distributions along the base's answer."""
-    prompt = _prompt_ids(tokenizer, messages)
+    prompt = prompt_ids(tokenizer, messages)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt + answer], device=device)
     keep = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=device)

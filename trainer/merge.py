@@ -9,8 +9,8 @@ record). The folder appears whole or not at all, and never replaces an existing 
 logits of the merged checkpoint and of base + adapter (unmerged, through PEFT) must
 agree within a stated tolerance on the same token ids. Everything runs in float32.
 
-The helpers that load an adapter checked against its base, render prompts as the
-gateway does and decode greedily are shared with ``trainer.parity``.
+The helpers that load an adapter checked against its base and decode greedily are
+shared with serving parity (``lora_gateway.parity``).
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters_registry.compat import CONFIG_FILE, check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
 from adapters_registry.errors import ContractError, ManifestError, TemplateError
-from adapters_registry.hashing import sha256_file, sha256_tree
 from adapters_registry.manifest import AdapterManifest
+from adapters_registry.peft_config import template_from_adapter_config
+from adapters_registry.prompts import prompt_ids, stop_token_ids
 from adapters_registry.template import AdapterTemplate
-from trainer.errors import TrainerError
-from trainer.train import _atomic_dir, _threads_for, _torch_threads, _versions
+from trainer.errors import MergeError, ParityError
+from trainer.provenance import content_sha256
+from trainer.runtime import atomic_dir, library_versions, threads_for, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +47,12 @@ __all__ = [
     "MERGE_RECORD_FILE",
     "CheckedAdapter",
     "LogitParityReport",
-    "MergeError",
     "MergeResult",
-    "ParityError",
     "check_merge_parity",
-    "content_sha256",
     "greedy_ids",
     "load_checked_adapter",
+    "load_peft",
     "merge_adapter",
-    "render_prompt",
 ]
 
 # Max |merged - unmerged| over every logit compared, in float32. Merging reorders the
@@ -80,18 +79,6 @@ _TOKENIZER_FILES = frozenset({
 _LICENSE_PREFIXES = ("LICENSE", "LICENCE", "NOTICE")
 # Contract fields a merged export legitimately changes (new weights, saved in fp32).
 _CHANGED_BY_MERGE = frozenset({"model_id", "revision", "dtype", "license"})
-
-
-class MergeError(TrainerError, ValueError):
-    """The adapter does not fit the base, or the merged export would not be a faithful copy."""
-
-
-class ParityError(TrainerError, RuntimeError):
-    """Two ways of running the same adapter disagree beyond the stated tolerance."""
-
-    def __init__(self, message: str, report: Any) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)
@@ -141,7 +128,8 @@ def load_checked_adapter(adapter_dir: Path, base_dir: Path) -> CheckedAdapter:
         raise MergeError(f"adapter directory {adapter_dir} does not exist")
     try:
         manifest = AdapterManifest.read(adapter_dir)
-        template = _template_from_config(adapter_dir, manifest)
+        template = template_from_adapter_config(adapter_dir, manifest.base_model_id,
+                                                manifest.base_revision)
     except (ManifestError, TemplateError) as exc:
         raise MergeError(f"{adapter_dir}: {exc}") from None
     try:
@@ -161,53 +149,6 @@ def load_checked_adapter(adapter_dir: Path, base_dir: Path) -> CheckedAdapter:
             f"({len(violations)} violation(s)):\n{listed}"
         )
     return CheckedAdapter(adapter_dir, contract, template, manifest)
-
-
-def _template_from_config(adapter_dir: Path, manifest: AdapterManifest) -> AdapterTemplate:
-    try:
-        cfg = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TemplateError(f"cannot read {CONFIG_FILE}: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise TemplateError(f"{CONFIG_FILE} is not a JSON object")
-    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
-    if missing:
-        raise TemplateError(f"{CONFIG_FILE} has no {missing} field(s)")
-    if not isinstance(cfg["target_modules"], list):
-        raise TemplateError(f"{CONFIG_FILE} target_modules must be a list of module names")
-    try:
-        return AdapterTemplate(
-            base_model_id=manifest.base_model_id, base_revision=manifest.base_revision,
-            r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-            target_modules=frozenset(cfg["target_modules"]), bias=cfg.get("bias", "none"),
-            use_dora=cfg.get("use_dora", False), use_rslora=cfg.get("use_rslora", False),
-        )  # fmt: skip
-    except TypeError as exc:  # e.g. an unhashable target module name
-        raise TemplateError(f"{CONFIG_FILE} has malformed shape fields: {exc}") from None
-
-
-def content_sha256(adapter_dir: Path) -> str:
-    """The adapter's content hash as the registry computes it when the folder is pushed."""
-    files = {p.name: sha256_file(p) for p in sorted(Path(adapter_dir).iterdir()) if p.is_file()}
-    return sha256_tree(files)
-
-
-def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of a chat prompt, rendered the way the gateway's PromptRenderer does."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def stop_token_ids(base_dir: Path, tokenizer: Any) -> frozenset[int]:
-    """The ids that end a generation: the tokenizer's EOS and generation_config's eos ids."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = Path(base_dir) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
-        ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
-    return frozenset(ids)
 
 
 @torch.no_grad()
@@ -253,7 +194,7 @@ def merge_adapter(
     _check_tolerance(tolerance)
     checked = load_checked_adapter(adapter_dir, base_dir)
     model = load_peft(checked, base_dir)
-    with _torch_threads(_threads_for(model)), _atomic_dir(out_dir) as tmp:
+    with torch_threads(threads_for(model)), atomic_dir(out_dir) as tmp:
         merged = model.merge_and_unload()
         merged.save_pretrained(str(tmp), safe_serialization=True)
         _copy_tokenizer_files(base_dir, tmp)
@@ -271,7 +212,7 @@ def merge_adapter(
             "adapter_dataset_sha256": checked.manifest.dataset_sha256,
             "dtype": "float32",
             "parity": report.to_dict() if report else None,
-            "versions": _versions(),
+            "versions": library_versions(),
         }
         (tmp / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     logger.info("merged %s into %s", adapter_dir, out_dir)
@@ -304,9 +245,9 @@ def check_merge_parity(
     merged = AutoModelForCausalLM.from_pretrained(Path(merged_dir), dtype=torch.float32).eval()
     worst = scale = effect = 0.0
     agree = positions = 0
-    with _torch_threads(_threads_for(merged)), torch.no_grad():
+    with torch_threads(threads_for(merged)), torch.no_grad():
         for messages in prompts:
-            ids = render_prompt(tokenizer, messages)
+            ids = prompt_ids(tokenizer, messages)
             ids += greedy_ids(unmerged, ids, continuation, stops)[0]
             batch = torch.tensor([ids])
             a = unmerged(input_ids=batch).logits[0]

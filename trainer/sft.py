@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from adapters_registry.errors import ChatTemplateRenderError
+from adapters_registry.prompts import render_chat
 from trainer.errors import ChatTemplateError
 
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips
@@ -113,11 +115,6 @@ def _inside(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
 
 def _render(tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
     try:
-        text = tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as exc:  # jinja raises its own types, and templates raise on purpose
-        raise ChatTemplateError(f"the chat template failed to render: {exc}") from exc
-    if not isinstance(text, str):
-        raise ChatTemplateError(f"apply_chat_template returned {type(text).__name__}, not str")
-    return text
+        return render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateRenderError as exc:  # the trainer CLI reports its own error type
+        raise ChatTemplateError(str(exc)) from exc

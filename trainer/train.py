@@ -16,27 +16,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import peft
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
-from adapters_registry.compat import check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
 from adapters_registry.hashing import sha256_bytes
 from adapters_registry.manifest import AdapterManifest
+from adapters_registry.prompts import stop_token_ids
 from adapters_registry.template import AdapterTemplate
 from trainer.config import RunConfig
 from trainer.data import ChatDataset, DataReport, Message, prepare_data
@@ -52,18 +45,21 @@ from trainer.evals import (
     regression_eval,
 )
 from trainer.loop import EarlyStopping, EpochStats, train_loop
+from trainer.provenance import (
+    TRAINING_CONFIG_FILE,
+    adapter_manifest,
+    require_compatible,
+    require_template_base,
+)
 from trainer.qlora import load_base_for_training, require_quantization_support
+from trainer.runtime import atomic_dir, threads_for, torch_threads
 from trainer.sft import EncodedExample, encode_example, render_golden
 
 logger = logging.getLogger(__name__)
 
-TRAINING_CONFIG_FILE = "training_config.json"
 GOLDEN_RENDER_FILE = "golden_render.txt"
 EVAL_REPORT_FILE = "eval_report.json"  # only in a refused run's folder: the registry refuses it
 FAILED_SUFFIX = ".failed"
-# Used when running from a source tree, where the distribution's metadata is absent.
-_SOURCE_VERSION = "0.1.0"
-_PARALLEL_MIN_PARAMS = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -127,7 +123,7 @@ def train_adapter(
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; adapter versions are never overwritten")
     contract = derive_contract(base_dir, base_model_id)
-    _check_template(contract, template)
+    require_template_base(contract, template)
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     _check_chat_template(tokenizer, contract)
@@ -151,7 +147,7 @@ def train_adapter(
     )
     model = get_peft_model(base, lora)
     pad_id = _pad_id(tokenizer)
-    with _torch_threads(_threads_for(model)):
+    with torch_threads(threads_for(model)):
         started = time.perf_counter()
         stopper = EarlyStopping(model, validation, config, pad_id)
         train_loop(model, usable, config, pad_id, stopper, progress)
@@ -159,9 +155,10 @@ def train_adapter(
         seconds = time.perf_counter() - started
         model.eval()
         started = time.perf_counter()
-        golden_result = golden_eval(model, tokenizer, golden, config, progress) if golden else None
+        stops = stop_token_ids(base_dir, tokenizer)
+        golden_result = golden_eval(model, tokenizer, golden, config, stops, progress) if golden else None
         regression_result = (
-            regression_eval(model, tokenizer, regression, config, progress) if regression else None
+            regression_eval(model, tokenizer, regression, config, stops, progress) if regression else None
         )
         eval_seconds = time.perf_counter() - started
 
@@ -172,18 +169,9 @@ def train_adapter(
         golden=golden_result, regression=regression_result,
         train_seconds=seconds, eval_seconds=eval_seconds,
     )
-    manifest = AdapterManifest(
-        base_model_id=contract.model_id,
-        base_revision=contract.revision,
-        template_id=template.template_id,
-        tokenizer_sha256=contract.tokenizer_sha256,
-        chat_template_sha256=contract.chat_template_sha256,
-        rope=contract.rope,
-        dataset_sha256=dataset.sha256,
-        seed=config.seed,
-        versions=_versions(),
-        run_config=config.to_dict(),
-        metrics=_metrics(report, usable, golden, regression),
+    manifest = adapter_manifest(
+        contract, template, dataset_sha256=dataset.sha256, seed=config.seed,
+        run_config=config.to_dict(), metrics=_metrics(report, usable, golden, regression),
     )
     training_config = {
         "run_config": config.to_dict(),
@@ -201,7 +189,7 @@ def train_adapter(
     # the artifact names the base by id, not by this machine's path to it
     model.peft_config["default"].base_model_name_or_path = base_model_id
     target = out_dir if report.passed else out_dir.with_name(out_dir.name + FAILED_SUFFIX)
-    with _atomic_dir(target, replace=not report.passed) as tmp:
+    with atomic_dir(target, replace=not report.passed) as tmp:
         # Templates never target embeddings; saying so also stops PEFT from asking the
         # Hugging Face hub about base_model_name_or_path.
         model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
@@ -211,7 +199,7 @@ def train_adapter(
         )
         (tmp / GOLDEN_RENDER_FILE).write_text(render_golden(tokenizer, dataset.examples[0]), encoding="utf-8")
         manifest.write(tmp)
-        _check_compatible(tmp, contract, template)
+        require_compatible(tmp, contract, template)
         if not report.passed:
             details = eval_report(report.gates, golden_result, regression_result, detailed=True)
             (tmp / EVAL_REPORT_FILE).write_text(json.dumps(details, indent=2) + "\n", encoding="utf-8")
@@ -250,14 +238,6 @@ def _metrics(
     }
 
 
-def _check_compatible(adapter_dir: Path, contract: BaseContract, template: AdapterTemplate) -> None:
-    # The registry would refuse it anyway; failing here names the trainer as the culprit.
-    violations = check_adapter(adapter_dir, contract, template)
-    if violations:
-        listed = "\n".join(f"  {v.code}: {v.message}" for v in violations)
-        raise TrainError(f"the trained adapter does not match template {template.template_id}:\n{listed}")
-
-
 def _encode(
     tokenizer: Any, examples: Sequence[Sequence[Message]], max_length: int
 ) -> tuple[list[EncodedExample], int]:
@@ -275,15 +255,6 @@ def _encode(
     return usable, sum(e.truncated for e in encoded)
 
 
-def _check_template(contract: BaseContract, template: AdapterTemplate) -> None:
-    if (contract.model_id, contract.revision) != (template.base_model_id, template.base_revision):
-        raise TrainError(
-            f"template {template.template_id} is for base {template.base_model_id!r} revision "
-            f"{template.base_revision[:12]}, but the base directory is {contract.model_id!r} "
-            f"revision {contract.revision[:12]}; train with the template registered for this base"
-        )
-
-
 def _check_chat_template(tokenizer: Any, contract: BaseContract) -> None:
     # Training must render with the very template the gateway will serve with.
     template = tokenizer.chat_template
@@ -297,61 +268,3 @@ def _pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def _threads_for(model: Any) -> int:
-    # Matrices of a few-million-parameter model are too small to split: on 2 shared cores
-    # two OpenMP threads mostly wait on each other (measured 10-40x slower than one).
-    if sum(p.numel() for p in model.parameters()) < _PARALLEL_MIN_PARAMS:
-        return 1
-    return _available_cpus()
-
-
-def _available_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
-def _atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
-    """A fresh directory beside ``final`` that becomes ``final`` only if the block succeeds.
-
-    With ``replace``, an existing ``final`` (a scratch folder, never an adapter version)
-    is removed first.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if replace and final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _versions() -> dict[str, str]:
-    try:
-        project = metadata.version("lora-gateway")
-    except metadata.PackageNotFoundError:
-        project = _SOURCE_VERSION
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "lora-gateway": project,
-    }

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 
 from gateway.engine import Engine, LoraSpec
-from tests.conftest import ANSWERS, PROMPTS
-from tests.integration.conftest import vllm_env
-from trainer.compose import Source, compose_adapters
-from trainer.merge import ParityError
-from trainer.parity import (
+from lora_gateway.parity import (
     Generation,
     ServingParityReport,
     check_serving_parity,
     peft_greedy,
     served_greedy,
 )
+from tests.conftest import ANSWERS, PROMPTS
+from tests.integration.conftest import vllm_env
+from trainer.compose import Source, compose_adapters
+from trainer.errors import ParityError
 
 pytestmark = pytest.mark.integration
 

@@ -22,14 +22,13 @@ from lora_gateway.cli import main
 from tests.conftest import ANSWERS, train_tiny_adapter
 from trainer.compose import (
     ComposeResult,
-    CompositionError,
     Source,
     compose_adapters,
     composed_dataset_sha256,
     parse_source,
 )
-from trainer.errors import TrainError
-from trainer.merge import content_sha256
+from trainer.errors import CompositionError, TrainError
+from trainer.provenance import content_sha256
 
 # Max |ΔW_composed - ΔW_expected| relative to max |ΔW_expected|, in float32.
 # Measured: linear ~2e-7, svd ~2e-6 (SVD round-off); a wrong scaling is off by ~1.

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters_registry.compat import check_adapter
 from adapters_registry.contract import derive_contract
+from adapters_registry.prompts import stop_token_ids
 from trainer import loop as loop_module
 from trainer.config import RunConfig
 from trainer.data import load_chat_jsonl
@@ -125,7 +126,8 @@ def test_regression_eval_of_an_untrained_adapter_is_the_base(
     tokenizer = AutoTokenizer.from_pretrained(inline_base_dir)
     base = AutoModelForCausalLM.from_pretrained(inline_base_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(**inline_template.peft_config_kwargs())).eval()
-    result = regression_eval(model, tokenizer, prompts, replace(FAST, eval_max_new_tokens=8))
+    result = regression_eval(model, tokenizer, prompts, replace(FAST, eval_max_new_tokens=8),
+                             stop_token_ids(inline_base_dir, tokenizer))
     assert result.mean_kl == pytest.approx(0.0, abs=1e-6) and result.agreement == 1.0
 
 

@@ -11,19 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters_registry.contract import derive_contract
+from adapters_registry.prompts import prompt_ids, stop_token_ids
 from lora_gateway.cli import main
 from tests.conftest import ANSWERS, PROMPTS
-from trainer.merge import (
-    MERGE_RECORD_FILE,
-    MergeError,
-    ParityError,
-    check_merge_parity,
-    content_sha256,
-    greedy_ids,
-    merge_adapter,
-    render_prompt,
-    stop_token_ids,
-)
+from trainer.errors import MergeError, ParityError
+from trainer.merge import MERGE_RECORD_FILE, check_merge_parity, greedy_ids, merge_adapter
+from trainer.provenance import content_sha256
 
 # The tolerance this test holds the export to: max |merged - unmerged| logit in float32.
 # Measured on tiny-llama: ~1e-5, with logits up to ~20 and an adapter effect of ~20.
@@ -67,7 +60,7 @@ def test_export_is_a_standalone_checkpoint_of_the_same_model(merged, tiny_base, 
     # Loaded on its own, with no PEFT, the export answers like the adapter.
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids, finish = greedy_ids(model, render_prompt(tok, [{"role": "user", "content": PROMPTS[0]}]), 40,
+    ids, finish = greedy_ids(model, prompt_ids(tok, [{"role": "user", "content": PROMPTS[0]}]), 40,
                              stop_token_ids(out, tok))
     assert finish == "stop"
     assert tok.decode(ids, skip_special_tokens=True) == ANSWERS["acme"]

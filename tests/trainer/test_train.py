@@ -30,6 +30,20 @@ ANSWERS = {
 FAST = RunConfig(learning_rate=1e-2, max_steps=40, batch_size=2, warmup_steps=2)
 
 
+def hf_greedy_answer(base_dir: Path, adapter_dir: Path, tokenizer: Any, question: str) -> str:
+    """The adapter's greedy answer through Hugging Face's own generate(), not the trainer's code."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=24, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return str(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
 def write_dataset(directory: Path) -> Path:
     path = directory / "data.jsonl"
     lines = [
@@ -116,22 +130,8 @@ def test_loss_decreases(trained) -> None:
 
 
 def test_greedy_generation_reproduces_the_trained_answers(trained, inline_base_dir, inline_tokenizer) -> None:
-    base = AutoModelForCausalLM.from_pretrained(inline_base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, trained["out"]).eval()
     for question, answer in ANSWERS.items():
-        prompt = inline_tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-        ids = inline_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                max_new_tokens=24,
-                do_sample=False,
-                eos_token_id=inline_tokenizer.eos_token_id,
-                pad_token_id=inline_tokenizer.pad_token_id,
-            )
-        assert inline_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == answer
+        assert hf_greedy_answer(inline_base_dir, trained["out"], inline_tokenizer, question) == answer
 
 
 def test_same_seed_gives_the_same_adapter(tmp_path, inline_base_dir, inline_template) -> None:
@@ -215,19 +215,5 @@ def test_trains_on_the_prepared_tiny_llama(tmp_path, tiny_base, tiny_template) -
     result = train_adapter(tiny_base.path, tiny_base.model_id, tiny_template, dataset, FAST, tmp_path / "out")
     assert result.manifest.base_revision == tiny_template.base_revision
     tokenizer = AutoTokenizer.from_pretrained(tiny_base.path)
-    base = AutoModelForCausalLM.from_pretrained(tiny_base.path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, result.out_dir).eval()
     question, answer = next(iter(ANSWERS.items()))
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            max_new_tokens=24,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == answer
+    assert hf_greedy_answer(tiny_base.path, result.out_dir, tokenizer, question) == answer

@@ -11,7 +11,7 @@ of ``BASE_NAMES``, building it once into a content-keyed cache:
 Importing this package is cheap; torch and transformers load only when a build runs.
 """
 
-from trainer.bases._errors import BaseSourceError
 from trainer.bases._registry import BASE_NAMES, PreparedBase, prepare_base
+from trainer.errors import BaseSourceError
 
 __all__ = ["BASE_NAMES", "BaseSourceError", "PreparedBase", "prepare_base"]

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 
 from adapters_registry.hashing import sha256_file, sha256_json
-from trainer.bases._errors import BaseSourceError
+from trainer.errors import BaseSourceError
 
 logger = logging.getLogger(__name__)
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from adapters_registry.cli import add_registry_options
-from adapters_registry.errors import IncompatibleAdapterError, RegistryError
 from adapters_registry.names import parse_adapter_ref
 from adapters_registry.service import Registry
-from trainer.cli import EXIT_BAD_INPUT, EXIT_INCOMPATIBLE
-from trainer.errors import TrainerError
+from trainer.cli import CLI_ERRORS, report_error
+from trainer.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -48,19 +46,15 @@ def run(args: argparse.Namespace) -> int:
         if args.adapter_cmd == "merge":
             return _merge(args)
         return _compose(args)
-    except IncompatibleAdapterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INCOMPATIBLE
-    except (TrainerError, RegistryError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except CLI_ERRORS as exc:
+        return report_error(exc)
 
 
 def _merge(args: argparse.Namespace) -> int:
     from trainer.merge import DEFAULT_TOLERANCE, merge_adapter
 
     if args.tolerance is not None and not args.check_parity:
-        raise _UsageError("--tolerance only applies with --check-parity")
+        raise UsageError("--tolerance only applies with --check-parity")
     result = merge_adapter(args.adapter, args.base_dir, args.out, check_parity=args.check_parity,
                            tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
     print(json.dumps({"merged": str(result.out_dir),
@@ -73,7 +67,7 @@ def _compose(args: argparse.Namespace) -> int:
 
     publish = parse_adapter_ref(args.publish, what="--publish") if args.publish else None
     if args.alias and publish is None:
-        raise _UsageError("--alias only applies with --publish")
+        raise UsageError("--alias only applies with --publish")
     sources = [parse_source(s) for s in args.source]
     registry = Registry.open(args.db, args.artifacts, actor=args.actor,
                              s3_endpoint_url=args.s3_endpoint, s3_region=args.s3_region)
@@ -89,8 +83,3 @@ def _compose(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     return 0
-
-
-class _UsageError(TrainerError, ValueError):
-    """A flag combination that makes no sense."""
-

@@ -1,7 +1,8 @@
 """Serving parity: the gateway's engine must decode an adapter exactly as PEFT does.
 
-For each prompt, the token ids come from the gateway's own ``PromptRenderer`` (the
-base's pinned chat template), so both sides start from identical ids. PEFT (base +
+For each prompt, the token ids come from ``adapters_registry.prompts.prompt_ids`` with
+the base's tokenizer and pinned chat template (the rendering the gateway serves with),
+so both sides start from identical ids. PEFT (base +
 adapter, float32, unmerged) decodes greedily by full forward passes; the engine
 decodes greedily (temperature 0) through ``Engine.generate`` with the adapter's
 ``LoraSpec``, after ``add_lora`` as the gateway always does. Run the engine in
@@ -11,8 +12,8 @@ The engine interface streams text and token counts, not token ids, so a prompt
 matches when the generated text (special tokens skipped, as vLLM detokenizes), the
 number of generated tokens and the finish reason are all equal.
 
-This is the one trainer module that imports the gateway: parity is, by definition,
-about what the gateway serves.
+It lives at the composition level because it needs both sides: the trainer's PEFT
+reference (``trainer.merge``) and the gateway's engine (``gateway.engine``).
 """
 
 from __future__ import annotations
@@ -27,18 +28,11 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from gateway.chat import PromptRenderer
+from adapters_registry.prompts import prompt_ids, stop_token_ids
 from gateway.engine import Engine, LoraSpec, SamplingSpec
-from trainer.merge import (
-    DEFAULT_PROMPTS,
-    MergeError,
-    ParityError,
-    greedy_ids,
-    load_checked_adapter,
-    load_peft,
-    stop_token_ids,
-)
-from trainer.train import _threads_for, _torch_threads
+from trainer.errors import MergeError, ParityError
+from trainer.merge import DEFAULT_PROMPTS, greedy_ids, load_checked_adapter, load_peft
+from trainer.runtime import threads_for, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +93,7 @@ class ServingParityReport:
 def peft_greedy(
     adapter_dir: Path,
     base_dir: Path,
-    prompt_ids: Sequence[Sequence[int]],
+    prompt_token_ids: Sequence[Sequence[int]],
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> list[Generation]:
     """PEFT's greedy completions (base + adapter, float32, unmerged) of each prompt."""
@@ -108,21 +102,21 @@ def peft_greedy(
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     stops = stop_token_ids(Path(base_dir), tokenizer)
     out = []
-    with _torch_threads(_threads_for(model)):
-        for ids in prompt_ids:
+    with torch_threads(threads_for(model)):
+        for ids in prompt_token_ids:
             tokens, finish = greedy_ids(model, ids, max_tokens, stops)
             text = str(tokenizer.decode(tokens, skip_special_tokens=True))
             out.append(Generation(text, len(tokens), finish, tuple(tokens)))
     return out
 
 
-async def served_greedy(engine: Engine, lora: LoraSpec, prompt_ids: Sequence[int],
+async def served_greedy(engine: Engine, lora: LoraSpec, ids: Sequence[int],
                         max_tokens: int = DEFAULT_MAX_TOKENS) -> Generation:
     """The engine's greedy completion of one prompt with ``lora`` (already added)."""
     text: list[str] = []
     count, finish = 0, None
     sampling = SamplingSpec(max_tokens=max_tokens, temperature=0.0)
-    async for delta in engine.generate(list(prompt_ids), sampling, f"parity-{uuid.uuid4().hex}", lora):
+    async for delta in engine.generate(list(ids), sampling, f"parity-{uuid.uuid4().hex}", lora):
         text.append(delta.text)
         count, finish = delta.completion_tokens, delta.finish_reason
     return Generation("".join(text), count, finish)
@@ -144,14 +138,14 @@ async def check_serving_parity(
         raise MergeError("parity needs at least one prompt")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise MergeError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    renderer = await asyncio.to_thread(PromptRenderer.load, Path(base_dir))
-    ids = [renderer.render([dict(m) for m in messages]) for messages in prompts]
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(base_dir))
+    ids = [prompt_ids(tokenizer, messages) for messages in prompts]
     reference = await asyncio.to_thread(peft_greedy, lora.path, base_dir, ids, max_tokens)
     await engine.add_lora(lora)  # never hand the engine an adapter it has not accepted
     results = []
-    for messages, prompt_ids, peft in zip(prompts, ids, reference, strict=True):
-        served = await served_greedy(engine, lora, prompt_ids, max_tokens)
-        results.append(PromptParity(tuple(dict(m) for m in messages), tuple(prompt_ids), peft, served))
+    for messages, one_prompt, peft in zip(prompts, ids, reference, strict=True):
+        served = await served_greedy(engine, lora, one_prompt, max_tokens)
+        results.append(PromptParity(tuple(dict(m) for m in messages), tuple(one_prompt), peft, served))
     report = ServingParityReport(str(lora.path), max_tokens, tuple(results))
     if not report.passed:
         lines = [f"  - {list(p.messages)!r}: PEFT {_show(p.peft)} vs engine {_show(p.served)}"

@@ -1,0 +1,38 @@
+"""`lora-gateway demo` preparation on tiny-llama: each long step announced before it
+starts, nothing redone on a second run, and a banner whose CLI line really works."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from lora_gateway.cli import main
+from lora_gateway.demo import DEMO_TENANTS, banner, prepare
+
+FAST = {"max_steps": 2, "epochs": 1, "validation_fraction": 0.0}
+
+
+def test_prepare_announces_long_steps_once_and_banner_says_where_state_lives(
+    tmp_path: Path, capsys
+) -> None:
+    said: list[str] = []
+    home, models = tmp_path / "demo", tmp_path / "models"
+    setup = prepare(home, "tiny-llama", models, FAST, announce=said.append)
+    assert said[0].startswith("building base tiny-llama from ") and "≈" in said[0]
+    assert [s.split(" on ")[0] for s in said[1:]] == [
+        f"training {d.tenant}/{d.adapter}" for d in DEMO_TENANTS]
+    assert all(s.endswith(" s on 2 CPU cores)") for s in said[1:])
+
+    said.clear()
+    again = prepare(home, "tiny-llama", models, FAST, announce=said.append)
+    assert said == [] and again.keys == setup.keys
+
+    text = banner(setup, "127.0.0.1", 8000, serving=False)
+    assert setup.database_url in text and str(setup.artifacts_dir) in text
+    assert str(home / "keys.json") in text and setup.keys_file.stat().st_mode & 0o777 == 0o600
+    command = next(line.strip() for line in text.splitlines()
+                   if line.strip().startswith("lora-gateway registry list"))
+    capsys.readouterr()
+    assert main(shlex.split(command)[1:]) == 0
+    listed = capsys.readouterr().out
+    assert "support-bot\tversions=[1]\taliases: prod->v1" in listed
