@@ -179,6 +179,37 @@ def throughput_rounds(args: argparse.Namespace, plan: list[tuple[str, str, list[
     return rounds
 
 
+def ttft_pairs(first: str, second: str, target: Target, pairs: int) -> dict[str, Any]:
+    """One request at a time, alternating servers request by request: added latency in ms.
+
+    The finest alternation there is: a slow spell of a shared machine lands on both sides
+    of a pair alike, so the per-pair differences isolate what one server adds per request.
+    """
+    shape = RequestShape(max_tokens=8)
+
+    async def go() -> tuple[list[float], list[float]]:
+        a: list[float] = []
+        b: list[float] = []
+        async with httpx.AsyncClient(timeout=120) as client:
+            for i in range(pairs):
+                order = ((first, a), (second, b)) if i % 2 == 0 else ((second, b), (first, a))
+                for url, into in order:
+                    rec = await send(client, url, target, shape, RequestRecord(target.label, "pair", 0.0))
+                    if not rec.ok or rec.ttft is None:
+                        raise RuntimeError(f"pair request to {url} failed: {rec.status} {rec.error}")
+                    into.append(rec.ttft * 1000)
+        return a, b
+
+    a, b = asyncio.run(go())
+    diffs = sorted(y - x for x, y in zip(a, b, strict=True))
+    q = statistics.quantiles(diffs, n=4)
+    return {"pairs": pairs, "first_ttft_p50_ms": round(statistics.median(a), 2),
+            "second_ttft_p50_ms": round(statistics.median(b), 2),
+            "ratio_of_medians": round(statistics.median(b) / statistics.median(a), 3),
+            "added_ms_median": round(statistics.median(diffs), 2),
+            "added_ms_iqr": [round(q[0], 2), round(q[2], 2)]}
+
+
 def churn(url: str, targets: list[Target]) -> PhaseResult:
     """Every adapter exactly once, two requests in flight (most come from S3: remote_fetch)."""
     shape = RequestShape(max_tokens=8)
@@ -213,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10, help="alternating throughput rounds")
+    parser.add_argument("--pairs", type=int, default=200, help="alternating single-request TTFT pairs")
     parser.add_argument("--gateway-tree", type=Path, default=REPO,
                         help="run the gateway from this checkout (to measure another version)")
     parser.add_argument("--suite", choices=("full", "overhead"), default="full",
@@ -257,6 +289,10 @@ def run(args: argparse.Namespace, servers: list[ServerProcess]) -> int:
         phase(url, t, "hot", "warm-up", concurrency=2, max_requests=16)
     phase(gw.url, targets[:64], "warm", "prefetch-64", concurrency=1, max_requests=64, duration=600)
     phase(direct.url, direct_targets, "uniform", "warm-up-64-direct", concurrency=4, max_requests=64)
+
+    print("== TTFT one request at a time, alternating servers request by request", flush=True)
+    results["ttft_pairs"] = ttft_pairs(direct.url, gw.url, targets[0], args.pairs)
+    print(f"  {results['ttft_pairs']}", flush=True)
 
     print(f"== throughput: {args.rounds} alternating rounds", flush=True)
     plan = [("hot-1-direct", direct.url, direct_targets[:1], "hot"),

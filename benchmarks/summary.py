@@ -97,6 +97,14 @@ def markdown(r: dict[str, Any]) -> str:
     rows = [(label, ratio_cell(ratios[key]), target,
              "-" if ok is None else _verdict(ok(ratios[key]["median"])))
             for key, label, target, ok in _RATIO_ROWS if key in ratios]
+    pairs = r.get("ttft_pairs")
+    if pairs is not None:
+        rows.insert(0, ("gateway / vLLM's own server, TTFT one request at a time, interleaved "
+                        f"({pairs['pairs']} pairs)",
+                        f"{pairs['ratio_of_medians']:.3f} (p50 {pairs['second_ttft_p50_ms']} vs "
+                        f"{pairs['first_ttft_p50_ms']} ms; added {pairs['added_ms_median']:+.2f} ms, "
+                        f"IQR {pairs['added_ms_iqr'][0]:+.2f}..{pairs['added_ms_iqr'][1]:+.2f})",
+                        "<= 1.05", _verdict(pairs["ratio_of_medians"] <= TARGETS["ttft_gateway_vs_direct"])))
     pen, rss = r.get("swap_penalty_ms"), r.get("rss")
     if pen is not None:
         warm = pen["warm_engine"]
