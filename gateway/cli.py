@@ -8,17 +8,25 @@ Flags win over the environment; pydantic validates both the same way.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import socket
 import sys
 import typing
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr, ValidationError
 
+from adapters_registry.errors import RegistryError
 from gateway.config import GatewaySettings
+from gateway.errors import BaseMismatchError
 from gateway.logs import configure_logging, quiet_known_harmless
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
 
 def _flag_fields() -> dict[str, str]:
@@ -85,7 +93,7 @@ def settings_problems(exc: ValidationError) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    import uvicorn  # the server's imports only where it runs
 
     from gateway.app import create_app
 
@@ -109,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
                     "draining: %.0fs for requests in flight", settings.drain_grace_seconds)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level=args.log_level,
+    # The lifespan runs here rather than inside uvicorn, so a gateway that cannot start
+    # (base not registered, schema not migrated, database unreachable) says why in one
+    # line and exits 2 instead of printing uvicorn's traceback.
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off",
                             timeout_graceful_shutdown=max(1, round(settings.drain_grace_seconds)))
     try:
         sockets = [_bind(settings.host, settings.port)]
@@ -118,12 +129,25 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"lora-gateway serve: cannot listen: {exc}", file=sys.stderr)
         return 2
-    DrainingServer(config).run(sockets=sockets)
+    try:
+        asyncio.run(_serve(app, DrainingServer(config), sockets))
+    except (BaseMismatchError, RegistryError) as exc:
+        logging.getLogger(__name__).critical("cannot start: %s", exc)
+        return 2
     services = getattr(app.state, "services", None)
     if services is not None and not services.ready:
         logging.getLogger(__name__).critical("exiting because the inference engine died")
         return 70  # EX_SOFTWARE: the supervisor restarts us
     return 0
+
+
+async def _serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()  # startup errors propagate to run(), nothing to undo
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        await lifespan.__aexit__(None, None, None)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -35,6 +35,8 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic's plugin set-up lines (one per plugin, at every start) say nothing anyone acts on.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 # Start-up messages known to be harmless on a CPU-only vLLM install, each identified by the

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -62,8 +61,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     home = (args.home / args.base).resolve()
     configure_logging("INFO")
     quiet_known_harmless(home / "gateway-cache")
-    # Alembic's plugin set-up lines say nothing a demo user can act on.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     _say(f"lora-gateway demo: {args.base}, two tenants' adapters and the gateway, all kept in {home}")
     _say("(the first run builds and trains, ≈4-7 min on 2 CPU cores; later runs reuse it all and "
          "are serving in ≈40 s)")

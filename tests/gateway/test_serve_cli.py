@@ -58,3 +58,27 @@ def test_a_non_number_for_a_number_is_a_usage_error(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["serve", *REQUIRED, "--max-loras", "abc"])
     assert exc.value.code == 2 and "--max-loras" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["unregistered base", "schema not migrated"])
+def test_a_gateway_that_cannot_start_says_why_without_a_traceback(tmp_path, tiny_base, case) -> None:
+    import subprocess
+    import sys
+
+    from adapters_registry import Registry
+
+    db = tmp_path / "reg.db"
+    args = ["--database-url", f"sqlite:///{db}", "--artifacts-dir", str(tmp_path / "art"),
+            "--cache-dir", str(tmp_path / "cache"), "--base-model-id", "tiny-llama",
+            "--base-model-dir", str(tiny_base.path), "--port", "1"]
+    if case == "schema not migrated":
+        db.touch()  # an empty database: no schema at all
+        args.append("--no-migrate-on-start")
+    else:
+        Registry.open(f"sqlite:///{db}", tmp_path / "art").close()
+    proc = subprocess.run([sys.executable, "-m", "lora_gateway.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot start:" in proc.stderr and "Traceback" not in proc.stderr
+    expected = "register it first" if case == "unregistered base" else "lora-gateway registry migrate"
+    assert expected in proc.stderr
