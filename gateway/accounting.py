@@ -100,17 +100,12 @@ class RequestAccounting:
 
         try:
             await self.app(scope, receive, accounted)
-        except BaseException:
-            if status is not None:
-                ticket.aborted = True  # headers went out, the body did not finish
-            elif not ticket.aborted:
-                status = 500  # unhandled: the server's error handler answers 500 outside us
-            raise
         finally:
             current_ticket.reset(token)
             with anyio.CancelScope(shield=True):
                 await ticket.close()
             if status is not None and not complete:
-                ticket.aborted = True
+                ticket.aborted = True  # headers went out, the body did not finish
+            # No answer at all: an unhandled error, answered 500 by the server outside us.
             label = ABORTED if ticket.aborted else str(status or 500)
             self.metrics.requests.labels(ticket.tenant, ticket.adapter, label).inc()
