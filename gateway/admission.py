@@ -7,6 +7,11 @@ and its finish is that plus ``1 / weight``; a free slot goes to the smallest sta
 so it banks no credit for idling but never waits behind another tenant's backlog: a tenant
 with 100 queued and one with 1 alternate. ``fair=False`` serves in arrival order (FIFO).
 
+Slots cannot be taken back from a request that generates, so a tenant flooding an idle
+engine would hold every slot and the next tenant would wait for one to finish. ``reserve``
+slots are therefore kept for tenants with nothing in flight: a quiet tenant's request
+starts at once, at the price of ``reserve`` slots idle while one tenant has the engine.
+
 Overload is refused at once instead of queued for minutes: a tenant's full queue is a 429,
 the whole queue full or a wait past the deadline a 503, both with ``Retry-After``.
 """
@@ -20,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from gateway.errors import ClientGoneError, OverloadedError, RateLimitError
+from gateway.errors import ClientGoneError, GatewayError, OverloadedError, RateLimitError
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
@@ -40,29 +45,34 @@ class _Flow:
     name: str
     weight: float = 1.0
     finish: float = 0.0  # virtual finish tag of its last admitted request
+    in_flight: int = 0
     queue: deque[_Waiter] = field(default_factory=deque)
 
 
 class Slot:
     """An engine slot; ``release`` (idempotent) hands it to the next waiting request."""
 
-    def __init__(self, admission: FairAdmission) -> None:
+    def __init__(self, admission: FairAdmission, flow: _Flow) -> None:
         self._admission = admission
+        self._flow = flow
         self._started = time.monotonic()
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._admission._release(time.monotonic() - self._started)
+            self._admission._release(self._flow, time.monotonic() - self._started)
 
 
 class FairAdmission:
-    def __init__(self, capacity: int, *, fair: bool = True, max_queued_per_tenant: int = 64,
-                 max_queued: int = 256, deadline_s: float = 30.0,
+    def __init__(self, capacity: int, *, fair: bool = True, reserve: int = 0,
+                 max_queued_per_tenant: int = 64, max_queued: int = 256, deadline_s: float = 30.0,
                  metrics: GatewayMetrics | None = None) -> None:
+        if not 0 <= reserve < capacity:
+            raise ValueError("reserve must be at least 0 and below capacity")
         self.capacity = capacity
         self.fair = fair
+        self.reserve = reserve
         self.max_queued_per_tenant = max_queued_per_tenant
         self.max_queued = max_queued
         self.deadline_s = deadline_s
@@ -95,21 +105,27 @@ class FairAdmission:
         if flow is None:
             flow = self._flows[tenant] = _Flow(tenant)
         flow.weight = weight
-        if self._in_flight < self.capacity and self._queued == 0:
-            return self._grant(flow, 0.0)
-        if len(flow.queue) >= self.max_queued_per_tenant:
-            self._refused(tenant, "tenant_queue_full")
-            raise RateLimitError(f"Too many requests waiting: this key may have "
-                                 f"{self.max_queued_per_tenant} queued.",
-                                 retry_after=self._estimate(len(flow.queue)))
-        if self._queued >= self.max_queued:
-            self._refused(tenant, "queue_full")
-            raise OverloadedError("The server is at capacity; retry shortly.",
-                                  retry_after=self._estimate(self._queued))
         self._seq += 1
         waiter = _Waiter(flow, self._seq, time.monotonic())
         flow.queue.append(waiter)
         self._queued += 1
+        self._dispatch()
+        if waiter.future.done():
+            return waiter.future.result()  # its turn at once
+        full: GatewayError | None = None
+        if len(flow.queue) > self.max_queued_per_tenant:
+            full = RateLimitError(f"Too many requests waiting: this key may have "
+                                  f"{self.max_queued_per_tenant} queued.",
+                                  retry_after=self._estimate(len(flow.queue) - 1))
+            self._refused(tenant, "tenant_queue_full")
+        elif self._queued > self.max_queued:
+            full = OverloadedError("The server is at capacity; retry shortly.",
+                                   retry_after=self._estimate(self._queued - 1))
+            self._refused(tenant, "queue_full")
+        if full is not None:
+            flow.queue.remove(waiter)
+            self._queued -= 1
+            raise full
         self._gauge(flow)
         try:
             return await self._wait(waiter, disconnected)
@@ -142,13 +158,15 @@ class FairAdmission:
         flow.finish = start + 1.0 / flow.weight
         self._vtime = start
         self._in_flight += 1
+        flow.in_flight += 1
         if self._metrics is not None:
             self._metrics.queue_wait.labels(flow.name).observe(waited)
             self._metrics.admitted.set(self._in_flight)
-        return Slot(self)
+        return Slot(self, flow)
 
-    def _release(self, held: float) -> None:
+    def _release(self, flow: _Flow, held: float) -> None:
         self._in_flight -= 1
+        flow.in_flight -= 1
         self._hold_s += 0.1 * (held - self._hold_s)
         self._dispatch()
         if self._metrics is not None:
@@ -157,13 +175,18 @@ class FairAdmission:
     def _dispatch(self) -> None:
         while self._in_flight < self.capacity and self._queued:
             flow = self._next()
+            if flow is None:
+                return  # only reserved slots are free, and every waiting tenant has some in flight
             waiter = flow.queue.popleft()
             self._queued -= 1
             self._gauge(flow)
             waiter.future.set_result(self._grant(flow, time.monotonic() - waiter.enqueued))
 
-    def _next(self) -> _Flow:
-        waiting = [f for f in self._flows.values() if f.queue]
+    def _next(self) -> _Flow | None:
+        reserved_only = self._in_flight >= self.capacity - self.reserve
+        waiting = [f for f in self._flows.values() if f.queue and not (reserved_only and f.in_flight)]
+        if not waiting:
+            return None
         if not self.fair:
             return min(waiting, key=lambda f: f.queue[0].seq)
         return min(waiting, key=lambda f: (max(f.finish, self._vtime), f.queue[0].seq))

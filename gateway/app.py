@@ -176,7 +176,10 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         quotas = Quotas(quota_store(settings), registry, default_limits(settings), metrics,
                         fail_open=settings.quota_failure_mode == "open",
                         ttl=settings.resolve_ttl_seconds)
+        # Fair: an eighth of the slots is kept for tenants with nothing in flight (see admission).
+        reserve = settings.max_in_flight // 8 if settings.fair_scheduling else 0
         admission = FairAdmission(settings.max_in_flight, fair=settings.fair_scheduling,
+                                  reserve=reserve,
                                   max_queued_per_tenant=settings.queue_max_per_tenant,
                                   max_queued=settings.queue_max_total,
                                   deadline_s=settings.queue_deadline_seconds, metrics=metrics)

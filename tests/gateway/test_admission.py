@@ -141,3 +141,20 @@ async def test_a_cancelled_waiter_hands_its_slot_on() -> None:
     slot.release()
     slot.release()  # idempotent
     assert adm.in_flight == 0 and adm.queued() == 0
+
+
+async def test_reserved_slots_start_a_quiet_tenant_at_once() -> None:
+    adm = FairAdmission(4, reserve=1)
+    flood = [await adm.acquire("flood") for _ in range(3)]
+    queued = asyncio.create_task(adm.acquire("flood"))
+    await asyncio.sleep(0)
+    assert adm.in_flight == 3 and adm.queued("flood") == 1  # the last slot is kept back
+    quiet = await asyncio.wait_for(adm.acquire("quiet"), 0.1)
+    assert adm.in_flight == 4
+    quiet.release()
+    assert not queued.done()  # still reserved: flood has requests in flight
+    flood.pop().release()
+    (await asyncio.wait_for(queued, 1)).release()
+    for slot in flood:
+        slot.release()
+    assert adm.in_flight == 0 and adm.queued() == 0
