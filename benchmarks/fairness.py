@@ -9,7 +9,7 @@ noisy shared machine slows both alike):
 
 - alone: the quiet tenant's requests, one at a time, on an idle engine;
 - flood: the same while the flood tenant keeps ``--flood-factor`` x capacity requests
-  outstanding (closed loop, no think time).
+  outstanding (closed loop, no think time, not streamed, from a process of its own).
 
 Both tenants call the bare base, so only the scheduling differs. TTFT is measured by the
 client (streamed, first content chunk). Writes fairness.json and fairness.md to ``--out``.
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import multiprocessing as mp
 import platform
 import sys
 import tempfile
@@ -84,25 +86,47 @@ async def quiet_requests(url: str, target: Target, n: int, gap_s: float) -> list
     return records
 
 
-async def flood_while(url: str, target: Target, clients: int, run: Any) -> tuple[Any, list[RequestRecord]]:
-    """Keep ``clients`` requests outstanding while ``run`` (a coroutine) runs; returns its result."""
-    done = asyncio.Event()
-    records: list[RequestRecord] = []
+def _flood(url: str, target: Target, clients: int, stop: Any, served: Any, refused: Any) -> None:
+    """The flood tenant: ``clients`` non-streamed requests always outstanding, until ``stop``."""
+    body = {"model": target.model, "max_tokens": SHAPE.max_tokens, "temperature": 0.0,
+            "messages": [{"role": "user", "content": SHAPE.prompt}]}
+    headers = {"Authorization": f"Bearer {target.api_key}"}
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        while not done.is_set():
-            records.append(await send(client, url, target, SHAPE, RequestRecord(target.label, "flood", 0)))
+    async def loop(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            try:
+                status = (await client.post(url + "/v1/chat/completions", json=body,
+                                            headers=headers)).status_code
+            except httpx.HTTPError:
+                continue
+            with (served if status == 200 else refused).get_lock():
+                (served if status == 200 else refused).value += 1
 
-    limits = httpx.Limits(max_connections=clients + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        loops = [asyncio.create_task(client_loop(client)) for _ in range(clients)]
-        await asyncio.sleep(3.0)  # the queue fills first
-        result = await run
-        done.set()
-        for task in loops:
-            task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
-    return result, records
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 8)) as c:
+            loops = [asyncio.create_task(loop(c)) for _ in range(clients)]
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def flood_while(url: str, target: Target, clients: int, measure: Any) -> tuple[Any, dict[str, int]]:
+    """Run ``measure()`` while another process floods; the flood never shares the quiet
+    tenant's client event loop, so its load cannot delay the quiet tenant's measurements."""
+    stop, served, refused = mp.Event(), mp.Value("i", 0), mp.Value("i", 0)
+    proc = mp.Process(target=_flood, args=(url, target, clients, stop, served, refused))
+    proc.start()
+    try:
+        time.sleep(3.0)  # the queue fills first
+        result = measure()
+    finally:
+        stop.set()
+        proc.join(120)
+    return result, {"ok": served.value, "errors": refused.value}
 
 
 async def wait_idle(url: str, timeout_s: float = 120) -> None:
@@ -147,16 +171,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 url = servers[mode].url
                 asyncio.run(quiet_requests(url, quiet, 3, 0.1))  # warm-up, not measured
                 alone = asyncio.run(quiet_requests(url, quiet, args.quiet_requests, args.gap))
-                flooded, flood_records = asyncio.run(flood_while(
-                    url, flood, clients, quiet_requests(url, quiet, args.quiet_requests, args.gap)))
+                measure = functools.partial(asyncio.run, quiet_requests(url, quiet, args.quiet_requests,
+                                                                        args.gap))
+                flooded, flood_counts = flood_while(url, flood, clients, measure)
                 asyncio.run(wait_idle(url))
                 for name, records in (("alone", alone), ("flood", flooded)):
                     bad = [rec for rec in records if not rec.ok]
                     if bad:
                         raise RuntimeError(f"{mode}/{name}: {len(bad)} quiet requests failed: {bad[0].error}")
                     ttft[mode][name] += [rec.ttft for rec in records if rec.ttft is not None]
-                flood_stats[mode]["ok"] += sum(rec.ok for rec in flood_records)
-                flood_stats[mode]["errors"] += sum(not rec.ok and rec.status != 0 for rec in flood_records)
+                flood_stats[mode]["ok"] += flood_counts["ok"]
+                flood_stats[mode]["errors"] += flood_counts["errors"]
                 print(f"round {r} {mode}: alone {percentiles(ttft[mode]['alone'])}, "
                       f"flood {percentiles(ttft[mode]['flood'])}", flush=True)
     finally:
