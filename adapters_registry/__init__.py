@@ -11,7 +11,7 @@ from adapters_registry.names import (
     parse_qualified_model,
     validate_name,
 )
-from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
+from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant, TenantLimits
 from adapters_registry.s3 import S3Config, S3Store
 from adapters_registry.service import Registry
 from adapters_registry.store import ArtifactStore, FilesystemStore
@@ -34,6 +34,7 @@ __all__ = [
     "S3Config",
     "S3Store",
     "Tenant",
+    "TenantLimits",
     "VerifyReport",
     "Violation",
     "check_adapter",

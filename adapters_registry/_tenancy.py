@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -10,10 +12,13 @@ from sqlalchemy.orm import Session
 
 from adapters_registry import keys
 from adapters_registry._audit import record
-from adapters_registry.db import ApiKeyRow, TenantRow, as_utc, as_utc_or_none
+from adapters_registry.db import ApiKeyRow, TenantLimitsRow, TenantRow, as_utc, as_utc_or_none
 from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
 from adapters_registry.names import shown, validate_name
-from adapters_registry.records import ApiKeyInfo, Tenant
+from adapters_registry.records import ApiKeyInfo, Tenant, TenantLimits
+
+LIMIT_FIELDS = tuple(f.name for f in fields(TenantLimits))
+MAX_WEIGHT = 1000.0
 
 
 class TenancyMixin:
@@ -88,3 +93,45 @@ class TenancyMixin:
         if row is None or (row.expires_at is not None and as_utc(row.expires_at) <= datetime.now(UTC)):
             raise keys.invalid_key()
         return Tenant(row.id, row.name)
+
+    def set_limits(self, tenant_name: str, limits: TenantLimits) -> TenantLimits:
+        """Replace the tenant's quotas and weight (None fields: the gateway's defaults)."""
+        problems = limit_problems(limits)
+        if problems:
+            raise ValidationError(f"invalid limits for tenant {shown(tenant_name)}: {'; '.join(problems)}")
+        tenant = self.get_tenant(tenant_name)
+        with Session(self.engine) as s, s.begin():
+            row = s.get(TenantLimitsRow, tenant.id)
+            if row is None:
+                row = TenantLimitsRow(tenant_id=tenant.id)
+                s.add(row)
+            for name in LIMIT_FIELDS:
+                setattr(row, name, getattr(limits, name))
+            row.updated_at = datetime.now(UTC)
+            record(s, self.actor, "limits.set", tenant.name, **asdict(limits))
+        return limits
+
+    def get_limits(self, tenant_name: str) -> TenantLimits:
+        """The tenant's own quotas and weight; all None when none were ever set."""
+        tenant = self.get_tenant(tenant_name)
+        with Session(self.engine) as s:
+            row = s.get(TenantLimitsRow, tenant.id)
+            if row is None:
+                return TenantLimits()
+            return TenantLimits(**{name: getattr(row, name) for name in LIMIT_FIELDS})
+
+
+def limit_problems(limits: TenantLimits) -> list[str]:
+    """Every invalid field of ``limits`` (counts are whole numbers >= 1, weight in (0, 1000])."""
+    problems = []
+    for name in LIMIT_FIELDS:
+        value = getattr(limits, name)
+        if value is None:
+            continue
+        if name == "weight":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    math.isfinite(value) and 0 < value <= MAX_WEIGHT):
+                problems.append(f"weight must be a number above 0 and at most {MAX_WEIGHT:g}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a whole number >= 1 (or unset for the default)")
+    return problems

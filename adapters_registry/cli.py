@@ -13,8 +13,10 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -95,6 +97,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = cmds.add_parser("list-tenants", parents=[common], help="list tenants")
     p.set_defaults(run=lambda r, a: print("\n".join(t.name for t in r.list_tenants())))
+
+    p = cmds.add_parser("set-limits", parents=[common],
+                        help="set a tenant's quotas and fair-share weight (flags not given keep "
+                        "their value; 'default' returns one to the gateway's default)")
+    p.add_argument("tenant")
+    for flag, kind, what in _LIMIT_FLAGS:
+        p.add_argument(f"--{flag}", type=_or_default(kind), metavar="N|default", help=what)
+    p.set_defaults(run=_set_limits)
+
+    p = cmds.add_parser("get-limits", parents=[common],
+                        help="a tenant's quotas and weight (unset: the gateway's default)")
+    p.add_argument("tenant")
+    p.set_defaults(run=lambda r, a: print(json.dumps(asdict(r.get_limits(a.tenant)), indent=2)))
 
     p = cmds.add_parser("create-key", parents=[common],
                         help="create an API key for a tenant (shown once)")
@@ -225,6 +240,35 @@ def _create_key(r: Registry, a: argparse.Namespace) -> None:
     if a.expires_in_days is not None:
         expires = datetime.now(UTC) + timedelta(days=a.expires_in_days)
     print(r.create_api_key(a.tenant, expires_at=expires))
+
+
+_LIMIT_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("rpm", int, "requests per minute"),
+    ("tpm", int, "tokens per minute (prompt + completion)"),
+    ("concurrency", int, "requests in flight at once"),
+    ("max-tokens", int, "ceiling on a request's max_tokens (also its default)"),
+    ("max-prompt-tokens", int, "ceiling on a request's prompt length, in tokens"),
+    ("weight", float, "share of the engine when tenants compete (default 1)"),
+)
+_DEFAULT = "default"
+
+
+def _or_default(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        if text == _DEFAULT:
+            return _DEFAULT
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or '{_DEFAULT}', got {text!r}") from None
+    return parse
+
+
+def _set_limits(r: Registry, a: argparse.Namespace) -> None:
+    given = {flag.replace("-", "_"): getattr(a, flag.replace("-", "_")) for flag, _, _ in _LIMIT_FLAGS}
+    changes = {k: (None if v == _DEFAULT else v) for k, v in given.items() if v is not None}
+    limits = r.set_limits(a.tenant, replace(r.get_limits(a.tenant), **changes))
+    print(json.dumps(asdict(limits), indent=2))
 
 
 def _list_keys(r: Registry, a: argparse.Namespace) -> None:

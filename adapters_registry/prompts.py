@@ -35,6 +35,12 @@ def render_chat(tokenizer: Any, messages: Messages, *, add_generation_prompt: bo
 def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     """Token ids of a chat prompt ending in the assistant's turn (no special tokens added twice)."""
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON's "\ud800"): not text at all
+        raise ChatTemplateRenderError(
+            f"the messages are not valid Unicode text: {text[exc.start]!a} (a lone UTF-16 "
+            "surrogate) cannot be encoded") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

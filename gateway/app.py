@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.engine import make_url
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_registry import Registry
@@ -26,7 +28,9 @@ from adapters_registry.errors import (
     RegistryError,
     ValidationError,
 )
+from gateway.accounting import RequestAccounting
 from gateway.adapters import AdapterManager
+from gateway.admission import FairAdmission
 from gateway.api.admin import is_upload_path
 from gateway.api.admin import router as admin_router
 from gateway.api.deps import Services
@@ -39,6 +43,7 @@ from gateway.errors import BaseMismatchError, GatewayError, error_body
 from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import BodySizeLimit, MetricsPortSplit
+from gateway.quotas import Limits, LocalQuotaStore, Quotas, QuotaStore
 from gateway.tenancy import TenantDirectory
 
 logger = logging.getLogger(__name__)
@@ -104,8 +109,36 @@ async def warm_up(tenants: TenantDirectory, adapters: AdapterManager,
     return errors
 
 
+def quota_store(settings: GatewaySettings) -> QuotaStore:
+    """Redis when configured (limits hold across replicas), else this process's own."""
+    if settings.redis_url is None:
+        logger.warning("quotas: no redis_url, so rate limits are per process: each replica "
+                       "allows a tenant its full limit")
+        return LocalQuotaStore()
+    from gateway._redis_quotas import RedisQuotaStore  # imports redis: only when configured
+
+    # Tenant ids are per registry database: its address (less any password) names the keys.
+    database = make_url(settings.database_url).render_as_string(hide_password=True)
+    prefix = f"lgw:quota:{hashlib.sha256(database.encode()).hexdigest()[:16]}"
+    logger.info("quotas: in Redis, shared by every replica (keys %s:*)", prefix)
+    return RedisQuotaStore(settings.redis_url.get_secret_value(), prefix=prefix)
+
+
+def default_limits(settings: GatewaySettings) -> Limits:
+    return Limits(settings.default_rpm, settings.default_tpm, settings.default_concurrency,
+                  settings.default_max_tokens, settings.default_max_prompt_tokens,
+                  settings.default_weight)
+
+
+def is_inference_path(path: str) -> bool:
+    """The answers counted in lgw_requests_total: the inference API, not listings or probes."""
+    return path.startswith("/v1/") and path != "/v1/models"
+
+
 def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vllm_engine_factory,
                on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
+    metrics = GatewayMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = await asyncio.to_thread(
@@ -122,7 +155,6 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         except BaseException:
             registry.close()
             raise
-        metrics = GatewayMetrics()
         services: Services
 
         def engine_died() -> None:
@@ -141,7 +173,17 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                            expose_base=settings.expose_base, max_model_len=settings.max_model_len,
                            metrics=metrics, on_engine_dead=engine_died)
         admin = Registry(registry.engine, registry.store, actor="admin")
-        services = Services(settings, tenants, adapters, chat, metrics, admin)
+        quotas = Quotas(quota_store(settings), registry, default_limits(settings), metrics,
+                        fail_open=settings.quota_failure_mode == "open",
+                        ttl=settings.resolve_ttl_seconds)
+        # Fair: an eighth of the slots is kept for tenants with nothing in flight (see admission).
+        reserve = settings.max_in_flight // 8 if settings.fair_scheduling else 0
+        admission = FairAdmission(settings.max_in_flight, fair=settings.fair_scheduling,
+                                  reserve=reserve,
+                                  max_queued_per_tenant=settings.queue_max_per_tenant,
+                                  max_queued=settings.queue_max_total,
+                                  deadline_s=settings.queue_deadline_seconds, metrics=metrics)
+        services = Services(settings, tenants, adapters, chat, metrics, admin, quotas, admission)
         app.state.services = services
         services.warmup_errors = await warm_up(tenants, adapters, settings)
         logger.info("gateway ready: base %s, %d adapter slots in engine memory",
@@ -149,6 +191,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         try:
             yield
         finally:
+            await quotas.store.close()
             engine.shutdown()
             registry.close()
 
@@ -157,6 +200,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     app.include_router(admin_router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, exempt=is_upload_path)
+    app.add_middleware(RequestAccounting, metrics=metrics, counted=is_inference_path)
     if settings.metrics_port is not None:
         app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
     app.add_middleware(RequestContext)
@@ -168,7 +212,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RegistryError)
     async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:

@@ -28,6 +28,7 @@ from gateway.errors import (
     InvalidRequestError,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.quotas import charge_completion, charge_prompt
 from gateway.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -172,8 +173,10 @@ class ChatService:
             prompt_ids = self._renderer.render(messages)
         else:
             prompt_ids = await asyncio.to_thread(self._renderer.render, messages)
+        sampling = self._sampling(req, len(prompt_ids))
+        await charge_prompt(len(prompt_ids))  # quotas: prompt ceiling and token budget, before generating
         return _Call(tenant, req, f"chatcmpl-{uuid.uuid4().hex}", version, prompt_ids,
-                     self._sampling(req, len(prompt_ids)), int(time.time()), label)
+                     sampling, int(time.time()), label)
 
     def _sampling(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingSpec:
         room = self._max_model_len - prompt_len
@@ -214,23 +217,20 @@ class ChatService:
                 if first and delta.completion_tokens:
                     m.ttft.labels(*labels).observe(time.perf_counter() - started)
                     first = False
+                charge_completion(delta.completion_tokens - (last.completion_tokens if last else 0))
                 last = delta
                 yield delta
         except EngineDeadError:
             logger.critical("inference engine died during %s", call.request_id)
             self._on_engine_dead()
-            m.requests.labels(*labels, "503").inc()
             raise EngineUnavailableError("the inference engine stopped; retry shortly") from None
         except EngineRequestError as exc:
-            m.requests.labels(*labels, "400").inc()
             raise InvalidRequestError(f"the engine refused the request: {exc}") from None
         except EngineError as exc:
             logger.error("generation %s failed: %s", call.request_id, exc)
-            m.requests.labels(*labels, "503").inc()
             raise EngineUnavailableError("generation failed; retry shortly") from None
         finally:
             m.in_flight.dec()
-        m.requests.labels(*labels, "200").inc()
         e2e = time.perf_counter() - started
         m.e2e.labels(*labels).observe(e2e)
         completion = last.completion_tokens if last is not None else 0

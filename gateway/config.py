@@ -77,6 +77,33 @@ class GatewaySettings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None, description="Redis URL for quotas and cross-replica invalidation (optional for "
         "one process).")
+    # Quotas: a tenant's own limits (`registry set-limits`) win over these defaults; unset: none.
+    default_rpm: int | None = Field(default=None, ge=1, description="Requests per minute per "
+                                    "tenant, unless the registry sets its own (unset: unlimited).")
+    default_tpm: int | None = Field(default=None, ge=1, description="Tokens (prompt + completion) "
+                                    "per minute per tenant (unset: unlimited).")
+    default_concurrency: int | None = Field(default=None, ge=1, description="Requests in flight "
+                                            "per tenant (unset: unlimited).")
+    default_max_tokens: int | None = Field(default=None, ge=1, description="Ceiling on a "
+                                           "request's max_tokens, and its default (unset: the context).")
+    default_max_prompt_tokens: int | None = Field(default=None, ge=1, description="Ceiling on a "
+                                                  "request's prompt length in tokens (unset: the context).")
+    default_weight: float = Field(default=1.0, gt=0, le=1000, description="A tenant's share of the "
+                                  "engine when tenants compete, unless the registry sets its own.")
+    quota_failure_mode: Literal["open", "closed"] = Field(
+        default="open", description="When Redis fails: 'open' serves without quotas (logged and "
+        "metered), 'closed' answers 503 with Retry-After.")
+    fair_scheduling: bool = Field(default=True, description="Serve waiting requests by tenant "
+                                  "weight; off: first come, first served.")
+    admission_max_in_flight: int | None = Field(
+        default=None, ge=1, description="Requests generating at once; the rest wait in per-tenant "
+        "queues (default: max_num_seqs).")
+    queue_max_per_tenant: int = Field(default=64, ge=0, description="Requests one tenant may have "
+                                      "waiting; past it: 429 with Retry-After at once.")
+    queue_max_total: int = Field(default=256, ge=0, description="Requests waiting in all; past it: "
+                                 "503 with Retry-After at once.")
+    queue_deadline_seconds: float = Field(default=30.0, gt=0, description="Longest wait for the "
+                                          "engine; past it: 503 with Retry-After.")
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
@@ -88,6 +115,10 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"{len(set(self.pinned_adapters))} pinned adapters need max_cpu_loras "
                              "above that: one engine slot must stay free for the others")
         return self
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.admission_max_in_flight or self.max_num_seqs
 
     @property
     def base_name(self) -> str:

@@ -10,9 +10,16 @@ Answers to a request (each becomes OpenAI's envelope, ``error_body``):
     ├── ModelNotFoundError          404 invalid_request_error / model_not_found
     ├── CacheConflictError          409 invalid_request_error / conflict (evict in use, pin too many)
     ├── PayloadTooLargeError        413 invalid_request_error / payload_too_large
+    ├── RateLimitError              429 requests|tokens / rate_limit_exceeded (quota, tenant queue)
     ├── AdapterUnavailableError     503 server_error / adapter_unavailable
     ├── OverloadedError             503 server_error / overloaded
     └── EngineUnavailableError      503 server_error / engine_unavailable
+
+Any of them may carry ``retry_after`` (seconds): the answer then has a ``Retry-After``.
+
+Not an answer:
+
+    ClientGoneError                 the client left while queued (counted as aborted)
 
 Engine failures, raised by ``gateway.engine`` and translated by the services:
 
@@ -28,6 +35,7 @@ At start-up:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -41,13 +49,20 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class InvalidRequestError(GatewayError):
@@ -96,6 +111,18 @@ class PayloadTooLargeError(GatewayError):
     code = "payload_too_large"
 
 
+class RateLimitError(GatewayError):
+    """Over one of the tenant's limits; ``kind`` is OpenAI's type: "requests" or "tokens"."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str = "requests",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.type = kind
+
+
 class AdapterUnavailableError(GatewayError):
     status = 503
     code = "adapter_unavailable"
@@ -109,6 +136,10 @@ class OverloadedError(GatewayError):
 class EngineUnavailableError(GatewayError):
     status = 503
     code = "engine_unavailable"
+
+
+class ClientGoneError(Exception):
+    """The client disconnected while its request waited for the engine: nobody to answer."""
 
 
 class EngineError(Exception):

@@ -11,7 +11,8 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lgw_requests", "Chat requests by outcome.",
+        # Every answer of the inference API by HTTP status, or "aborted" (client went away).
+        self.requests = Counter("lgw_requests", "Inference API answers by status.",
                                 ["tenant", "adapter", "status"], registry=r)
         self.prompt_tokens = Counter("lgw_prompt_tokens", "Prompt tokens.",
                                      ["tenant", "adapter"], registry=r)
@@ -49,3 +50,17 @@ class GatewayMetrics:
             "vllm:lora_requests_info", "Running stats on LoRA requests.",
             ["running_lora_adapters", "max_lora", "waiting_lora_adapters"], registry=r)
         self.ready = Gauge("lgw_ready", "1 when the engine serves requests.", registry=r)
+        # Quotas and fair admission.
+        self.quota_rejections = Counter("lgw_quota_rejections", "Requests refused by a tenant's limit.",
+                                        ["tenant", "limit"], registry=r)
+        self.quota_backend_errors = Counter(
+            "lgw_quota_backend_errors", "Quota store (Redis) failures, by what the gateway did.",
+            ["outcome"], registry=r)
+        self.queue_depth = Gauge("lgw_queue_depth", "Requests waiting for the engine.", ["tenant"],
+                                 registry=r)
+        self.queue_wait = Histogram("lgw_queue_wait_seconds", "Time waited for the engine.",
+                                    ["tenant"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_rejections = Counter("lgw_queue_rejections", "Requests refused by admission.",
+                                        ["tenant", "reason"], registry=r)
+        self.admitted = Gauge("lgw_admitted_in_flight", "Requests holding an engine slot.",
+                              registry=r)

@@ -22,6 +22,7 @@ from adapters_registry.errors import AuthenticationError, NotFoundError, Validat
 from adapters_registry.keys import key_hash
 from adapters_registry.names import parse_qualified_model
 from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
+from gateway.accounting import note_adapter
 from gateway.errors import AuthenticationFailedError, InvalidRequestError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,9 @@ class TenantDirectory:
                 raise ModelNotFoundError(model)
             return version
 
-        return await self._models.get_or_load((tenant.id, model), load)
+        version = await self._models.get_or_load((tenant.id, model), load)
+        note_adapter(f"{version.tenant}/{version.adapter}")
+        return version
 
     async def resolve_ref(self, ref: str) -> AdapterVersion:
         """An operator's ``tenant/name``, ``tenant/name:alias`` or ``tenant/name@vN``."""

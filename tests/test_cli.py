@@ -138,14 +138,14 @@ def test_train_refuses_bad_requests_before_training(run, tmp_path, tiny_base, ex
 
 
 def test_registry_migrate_applies_migrations_and_exits(tmp_path, capsys) -> None:
-    from adapters_registry.db import current_revision, make_engine
+    from adapters_registry.db import current_revision, head_revision, make_engine
 
     db = f"sqlite:///{tmp_path / 'fresh.db'}"
     assert main(["registry", "migrate", "--db", db]) == 0
-    assert capsys.readouterr().out.strip().endswith("is at revision 0003")
+    assert capsys.readouterr().out.strip().endswith(f"is at revision {head_revision()}")
     engine = make_engine(db, migrate=False)
     try:
-        assert current_revision(engine) == "0003"
+        assert current_revision(engine) == head_revision()
     finally:
         engine.dispose()
     assert main(["registry", "migrate", "--db", db]) == 0  # idempotent: once per release, any number of times
@@ -158,3 +158,19 @@ def test_registry_migrate_failure_is_a_clear_error_without_the_password(capsys) 
     assert "s3cret" not in err and "***" in err
     assert main(["registry", "migrate", "--db", "not a url"]) == 2
     assert "not a SQLAlchemy database URL" in capsys.readouterr().err
+
+
+def test_set_limits_changes_only_the_given_flags(run) -> None:
+    assert run("registry", "add-tenant", "acme")[0] == 0
+    code, out, err = run("registry", "set-limits", "acme", "--rpm", "60", "--weight", "2.5",
+                         "--max-tokens", "256")
+    assert code == 0, err
+    assert json.loads(out) == {"rpm": 60, "tpm": None, "concurrency": None, "max_tokens": 256,
+                               "max_prompt_tokens": None, "weight": 2.5}
+    code, out, _ = run("registry", "set-limits", "acme", "--tpm", "10000", "--rpm", "default")
+    assert code == 0 and json.loads(out)["rpm"] is None and json.loads(out)["max_tokens"] == 256
+    assert json.loads(run("registry", "get-limits", "acme")[1])["tpm"] == 10000
+    code, _, err = run("registry", "set-limits", "acme", "--concurrency", "0")
+    assert code == 2 and "concurrency must be a whole number >= 1" in err
+    assert run("registry", "set-limits", "nobody", "--rpm", "1")[0] == 2
+    assert "limits.set" in run("registry", "audit", "--subject", "acme")[1]

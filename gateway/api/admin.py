@@ -13,6 +13,7 @@ import hmac
 import re
 import shutil
 import tempfile
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters_registry import REPAIR_COMMAND, Registry
+from adapters_registry import REPAIR_COMMAND, Registry, TenantLimits
 from gateway.adapters import CacheName, EvictTarget
 from gateway.api.deps import Services, ServicesDep
 from gateway.errors import (
@@ -62,6 +63,17 @@ class TenantIn(_Body):
 
 class KeyIn(_Body):
     expires_in_days: float | None = Field(default=None, gt=0)
+
+
+class LimitsIn(_Body):
+    """A tenant's quotas and weight; a null (or missing) field means the gateway's default."""
+
+    rpm: int | None = Field(default=None, ge=1, strict=True)
+    tpm: int | None = Field(default=None, ge=1, strict=True)
+    concurrency: int | None = Field(default=None, ge=1, strict=True)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_prompt_tokens: int | None = Field(default=None, ge=1, strict=True)
+    weight: float | None = Field(default=None, gt=0, le=1000)
 
 
 class AliasIn(_Body):
@@ -117,6 +129,19 @@ async def list_keys(tenant: str, reg: AdminDep) -> dict[str, Any]:
 @router.delete("/tenants/{tenant}/keys/{prefix}")
 async def revoke_key(tenant: str, prefix: str, reg: AdminDep) -> dict[str, Any]:
     return {"revoked": await _run(reg.revoke_api_key, tenant, prefix)}
+
+
+@router.get("/tenants/{tenant}/limits")
+async def get_limits(tenant: str, reg: AdminDep) -> dict[str, Any]:
+    return asdict(await _run(reg.get_limits, tenant))
+
+
+@router.put("/tenants/{tenant}/limits")
+async def set_limits(tenant: str, body: LimitsIn, reg: AdminDep, svc: AdminServicesDep) -> dict[str, Any]:
+    """Replace the tenant's limits; every replica applies them within resolve_ttl_seconds."""
+    limits = await _run(reg.set_limits, tenant, TenantLimits(**body.model_dump()))
+    svc.quotas.forget(await _run(reg.get_tenant, tenant))
+    return asdict(limits)
 
 
 @router.get("/tenants/{tenant}/adapters")

@@ -10,11 +10,13 @@ from fastapi import Depends, Request
 from adapters_registry import Registry
 from adapters_registry.records import Tenant
 from gateway.adapters import AdapterManager
+from gateway.admission import FairAdmission
 from gateway.chat import ChatService
 from gateway.config import GatewaySettings
 from gateway.errors import AuthenticationFailedError
 from gateway.logs import tenant_var
 from gateway.metrics import GatewayMetrics
+from gateway.quotas import Quotas
 from gateway.tenancy import TenantDirectory
 
 
@@ -28,6 +30,8 @@ class Services:
     chat: ChatService
     metrics: GatewayMetrics
     admin_registry: Registry  # the same database and store, audited as "admin"
+    quotas: Quotas
+    admission: FairAdmission
     ready: bool = True
     draining: bool = False  # SIGTERM received: finishing requests in flight, then exiting
     warmup_errors: dict[str, str] = field(default_factory=dict)  # ref -> why

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import ServicesDep, TenantDep
+from gateway.api.guard import GuardDep
 from gateway.schemas import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 
 router = APIRouter()
@@ -17,7 +18,9 @@ TIER_HEADER = "x-lora-gateway-adapter-tier"
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep,
-                           services: ServicesDep) -> Response:
+                           services: ServicesDep, guard: GuardDep) -> Response:
+    body = guard.check(body)
+    await guard.admit()
     if body.stream:
         events, tier = await services.chat.stream(tenant, body)
         return StreamingResponse(events, media_type="text/event-stream",

@@ -107,7 +107,12 @@ def test_free_settings_reach_the_gateway_typed(monkeypatch) -> None:
                        "pinned_adapters": ["acme/bot", "globex/pirate:canary"],
                        "prefetch_adapters": ["acme/bot@v3"], "resolve_ttl_seconds": 0.5,
                        "max_request_bytes": 65536, "exit_on_engine_death": True,
-                       "adapter_load_concurrency": 4, "metrics_host": "0.0.0.0"}
+                       "adapter_load_concurrency": 4, "metrics_host": "0.0.0.0",
+                       "default_rpm": 600, "default_tpm": 100000, "default_concurrency": 8,
+                       "default_max_tokens": 512, "default_max_prompt_tokens": 1024,
+                       "default_weight": 2.5, "quota_failure_mode": "closed", "fair_scheduling": False,
+                       "admission_max_in_flight": 12, "queue_max_per_tenant": 16, "queue_max_total": 64,
+                       "queue_deadline_seconds": 7.5}
     assert set(settings_values) == set(
         schema()["properties"]["gateway"]["properties"]["settings"]["properties"])
     container = gateway_container(render(merged(MINIMAL, {"gateway": {"settings": settings_values}})))

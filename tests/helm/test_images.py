@@ -27,7 +27,7 @@ def _final_stage(commands: list[dockerfile.Command]) -> list[dockerfile.Command]
 @pytest.mark.parametrize(("flavor", "extra"), [("gpu", "gpu"), ("cpu", "cpu")])
 def test_image_installs_the_package_with_its_engine(flavor: str, extra: str) -> None:
     runs = " ".join(c.value[0] for c in _commands(flavor) if c.cmd == "RUN")
-    assert f'pip install ".[{extra},postgres,s3]"' in runs
+    assert f'pip install ".[{extra},postgres,s3,redis]"' in runs
     copied = {c.value[0] for c in _commands(flavor) if c.cmd == "COPY" and not c.flags}
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}

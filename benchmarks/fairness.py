@@ -1,0 +1,248 @@
+"""Fairness benchmark: a quiet tenant's time to first token while another tenant floods.
+
+    python -m benchmarks.fairness [--out benchmarks/results] [--rounds 2]
+
+Two gateway processes on the tiny-llama base (real vLLM, CPU), identical but for
+``fair_scheduling``: on (weighted per-tenant queues, reserved slots) and off (FIFO).
+Each round measures, on each gateway in turn (the order alternates between rounds, so a
+noisy shared machine slows both alike):
+
+- alone: the quiet tenant's requests, one at a time, on an idle engine;
+- flood: the same while the flood tenant keeps ``--flood-factor`` x capacity requests
+  outstanding (closed loop, no think time, not streamed, from a process of its own).
+
+Both tenants call the bare base, so only the scheduling differs. TTFT is measured by the
+client (streamed, first content chunk). Writes fairness.json and fairness.md to ``--out``.
+Goal (issue 10): with fairness on, the quiet tenant's p99 under the flood is within 2x of
+its p99 alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import multiprocessing as mp
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from adapters_registry import AdapterTemplate, Registry, derive_contract
+from loadtest.client import RequestRecord, RequestShape, Target, send
+from loadtest.servers import ServerProcess, free_port, gateway_command, start
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE = {"max_num_seqs": 8, "max_model_len": 512, "max_loras": 1, "max_cpu_loras": 2}
+SHAPE = RequestShape(prompt="Write one sentence about the sea.", max_tokens=32)
+MODES = {"fair": "--fair-scheduling", "fifo": "--no-fair-scheduling"}
+
+
+def build_registry(work: Path) -> tuple[Any, dict[str, str]]:
+    """The tiny base and tenants ``quiet`` and ``flood`` with a key each."""
+    from trainer.bases import prepare_base
+
+    base = prepare_base("tiny-llama", REPO / ".cache" / "models")
+    contract = derive_contract(base.path, base.model_id, license=base.license)
+    registry = Registry.open(f"sqlite:///{work / 'registry.db'}", work / "artifacts", actor="bench")
+    try:
+        registry.register_base(contract)
+        registry.register_template(AdapterTemplate(contract.model_id, contract.revision, r=8,
+                                                   lora_alpha=16))
+        keys = {}
+        for tenant in ("quiet", "flood"):
+            registry.create_tenant(tenant)
+            keys[tenant] = registry.create_api_key(tenant)
+    finally:
+        registry.close()
+    return base, keys
+
+
+def start_gateway(work: Path, base: Any, mode: str) -> ServerProcess:
+    port = free_port()
+    args = ["--database-url", f"sqlite:///{work / 'registry.db'}", "--artifacts-dir",
+            str(work / "artifacts"), "--cache-dir", str(work / f"cache-{mode}"),
+            "--base-model-id", base.model_id, "--base-model-dir", str(base.path), "--dtype", "float32",
+            *(f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()), MODES[mode],
+            # Queue the whole flood: this measures waiting, not refusals.
+            "--queue-max-per-tenant", "1000", "--queue-max-total", "1000",
+            "--queue-deadline-seconds", "600"]
+    return start(gateway_command(port, args), work / f"gateway-{mode}.log", cwd=REPO, port=port,
+                 env={"PYTHONPATH": str(REPO)})
+
+
+async def quiet_requests(url: str, target: Target, n: int, gap_s: float) -> list[RequestRecord]:
+    records = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(n):
+            records.append(await send(client, url, target, SHAPE, RequestRecord(target.label, "quiet", i)))
+            await asyncio.sleep(gap_s)
+    return records
+
+
+def _flood(url: str, target: Target, clients: int, stop: Any, served: Any, refused: Any) -> None:
+    """The flood tenant: ``clients`` non-streamed requests always outstanding, until ``stop``."""
+    body = {"model": target.model, "max_tokens": SHAPE.max_tokens, "temperature": 0.0,
+            "messages": [{"role": "user", "content": SHAPE.prompt}]}
+    headers = {"Authorization": f"Bearer {target.api_key}"}
+
+    async def loop(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            try:
+                status = (await client.post(url + "/v1/chat/completions", json=body,
+                                            headers=headers)).status_code
+            except httpx.HTTPError:
+                continue
+            with (served if status == 200 else refused).get_lock():
+                (served if status == 200 else refused).value += 1
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 8)) as c:
+            loops = [asyncio.create_task(loop(c)) for _ in range(clients)]
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def flood_while(url: str, target: Target, clients: int, measure: Any) -> tuple[Any, dict[str, int]]:
+    """Run ``measure()`` while another process floods; the flood never shares the quiet
+    tenant's client event loop, so its load cannot delay the quiet tenant's measurements."""
+    stop, served, refused = mp.Event(), mp.Value("i", 0), mp.Value("i", 0)
+    proc = mp.Process(target=_flood, args=(url, target, clients, stop, served, refused))
+    proc.start()
+    try:
+        time.sleep(3.0)  # the queue fills first
+        result = measure()
+    finally:
+        stop.set()
+        proc.join(120)
+    return result, {"ok": served.value, "errors": refused.value}
+
+
+async def wait_idle(url: str, timeout_s: float = 120) -> None:
+    """Until the gateway has nothing admitted or queued (the cancelled flood has drained)."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.monotonic() < deadline:
+            busy = 0.0
+            for line in (await client.get(url + "/metrics")).text.splitlines():
+                if line.startswith(("lgw_admitted_in_flight ", "lgw_queue_depth{")):
+                    busy += float(line.rsplit(" ", 1)[1])
+            if busy == 0:
+                await asyncio.sleep(1.0)
+                return
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"{url} did not drain in {timeout_s}s")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ms = np.asarray(values) * 1000
+    return {"p50": round(float(np.percentile(ms, 50)), 1), "p99": round(float(np.percentile(ms, 99)), 1),
+            "max": round(float(ms.max()), 1), "n": len(values)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="lgw-fairness-"))
+    base, keys = build_registry(work)
+    quiet = Target("quiet", base.model_id, keys["quiet"])
+    flood = Target("flood", base.model_id, keys["flood"])
+    capacity = ENGINE["max_num_seqs"]
+    clients = args.flood_factor * capacity
+    servers = {}
+    try:
+        for mode in MODES:
+            servers[mode] = start_gateway(work, base, mode)
+            print(f"gateway {mode} ready in {servers[mode].startup_seconds:.0f}s", flush=True)
+        ttft: dict[str, dict[str, list[float]]] = {m: {"alone": [], "flood": []} for m in MODES}
+        flood_stats: dict[str, dict[str, int]] = {m: {"ok": 0, "errors": 0} for m in MODES}
+        for r in range(args.rounds):
+            order = list(MODES) if r % 2 == 0 else list(MODES)[::-1]
+            for mode in order:
+                url = servers[mode].url
+                asyncio.run(quiet_requests(url, quiet, 3, 0.1))  # warm-up, not measured
+                alone = asyncio.run(quiet_requests(url, quiet, args.quiet_requests, args.gap))
+                measure = functools.partial(asyncio.run, quiet_requests(url, quiet, args.quiet_requests,
+                                                                        args.gap))
+                flooded, flood_counts = flood_while(url, flood, clients, measure)
+                asyncio.run(wait_idle(url))
+                for name, records in (("alone", alone), ("flood", flooded)):
+                    bad = [rec for rec in records if not rec.ok]
+                    if bad:
+                        raise RuntimeError(f"{mode}/{name}: {len(bad)} quiet requests failed: {bad[0].error}")
+                    ttft[mode][name] += [rec.ttft for rec in records if rec.ttft is not None]
+                flood_stats[mode]["ok"] += flood_counts["ok"]
+                flood_stats[mode]["errors"] += flood_counts["errors"]
+                print(f"round {r} {mode}: alone {percentiles(ttft[mode]['alone'])}, "
+                      f"flood {percentiles(ttft[mode]['flood'])}", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    results: dict[str, Any] = {"modes": {}}
+    for mode in MODES:
+        alone_ms, flood_ms = percentiles(ttft[mode]["alone"]), percentiles(ttft[mode]["flood"])
+        results["modes"][mode] = {"alone_ttft_ms": alone_ms, "flood_ttft_ms": flood_ms,
+                                  "p99_ratio": round(flood_ms["p99"] / alone_ms["p99"], 2),
+                                  "flood_requests": flood_stats[mode]}
+    results["setup"] = {
+        "base": "tiny-llama (float32, vLLM on the CPU)", "engine": ENGINE, "max_tokens": SHAPE.max_tokens,
+        "flood_outstanding": clients, "flood_factor": args.flood_factor, "rounds": args.rounds,
+        "quiet_requests_per_phase": args.quiet_requests, "quiet_gap_s": args.gap,
+        "machine": f"{platform.machine()}, {platform.python_version()}, 2 cores shared",
+        "fair": "start-time fair queuing by weight, 1 slot of 8 reserved for idle tenants",
+        "fifo": "first come, first served, no reserve",
+        "goal_met": results["modes"]["fair"]["p99_ratio"] <= 2.0,
+    }
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    setup = results["setup"]
+    lines = [
+        "# Fairness: a quiet tenant's TTFT while another tenant floods",
+        "",
+        f"{setup['base']}, max_num_seqs {setup['engine']['max_num_seqs']}, max_tokens "
+        f"{setup['max_tokens']}; the flood keeps {setup['flood_outstanding']} requests outstanding "
+        f"({setup['flood_factor']}x capacity); {setup['rounds']} rounds, alternating the order.",
+        "",
+        "| scheduling | quiet alone p50 / p99 (ms) | quiet under flood p50 / p99 (ms) | p99 ratio | "
+        "flood requests served |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in results["modes"].items():
+        a, f = r["alone_ttft_ms"], r["flood_ttft_ms"]
+        lines.append(f"| {mode} | {a['p50']} / {a['p99']} | {f['p50']} / {f['p99']} | "
+                     f"{r['p99_ratio']}x | {r['flood_requests']['ok']} |")
+    lines += ["", f"Goal (p99 under flood within 2x of alone, fairness on): "
+              f"{'met' if setup['goal_met'] else 'not met'}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--quiet-requests", type=int, default=30)
+    p.add_argument("--gap", type=float, default=0.2, help="seconds between the quiet tenant's requests")
+    p.add_argument("--flood-factor", type=int, default=4, help="flood outstanding / engine capacity")
+    args = p.parse_args(argv)
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fairness.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    (args.out / "fairness.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

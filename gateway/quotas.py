@@ -1,0 +1,410 @@
+"""Per-tenant quotas: requests and tokens per minute, requests in flight, request ceilings.
+
+    QuotaStore          atomic per-tenant state: admit, charge tokens, release a lease
+    ├── LocalQuotaStore this process only (no ``redis_url``)
+    └── RedisQuotaStore every replica at once (``gateway._redis_quotas``, Lua scripts)
+    Quotas              the service: a tenant's limits (registry over settings), the failure mode
+    UsageMeter          one request's lease: prompt checked before, completion charged as generated
+
+Rates are token buckets that refill continuously, a full bucket per minute: ``rpm`` requests
+and ``tpm`` tokens. A request needs one request token and a token bucket not in debt; its
+prompt must fit in the token bucket; completion tokens are charged as they are generated and
+may take the bucket into debt, which the tenant's next requests wait out. The answer's
+``x-ratelimit-*`` headers are OpenAI's: limit, remaining, and the time until the bucket is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from adapters_registry import Registry
+from adapters_registry.records import Tenant, TenantLimits
+from gateway.accounting import current_ticket
+from gateway.errors import ContextLengthError, InvalidRequestError, OverloadedError, RateLimitError
+from gateway.metrics import GatewayMetrics
+from gateway.tenancy import TtlCache
+
+logger = logging.getLogger(__name__)
+WINDOW_S = 60.0  # a bucket refills fully in a minute
+LEASE_TTL_S = 600.0  # a lease (request in flight) a crashed replica left behind expires after this
+FLUSH_TOKENS = 32  # completion tokens charged to the store in batches of this many
+_LOG_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A tenant's effective limits: its own from the registry, else the gateway's defaults."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    max_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    weight: float = 1.0
+
+    @classmethod
+    def merged(cls, own: TenantLimits, defaults: Limits) -> Limits:
+        def pick(name: str) -> Any:
+            value = getattr(own, name)
+            return getattr(defaults, name) if value is None else value
+        return cls(pick("rpm"), pick("tpm"), pick("concurrency"), pick("max_tokens"),
+                   pick("max_prompt_tokens"), float(pick("weight")))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    limit: int
+    remaining: float
+    reset_s: float  # until the bucket is full again
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the store decided, and the tenant's buckets after it."""
+
+    refused: str | None = None  # "concurrency", "requests", "tokens" or None
+    retry_after: float | None = None  # seconds; None where waiting cannot help
+    requests: Bucket | None = None
+    tokens: Bucket | None = None
+
+
+class QuotaStore(Protocol):
+    """Atomic per tenant. Raises ConnectionError when the store cannot answer."""
+
+    async def admit(self, tenant_id: int, limits: Limits, lease: str) -> Verdict: ...
+
+    async def charge(self, tenant_id: int, limits: Limits, lease: str, tokens: int, *,
+                     check: bool) -> Verdict: ...
+
+    async def release(self, tenant_id: int, lease: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# -- the bucket arithmetic, shared by the local store (the Lua scripts do the same) ----------
+
+def refilled(level: float, since: float, now: float, cap: int, old_cap: int) -> float:
+    """The level now; a changed limit moves the level by the change (a raise applies at once)."""
+    return min(float(cap), level + (cap - old_cap) + max(0.0, now - since) * cap / WINDOW_S)
+
+
+def bucket(level: float, cap: int) -> Bucket:
+    return Bucket(cap, level, (cap - level) * WINDOW_S / cap)
+
+
+def wait_for(need: float, level: float, cap: int) -> float:
+    """Seconds until ``level`` refills to ``need``."""
+    return max(0.0, (need - level) * WINDOW_S / cap)
+
+
+@dataclass
+class _Local:
+    requests: tuple[float, float, int] | None = None  # (level, at, limit)
+    tokens: tuple[float, float, int] | None = None
+    leases: dict[str, float] = field(default_factory=dict)  # lease -> expiry
+
+
+class LocalQuotaStore:
+    """Quotas of this process alone: with N replicas, each allows the full limit."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tenants: dict[int, _Local] = {}
+
+    async def admit(self, tenant_id: int, limits: Limits, lease: str) -> Verdict:
+        now = self._clock()
+        st = self._tenants.setdefault(tenant_id, _Local())
+        st.leases = {k: exp for k, exp in st.leases.items() if exp > now}
+        req = self._level(st.requests, limits.rpm, now)
+        tok = self._level(st.tokens, limits.tpm, now)
+        refused = admit_decision(limits, req, tok, len(st.leases))
+        if refused is None:
+            if limits.rpm is not None:
+                req -= 1
+                st.requests = (req, now, limits.rpm)
+            if limits.concurrency is not None:
+                st.leases[lease] = now + LEASE_TTL_S
+        return admit_verdict(refused, limits, req, tok)
+
+    async def charge(self, tenant_id: int, limits: Limits, lease: str, tokens: int, *,
+                     check: bool) -> Verdict:
+        now = self._clock()
+        st = self._tenants.setdefault(tenant_id, _Local())
+        if lease in st.leases:
+            st.leases[lease] = now + LEASE_TTL_S
+        if limits.tpm is None:
+            return Verdict()
+        tok = self._level(st.tokens, limits.tpm, now)
+        refused = check and tokens > tok
+        if not refused:
+            tok -= tokens
+            st.tokens = (tok, now, limits.tpm)
+        return charge_verdict(refused, limits.tpm, tok, tokens)
+
+    async def release(self, tenant_id: int, lease: str) -> None:
+        st = self._tenants.get(tenant_id)
+        if st is not None:
+            st.leases.pop(lease, None)
+
+    async def close(self) -> None:
+        self._tenants.clear()
+
+    @staticmethod
+    def _level(state: tuple[float, float, int] | None, cap: int | None, now: float) -> float:
+        if cap is None:
+            return 0.0
+        return float(cap) if state is None else refilled(*state[:2], now, cap, state[2])
+
+
+def admit_decision(limits: Limits, req: float, tok: float, in_flight: int) -> str | None:
+    """Which limit refuses a request, from the refilled levels (the Lua script mirrors it)."""
+    if limits.concurrency is not None and in_flight >= limits.concurrency:
+        return "concurrency"
+    if limits.rpm is not None and req < 1:
+        return "requests"
+    if limits.tpm is not None and tok < 1:
+        return "tokens"
+    return None
+
+
+def admit_verdict(refused: str | None, limits: Limits, req: float, tok: float) -> Verdict:
+    """The verdict from the decision and the levels after it."""
+    requests = bucket(req, limits.rpm) if limits.rpm is not None else None
+    tokens = bucket(tok, limits.tpm) if limits.tpm is not None else None
+    retry = None
+    if refused == "concurrency":
+        retry = 1.0  # a request in flight ends: nothing predicts when
+    elif refused == "requests" and limits.rpm is not None:
+        retry = wait_for(1, req, limits.rpm)
+    elif refused == "tokens" and limits.tpm is not None:
+        retry = wait_for(1, tok, limits.tpm)
+    return Verdict(refused, retry, requests, tokens)
+
+
+def charge_verdict(refused: bool, tpm: int, tok: float, tokens: int) -> Verdict:
+    if not refused:
+        return Verdict(tokens=bucket(tok, tpm))
+    # A prompt over the whole minute's budget never fits: no Retry-After for it.
+    retry = None if tokens > tpm else wait_for(tokens, tok, tpm)
+    return Verdict("tokens", retry, None, bucket(tok, tpm))
+
+
+# -- the service -----------------------------------------------------------------------------
+
+class Quotas:
+    """Admits a tenant's request against its limits, in whichever store is configured."""
+
+    def __init__(self, store: QuotaStore, registry: Registry, defaults: Limits,
+                 metrics: GatewayMetrics, *, fail_open: bool, ttl: float) -> None:
+        self.store = store
+        self._registry = registry
+        self.defaults = defaults
+        self.metrics = metrics
+        self.fail_open = fail_open
+        self._limits: TtlCache[int, Limits] = TtlCache(ttl)
+        self._last_logged = -math.inf
+
+    async def limits(self, tenant: Tenant) -> Limits:
+        async def load() -> Limits:
+            own = await asyncio.to_thread(self._registry.get_limits, tenant.name)
+            return Limits.merged(own, self.defaults)
+        return await self._limits.get_or_load(tenant.id, load)
+
+    def forget(self, tenant: Tenant) -> None:
+        """Drop the cached limits of ``tenant`` (this replica sees a change at once)."""
+        self._limits.invalidate(tenant.id)
+
+    async def meter(self, tenant: Tenant) -> UsageMeter:
+        """A meter for one of ``tenant``'s requests, with its limits; ``admit`` it next."""
+        return UsageMeter(self, tenant, await self.limits(tenant), uuid.uuid4().hex)
+
+    async def call(self, op: Awaitable[Verdict]) -> Verdict | None:
+        """The store's answer; None when it failed and the mode is open (503 when closed)."""
+        try:
+            return await op
+        except (ConnectionError, TimeoutError) as exc:
+            self.store_failed(exc)
+            return None
+
+    def store_failed(self, exc: BaseException) -> None:
+        outcome = "failed_open" if self.fail_open else "failed_closed"
+        self.metrics.quota_backend_errors.labels(outcome).inc()
+        now = time.monotonic()
+        if now - self._last_logged >= _LOG_EVERY_S:  # one line per burst of failures, not per request
+            self._last_logged = now
+            logger.error("quota store failed (%s): %s", "serving without quotas" if self.fail_open
+                         else "refusing requests with 503", exc)
+        if not self.fail_open:
+            raise OverloadedError("Rate limits cannot be checked right now; retry shortly.",
+                                  retry_after=1) from None
+
+
+def _unmetered(limits: Limits) -> bool:
+    return limits.rpm is None and limits.tpm is None and limits.concurrency is None
+
+
+def _refusal(verdict: Verdict, limits: Limits) -> RateLimitError:
+    if verdict.refused == "concurrency":
+        return RateLimitError(f"Too many requests in flight: this key allows {limits.concurrency} at "
+                              "once. Retry when one finishes.", retry_after=verdict.retry_after)
+    if verdict.refused == "requests":
+        return RateLimitError(f"Rate limit reached: {limits.rpm} requests per minute.",
+                              retry_after=verdict.retry_after)
+    return RateLimitError(f"Rate limit reached: {limits.tpm} tokens per minute.", kind="tokens",
+                          retry_after=verdict.retry_after)
+
+
+class UsageMeter:
+    """One request's lease on its tenant's quotas; closed when the answer is complete."""
+
+    def __init__(self, quotas: Quotas, tenant: Tenant, limits: Limits, lease: str) -> None:
+        self._quotas = quotas
+        self.tenant = tenant
+        self.limits = limits
+        self.lease = lease
+        self.holds_lease = False
+        self.metered = not _unmetered(limits)
+        self.headers: dict[str, str] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._pending = 0
+        self._flushing: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def admit(self) -> None:
+        """Take a request (and an in-flight lease); RateLimitError (429) over a limit."""
+        if not self.metered:
+            return
+        q = self._quotas
+        verdict = await q.call(q.store.admit(self.tenant.id, self.limits, self.lease))
+        if verdict is None:
+            self.metered = False  # the store failed and the mode is open
+            return
+        self.note(verdict)
+        if verdict.refused is not None:
+            q.metrics.quota_rejections.labels(self.tenant.name, verdict.refused).inc()
+            raise _refusal(verdict, self.limits)
+        self.holds_lease = self.limits.concurrency is not None
+
+    def note(self, verdict: Verdict) -> None:
+        """Remember the buckets for the ``x-ratelimit-*`` headers."""
+        for kind, b in (("requests", verdict.requests), ("tokens", verdict.tokens)):
+            if b is not None:
+                self.headers[f"x-ratelimit-limit-{kind}"] = str(b.limit)
+                self.headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(b.remaining)))
+                self.headers[f"x-ratelimit-reset-{kind}"] = duration(b.reset_s)
+
+    async def prompt(self, tokens: int) -> None:
+        """Before generation: the prompt against the tenant's ceiling and its token budget."""
+        ceiling = self.limits.max_prompt_tokens
+        if ceiling is not None and tokens > ceiling:
+            raise ContextLengthError(f"the prompt is {tokens} tokens; this key allows prompts of at "
+                                     f"most {ceiling} tokens")
+        self.prompt_tokens += tokens
+        if not self.metered or self.limits.tpm is None:
+            return
+        q = self._quotas
+        verdict = await q.call(q.store.charge(self.tenant.id, self.limits, self.lease, tokens,
+                                              check=True))
+        if verdict is None:
+            return
+        self.note(verdict)
+        if verdict.refused is not None:
+            q.metrics.quota_rejections.labels(self.tenant.name, "tokens").inc()
+            if verdict.retry_after is None:
+                raise RateLimitError(f"Request too large: the prompt is {tokens} tokens, over this "
+                                     f"key's limit of {self.limits.tpm} tokens per minute.",
+                                     kind="tokens")
+            raise _refusal(verdict, self.limits)
+
+    def completion(self, tokens: int) -> None:
+        """``tokens`` more were generated (any choice, any prompt of a batch); charged in batches."""
+        self.completion_tokens += tokens
+        if not self.metered or self.limits.tpm is None or tokens <= 0:
+            return
+        self._pending += tokens
+        if self._pending >= FLUSH_TOKENS and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.ensure_future(self._flush())
+
+    async def close(self) -> None:
+        """Charge what is left and give the in-flight lease back (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        try:
+            await self._flush()
+            if self.holds_lease:
+                await self._quotas.store.release(self.tenant.id, self.lease)
+        except (ConnectionError, TimeoutError) as exc:
+            self._quotas.metrics.quota_backend_errors.labels("charge_lost").inc()
+            logger.warning("could not settle %s's quota lease: %s", self.tenant.name, exc)
+
+    async def _flush(self) -> None:
+        tokens, self._pending = self._pending, 0
+        if tokens <= 0:
+            return
+        try:
+            await self._quotas.store.charge(self.tenant.id, self.limits, self.lease, tokens,
+                                            check=False)
+        except (ConnectionError, TimeoutError) as exc:
+            self._quotas.metrics.quota_backend_errors.labels("charge_lost").inc()
+            logger.warning("could not charge %d tokens to %s: %s", tokens, self.tenant.name, exc)
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+B = TypeVar("B")
+
+
+def apply_ceilings(body: B, limits: Limits) -> B:
+    """The tenant's max_tokens ceiling: a larger ask is a 400; no ask gets the ceiling."""
+    ceiling = limits.max_tokens
+    if ceiling is None:
+        return body
+    asked = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
+    if asked is None:
+        return body.model_copy(update={"max_tokens": ceiling})  # type: ignore[attr-defined, no-any-return]
+    if asked > ceiling:
+        raise InvalidRequestError(f"max_tokens is {asked}; this key allows at most {ceiling}",
+                                  param="max_tokens")
+    return body
+
+
+# -- the services' hooks ---------------------------------------------------------------------
+
+def current_meter() -> UsageMeter | None:
+    ticket = current_ticket.get()
+    meter = ticket.meter if ticket is not None else None
+    return meter if isinstance(meter, UsageMeter) else None
+
+
+async def charge_prompt(tokens: int) -> None:
+    """Call once per prompt before generating it: its ceiling and the token budget (429/400)."""
+    meter = current_meter()
+    if meter is not None:
+        await meter.prompt(tokens)
+
+
+def charge_completion(tokens: int) -> None:
+    """Call with each chunk's new completion tokens (every choice, every prompt of a batch)."""
+    meter = current_meter()
+    if meter is not None:
+        meter.completion(tokens)
+

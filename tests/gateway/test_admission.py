@@ -1,0 +1,160 @@
+"""Fair admission: weighted per-tenant queues, FIFO switch, bounded queues, deadline, leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from gateway.admission import FairAdmission, Slot
+from gateway.errors import ClientGoneError, OverloadedError, RateLimitError
+from gateway.metrics import GatewayMetrics
+
+
+async def _served_order(adm: FairAdmission, arrivals: list[tuple[str, float]]) -> list[str]:
+    """Fill the one slot, queue ``arrivals`` in order, then free slots one at a time."""
+    first = await adm.acquire("warm-up")
+    order: list[str] = []
+
+    async def one(tenant: str, weight: float) -> None:
+        slot = await adm.acquire(tenant, weight)
+        order.append(tenant)
+        await asyncio.sleep(0)
+        slot.release()
+
+    tasks = []
+    for tenant, weight in arrivals:
+        tasks.append(asyncio.create_task(one(tenant, weight)))
+        await asyncio.sleep(0)  # enqueued in this order
+    first.release()
+    await asyncio.gather(*tasks)
+    return order
+
+
+async def test_a_quiet_tenant_is_not_stuck_behind_a_flood() -> None:
+    adm = FairAdmission(1, max_queued_per_tenant=100, max_queued=200)
+    order = await _served_order(adm, [("flood", 1.0)] * 20 + [("quiet", 1.0)])
+    assert order.index("quiet") <= 1, order
+
+
+async def test_two_backlogged_tenants_alternate() -> None:
+    adm = FairAdmission(1, max_queued_per_tenant=100, max_queued=200)
+    order = await _served_order(adm, [("a", 1.0)] * 10 + [("b", 1.0)] * 10)
+    # After b's first turn, no tenant is served twice in a row while the other waits.
+    start = order.index("b")
+    assert start <= 1
+    tail = order[start:start + 18]
+    assert all(x != y for x, y in itertools.pairwise(tail)), order
+
+
+async def test_weights_share_the_engine() -> None:
+    adm = FairAdmission(1, max_queued_per_tenant=100, max_queued=200)
+    order = await _served_order(adm, [("heavy", 3.0)] * 30 + [("light", 1.0)] * 30)
+    first_forty = order[:40]
+    assert first_forty.count("heavy") == pytest.approx(30, abs=2), order
+
+
+async def test_fifo_when_fairness_is_off() -> None:
+    adm = FairAdmission(1, fair=False, max_queued_per_tenant=100, max_queued=200)
+    order = await _served_order(adm, [("flood", 1.0)] * 10 + [("quiet", 1.0)])
+    assert order == ["flood"] * 10 + ["quiet"]
+
+
+async def test_capacity_is_never_exceeded() -> None:
+    adm = FairAdmission(3, max_queued_per_tenant=100, max_queued=200)
+    peak = 0
+
+    async def one(tenant: str) -> None:
+        nonlocal peak
+        slot = await adm.acquire(tenant)
+        peak = max(peak, adm.in_flight)
+        await asyncio.sleep(0.001)
+        slot.release()
+
+    await asyncio.gather(*(one(f"t{i % 4}") for i in range(40)))
+    assert peak == 3 and adm.in_flight == 0 and adm.queued() == 0
+
+
+async def test_full_queues_are_refused_at_once_with_retry_after() -> None:
+    metrics = GatewayMetrics()
+    adm = FairAdmission(1, max_queued_per_tenant=2, max_queued=3, metrics=metrics)
+    held = await adm.acquire("a")
+    waiting = [asyncio.create_task(adm.acquire("a")) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(RateLimitError) as per_tenant:
+        await adm.acquire("a")
+    assert per_tenant.value.status == 429 and per_tenant.value.retry_after is not None
+    waiting.append(asyncio.create_task(adm.acquire("b")))
+    await asyncio.sleep(0)
+    with pytest.raises(OverloadedError) as total:
+        await adm.acquire("c")
+    assert total.value.status == 503 and "Retry-After" in total.value.headers()
+    assert metrics.queue_rejections.labels("a", "tenant_queue_full")._value.get() == 1
+    assert metrics.queue_rejections.labels("c", "queue_full")._value.get() == 1
+    held.release()
+    for granted in asyncio.as_completed(waiting):
+        (await granted).release()
+    assert adm.in_flight == 0 and adm.queued() == 0
+
+
+async def test_a_wait_past_the_deadline_is_a_503() -> None:
+    adm = FairAdmission(1, deadline_s=0.05)
+    held = await adm.acquire("a")
+    with pytest.raises(OverloadedError) as exc:
+        await adm.acquire("b")
+    assert exc.value.retry_after is not None and adm.queued() == 0
+    held.release()
+    assert adm.in_flight == 0
+
+
+async def test_a_client_that_disconnects_leaves_the_queue() -> None:
+    adm = FairAdmission(1)
+    held = await adm.acquire("a")
+    gone = asyncio.Event()
+
+    async def disconnected() -> bool:
+        return gone.is_set()
+
+    waiter = asyncio.create_task(adm.acquire("b", disconnected=disconnected))
+    await asyncio.sleep(0.01)
+    assert adm.queued("b") == 1
+    gone.set()
+    with pytest.raises(ClientGoneError):
+        await waiter
+    assert adm.queued() == 0
+    held.release()
+    assert adm.in_flight == 0
+
+
+async def test_a_cancelled_waiter_hands_its_slot_on() -> None:
+    adm = FairAdmission(1)
+    held = await adm.acquire("a")
+    cancelled = asyncio.create_task(adm.acquire("b"))
+    later = asyncio.create_task(adm.acquire("c"))
+    await asyncio.sleep(0)
+    held.release()  # granted to b, which is cancelled before it runs
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    slot: Slot = await asyncio.wait_for(later, 1)
+    slot.release()
+    slot.release()  # idempotent
+    assert adm.in_flight == 0 and adm.queued() == 0
+
+
+async def test_reserved_slots_start_a_quiet_tenant_at_once() -> None:
+    adm = FairAdmission(4, reserve=1)
+    flood = [await adm.acquire("flood") for _ in range(3)]
+    queued = asyncio.create_task(adm.acquire("flood"))
+    await asyncio.sleep(0)
+    assert adm.in_flight == 3 and adm.queued("flood") == 1  # the last slot is kept back
+    quiet = await asyncio.wait_for(adm.acquire("quiet"), 0.1)
+    assert adm.in_flight == 4
+    quiet.release()
+    assert not queued.done()  # still reserved: flood has requests in flight
+    flood.pop().release()
+    (await asyncio.wait_for(queued, 1)).release()
+    for slot in flood:
+        slot.release()
+    assert adm.in_flight == 0 and adm.queued() == 0
