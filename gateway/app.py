@@ -29,14 +29,15 @@ from gateway.adapters import AdapterManager
 from gateway.api.admin import router as admin_router
 from gateway.api.deps import Services
 from gateway.api.routes import router
-from gateway.chat import ChatService, PromptRenderer
 from gateway.config import GatewaySettings
 from gateway.disk_cache import DiskCache
 from gateway.engine import Engine
+from gateway.engine.base import ServingOptions
 from gateway.errors import BaseMismatchError, GatewayError, error_body
 from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import BodySizeLimit, MetricsPortSplit
+from gateway.serving import OpenAIService
 from gateway.tenancy import TenantDirectory
 
 logger = logging.getLogger(__name__)
@@ -113,11 +114,17 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   migrate=settings.migrate_on_start))
         try:
             contract = await asyncio.to_thread(verify_base, registry, settings)
-            renderer = await asyncio.to_thread(PromptRenderer.load, settings.base_model_dir)
             started = time.perf_counter()
             engine = await asyncio.to_thread(engine_factory, settings)
             logger.info("inference engine started in %.1fs", time.perf_counter() - started)
         except BaseException:
+            registry.close()
+            raise
+        try:
+            serving = await asyncio.to_thread(engine.openai, ServingOptions(
+                settings.base_name, settings.base_model_dir, settings.tool_call_parser))
+        except BaseException:
+            engine.shutdown()
             registry.close()
             raise
         metrics = GatewayMetrics()
@@ -135,11 +142,12 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   engine_capacity=settings.max_cpu_loras,
                                   slot_capacity=settings.max_loras,
                                   load_concurrency=settings.adapter_load_concurrency)
-        chat = ChatService(engine, tenants, adapters, renderer, base_name=settings.base_name,
-                           expose_base=settings.expose_base, max_model_len=settings.max_model_len,
-                           metrics=metrics, on_engine_dead=engine_died)
+        openai = OpenAIService(engine, serving, tenants, adapters, base_name=settings.base_name,
+                               expose_base=settings.expose_base,
+                               tools_supported=settings.tool_call_parser is not None,
+                               metrics=metrics, on_engine_dead=engine_died)
         admin = Registry(registry.engine, registry.store, actor="admin")
-        services = Services(settings, tenants, adapters, chat, metrics, admin)
+        services = Services(settings, tenants, adapters, openai, metrics, admin)
         app.state.services = services
         services.warmup_errors = await warm_up(tenants, adapters, settings)
         logger.info("gateway ready: base %s, %d adapter slots in engine memory",

@@ -27,8 +27,8 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from gateway.chat import PromptRenderer
 from gateway.engine import Engine, LoraSpec, SamplingSpec
+from gateway.prompts import PromptRenderer
 from trainer.merge import (
     DEFAULT_PROMPTS,
     MergeError,
