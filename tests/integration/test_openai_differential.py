@@ -249,3 +249,16 @@ def test_other_tenants_adapter_is_404_on_completions_too(env: Env) -> None:
     path, body = request("completions", {"max_tokens": 2}, False, "pirate")
     r = post(env, "gateway", path, body, "acme")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_vllm_bench_serve_runs_unmodified_against_the_gateway(env: Env, tiny_base, tmp_path,
+                                                             endpoint: str) -> None:
+    from benchmarks.vllm_bench import bench_command, run_bench
+
+    result = tmp_path / f"bench-{endpoint}.json"
+    out = run_bench(bench_command(env.gateway.url, "support-bot", tiny_base.path, result,
+                                  endpoint=endpoint, api_key=env.keys["acme"], num_prompts=4,
+                                  concurrency=2, input_len=16, output_len=8), result)
+    assert out["completed"] == 4 and out.get("failed", 0) == 0
+    assert out["total_output_tokens"] == 4 * 8  # ignore_eos honoured
