@@ -121,7 +121,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
             registry.close()
             raise
         try:
-            serving = await asyncio.to_thread(engine.openai, ServingOptions(
+            # On the loop, not in a thread: vLLM's serving classes may bind to the running loop.
+            serving = engine.openai(ServingOptions(
                 settings.base_name, settings.base_model_dir, settings.tool_call_parser))
         except BaseException:
             engine.shutdown()
