@@ -38,6 +38,11 @@ DENIED_FIELDS = frozenset({
     "media_io_kwargs", "mm_payload", "return_mm_kwargs", "prompt_embeds",
     "routed_experts_prompt_start",
 })
+# vLLM 0.32 computes prompt logprobs with the wrong LoRA mapping when LoRA is enabled;
+# on the CPU backend one such request kills the engine for every tenant
+# (vllm-project/vllm#29955, #16668). Found by the differential tests.
+_NO_PROMPT_LOGPROBS = ("prompt logprobs are not served: with adapters enabled vLLM computes them "
+                       "wrongly and can crash the engine")
 _TEXT_PARTS = frozenset({"text", "input_text"})
 _MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 
@@ -131,6 +136,14 @@ class ChatCompletionRequest(_Strict, _VllmChatRequest):  # type: ignore[misc]
 
     model_config = _STRICT
 
+    @model_validator(mode="after")
+    def _no_prompt_logprobs(self) -> ChatCompletionRequest:
+        # Chat's echo always asks vLLM for prompt logprobs.
+        for name, value in (("prompt_logprobs", self.prompt_logprobs), ("echo", self.echo or None)):
+            if value is not None:
+                raise InvalidRequestError(f"{name}: {_NO_PROMPT_LOGPROBS}", param=name)
+        return self
+
     max_tokens: MaxTokens
     max_completion_tokens: MaxTokens
     n: int | None = Field(default=1, ge=1, le=128)
@@ -163,6 +176,14 @@ class CompletionRequest(_Strict, _VllmCompletionRequest):  # type: ignore[misc]
     max_tokens: int | None = Field(default=16, ge=1)
     n: int = Field(default=1, ge=1, le=128)
     logprobs: int | None = Field(default=None, ge=0, le=_MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _no_prompt_logprobs(self) -> CompletionRequest:
+        if self.prompt_logprobs is not None:
+            raise InvalidRequestError(f"prompt_logprobs: {_NO_PROMPT_LOGPROBS}", param="prompt_logprobs")
+        if self.echo and self.logprobs is not None:  # echo with logprobs scores the prompt
+            raise InvalidRequestError(f"echo with logprobs: {_NO_PROMPT_LOGPROBS}", param="echo")
+        return self
 
 
 class ModelCard(BaseModel):

@@ -121,6 +121,8 @@ HI = [{"role": "user", "content": "hi"}]
     ({"model": "support-bot", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]}, "messages"),
     ({"model": "support-bot", "messages": HI, "tools": []}, "tools"),  # no tool parser here
+    ({"model": "support-bot", "messages": HI, "echo": True}, "echo"),  # would score the prompt
+    ({"model": "support-bot", "messages": HI, "prompt_logprobs": 1}, "prompt_logprobs"),
 ])
 def test_invalid_bodies_are_400_not_422(gw: Gateway, body: dict, param: str | None) -> None:
     r = gw.client.post("/v1/chat/completions", json=body, headers=gw.headers("acme"))

@@ -65,8 +65,10 @@ CASES: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {
     "tool named": ({"temperature": 0, "max_tokens": 40, "tools": [WEATHER],
                     "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, None),
     "tool auto": ({"temperature": 0, "max_tokens": 16, "tools": [WEATHER]}, None),
-    "echo+batch": (None, {"temperature": 0, "max_tokens": 6, "echo": True, "logprobs": 2,
+    "echo+batch": (None, {"temperature": 0, "max_tokens": 6, "echo": True,
                           "prompt": ["Hello", "Who are you?"]}),
+    "batch+logprobs": (None, {"temperature": 0, "max_tokens": 6, "logprobs": 2,
+                              "prompt": ["Hello", "Who are you?"]}),
 }
 TABLE = [(name, endpoint, stream) for name, (chat, comp) in CASES.items()
          for endpoint, params in (("chat", chat), ("completions", comp)) if params is not None
@@ -243,6 +245,18 @@ def test_errors_are_the_gateway_envelope_where_vllm_refuses(env: Env) -> None:
     ours, theirs = post(env, "gateway", path, body), post(env, "oracle", path, body)
     assert ours.status_code == theirs.status_code == 400, (ours.text, theirs.text)
     assert set(ours.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("endpoint, params", [
+    ("completions", {"echo": True, "logprobs": 1}), ("completions", {"prompt_logprobs": 1}),
+    ("chat", {"echo": True}), ("chat", {"prompt_logprobs": 1})])
+def test_prompt_logprobs_are_refused_before_they_reach_the_engine(env: Env, endpoint: str,
+                                                                  params: dict) -> None:
+    """vLLM 0.32 on the CPU dies computing prompt logprobs with an adapter (found here)."""
+    path, body = request(endpoint, {"max_tokens": 2, **params}, False, "support-bot")
+    r = post(env, "gateway", path, body)
+    assert r.status_code == 400 and "prompt logprobs" in r.json()["error"]["message"]
+    assert httpx.get(env.gateway.url + "/health").status_code == 200
 
 
 def test_other_tenants_adapter_is_404_on_completions_too(env: Env) -> None:
