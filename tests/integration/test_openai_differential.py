@@ -28,7 +28,7 @@ REPORT = REPO / ".cache" / "reports" / "openai-differential.json"
 ENGINE = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
           "--max-loras", "2", "--max-cpu-loras", "4", "--max-lora-rank", "8"]
 WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
+    "name": "get_weather", "description": "Weather for a city", "strict": True,
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
                    "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}}}}
 FORECAST = {"type": "object", "additionalProperties": False, "required": ["city", "sunny"],
@@ -204,21 +204,35 @@ def test_each_tenant_gets_its_own_adapter_as_the_oracle_does(env: Env) -> None:
             {k: ours[k] for k in ("choices", "usage", "model", "object")}))
 
 
-def test_structured_output_parses_against_the_schema(env: Env) -> None:
-    path, body = request("chat", CASES["json_schema"][0] or {}, False, "pirate")
+def no_whitespace(base_dir: Path) -> dict[str, int]:
+    """A logit_bias that bans whitespace-only tokens: the grammar allows any amount of
+    whitespace in JSON, and the tiny random model would spend every token on it."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    return {str(i): -100 for i in range(tok.get_vocab_size())
+            if (s := tok.decode([i], skip_special_tokens=False)) and not s.strip()}
+
+
+def test_structured_output_parses_against_the_schema(env: Env, tiny_base) -> None:
+    params = {**(CASES["json_schema"][0] or {}), "logit_bias": no_whitespace(tiny_base.path)}
+    path, body = request("chat", params, False, "pirate")
     r = post(env, "gateway", path, body, "globex")
     value = json.loads(r.json()["choices"][0]["message"]["content"])
     assert set(value) == {"city", "sunny"}
     assert value["city"] in ("Paris", "Rome", "Oslo") and isinstance(value["sunny"], bool)
 
 
-def test_tool_call_round_trip(env: Env) -> None:
+def test_tool_call_round_trip(env: Env, tiny_base) -> None:
     """The model calls the tool; the tool's answer goes back through the template."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
-    path, body = request("chat", {"temperature": 0, "max_tokens": 40, "messages": messages,
+    # Room for the forced <tool_call>{"name": …, "arguments": …}</tool_call> (small tokens).
+    path, body = request("chat", {"temperature": 0, "max_tokens": 120, "messages": messages,
+                                  "logit_bias": no_whitespace(tiny_base.path),
                                   **{k: v for k, v in (CASES["tool named"][0] or {}).items()
                                      if k != "max_tokens"}}, False, "support-bot")
     first = post(env, "gateway", path, body).json()["choices"][0]
+    assert first["message"].get("tool_calls"), first
     call = first["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
