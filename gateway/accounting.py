@@ -36,6 +36,8 @@ class Ticket:
     adapter: str = "-"
     meter: UsageMeter | None = None
     aborted: bool = False  # the client left (while queued, or mid-answer)
+    # An error after the headers went out (a final SSE error event): the status it stands for.
+    stream_error_status: str | None = None
     _on_close: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
     def on_close(self, release: Callable[[], Awaitable[None] | None]) -> None:
@@ -107,5 +109,6 @@ class RequestAccounting:
             if status is not None and not complete:
                 ticket.aborted = True  # headers went out, the body did not finish
             # No answer at all: an unhandled error, answered 500 by the server outside us.
-            label = ABORTED if ticket.aborted else str(status or 500)
+            label = (ABORTED if ticket.aborted
+                     else ticket.stream_error_status or str(status or 500))
             self.metrics.requests.labels(ticket.tenant, ticket.adapter, label).inc()

@@ -35,15 +35,16 @@ from gateway.api.admin import is_upload_path
 from gateway.api.admin import router as admin_router
 from gateway.api.deps import Services
 from gateway.api.routes import router
-from gateway.chat import ChatService, PromptRenderer
 from gateway.config import GatewaySettings
 from gateway.disk_cache import DiskCache
 from gateway.engine import Engine
+from gateway.engine.base import ServingOptions
 from gateway.errors import BaseMismatchError, GatewayError, error_body
 from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import BodySizeLimit, MetricsPortSplit
 from gateway.quotas import Limits, LocalQuotaStore, Quotas, QuotaStore
+from gateway.serving import OpenAIService
 from gateway.tenancy import TenantDirectory
 
 logger = logging.getLogger(__name__)
@@ -148,11 +149,18 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   migrate=settings.migrate_on_start))
         try:
             contract = await asyncio.to_thread(verify_base, registry, settings)
-            renderer = await asyncio.to_thread(PromptRenderer.load, settings.base_model_dir)
             started = time.perf_counter()
             engine = await asyncio.to_thread(engine_factory, settings)
             logger.info("inference engine started in %.1fs", time.perf_counter() - started)
         except BaseException:
+            registry.close()
+            raise
+        try:
+            # On the loop, not in a thread: vLLM's serving classes may bind to the running loop.
+            serving = engine.openai(ServingOptions(
+                settings.base_name, settings.base_model_dir, settings.tool_call_parser))
+        except BaseException:
+            engine.shutdown()
             registry.close()
             raise
         services: Services
@@ -169,9 +177,10 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   engine_capacity=settings.max_cpu_loras,
                                   slot_capacity=settings.max_loras,
                                   load_concurrency=settings.adapter_load_concurrency)
-        chat = ChatService(engine, tenants, adapters, renderer, base_name=settings.base_name,
-                           expose_base=settings.expose_base, max_model_len=settings.max_model_len,
-                           metrics=metrics, on_engine_dead=engine_died)
+        openai = OpenAIService(engine, serving, tenants, adapters, base_name=settings.base_name,
+                               expose_base=settings.expose_base,
+                               tools_supported=settings.tool_call_parser is not None,
+                               metrics=metrics, on_engine_dead=engine_died)
         admin = Registry(registry.engine, registry.store, actor="admin")
         quotas = Quotas(quota_store(settings), registry, default_limits(settings), metrics,
                         fail_open=settings.quota_failure_mode == "open",
@@ -183,7 +192,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   max_queued_per_tenant=settings.queue_max_per_tenant,
                                   max_queued=settings.queue_max_total,
                                   deadline_s=settings.queue_deadline_seconds, metrics=metrics)
-        services = Services(settings, tenants, adapters, chat, metrics, admin, quotas, admission)
+        services = Services(settings, tenants, adapters, openai, metrics, admin, quotas, admission)
         app.state.services = services
         services.warmup_errors = await warm_up(tenants, adapters, settings)
         logger.info("gateway ready: base %s, %d adapter slots in engine memory",

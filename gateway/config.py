@@ -28,6 +28,9 @@ class GatewaySettings(BaseSettings):
         default=None, description="`model` name for the bare base (default: base_model_id)."
     )
     expose_base: bool = Field(default=True, description="Let tenants call the bare base.")
+    tool_call_parser: str | None = Field(
+        default=None, description="vLLM tool parser for this base's chat template (e.g. hermes "
+        "for Qwen2.5-style ChatML); unset: requests with tools are refused (400).")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     metrics_port: int | None = Field(

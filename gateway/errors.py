@@ -31,6 +31,8 @@ Engine failures, raised by ``gateway.engine`` and translated by the services:
 At start-up:
 
     BaseMismatchError               the checkpoint is not the registered base; refuse to start
+    ServingLayerMismatchError       the installed vLLM's OpenAI serving layer is not the one
+                                    the gateway targets (0.32.*); refuse to start
 """
 
 from __future__ import annotations
@@ -160,3 +162,7 @@ class EngineDeadError(Exception):
 
 class BaseMismatchError(RuntimeError):
     """The checkpoint on disk is not the base the registry says this gateway serves."""
+
+
+class ServingLayerMismatchError(RuntimeError):
+    """The installed vLLM's OpenAI serving classes are not the ones the gateway was built on."""

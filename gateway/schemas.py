@@ -1,101 +1,225 @@
-"""OpenAI-compatible request and response bodies (only what the gateway serves)."""
+"""OpenAI-compatible request and response bodies.
+
+The request bodies are vLLM's own protocol models (``vllm.entrypoints.openai``), made
+strict: the gateway accepts exactly the parameters vLLM's OpenAI server serves, with
+OpenAI's types and ranges, and refuses anything else with a 400 naming the parameter
+(unknown fields, fields a tenant must not set, non-text content on a text base). They
+are vLLM types on purpose: the serving layer (``gateway.engine.openai``) hands them to
+vLLM's own serving classes, so what is validated here is exactly what is served.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    field_validator,
+    model_validator,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest as _VllmChatRequest,
+)
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as _VllmCompletionRequest
+from vllm.exceptions import VLLMValidationError
+
+from gateway.errors import InvalidRequestError
+
+# Fields vLLM's server takes that a tenant must not set: server-side templates and
+# their variables, scheduling and cache controls across tenants, disaggregated-serving
+# hand-offs, arbitrary engine arguments, multimodal processing, raw embeddings.
+DENIED_FIELDS = frozenset({
+    "chat_template", "chat_template_kwargs", "kv_transfer_params", "ec_transfer_params",
+    "vllm_xargs", "priority", "request_id", "session_id", "cache_salt", "mm_processor_kwargs",
+    "media_io_kwargs", "mm_payload", "return_mm_kwargs", "prompt_embeds",
+    "routed_experts_prompt_start",
+})
+# vLLM 0.32 computes prompt logprobs with the wrong LoRA mapping when LoRA is enabled;
+# on the CPU backend one such request kills the engine for every tenant
+# (vllm-project/vllm#29955, #16668). Found by the differential tests.
+_NO_PROMPT_LOGPROBS = ("prompt logprobs are not served: with adapters enabled vLLM computes them "
+                       "wrongly and can crash the engine")
+_TEXT_PARTS = frozenset({"text", "input_text"})
+_MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
+def _none_to_zero(v: Any) -> Any:
+    return 0 if v is None else v
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
-
-    def for_template(self) -> dict[str, str]:
-        # The chat templates we serve know "system"; OpenAI's "developer" means the same.
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+def _drop_denied(schema: dict[str, Any]) -> None:
+    props = schema.get("properties", {})
+    for name in DENIED_FIELDS:
+        props.pop(name, None)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+_STRICT = ConfigDict(extra="forbid", strict=True, json_schema_extra=_drop_denied)
+
+# Shared fields: OpenAI's ranges, where vLLM's models leave them open.
+Model = Annotated[str, Field(min_length=1, max_length=200, description="Adapter name in the "
+                             "caller's namespace (`name`, `name:alias`, `name@vN`) or the base.")]
+Penalty = Annotated[float | None, Field(default=None, ge=-2.0, le=2.0)]
+Temperature = Annotated[float | None, Field(default=None, ge=0.0, le=2.0)]
+TopP = Annotated[float | None, Field(default=None, gt=0.0, le=1.0)]
+TopK = Annotated[int | None, Field(default=None, ge=-1, description="-1 or 0: all tokens.")]
+MinP = Annotated[float | None, Field(default=None, ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float | None, Field(default=None, gt=0.0, le=2.0)]
+MaxTokens = Annotated[int | None, Field(default=None, ge=1)]
+TokenIds = list[Annotated[int, Field(ge=0)]]
+PromptLogprobs = Annotated[int | None, Field(default=None, ge=0, le=_MAX_LOGPROBS)]
 
 
-class ChatCompletionRequest(BaseModel):
-    # Unknown fields (tools, logprobs, ...) are refused with a 400, as OpenAI does, rather
-    # than silently ignored: a client relying on them would get wrong answers.
-    model_config = ConfigDict(extra="forbid")
+def _surrogate_at(value: Any, path: str) -> str | None:
+    """The path of the first string (key or value) with a lone surrogate, if any."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= ch <= "\udfff" for ch in value) else None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        here = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _surrogate_at(key, here) is not None:
+            return here
+        found = _surrogate_at(item, here)
+        if found is not None:
+            return found
+    return None
 
-    model: str = Field(min_length=1, max_length=200)
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    user: str | None = None
 
-    @field_validator("stop")
+class _Strict(BaseModel):
+    """What both endpoints refuse before vLLM sees the body, and their shared ranges."""
+
+    model: Model
+    frequency_penalty: Penalty
+    presence_penalty: Penalty
+    temperature: Temperature
+    top_p: TopP
+    top_k: TopK
+    min_p: MinP
+    repetition_penalty: RepetitionPenalty
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: TokenIds | None = Field(default_factory=list)
+    allowed_token_ids: TokenIds | None = None
+    prompt_logprobs: PromptLogprobs
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _vllm_errors(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        # vLLM's own validators raise an error pydantic does not collect; it names the
+        # parameter, so it becomes the gateway's 400 with that ``param``.
+        try:
+            return handler(data)
+        except VLLMValidationError as exc:
+            message = str(exc.args[0]) if exc.args else "invalid value"
+            if exc.parameter and exc.parameter not in message:
+                message = f"{exc.parameter}: {message}"
+            raise InvalidRequestError(message, param=exc.parameter) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_denied(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in sorted(DENIED_FIELDS & data.keys()):
+                # Raised, not a ValueError: pydantic lets it through, the app's one
+                # handler turns it into the envelope with ``param`` set.
+                raise InvalidRequestError(f"Unrecognized request argument supplied: {name}",
+                                          param=name)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data: Any) -> Any:
+        # JSON may carry "\ud800"; such text is not Unicode, and the tokenizer would fail
+        # on it deep inside the engine's path. Refused here, naming where it was found.
+        where = _surrogate_at(data, "")
+        if where is not None:
+            raise InvalidRequestError(f"{where or 'body'}: the text has a lone UTF-16 surrogate; "
+                                      "send valid Unicode", param=where or None)
+        return data
+
+    @field_validator("stop", check_fields=False)
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if v == "" or (isinstance(v, list) and "" in v):
+            raise ValueError("stop sequences must not be empty")
         return v
 
-    def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+    @field_validator("logit_bias", check_fields=False)
+    @classmethod
+    def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids; got {token[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {token} must be between -100 and 100")
+        return v
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+class ChatCompletionRequest(_Strict, _VllmChatRequest):  # type: ignore[misc]
+    """``POST /v1/chat/completions``: every parameter vLLM's chat endpoint serves."""
+
+    model_config = _STRICT
+
+    @model_validator(mode="after")
+    def _no_prompt_logprobs(self) -> ChatCompletionRequest:
+        # Chat's echo always asks vLLM for prompt logprobs.
+        for name, value in (("prompt_logprobs", self.prompt_logprobs), ("echo", self.echo or None)):
+            if value is not None:
+                raise InvalidRequestError(f"{name}: {_NO_PROMPT_LOGPROBS}", param=name)
+        return self
+
+    max_tokens: MaxTokens
+    max_completion_tokens: MaxTokens
+    n: int | None = Field(default=1, ge=1, le=128)
+    top_logprobs: Annotated[int, BeforeValidator(_none_to_zero)] = Field(
+        default=0, ge=0, le=_MAX_LOGPROBS, description="With logprobs: alternatives per token.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        """A text base: content parts other than text are refused before vLLM fetches them."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if messages == []:
+            raise InvalidRequestError("messages: at least one message is required", param="messages")
+        for i, message in enumerate(messages if isinstance(messages, list) else ()):
+            content = message.get("content") if isinstance(message, dict) else None
+            for part in content if isinstance(content, list) else ():
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in _TEXT_PARTS:
+                    raise InvalidRequestError(
+                        f"messages[{i}]: content parts of type {str(kind)[:40]!r} are not "
+                        "supported: this model takes text only", param="messages")
+        return data
 
 
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
+class CompletionRequest(_Strict, _VllmCompletionRequest):  # type: ignore[misc]
+    """``POST /v1/completions``: plain prompts (one, a batch, or token ids), as vLLM serves them."""
 
+    model_config = _STRICT
 
-class Choice(BaseModel):
-    index: int = 0
-    message: ResponseMessage
-    finish_reason: str | None
-    logprobs: None = None
+    max_tokens: int | None = Field(default=16, ge=1)
+    n: int = Field(default=1, ge=1, le=128)
+    logprobs: int | None = Field(default=None, ge=0, le=_MAX_LOGPROBS)
 
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
+    @model_validator(mode="after")
+    def _no_prompt_logprobs(self) -> CompletionRequest:
+        if self.prompt_logprobs is not None:
+            raise InvalidRequestError(f"prompt_logprobs: {_NO_PROMPT_LOGPROBS}", param="prompt_logprobs")
+        if self.echo and self.logprobs is not None:  # echo with logprobs scores the prompt
+            raise InvalidRequestError(f"echo with logprobs: {_NO_PROMPT_LOGPROBS}", param="echo")
+        return self
 
 
 class ModelCard(BaseModel):
     id: str
-    object: Literal["model"] = "model"
+    object: str = "model"
     created: int
     owned_by: str
     root: str | None = None
@@ -103,12 +227,5 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
-    object: Literal["list"] = "list"
+    object: str = "list"
     data: list[ModelCard]
-
-
-def chunk(id_: str, created: int, model: str, delta: dict[str, Any],
-          finish_reason: str | None) -> dict[str, Any]:
-    return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                         "logprobs": None}]}

@@ -11,12 +11,12 @@ from adapters_registry import Registry
 from adapters_registry.records import Tenant
 from gateway.adapters import AdapterManager
 from gateway.admission import FairAdmission
-from gateway.chat import ChatService
 from gateway.config import GatewaySettings
 from gateway.errors import AuthenticationFailedError
 from gateway.logs import tenant_var
 from gateway.metrics import GatewayMetrics
 from gateway.quotas import Quotas
+from gateway.serving import OpenAIService
 from gateway.tenancy import TenantDirectory
 
 
@@ -27,7 +27,7 @@ class Services:
     settings: GatewaySettings
     tenants: TenantDirectory
     adapters: AdapterManager
-    chat: ChatService
+    openai: OpenAIService
     metrics: GatewayMetrics
     admin_registry: Registry  # the same database and store, audited as "admin"
     quotas: Quotas

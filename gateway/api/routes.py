@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -10,23 +11,45 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import ServicesDep, TenantDep
 from gateway.api.guard import GuardDep
-from gateway.schemas import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
+from gateway.errors import error_body
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.serving import Answer
 
 router = APIRouter()
 TIER_HEADER = "x-lora-gateway-adapter-tier"
+_ERROR = {"content": {"application/json": {"example": error_body("…", "invalid_request_error", None)}}}
+_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The answer, or with `stream` its server-sent events ending in "
+          "`data: [DONE]`.", "content": {"text/event-stream": {}}},
+    400: {"description": "Invalid body (any parameter; `param` names it)", **_ERROR},
+    401: {"description": "Missing or unknown API key", **_ERROR},
+    404: {"description": "`model` is not the caller's (`model_not_found`)", **_ERROR},
+    503: {"description": "Adapter unavailable, overloaded or engine not ready", **_ERROR},
+}
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/v1/chat/completions", response_model=None, responses=_ANSWERS)
 async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep,
                            services: ServicesDep, guard: GuardDep) -> Response:
     body = guard.check(body)
     await guard.admit()
-    if body.stream:
-        events, tier = await services.chat.stream(tenant, body)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={TIER_HEADER: tier, "cache-control": "no-cache"})
-    result, tier = await services.chat.complete(tenant, body)
-    return JSONResponse(result.model_dump(), headers={TIER_HEADER: tier})
+    return _respond(await services.openai.chat(tenant, body))
+
+
+@router.post("/v1/completions", response_model=None, responses=_ANSWERS)
+async def completions(body: CompletionRequest, tenant: TenantDep, services: ServicesDep,
+                      guard: GuardDep) -> Response:
+    body = guard.check(body)
+    await guard.admit()
+    return _respond(await services.openai.completion(tenant, body))
+
+
+def _respond(answer: Answer) -> Response:
+    headers = {TIER_HEADER: answer.tier}
+    if isinstance(answer.result, dict):
+        return JSONResponse(answer.result, headers=headers)
+    return StreamingResponse(answer.result, media_type="text/event-stream",
+                             headers={**headers, "cache-control": "no-cache"})
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -53,7 +76,7 @@ async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
 @router.get("/health/ready")
 async def ready(services: ServicesDep) -> JSONResponse:
     """Readiness: send traffic here. False while draining or once the engine died."""
-    if services.ready and not services.draining and services.chat.engine_alive():
+    if services.ready and not services.draining and services.openai.engine_alive():
         return JSONResponse({"status": "ok"})
     status = "draining" if services.draining else "unavailable"
     return JSONResponse({"status": status}, status_code=503)
@@ -62,7 +85,7 @@ async def ready(services: ServicesDep) -> JSONResponse:
 @router.get("/health/live")
 async def live(services: ServicesDep) -> JSONResponse:
     """Liveness: the event loop answers and the engine runs; never fails for being busy."""
-    if services.chat.engine_alive():
+    if services.openai.engine_alive():
         return JSONResponse({"status": "alive"})
     return JSONResponse({"status": "engine dead"}, status_code=503)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,72 @@ class Engine(Protocol):
     def generate(
         self, prompt_ids: list[int], sampling: SamplingSpec, request_id: str, lora: LoraSpec | None
     ) -> AsyncIterator[Delta]:
-        """Stream deltas; raises EngineDeadError if the engine died, EngineError otherwise."""
+        """Stream deltas; raises EngineDeadError if the engine died, EngineError otherwise.
+
+        The raw decode that serving parity compares with PEFT; tenants' requests go
+        through ``openai()``."""
+        ...
+
+    def openai(self, options: ServingOptions) -> OpenAIServing:
+        """vLLM's OpenAI serving layer on this engine (built once per engine)."""
         ...
 
     def shutdown(self) -> None: ...
+
+
+@dataclass
+class Meter:
+    """Every token the engine produced for one API request: each prompt, each choice.
+
+    Filled in by the serving layer as outputs arrive (streamed or not), so a caller can
+    charge quotas or fairness for all ``n`` choices and every prompt of a batch.
+    """
+
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # engine request id -> tokens
+    completion_tokens: dict[tuple[str, int], int] = field(default_factory=dict)  # (id, choice)
+    first_token_at: float | None = None  # time.perf_counter() of the first generated token
+    # Quota hooks: each prompt's length before it is generated (may refuse it), and each
+    # increment of generated tokens (any choice, any prompt of a batch).
+    on_prompt: Callable[[int], Awaitable[None]] | None = None
+    on_completion: Callable[[int], None] | None = None
+    refusal: Exception | None = None  # what on_prompt raised, to answer with as it is
+
+    @property
+    def total_prompt_tokens(self) -> int:
+        return sum(self.prompt_tokens.values())
+
+    @property
+    def total_completion_tokens(self) -> int:
+        return sum(self.completion_tokens.values())
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the OpenAI layer serves this base."""
+
+    base_name: str  # the base's public ``model`` name
+    base_dir: Path
+    tool_call_parser: str | None = None  # vLLM tool parser for the base's chat template
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the gateway resolved for one request: the engine only serves it."""
+
+    public_model: str  # the name the caller used, echoed as ``model``
+    lora: LoraSpec | None  # already accepted by ``add_lora``; None for the base
+    meter: Meter
+    request_id: str
+
+
+# A finished body (JSON-ready) or the SSE lines of a stream, ending with ``data: [DONE]``.
+ServingResult = dict[str, Any] | AsyncIterator[str]
+
+
+class OpenAIServing(Protocol):
+    """The OpenAI endpoints on an engine. Raises ``GatewayError``s (and ``EngineDeadError``);
+    an error after a stream started ends the stream by raising one."""
+
+    async def chat(self, request: ChatCompletionRequest, route: Route) -> ServingResult: ...
+
+    async def completion(self, request: CompletionRequest, route: Route) -> ServingResult: ...

@@ -10,13 +10,13 @@ from pathlib import Path
 from vllm import AsyncEngineArgs, SamplingParams
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
-from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine import exceptions as vllm_exc
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from gateway.config import Dtype, LoraRank
-from gateway.engine.base import Delta, LoraSpec, SamplingSpec
+from gateway.engine.base import Delta, LoraSpec, OpenAIServing, SamplingSpec, ServingOptions
+from gateway.engine.openai import VllmOpenAI, lora_request
 from gateway.errors import AdapterRejectedError, EngineDeadError, EngineError, EngineRequestError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class VllmEngine:
 
     async def add_lora(self, lora: LoraSpec) -> None:
         try:
-            await self._engine.add_lora(_lora_request(lora))
+            await self._engine.add_lora(lora_request(lora))
         except vllm_exc.EngineDeadError as exc:
             raise EngineDeadError(str(exc)) from exc
         except Exception as exc:  # vLLM raises plain exceptions for bad adapters
@@ -91,7 +91,7 @@ class VllmEngine:
             )
             async for out in self._engine.generate(
                 prompt, params, request_id,
-                lora_request=_lora_request(lora) if lora else None,
+                lora_request=lora_request(lora) if lora else None,
             ):
                 seq = out.outputs[0]
                 completion_tokens += len(seq.token_ids)
@@ -104,9 +104,9 @@ class VllmEngine:
         except vllm_exc.EngineGenerateError as exc:
             raise EngineError(str(exc)) from exc
 
+    def openai(self, options: ServingOptions) -> OpenAIServing:
+        return VllmOpenAI(self._engine, options)
+
     def shutdown(self) -> None:
         self._engine.shutdown()
 
-
-def _lora_request(lora: LoraSpec) -> LoRARequest:
-    return LoRARequest(lora_name=lora.name, lora_int_id=lora.int_id, lora_path=str(lora.path))

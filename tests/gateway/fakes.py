@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from gateway.engine import (
     AdapterRejectedError,
@@ -11,6 +14,8 @@ from gateway.engine import (
     LoraSpec,
     SamplingSpec,
 )
+from gateway.engine.base import Route, ServingOptions, ServingResult
+from gateway.errors import InvalidRequestError
 
 
 class FakeEngine:
@@ -63,5 +68,110 @@ class FakeEngine:
             reason = ("stop" if n == len(words) else "length") if last else None
             yield Delta((" " if i else "") + words[i], i + 1, len(prompt_ids), reason)
 
+    def openai(self, options: ServingOptions) -> FakeServing:
+        self.serving = FakeServing(self, options)
+        return self.serving
+
     def shutdown(self) -> None:
         pass
+
+
+class FakeServing:
+    """The OpenAI layer on the fake engine: every choice says the fake engine's words.
+
+    It checks the invariants the real layer relies on (an accepted adapter, the caller's
+    name echoed back) and fills the route's meter the way the real one does.
+    """
+
+    def __init__(self, engine: FakeEngine, options: ServingOptions) -> None:
+        self.engine = engine
+        self.options = options
+        self.requests: list[Any] = []  # every request as the layer received it
+        self.die_mid_stream = False
+
+    async def chat(self, request: Any, route: Route) -> ServingResult:
+        prompt = sum(len(str(m.get("content", "")).split()) + 4 for m in request.messages)
+        limit = request.max_completion_tokens or request.max_tokens
+        await self._charge_prompts(route, [prompt])
+        return self._answer(request, route, [prompt], limit, "chat.completion", "chatcmpl")
+
+    async def completion(self, request: Any, route: Route) -> ServingResult:
+        prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+        sizes = [len(p) if isinstance(p, list) else len(str(p).split()) for p in prompts]
+        await self._charge_prompts(route, sizes)
+        return self._answer(request, route, sizes, request.max_tokens, "text_completion", "cmpl")
+
+    async def _charge_prompts(self, route: Route, sizes: list[int]) -> None:
+        # As the real layer's metering client does: each prompt before it is generated.
+        if route.meter.on_prompt is not None:
+            for size in sizes:
+                await route.meter.on_prompt(size)
+
+    def _answer(self, request: Any, route: Route, prompt_sizes: list[int], limit: int | None,
+                kind: str, prefix: str) -> ServingResult:
+        self.requests.append(request)
+        engine = self.engine
+        if engine.die_on_generate:
+            engine.dead = True
+            raise EngineDeadError("fake engine died")
+        if route.lora is not None:
+            assert engine.loaded.get(route.lora.int_id) == route.lora, "unaccepted adapter"
+        if request.temperature is not None and request.temperature > 2:
+            raise InvalidRequestError("temperature out of range", param="temperature")
+        words = f"{route.lora.name if route.lora else 'base'} says hello world".split()
+        n_words = min(len(words), limit or len(words))
+        text = " ".join(words[:n_words])
+        finish = "stop" if n_words == len(words) else "length"
+        choices = []
+        for p, size in enumerate(prompt_sizes):
+            route.meter.prompt_tokens[f"{route.request_id}-{p}"] = size
+            for i in range(request.n or 1):
+                route.meter.completion_tokens[(f"{route.request_id}-{p}", i)] = n_words
+                if route.meter.on_completion is not None:
+                    route.meter.on_completion(n_words)
+                choices.append((p * (request.n or 1) + i, text))
+        route.meter.first_token_at = time.perf_counter()
+        usage = {"prompt_tokens": sum(prompt_sizes),
+                 "completion_tokens": n_words * len(choices),
+                 "total_tokens": sum(prompt_sizes) + n_words * len(choices)}
+        head = {"id": f"{prefix}-{request.request_id}", "created": int(time.time()),
+                "model": route.public_model}
+        chat = kind == "chat.completion"
+        if not request.stream:
+            return {**head, "object": kind, "usage": usage, "choices": [
+                {"index": i, "finish_reason": finish, "logprobs": None,
+                 **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
+                for i, t in choices]}
+        return self._events(head, kind + (".chunk" if chat else ""), choices, words[:n_words],
+                            finish, usage if request.stream_options and
+                            request.stream_options.include_usage else None, chat)
+
+    async def _events(self, head: dict[str, Any], kind: str, choices: list[tuple[int, str]],
+                      words: list[str], finish: str, usage: dict[str, int] | None,
+                      chat: bool) -> AsyncIterator[str]:
+        def event(index: int, piece: str | None, reason: str | None) -> str:
+            body = {"delta": {"content": piece} if piece is not None else {}} if chat else {
+                "text": piece or ""}
+            return _sse({**head, "object": kind, "choices": [
+                {"index": index, **body, "finish_reason": reason, "logprobs": None}]})
+
+        for index, _ in choices:
+            if chat:
+                yield _sse({**head, "object": kind, "choices": [
+                    {"index": index, "delta": {"role": "assistant", "content": ""},
+                     "finish_reason": None, "logprobs": None}]})
+            for k, word in enumerate(words):
+                if self.die_mid_stream:
+                    self.engine.dead = True
+                    raise EngineDeadError("fake engine died mid-stream")
+                yield event(index, (" " if k else "") + word, None)
+            yield event(index, None if chat else "", finish)
+        if usage is not None:
+            yield _sse({**head, "object": kind, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

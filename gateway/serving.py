@@ -1,0 +1,237 @@
+"""The OpenAI endpoints for tenants: one service method per endpoint.
+
+Each method resolves the caller's ``model`` in the tenant's namespace, holds the
+adapter (accepted by the engine) until the answer is complete, and hands the request to
+the engine's OpenAI layer (vLLM's own serving classes, ``gateway.engine.openai``). It
+returns a finished body or an SSE iterator; errors before the first byte are raised,
+errors after it end the stream with an error event and ``[DONE]``.
+
+Every prompt's and every choice's tokens are counted into a ``Meter``; ``on_usage`` (if
+given) receives it once per request, finished or not, so quotas and fair admission can
+charge what the engine really produced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from adapters_registry.records import AdapterVersion, Tenant
+from gateway.accounting import current_ticket
+from gateway.adapters import AdapterManager
+from gateway.engine import Engine, LoraSpec
+from gateway.engine.base import Meter, OpenAIServing, Route, ServingResult
+from gateway.errors import (
+    EngineDeadError,
+    EngineUnavailableError,
+    GatewayError,
+    InvalidRequestError,
+)
+from gateway.metrics import GatewayMetrics
+from gateway.quotas import charge_completion, charge_prompt
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.tenancy import TenantDirectory
+
+logger = logging.getLogger(__name__)
+UsageCallback = Callable[[Tenant, str, Meter], None]
+_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A finished body (JSON-ready) or the SSE lines of a stream, and the adapter's tier."""
+
+    result: dict[str, Any] | AsyncIterator[str]
+    tier: str
+
+
+@dataclass
+class _Call:
+    tenant: Tenant
+    label: str  # tenant/adapter, or the base name
+    route: Route
+    started: float
+    tier: str
+
+
+class OpenAIService:
+    def __init__(self, engine: Engine, serving: OpenAIServing, tenants: TenantDirectory,
+                 adapters: AdapterManager, *, base_name: str, expose_base: bool,
+                 tools_supported: bool, metrics: GatewayMetrics,
+                 on_engine_dead: Callable[[], None], on_usage: UsageCallback | None = None) -> None:
+        self._engine = engine
+        self._serving = serving
+        self._tenants = tenants
+        self._adapters = adapters
+        self._base_name = base_name
+        self._expose_base = expose_base
+        self._tools_supported = tools_supported
+        self._metrics = metrics
+        self._on_engine_dead = on_engine_dead
+        self.on_usage = on_usage
+
+    async def chat(self, tenant: Tenant, req: ChatCompletionRequest) -> Answer:
+        """``/v1/chat/completions``."""
+        if req.tools is not None and not self._tools_supported:
+            raise InvalidRequestError(
+                "this model's chat template does not support tools (no tool call parser is "
+                "configured for its base)", param="tools")
+        return await self._serve(tenant, req, self._serving.chat)
+
+    async def completion(self, tenant: Tenant, req: CompletionRequest) -> Answer:
+        """``/v1/completions``."""
+        return await self._serve(tenant, req, self._serving.completion)
+
+    def engine_alive(self) -> bool:
+        """False once the engine died; noticing it here also triggers the restart."""
+        if self._engine.is_dead:
+            self._on_engine_dead()
+            return False
+        return True
+
+    async def _serve(self, tenant: Tenant, req: Any,
+                     serve: Callable[[Any, Route], Awaitable[ServingResult]]) -> Answer:
+        if not self.engine_alive():
+            raise EngineUnavailableError("the inference engine is not running")
+        version: AdapterVersion | None = None
+        if req.model == self._base_name and self._expose_base:
+            label = self._base_name
+        else:
+            version = await self._tenants.resolve(tenant, req.model)
+            label = f"{version.tenant}/{version.adapter}"
+        request_id = uuid.uuid4().hex
+        req.request_id = request_id  # the response id derives from it; never the caller's
+        # Prefix-cache entries are per tenant: no cross-tenant timing side channel.
+        req.cache_salt = f"tenant-{tenant.id}"
+        stack = AsyncExitStack()
+        try:
+            lora, tier = await self._acquire(version, stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        meter = Meter(on_prompt=charge_prompt, on_completion=charge_completion)  # quotas
+        call = _Call(tenant, label, Route(req.model, lora, meter, request_id),
+                     time.perf_counter(), tier)
+        self._metrics.in_flight.inc()
+        try:
+            result = await serve(req, call.route)
+        except BaseException as exc:
+            await stack.aclose()
+            error = self._error(call, exc)
+            self._finished(call, _status(error))
+            if error is exc:
+                raise
+            raise error from None
+        if isinstance(result, dict):
+            await stack.aclose()
+            self._finished(call, "200")
+            return Answer(result, tier)
+        # The first event comes with the first engine output, after the prompt passed its
+        # quota checks: a refusal is still a plain HTTP error, before any header is sent.
+        try:
+            first = await anext(result)
+        except StopAsyncIteration:
+            first = None
+        except BaseException as exc:
+            await stack.aclose()
+            error = self._error(call, exc)
+            self._finished(call, _status(error))
+            if error is exc:
+                raise
+            raise error from None
+        return Answer(self._stream(call, _prepend(first, result), stack), tier)
+
+    async def _stream(self, call: _Call, events: AsyncIterator[str],
+                      stack: AsyncExitStack) -> AsyncIterator[str]:
+        """The engine's events; the adapter stays held until the last one is sent."""
+        status = "499"  # unless it ends: the client went away
+        async with stack:
+            try:
+                async for line in events:
+                    yield line
+                status = "200"
+            except Exception as exc:
+                error = self._error(call, exc)
+                status = _status(error)
+                ticket = current_ticket.get()
+                if ticket is not None:  # counted as the error it is, not the 200 already sent
+                    ticket.stream_error_status = status
+                # Headers are gone: the error travels as the last event, then [DONE].
+                body = error.body() if isinstance(error, GatewayError) else {}
+                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+                yield _DONE
+            finally:
+                aclose = getattr(events, "aclose", None)
+                if aclose is not None:
+                    await aclose()  # stops the engine's work for a client that left
+                self._finished(call, status)
+
+    async def _acquire(self, version: AdapterVersion | None,
+                       stack: AsyncExitStack) -> tuple[LoraSpec | None, str]:
+        if version is None:
+            return None, "base"
+        try:
+            acquired = await stack.enter_async_context(self._adapters.use(version))
+        except EngineDeadError:
+            logger.critical("inference engine died while loading %s", version.ref)
+            self._on_engine_dead()
+            raise EngineUnavailableError("the inference engine stopped; retry shortly") from None
+        return acquired.lora, acquired.tier
+
+    def _error(self, call: _Call, exc: BaseException) -> BaseException:
+        """What to answer ``exc`` with; a cancellation stays itself."""
+        if isinstance(exc, EngineDeadError) or self._engine.is_dead:
+            logger.critical("inference engine died during %s", call.route.request_id)
+            self._on_engine_dead()
+            return EngineUnavailableError("the inference engine stopped; retry shortly")
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, Exception):
+            logger.error("request %s failed", call.route.request_id, exc_info=exc)
+            return GatewayError("internal error; see the gateway log")
+        return exc
+
+    def _finished(self, call: _Call, status: str) -> None:
+        m = self._metrics
+        labels = (call.tenant.name, call.label)
+        m.in_flight.dec()  # (answers are counted by status in gateway.accounting, once)
+        meter = call.route.meter
+        e2e = time.perf_counter() - call.started
+        if meter.first_token_at is not None:
+            m.ttft.labels(*labels).observe(meter.first_token_at - call.started)
+        if status == "200":
+            m.e2e.labels(*labels).observe(e2e)
+        prompt, completion = meter.total_prompt_tokens, meter.total_completion_tokens
+        m.prompt_tokens.labels(*labels).inc(prompt)
+        m.completion_tokens.labels(*labels).inc(completion)
+        # One access record per request: which tier served its adapter, and how fast.
+        logger.info("served model=%s status=%s adapter_tier=%s prompt_tokens=%d "
+                    "completion_tokens=%d latency_ms=%.1f", call.label, status, call.tier, prompt,
+                    completion, e2e * 1000, extra={"adapter_tier": call.tier})
+        if self.on_usage is not None:
+            try:
+                self.on_usage(call.tenant, call.label, meter)
+            except Exception:
+                logger.exception("usage callback failed for %s", call.route.request_id)
+
+
+def _status(error: BaseException) -> str:
+    return str(error.status) if isinstance(error, GatewayError) else "499"
+
+
+async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        if first is not None:
+            yield first
+        async for line in rest:
+            yield line
+    finally:
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
