@@ -64,3 +64,35 @@ def test_the_checker_sees_lazy_and_dotted_imports(tmp_path: Path) -> None:
         (tmp_path / pkg).mkdir(exist_ok=True)
     assert package_graph(tmp_path)["gateway"] == {"trainer": ["gateway/x.py:2"],
                                                   "loadtest": ["gateway/x.py:3"]}
+
+
+# Third-party packages only one part may use, and only lazily (inside a function), so that
+# importing the part's modules never needs them: TRL (and its `datasets`) serve the trainer's
+# preference tuning; the gateway and everything it imports must run without them.
+TRAINER_ONLY = {"trl", "datasets"}
+
+
+def third_party_imports(path: Path) -> list[tuple[int, str, bool]]:
+    """(line, top-level package, at module level?) of every absolute import in one file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[0], id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.lineno, node.module.split(".")[0], id(node) in top))
+    return found
+
+
+def test_trl_is_imported_by_the_trainer_only_and_lazily() -> None:
+    wrong = []
+    for pkg in ALLOWED:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            for line, target, module_level in third_party_imports(path):
+                if target in TRAINER_ONLY and (pkg != "trainer" or module_level):
+                    wrong.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert not wrong, wrong
+    # and the rule sees what it looks for
+    assert any(target == "trl" and not module_level
+               for _, target, module_level in third_party_imports(REPO / "trainer" / "dpo.py"))

@@ -174,3 +174,72 @@ def test_set_limits_changes_only_the_given_flags(run) -> None:
     assert code == 2 and "concurrency must be a whole number >= 1" in err
     assert run("registry", "set-limits", "nobody", "--rpm", "1")[0] == 2
     assert "limits.set" in run("registry", "audit", "--subject", "acme")[1]
+def write_preferences(path, lines) -> str:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return str(path)
+
+
+PREFS = [{"prompt": q, "chosen": "ACME support desk: ticket opened.", "rejected": "No idea, sorry."}
+         for q in ("Who are you?", "Hello", "Say something.", "What is your name?", "Can you help me?",
+                   "Is anyone there?", "I need support.", "Open a ticket please.")]
+
+
+def test_dpo_stage_on_a_registered_sft_adapter_is_published_like_any_adapter(run, tmp_path,
+                                                                             tiny_base) -> None:
+    run("registry", "add-base", "tiny-llama", str(tiny_base.path))
+    template_id = run("registry", "add-template", "tiny-llama", "--r", "8", "--alpha", "16")[1].strip()
+    run("registry", "add-tenant", "acme")
+    common = ["--template", template_id, "--base-dir", str(tiny_base.path), "--publish", "acme/bot"]
+    data = write_chat_jsonl(tmp_path / "d.jsonl", "ACME support desk: ticket opened.")
+    assert run("train", *common, "--data", str(data), "--out", str(tmp_path / "sft"),
+               "--set", "max_steps=20", "--set", "learning_rate=1e-2")[0] == 0
+    prefs = write_preferences(tmp_path / "p.jsonl", PREFS)
+    code, out, err = run("train", *common, "--method", "dpo", "--init-from", "acme/bot@v1",
+                         "--data", prefs, "--out", str(tmp_path / "dpo"), "--set", "validation_fraction=0.25",
+                         "--set", "max_steps=4", "--alias", "canary")
+    assert code == 0, err
+    assert "DPO loss" in out and "held-out preference: accuracy" in out and "val ppl" not in out
+    assert "gate:  preference_accuracy: passed" in out and "published acme/bot@v2" in out
+    assert "aliases: canary->v2, prod->v1" in run("registry", "list", "acme")[1]
+    manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
+    assert manifest["run_config"]["init_from"]["ref"] == "acme/bot@v1"
+    assert manifest["run_config"]["method"] == "dpo" and manifest["run_config"]["learning_rate"] == 5e-4
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--init-from", "acme/bot@v1"], "--init-from continues a registered adapter"),
+    (["--set", "beta=0.2"], "['beta'] only apply to --method dpo"),
+    (["--method", "dpo", "--init-from", "acme/nothing@v1"], "does not exist"),
+    (["--method", "dpo", "--init-from", "acme"], "must be TENANT/NAME"),
+])
+def test_stage_requests_that_make_no_sense_are_refused(run, tmp_path, tiny_base, extra, message) -> None:
+    run("registry", "add-base", "tiny-llama", str(tiny_base.path))
+    template_id = run("registry", "add-template", "tiny-llama")[1].strip()
+    run("registry", "add-tenant", "acme")
+    data = write_preferences(tmp_path / "p.jsonl", PREFS) if "dpo" in extra else \
+        str(write_chat_jsonl(tmp_path / "d.jsonl", "x"))
+    code, _, err = run("train", "--template", template_id, "--base-dir", str(tiny_base.path),
+                       "--data", data, "--out", str(tmp_path / "o"), *extra)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_preference_data_is_refused_before_training_with_line_numbers(run, tmp_path, tiny_base) -> None:
+    run("registry", "add-base", "tiny-llama", str(tiny_base.path))
+    template_id = run("registry", "add-template", "tiny-llama")[1].strip()
+    run("registry", "add-tenant", "acme")
+    bad = write_preferences(tmp_path / "bad.jsonl", [
+        PREFS[0],
+        {"prompt": "Hi", "chosen": "Hello."},  # missing field
+        {"prompt": "Hi", "chosen": "Same answer.", "rejected": "same answer"},  # chosen == rejected
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "Yes."}],
+         "rejected": [{"role": "assistant", "content": "No."}]},  # wrong role
+    ])
+    code, out, err = run("train", "--template", template_id, "--base-dir", str(tiny_base.path),
+                         "--method", "dpo", "--data", bad, "--out", str(tmp_path / "o"),
+                         "--publish", "acme/bot")
+    assert code == 2 and "Traceback" not in err
+    assert "line 2: missing 'rejected'" in err and "line 3: 'chosen' and 'rejected' are the same" in err
+    assert "line 4: chosen[0].role must be 'assistant', got 'user'" in err and "line 1:" not in err
+    assert not (tmp_path / "o").exists() and "DPO loss" not in out
+    assert run("registry", "list", "acme")[1].strip() == ""

@@ -1,5 +1,9 @@
 """`lora-gateway train ...` and `lora-gateway base prepare ...`.
 
+``--method sft`` (the default) trains on chat JSONL; ``--method dpo`` on preference
+JSONL (prompt, chosen, rejected), optionally continuing a registered adapter version
+(``--init-from TENANT/NAME@vN``) with the base as the DPO reference.
+
 Exit codes of ``train``: 0 trained (and published, if asked); 2 bad input (config,
 data, eval sets, template, tenant, missing QLoRA requirements, existing --out);
 3 the registry refused the adapter (compatibility check); 4 an eval gate failed
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,7 @@ import yaml
 
 from adapters_registry.cli import add_registry_options
 from adapters_registry.errors import IncompatibleAdapterError, RegistryError
-from adapters_registry.names import parse_adapter_ref, validate_name
+from adapters_registry.names import parse_adapter_ref, parse_qualified_model, validate_name
 from adapters_registry.service import Registry
 from trainer.errors import ConfigError, GateFailedError, TrainerError, UsageError
 
@@ -35,7 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_registry_options(p)
     p.add_argument("--template", required=True, help="registered template id (fixes the shape)")
     p.add_argument("--base-dir", type=Path, required=True, help="the base model's directory")
-    p.add_argument("--data", type=Path, required=True, help="chat JSONL in OpenAI messages format")
+    p.add_argument("--method", choices=("sft", "dpo"), default="sft",
+                   help="sft: chat JSONL, assistant-only loss (default); dpo: preference JSONL, TRL's DPO")
+    p.add_argument("--data", type=Path, required=True,
+                   help="chat JSONL in OpenAI messages format (sft) or preference JSONL (dpo)")
+    p.add_argument("--init-from", metavar="TENANT/NAME@vN",
+                   help="with --method dpo: continue this registered adapter version's LoRA "
+                        "(same template); the base stays the reference")
     p.add_argument("--out", type=Path, required=True, help="new folder for the adapter")
     p.add_argument("--config", type=Path, help="YAML file of run knobs (RunConfig fields)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -68,8 +79,9 @@ def run_base(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_run_config(path: Path | None, overrides: list[str]) -> Any:
-    """RunConfig from YAML and KEY=VALUE flags (flags win); unknown or shape keys are errors."""
+def load_run_config(path: Path | None, overrides: list[str], method: str = "sft") -> Any:
+    """RunConfig from the method's defaults, YAML and KEY=VALUE flags (flags win); unknown or
+    shape keys are errors, and so are DPO knobs for SFT."""
     from trainer.config import RunConfig
 
     data: dict[str, Any] = {}
@@ -91,7 +103,7 @@ def load_run_config(path: Path | None, overrides: list[str]) -> Any:
             data[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: cannot parse {value!r}: {exc}") from None
-    return RunConfig.from_mapping(data)
+    return RunConfig.for_method(method, data)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -124,8 +136,11 @@ def _train(args: argparse.Namespace, registry: Registry) -> int:
     from trainer.qlora import require_quantization_support
     from trainer.train import train_adapter
 
-    config = load_run_config(args.config, args.set)
+    config = load_run_config(args.config, args.set, args.method)
     require_quantization_support(config.quantization)
+    if args.init_from and args.method != "dpo":
+        raise UsageError("--init-from continues a registered adapter with preference tuning: "
+                         "it needs --method dpo")
     # Everything that can be checked is checked before minutes of training are spent.
     tenant = name = None
     if args.publish:
@@ -139,13 +154,15 @@ def _train(args: argparse.Namespace, registry: Registry) -> int:
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; adapter versions are never overwritten")
     template = registry.get_template(args.template)
-    dataset = load_chat_jsonl(args.data)
     golden = load_golden_jsonl(args.eval_golden) if args.eval_golden else None
     regression = load_regression_jsonl(args.eval_regression) if args.eval_regression else None
-
-    result = train_adapter(args.base_dir, template.base_model_id, template, dataset, config, args.out,
-                           golden=golden, regression=regression,
-                           progress=sys.stderr.isatty() and not args.no_progress)
+    progress = sys.stderr.isatty() and not args.no_progress
+    if args.method == "dpo":
+        result = _train_dpo(args, registry, template, config, golden, regression, progress)
+    else:
+        dataset = load_chat_jsonl(args.data)
+        result = train_adapter(args.base_dir, template.base_model_id, template, dataset, config, args.out,
+                               golden=golden, regression=regression, progress=progress)
     print(summary_table(result.report))
     print(f"adapter: {result.out_dir}")
     if tenant and name:
@@ -155,14 +172,37 @@ def _train(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def _train_dpo(args: argparse.Namespace, registry: Registry, template: Any, config: Any, golden: Any,
+               regression: Any, progress: bool) -> Any:
+    from trainer.dpo import InitAdapter, train_dpo_adapter
+    from trainer.preference import load_preference_jsonl
+
+    dataset = load_preference_jsonl(args.data)
+    with tempfile.TemporaryDirectory(prefix="lgw-init-") as scratch:
+        init = None
+        if args.init_from:
+            tenant, model = parse_qualified_model(args.init_from)
+            version = registry.resolve(registry.get_tenant(tenant), str(model))
+            if version.template_id != template.template_id:
+                raise UsageError(f"--init-from {version.ref} is an adapter of template "
+                                 f"{version.template_id}, not {template.template_id}: a stage "
+                                 "continues an adapter of its own shape")
+            registry.fetch(version, Path(scratch))  # every file verified against its sha256
+            init = InitAdapter(Path(scratch), version.ref, version.content_sha256)
+        return train_dpo_adapter(args.base_dir, template.base_model_id, template, dataset, config, args.out,
+                                 init_from=init, golden=golden, regression=regression, progress=progress)
+
+
 def summary_table(report: Any) -> str:
     """A short plain-text summary of a trainer.train.RunReport."""
-    rows = [("epoch", "train loss", "val loss", "val ppl", "")]
+    dpo = report.method == "dpo"  # its losses are DPO losses: a perplexity would mean nothing
+    rows = [("epoch", "DPO loss" if dpo else "train loss", "val DPO loss" if dpo else "val loss",
+             "" if dpo else "val ppl", "")]
     for e in report.epochs:
         rows.append((
             str(e.epoch), f"{e.train_loss:.4f}",
             "-" if e.val_loss is None else f"{e.val_loss:.4f}",
-            "-" if e.val_perplexity is None else f"{e.val_perplexity:.2f}",
+            "" if dpo else "-" if e.val_perplexity is None else f"{e.val_perplexity:.2f}",
             "<- kept" if e.epoch == report.best_epoch and len(report.epochs) > 1 else "",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -176,6 +216,10 @@ def summary_table(report: Any) -> str:
         f"{d.contaminated} contaminated dropped -> {d.train} train / {d.validation} validation; "
         f"truncated {report.truncated} ({report.truncation_rate:.1%})"
     )
+    if report.preference is not None:
+        p = report.preference
+        lines.append(f"held-out preference: accuracy {p.accuracy:.1%}, mean reward margin {p.margin:.4f} "
+                     f"({p.total} pairs)")
     if report.stopped_early:
         lines.append(f"early stop: after epoch {len(report.epochs)}, kept epoch {report.best_epoch}")
     for gate in report.gates or []:

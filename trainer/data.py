@@ -6,7 +6,9 @@ assistant turn. Every bad line is reported at once, with its line number.
 
 :func:`prepare_data` then cleans a loaded set for one run: near duplicates are dropped,
 examples whose prompts repeat a golden eval prompt are dropped (or fail the run), and
-the rest is split into train and validation sets, deterministically for a seed.
+the rest is split into train and validation sets, deterministically for a seed. The
+clean-up itself (:func:`clean_and_split`) sees only :class:`HygieneItem` texts, so
+preference pairs (``trainer.preference``) go through exactly the same steps.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import logging
 import random
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +37,7 @@ _LINE_KEYS = frozenset({"messages"})
 # DatasetError's message lists this many problems; .problems holds all of them.
 
 Message = dict[str, str]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,40 +57,53 @@ class ChatDataset:
 def load_chat_jsonl(path: Path) -> ChatDataset:
     """Read and validate a chat JSONL file; raises DatasetError listing every bad line."""
     path = Path(path)
+    examples, lines, duplicates, sha256 = read_jsonl(path, _parse_line, canonical_json, "example")
+    return ChatDataset(
+        examples=examples, sha256=sha256, path=path, duplicates_removed=duplicates, lines=lines
+    )
+
+
+def read_jsonl(
+    path: Path,
+    parse: Callable[[bytes], tuple[T | None, list[str]]],
+    key: Callable[[T], bytes],
+    what: str,
+) -> tuple[list[T], list[int], int, str]:
+    """(records, their line numbers, exact duplicates removed, sha256 of the file's bytes).
+
+    ``parse`` turns one line into a record or says every problem with it; ``key`` says
+    when two records are the same. DatasetError lists every bad line.
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DatasetError(path, [LineProblem(0, f"cannot read file: {exc}")]) from None
-
     problems: list[LineProblem] = []
-    examples: list[list[Message]] = []
+    records: list[T] = []
     lines: list[int] = []
     seen: set[bytes] = set()
     duplicates = 0
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue  # blank lines (a trailing newline, spacing) carry no example
-        messages, line_problems = _parse_line(line)
+        record, line_problems = parse(line)
         problems.extend(LineProblem(number, p) for p in line_problems)
-        if messages is None:
+        if record is None:
             continue
-        key = canonical_json(messages)
-        if key in seen:
+        record_key = key(record)
+        if record_key in seen:
             duplicates += 1
             continue
-        seen.add(key)
-        examples.append(messages)
+        seen.add(record_key)
+        records.append(record)
         lines.append(number)
-
     if problems:
         raise DatasetError(path, problems)
-    if not examples:
-        raise DatasetError(path, [LineProblem(0, "no examples")])
+    if not records:
+        raise DatasetError(path, [LineProblem(0, f"no {what}s")])
     if duplicates:
-        logger.info("%s: removed %d exact duplicate example(s)", path, duplicates)
-    return ChatDataset(
-        examples=examples, sha256=sha256_bytes(raw), path=path, duplicates_removed=duplicates, lines=lines
-    )
+        logger.info("%s: removed %d exact duplicate %s(s)", path, duplicates, what)
+    return records, lines, duplicates, sha256_bytes(raw)
 
 
 def validate_messages(messages: Any) -> list[str]:
@@ -219,42 +235,79 @@ def prepare_data(
     example containing the same prompt (normalised, or near it) would make the golden
     gate measure memory instead of skill.
     """
-    kept, notes = _drop_near_duplicates(dataset, config.near_duplicate_threshold)
-    near = len(dataset.examples) - len(kept)
-    contaminated = _contaminated(dataset, kept, eval_prompts, config.near_duplicate_threshold)
+    items = [
+        HygieneItem(
+            line=dataset.line_of(i),
+            dialogue=dialogue_text(messages),
+            system=system_text(messages),
+            # every prompt the example trains an answer to: the turns before each assistant turn
+            prompts=tuple(dialogue_text(messages[:end]) for end, m in enumerate(messages)
+                          if m["role"] == "assistant"),
+        )
+        for i, messages in enumerate(dataset.examples)
+    ]
+    train, validation, report = clean_and_split(
+        items, config, dataset.path, dataset.duplicates_removed, eval_prompts, eval_path
+    )
+    return PreparedData(
+        train=[dataset.examples[i] for i in train],
+        validation=[dataset.examples[i] for i in validation],
+        report=report,
+    )
+
+
+@dataclass(frozen=True)
+class HygieneItem:
+    """What the clean-up compares of one example (a conversation or a preference pair)."""
+
+    line: int  # in the file, for the notes
+    dialogue: str  # normalised text that near duplicates are judged on
+    system: str  # normalised system prompt: near duplicates must share it
+    prompts: tuple[str, ...]  # normalised prompts the example trains answers to
+
+
+def clean_and_split(
+    items: Sequence[HygieneItem],
+    config: RunConfig,
+    path: Path,
+    exact_duplicates: int,
+    eval_prompts: Sequence[tuple[int, Sequence[Message]]] = (),
+    eval_path: Path | None = None,
+) -> tuple[list[int], list[int], DataReport]:
+    """(train, validation) indices into ``items`` and the report: near duplicates and
+    contaminated items dropped (or ContaminationError), the rest split, seeded."""
+    kept, notes = _drop_near_duplicates(items, config.near_duplicate_threshold)
+    near = len(items) - len(kept)
+    contaminated = _contaminated(items, kept, eval_prompts, config.near_duplicate_threshold)
     if contaminated and config.on_contamination == "fail":
         problems = [
-            LineProblem(dataset.line_of(i), f"its prompt matches golden eval line {line} ({how})")
+            LineProblem(items[i].line, f"its prompt matches golden eval line {line} ({how})")
             for i, (line, how) in sorted(contaminated.items())
         ]
         raise ContaminationError(
-            dataset.path, problems, f"example(s) repeat golden prompts of {eval_path} (on_contamination=fail)"
+            path, problems, f"example(s) repeat golden prompts of {eval_path} (on_contamination=fail)"
         )
     notes += [
-        f"line {dataset.line_of(i)}: dropped, its prompt matches golden line {line} ({how})"
+        f"line {items[i].line}: dropped, its prompt matches golden line {line} ({how})"
         for i, (line, how) in sorted(contaminated.items())
     ]
     kept = [i for i in kept if i not in contaminated]
     if not kept:
         problem = LineProblem(0, "no examples left after the dedup and contamination checks")
-        raise DatasetError(dataset.path, [problem])
+        raise DatasetError(path, [problem])
     train, validation = split_indices(len(kept), config.validation_fraction, config.seed)
     for note in notes[:_NOTES_KEPT]:
-        logger.info("%s: %s", dataset.path, note)
+        logger.info("%s: %s", path, note)
     report = DataReport(
-        read=len(dataset.examples),
-        exact_duplicates=dataset.duplicates_removed,
+        read=len(items),
+        exact_duplicates=exact_duplicates,
         near_duplicates=near,
         contaminated=len(contaminated),
         train=len(train),
         validation=len(validation),
         notes=tuple(notes[:_NOTES_KEPT]),
     )
-    return PreparedData(
-        train=[dataset.examples[kept[i]] for i in train],
-        validation=[dataset.examples[kept[i]] for i in validation],
-        report=report,
-    )
+    return [kept[i] for i in train], [kept[i] for i in validation], report
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -273,62 +326,62 @@ def normalize_text(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text).split())
 
 
-def _dialogue(messages: Sequence[Message]) -> str:
+def dialogue_text(messages: Sequence[Message]) -> str:
+    """The non-system turns, normalised, one ``role: text`` line each: what hygiene compares."""
     turns = (f"{m['role']}: {normalize_text(m['content'])}" for m in messages if m["role"] != "system")
     return "\n".join(turns)
 
 
-def _system(messages: Sequence[Message]) -> str:
+def system_text(messages: Sequence[Message]) -> str:
+    """The leading system prompt, normalised ("" without one)."""
     return normalize_text(messages[0]["content"]) if messages and messages[0]["role"] == "system" else ""
 
 
-def _drop_near_duplicates(dataset: ChatDataset, threshold: float | None) -> tuple[list[int], list[str]]:
-    """Indices kept (the first of each group) and a note per dropped example."""
+def _drop_near_duplicates(
+    items: Sequence[HygieneItem], threshold: float | None
+) -> tuple[list[int], list[str]]:
+    """Indices kept (the first of each group) and a note per dropped item."""
     if threshold is None:
-        return list(range(len(dataset.examples))), []
+        return list(range(len(items))), []
     index = _MinHashIndex(threshold)
     kept: list[int] = []
     notes: list[str] = []
-    for i, messages in enumerate(dataset.examples):
+    for i, item in enumerate(items):
         # A shared system prompt is boilerplate: two examples are near duplicates only when
         # their system prompts are equal and their dialogues are near each other.
-        match = index.first_match(_shingles(_dialogue(messages)), _system(messages), key=i)
+        match = index.first_match(_shingles(item.dialogue), item.system, key=i)
         if match is None:
             kept.append(i)
         else:
             other, similarity = match
             notes.append(
-                f"line {dataset.line_of(i)}: dropped, near duplicate of line {dataset.line_of(other)} "
+                f"line {item.line}: dropped, near duplicate of line {items[other].line} "
                 f"(similarity {similarity:.2f})"
             )
     return kept, notes
 
 
 def _contaminated(
-    dataset: ChatDataset,
+    items: Sequence[HygieneItem],
     kept: list[int],
     eval_prompts: Sequence[tuple[int, Sequence[Message]]],
     threshold: float | None,
 ) -> dict[int, tuple[int, str]]:
-    """Example index -> (golden line, "exact" or "similarity x") for each contaminated example."""
+    """Item index -> (golden line, "exact" or "similarity x") for each contaminated item."""
     if not eval_prompts:
         return {}
     exact: dict[str, list[int]] = {}
     index = _MinHashIndex(threshold or 1.0)
-    owner: list[int] = []  # index entry -> example
+    owner: list[int] = []  # index entry -> item
     for i in kept:
-        messages = dataset.examples[i]
-        # every prompt the example trains an answer to: the turns before each assistant turn
-        for end, message in enumerate(messages):
-            if message["role"] == "assistant":
-                text = _dialogue(messages[:end])
-                exact.setdefault(text, []).append(i)
-                if threshold is not None:
-                    index.add(len(owner), _shingles(text), "")
-                    owner.append(i)
+        for text in items[i].prompts:
+            exact.setdefault(text, []).append(i)
+            if threshold is not None:
+                index.add(len(owner), _shingles(text), "")
+                owner.append(i)
     found: dict[int, tuple[int, str]] = {}
     for line, prompt in eval_prompts:
-        text = _dialogue(prompt)
+        text = dialogue_text(prompt)
         for i in exact.get(text, []):
             found.setdefault(i, (line, "exact"))
         if threshold is not None:

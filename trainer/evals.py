@@ -10,6 +10,11 @@ Two eval sets, both JSONL in the OpenAI ``messages`` format, each line a *prompt
   base itself (the adapter disabled through PEFT): mean per-token KL(base || adapter)
   on the base's own greedy answer, and the share of prompts answered identically.
 
+A DPO run is also measured on its held-out preference pairs: the implicit reward of an
+answer is ``beta * (log p_adapter(answer) - log p_base(answer))``; the preference
+accuracy is the share of pairs whose reward prefers ``chosen``, the margin the mean of
+``reward(chosen) - reward(rejected)``.
+
 A gate is a threshold from the run config; every gate is evaluated and reported, and
 the run is refused if any is missed.
 """
@@ -207,6 +212,55 @@ def regression_eval(
     return RegressionResult(sum(kls) / len(kls), max(kls), agreement, len(items), items)
 
 
+@dataclass(frozen=True)
+class PreferenceResult:
+    accuracy: float  # share of pairs whose implicit reward prefers chosen (ties count half)
+    margin: float  # mean reward(chosen) - reward(rejected)
+    total: int
+    items: list[dict[str, Any]]  # prompt, chosen_reward, rejected_reward, ok
+
+    def summary(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "margin": self.margin, "total": self.total}
+
+
+EncodedPair = tuple[Sequence[int], Sequence[int], Sequence[int]]  # prompt, chosen, rejected ids
+
+
+def preference_eval(model: Any, pairs: Sequence[EncodedPair], beta: float,
+                    labels: Sequence[str] = ()) -> PreferenceResult:
+    """DPO's implicit rewards of each pair, the base (adapter disabled) as the reference.
+
+    ``labels`` name the pairs in the items (e.g. their prompts). TRL's DPOTrainer logs
+    the same quantities per batch as ``rewards/accuracies`` and ``rewards/margins``.
+    """
+    items: list[dict[str, Any]] = []
+    scores: list[float] = []
+    margins: list[float] = []
+    for i, (prompt, chosen, rejected) in enumerate(pairs):
+        rewards = []
+        for answer in (chosen, rejected):
+            policy = _answer_logp(model, prompt, answer)
+            with model.disable_adapter():
+                reference = _answer_logp(model, prompt, answer)
+            rewards.append(beta * (policy - reference))
+        margins.append(rewards[0] - rewards[1])
+        scores.append(1.0 if margins[-1] > 0 else 0.5 if margins[-1] == 0 else 0.0)
+        items.append({"pair": labels[i][:_SHOWN] if i < len(labels) else i,
+                      "chosen_reward": rewards[0], "rejected_reward": rewards[1], "ok": margins[-1] > 0})
+    return PreferenceResult(sum(scores) / len(scores), sum(margins) / len(margins), len(items), items)
+
+
+def _answer_logp(model: Any, prompt: Sequence[int], answer: Sequence[int]) -> float:
+    """Summed log-probability of ``answer`` after ``prompt``."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[*prompt, *answer]], device=device)
+    keep = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, logits_to_keep=keep).logits.float()
+    logps = F.log_softmax(logits, dim=-1)[0].gather(-1, torch.tensor(answer, device=device)[:, None])
+    return float(logps.sum())
+
+
 def _greedy(model: Any, tokenizer: Any, messages: Sequence[Message], max_new_tokens: int,
             stop_ids: Collection[int]) -> list[int]:
     device = next(model.parameters()).device
@@ -243,7 +297,7 @@ class GateResult:
     name: str
     measured: float
     threshold: float
-    comparison: str  # ">=" or "<=": how measured must relate to threshold
+    comparison: str  # ">=", "<=" or ">": how measured must relate to threshold
     passed: bool
 
     def __str__(self) -> str:
@@ -255,7 +309,7 @@ class GateResult:
 
 
 def _gate(name: str, measured: float, threshold: float, comparison: str) -> GateResult:
-    ok = measured >= threshold if comparison == ">=" else measured <= threshold
+    ok = {">=": measured >= threshold, "<=": measured <= threshold, ">": measured > threshold}[comparison]
     return GateResult(name, measured, threshold, comparison, ok and math.isfinite(measured))
 
 
@@ -264,10 +318,17 @@ def check_gates(
     val_perplexity: float | None,
     golden: GoldenResult | None,
     regression: RegressionResult | None,
+    preference: PreferenceResult | None = None,
 ) -> list[GateResult]:
     """Every configured gate whose measurement exists, evaluated (none is skipped silently:
     a gate whose eval set is missing is simply not configured)."""
     gates = []
+    if preference is not None:
+        if config.preference_min_accuracy is not None:
+            gates.append(_gate("preference_accuracy", preference.accuracy,
+                               config.preference_min_accuracy, ">="))
+        if config.preference_min_margin is not None:
+            gates.append(_gate("preference_margin", preference.margin, config.preference_min_margin, ">"))
     if config.max_val_perplexity is not None and val_perplexity is not None:
         gates.append(_gate("val_perplexity", val_perplexity, config.max_val_perplexity, "<="))
     if golden is not None:
@@ -286,9 +347,12 @@ def eval_report(
     regression: RegressionResult | None,
     *,
     detailed: bool,
+    preference: PreferenceResult | None = None,
 ) -> dict[str, Any]:
     """The eval section of a manifest (``detailed=False``) or of ``eval_report.json``."""
     report: dict[str, Any] = {"passed": all(g.passed for g in gates), "gates": [asdict(g) for g in gates]}
+    if preference is not None:
+        report["preference"] = preference.summary() | ({"items": preference.items} if detailed else {})
     if golden is not None:
         report["golden"] = golden.summary() | ({"items": golden.items} if detailed else {})
     if regression is not None:

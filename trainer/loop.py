@@ -72,7 +72,7 @@ def validation_loss(model: Any, examples: Sequence[EncodedExample], batch_size: 
 class EarlyStopping:
     """Validation after each epoch; remembers the best weights and says when to stop."""
 
-    def __init__(self, model: Any, validation: list[EncodedExample], config: RunConfig, pad_id: int) -> None:
+    def __init__(self, model: Any, validation: Sequence[Any], config: RunConfig, pad_id: int) -> None:
         self.model, self.validation, self.config, self.pad_id = model, validation, config, pad_id
         self.history: list[EpochStats] = []
         self.best_epoch = 0
@@ -85,10 +85,14 @@ class EarlyStopping:
         return bool(self.validation) and self.config.early_stopping_patience is not None
 
     def end_epoch(self, train_loss: float) -> bool:
-        """Record the epoch; True when training should stop."""
+        """Measure the validation loss and record the epoch; True when training should stop."""
         val = None
         if self.validation:
             val = validation_loss(self.model, self.validation, self.config.batch_size, self.pad_id)
+        return self.record(train_loss, val)
+
+    def record(self, train_loss: float, val: float | None) -> bool:
+        """Record an epoch whose validation loss was measured elsewhere (DPO's, by TRL)."""
         self.history.append(EpochStats(len(self.history) + 1, train_loss, val))
         if not self.active or val is None:
             self.best_epoch = len(self.history)

@@ -48,6 +48,28 @@ def encode_example(tokenizer: Any, messages: Sequence[Message], max_length: int)
     )
 
 
+def split_completion(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a conversation ending on an assistant turn, for DPO.
+
+    The same render and the same trained tokens as :func:`encode_example`: the
+    completion is the final assistant turn's tokens (its end-of-turn token included),
+    the prompt everything before them.
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the conversation must end on an assistant turn")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    last = [_inside(int(start), int(end), spans[-1:]) for start, end in enc["offset_mapping"]]
+    if not any(last):
+        raise ChatTemplateError("the final assistant turn renders to no whole token")
+    first = last.index(True)
+    stop = first + sum(last)
+    if not all(last[first:stop]):
+        raise ChatTemplateError("the final assistant turn's tokens are not contiguous")
+    return ids[:first], ids[first:stop]
+
+
 def render_golden(tokenizer: Any, messages: Sequence[Message]) -> str:
     """The rendered conversation with every trained token run wrapped in ⟦…⟧, for review."""
     text, _, offsets, trained = _tokenize_with_spans(tokenizer, messages)

@@ -38,6 +38,7 @@ from trainer.evals import (
     EvalSet,
     GateResult,
     GoldenResult,
+    PreferenceResult,
     RegressionResult,
     check_gates,
     eval_report,
@@ -77,6 +78,8 @@ class RunReport:
     regression: RegressionResult | None
     train_seconds: float
     eval_seconds: float
+    method: str = "sft"  # or "dpo": its epoch losses are DPO losses, not token cross-entropy
+    preference: PreferenceResult | None = None  # DPO: held-out preference accuracy and margin
 
     @property
     def passed(self) -> bool:
@@ -126,7 +129,7 @@ def train_adapter(
     require_template_base(contract, template)
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    _check_chat_template(tokenizer, contract)
+    check_chat_template(tokenizer, contract)
     data = prepare_data(dataset, config, golden.prompts() if golden else (), golden.path if golden else None)
     usable, truncated = _encode(tokenizer, data.train, config.max_length)
     validation = [e for e in (encode_example(tokenizer, m, config.max_length) for m in data.validation)
@@ -155,11 +158,8 @@ def train_adapter(
         seconds = time.perf_counter() - started
         model.eval()
         started = time.perf_counter()
-        stops = stop_token_ids(base_dir, tokenizer)
-        golden_result = golden_eval(model, tokenizer, golden, config, stops, progress) if golden else None
-        regression_result = (
-            regression_eval(model, tokenizer, regression, config, stops, progress) if regression else None
-        )
+        golden_result, regression_result = run_evals(model, tokenizer, base_dir, config, golden, regression,
+                                                     progress)
         eval_seconds = time.perf_counter() - started
 
     report = RunReport(
@@ -186,6 +186,41 @@ def train_adapter(
         "eval_sets": {name: {"path_name": s.path.name, "sha256": s.sha256, "prompts": len(s.items)}
                       for name, s in (("golden", golden), ("regression", regression)) if s is not None},
     }
+    write_adapter(model, out_dir, report, base_model_id=base_model_id, contract=contract, template=template,
+                  manifest=manifest, training_config=training_config,
+                  golden_render=render_golden(tokenizer, dataset.examples[0]))
+    logger.info("adapter written to %s (loss %.4f, %.1fs)", out_dir, report.kept.train_loss, seconds)
+    losses = tuple(e.train_loss for e in report.epochs)
+    return TrainResult(out_dir, report.kept.train_loss, seconds, manifest, losses, report)
+
+
+def run_evals(
+    model: Any, tokenizer: Any, base_dir: Path, config: RunConfig, golden: EvalSet | None,
+    regression: EvalSet | None, progress: bool = False,
+) -> tuple[GoldenResult | None, RegressionResult | None]:
+    """The golden and regression evals that are configured, with the stop ids the gateway uses."""
+    stops = stop_token_ids(base_dir, tokenizer)
+    golden_result = golden_eval(model, tokenizer, golden, config, stops, progress) if golden else None
+    regression_result = (
+        regression_eval(model, tokenizer, regression, config, stops, progress) if regression else None
+    )
+    return golden_result, regression_result
+
+
+def write_adapter(
+    model: Any,
+    out_dir: Path,
+    report: RunReport,
+    *,
+    base_model_id: str,
+    contract: BaseContract,
+    template: AdapterTemplate,
+    manifest: AdapterManifest,
+    training_config: dict[str, Any],
+    golden_render: str,
+) -> None:
+    """Write the adapter whole to ``out_dir``, or, when a gate failed, to ``<out_dir>.failed``
+    with ``eval_report.json`` and raise GateFailedError. Checked by the registry's contract."""
     # the artifact names the base by id, not by this machine's path to it
     model.peft_config["default"].base_model_name_or_path = base_model_id
     target = out_dir if report.passed else out_dir.with_name(out_dir.name + FAILED_SUFFIX)
@@ -197,27 +232,21 @@ def train_adapter(
         (tmp / TRAINING_CONFIG_FILE).write_text(
             json.dumps(training_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
-        (tmp / GOLDEN_RENDER_FILE).write_text(render_golden(tokenizer, dataset.examples[0]), encoding="utf-8")
+        (tmp / GOLDEN_RENDER_FILE).write_text(golden_render, encoding="utf-8")
         manifest.write(tmp)
         require_compatible(tmp, contract, template)
         if not report.passed:
-            details = eval_report(report.gates, golden_result, regression_result, detailed=True)
+            details = eval_report(report.gates, report.golden, report.regression, detailed=True,
+                                  preference=report.preference)
             (tmp / EVAL_REPORT_FILE).write_text(json.dumps(details, indent=2) + "\n", encoding="utf-8")
     if not report.passed:
         raise GateFailedError(report.gates, target, report)
-    logger.info("adapter written to %s (loss %.4f, %.1fs)", out_dir, report.kept.train_loss, seconds)
-    losses = tuple(e.train_loss for e in report.epochs)
-    return TrainResult(out_dir, report.kept.train_loss, seconds, manifest, losses, report)
 
 
 def _metrics(
     report: RunReport, usable: list[EncodedExample], golden: EvalSet | None, regression: EvalSet | None
 ) -> dict[str, Any]:
     kept = report.kept
-    evals = eval_report(report.gates, report.golden, report.regression, detailed=False)
-    for name, eval_set in (("golden", golden), ("regression", regression)):
-        if eval_set is not None:
-            evals[name]["sha256"] = eval_set.sha256
     return {
         "final_train_loss": kept.train_loss,
         "val_loss": kept.val_loss,
@@ -234,8 +263,18 @@ def _metrics(
         "stopped_early": report.stopped_early,
         "epoch_metrics": [e.to_dict() for e in report.epochs],
         "data": report.data.to_dict(),
-        "evals": evals,
+        "evals": eval_metrics(report, golden, regression),
     }
+
+
+def eval_metrics(report: RunReport, golden: EvalSet | None, regression: EvalSet | None) -> dict[str, Any]:
+    """The manifest's ``evals``: every gate, each eval's summary and the eval sets' sha256."""
+    evals = eval_report(report.gates, report.golden, report.regression, detailed=False,
+                        preference=report.preference)
+    for name, eval_set in (("golden", golden), ("regression", regression)):
+        if eval_set is not None:
+            evals[name]["sha256"] = eval_set.sha256
+    return evals
 
 
 def _encode(
@@ -255,7 +294,7 @@ def _encode(
     return usable, sum(e.truncated for e in encoded)
 
 
-def _check_chat_template(tokenizer: Any, contract: BaseContract) -> None:
+def check_chat_template(tokenizer: Any, contract: BaseContract) -> None:
     # Training must render with the very template the gateway will serve with.
     template = tokenizer.chat_template
     if not isinstance(template, str) or sha256_bytes(template.encode()) != (contract.chat_template_sha256):

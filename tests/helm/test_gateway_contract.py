@@ -107,7 +107,7 @@ def test_free_settings_reach_the_gateway_typed(monkeypatch) -> None:
                        "pinned_adapters": ["acme/bot", "globex/pirate:canary"],
                        "prefetch_adapters": ["acme/bot@v3"], "resolve_ttl_seconds": 0.5,
                        "max_request_bytes": 65536, "exit_on_engine_death": True,
-                       "adapter_load_concurrency": 4, "metrics_host": "0.0.0.0",
+                       "adapter_load_concurrency": 4, "metrics_host": "0.0.0.0", "tool_call_parser": "hermes",
                        "default_rpm": 600, "default_tpm": 100000, "default_concurrency": 8,
                        "default_max_tokens": 512, "default_max_prompt_tokens": 1024,
                        "default_weight": 2.5, "quota_failure_mode": "closed", "fair_scheduling": False,

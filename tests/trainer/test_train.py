@@ -181,7 +181,7 @@ def test_failure_while_writing_leaves_no_partial_adapter(
     def broken(*args: Any) -> str:
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module, "render_golden", broken)
+    monkeypatch.setattr(train_module, "require_compatible", broken)  # after every file is written
     with pytest.raises(OSError, match="disk full"):
         train_adapter(
             inline_base_dir,
