@@ -5,6 +5,7 @@ Storage rows only: services hand out the frozen dataclasses in ``records.py``.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -224,6 +225,8 @@ def _redacted(url: str) -> str:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply the versioned migrations in adapters_registry/migrations (idempotent)."""
+    if revision == "head" and current_revision(engine) == head_revision():
+        return  # the usual case: no need to read the migration scripts at all
     from alembic import command
     from alembic.config import Config
 
@@ -237,8 +240,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+@functools.cache
 def head_revision() -> str:
-    """The newest migration revision this code knows."""
+    """The newest migration revision this code knows (read once per process)."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
