@@ -119,8 +119,14 @@ class OpenAIService:
         call = _Call(tenant, label, Route(req.model, lora, meter, request_id),
                      time.perf_counter(), tier)
         self._metrics.in_flight.inc()
+        first: str | None = None
         try:
             result = await serve(req, call.route)
+            if not isinstance(result, dict):
+                # The first event comes with the first engine output, after the prompt
+                # passed its quota checks: a refusal is still a plain HTTP error, sent
+                # before any header.
+                first = await anext(result, None)
         except BaseException as exc:
             await stack.aclose()
             error = self._error(call, exc)
@@ -132,19 +138,6 @@ class OpenAIService:
             await stack.aclose()
             self._finished(call, "200")
             return Answer(result, tier)
-        # The first event comes with the first engine output, after the prompt passed its
-        # quota checks: a refusal is still a plain HTTP error, before any header is sent.
-        try:
-            first = await anext(result)
-        except StopAsyncIteration:
-            first = None
-        except BaseException as exc:
-            await stack.aclose()
-            error = self._error(call, exc)
-            self._finished(call, _status(error))
-            if error is exc:
-                raise
-            raise error from None
         return Answer(self._stream(call, _prepend(first, result), stack), tier)
 
     async def _stream(self, call: _Call, events: AsyncIterator[str],
