@@ -58,7 +58,7 @@ class VerifyReport:
 
 
 class IntegrityMixin:
-    engine: Engine
+    db: Engine
     actor: str
     store: ArtifactStore
     limits: Limits
@@ -74,14 +74,14 @@ class IntegrityMixin:
                 problems.append(BlobProblem(digest, state, used[digest]))
         if problems and repair_from is not None:
             problems = self._repair(problems, repair_from)
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             record(s, self.actor, "blobs.verify", self.store.describe(), checked=len(used),
                    problems=len(problems), repaired=sum(p.repaired for p in problems))
         return VerifyReport(len(used), problems)
 
     def _blob_users(self) -> dict[str, list[str]]:
         used: dict[str, list[str]] = defaultdict(list)
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             q = (select(TenantRow.name, AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.files)
                  .join(AdapterRow, AdapterVersionRow.adapter_id == AdapterRow.id)
                  .join(TenantRow, AdapterRow.tenant_id == TenantRow.id)
@@ -116,7 +116,7 @@ class IntegrityMixin:
         blob may belong to a push in flight: the grace period keeps it. Corrupted blobs
         that are referenced are kept: ``verify`` finds them and repairs them.
         """
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             referenced = {digest for files in s.scalars(select(AdapterVersionRow.files).where(
                 AdapterVersionRow.state != "deleted")) for digest in files.values()}
         cutoff = datetime.now(UTC) - grace
@@ -131,7 +131,7 @@ class IntegrityMixin:
         if not dry_run:
             for digest in orphans:
                 self.store.delete(digest)
-            with Session(self.engine) as s, s.begin():
+            with Session(self.db) as s, s.begin():
                 record(s, self.actor, "gc.run", self.store.describe(), deleted=len(orphans),
                        kept_young=young)
         return GcReport(sorted(orphans), young, len(referenced), dry_run)

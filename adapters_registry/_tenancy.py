@@ -22,12 +22,12 @@ MAX_WEIGHT = 1000.0
 
 
 class TenancyMixin:
-    engine: Engine
+    db: Engine
     actor: str
 
     def create_tenant(self, name: str) -> Tenant:
         validate_name("tenant", name)
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             if s.scalar(select(TenantRow).filter_by(name=name)) is not None:
                 raise ConflictError(f"tenant {shown(name)} already exists")
             row = TenantRow(name=name)
@@ -37,21 +37,21 @@ class TenancyMixin:
             return Tenant(row.id, row.name)
 
     def get_tenant(self, name: str) -> Tenant:
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             row = s.scalar(select(TenantRow).filter_by(name=name))
             if row is None:
                 raise NotFoundError(f"tenant {shown(name)} does not exist")
             return Tenant(row.id, row.name)
 
     def list_tenants(self) -> list[Tenant]:
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             return [Tenant(r.id, r.name) for r in s.scalars(select(TenantRow).order_by(TenantRow.name))]
 
     def create_api_key(self, tenant_name: str, *, expires_at: datetime | None = None) -> str:
         """A new key for the tenant. Only its hash is stored: the caller must show it once."""
         tenant = self.get_tenant(tenant_name)
         key = keys.new_api_key()
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             s.add(ApiKeyRow(tenant_id=tenant.id, key_sha256=keys.key_hash(key),
                             prefix=key[:keys.SHOWN_PREFIX], expires_at=expires_at))
             record(s, self.actor, "key.create", tenant.name, prefix=key[:keys.SHOWN_PREFIX],
@@ -60,7 +60,7 @@ class TenancyMixin:
 
     def list_api_keys(self, tenant_name: str) -> list[ApiKeyInfo]:
         tenant = self.get_tenant(tenant_name)
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             return [ApiKeyInfo(r.prefix, as_utc(r.created_at), as_utc_or_none(r.expires_at),
                                as_utc_or_none(r.revoked_at))
                     for r in s.scalars(select(ApiKeyRow).filter_by(tenant_id=tenant.id)
@@ -71,7 +71,7 @@ class TenancyMixin:
         tenant = self.get_tenant(tenant_name)
         if len(prefix) < keys.SHOWN_PREFIX:
             raise ValidationError(f"give at least the first {keys.SHOWN_PREFIX} characters of the key")
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             rows = [r for r in s.scalars(select(ApiKeyRow).filter_by(
                 tenant_id=tenant.id, prefix=prefix[:keys.SHOWN_PREFIX], revoked_at=None))]
             if not rows:
@@ -83,7 +83,7 @@ class TenancyMixin:
 
     def authenticate(self, api_key: str) -> Tenant:
         digest = keys.key_hash(keys.check_format(api_key))
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             row = s.execute(
                 select(TenantRow.id, TenantRow.name, ApiKeyRow.expires_at)
                 .join(ApiKeyRow, ApiKeyRow.tenant_id == TenantRow.id)
@@ -100,7 +100,7 @@ class TenancyMixin:
         if problems:
             raise ValidationError(f"invalid limits for tenant {shown(tenant_name)}: {'; '.join(problems)}")
         tenant = self.get_tenant(tenant_name)
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             row = s.get(TenantLimitsRow, tenant.id)
             if row is None:
                 row = TenantLimitsRow(tenant_id=tenant.id)
@@ -114,7 +114,7 @@ class TenancyMixin:
     def get_limits(self, tenant_name: str) -> TenantLimits:
         """The tenant's own quotas and weight; all None when none were ever set."""
         tenant = self.get_tenant(tenant_name)
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             row = s.get(TenantLimitsRow, tenant.id)
             if row is None:
                 return TenantLimits()

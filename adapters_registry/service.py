@@ -63,9 +63,10 @@ INTAKE_FORMAT = "lora-gateway/intake@1"
 class Registry(TenancyMixin, IntegrityMixin):
     """The registry service. ``actor`` names whoever operates it, for the audit trail."""
 
-    def __init__(self, engine: Engine, store: ArtifactStore, limits: Limits | None = None,
+    def __init__(self, db: Engine, store: ArtifactStore, limits: Limits | None = None,
                  *, actor: str = "unknown") -> None:
-        self.engine = engine
+        # The SQLAlchemy engine of the registry database (not the inference engine).
+        self.db = db
         self.actor = actor
         self.store = store
         self.limits = limits or Limits()
@@ -87,7 +88,7 @@ class Registry(TenancyMixin, IntegrityMixin):
         return cls(engine, store, actor=actor)
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.db.dispose()
 
     # -- bases and templates -------------------------------------------------------
 
@@ -97,7 +98,7 @@ class Registry(TenancyMixin, IntegrityMixin):
         validate_name("base", contract.model_id)
         for alias in contract.aliases:
             validate_name("base", alias)
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             row = s.scalar(
                 select(BaseModelRow).filter_by(model_id=contract.model_id, revision=contract.revision)
             )
@@ -124,7 +125,7 @@ class Registry(TenancyMixin, IntegrityMixin):
         return contract
 
     def get_base(self, model_id: str, revision: str | None = None) -> BaseContract:
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             q = select(BaseModelRow).filter_by(model_id=model_id)
             if revision is not None:
                 q = q.filter_by(revision=revision)
@@ -135,7 +136,7 @@ class Registry(TenancyMixin, IntegrityMixin):
             return BaseContract.from_dict(row.contract)
 
     def register_template(self, template: AdapterTemplate) -> AdapterTemplate:
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             base = s.scalar(select(BaseModelRow).filter_by(
                 model_id=template.base_model_id, revision=template.base_revision))
             if base is None:
@@ -151,7 +152,7 @@ class Registry(TenancyMixin, IntegrityMixin):
         return template
 
     def get_template(self, template_id: str) -> AdapterTemplate:
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             row = s.get(TemplateRow, template_id)
             if row is None:
                 raise NotFoundError(f"template {template_id} is not registered")
@@ -222,7 +223,7 @@ class Registry(TenancyMixin, IntegrityMixin):
         return template
 
     def _only_template(self, base: str) -> str:
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             ids = sorted(s.scalars(select(TemplateRow.template_id).join(
                 BaseModelRow, TemplateRow.base_id == BaseModelRow.id).where(
                 BaseModelRow.model_id == base)))
@@ -237,7 +238,7 @@ class Registry(TenancyMixin, IntegrityMixin):
                         files: dict[str, str], size: int, intake: dict[str, Any],
                         aliases: list[str], repaired: list[str]) -> AdapterVersion:
         content = sha256_tree(files)
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             adapter = s.scalar(select(AdapterRow).filter_by(tenant_id=tenant.id, name=name))
             if adapter is None:
                 adapter = AdapterRow(tenant_id=tenant.id, name=name, template_id=template.template_id)
@@ -274,7 +275,7 @@ class Registry(TenancyMixin, IntegrityMixin):
         """Point ``alias`` at an active version, atomically (rollback = point it back)."""
         validate_name("alias", alias)
         tenant = self.get_tenant(tenant_name)
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             adapter, row = self._version_row(s, tenant, name, version)
             if row.state != "active":
                 raise ConflictError(f"{tenant.name}/{name}@v{version} is {row.state}; "
@@ -296,7 +297,7 @@ class Registry(TenancyMixin, IntegrityMixin):
     def _set_state(self, tenant_name: str, name: str, version: int, state: str,
                    action: str) -> None:
         tenant = self.get_tenant(tenant_name)
-        with Session(self.engine) as s, s.begin():
+        with Session(self.db) as s, s.begin():
             adapter, row = self._version_row(s, tenant, name, version)
             pointing = sorted(a.name for a in s.scalars(select(AliasRow).filter_by(
                 adapter_id=adapter.id, version_id=row.id)))
@@ -307,7 +308,7 @@ class Registry(TenancyMixin, IntegrityMixin):
             record(s, self.actor, action, f"{tenant.name}/{name}@v{version}")
 
     def audit_log(self, *, subject_prefix: str | None = None, limit: int = 100) -> list[AuditEntry]:
-        return read_audit(self.engine, subject_prefix=subject_prefix, limit=limit)
+        return read_audit(self.db, subject_prefix=subject_prefix, limit=limit)
 
     def _version_row(self, s: Session, tenant: Tenant, name: str,
                      version: int) -> tuple[AdapterRow, AdapterVersionRow]:
@@ -320,7 +321,7 @@ class Registry(TenancyMixin, IntegrityMixin):
     def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
         """The version a tenant's ``model`` names; NotFoundError for anything else."""
         ref = ModelRef.parse(model)
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             adapter = self._adapter_row(s, tenant, ref.name, shown_as=model)
             if ref.version is not None:
                 row = s.scalar(select(AdapterVersionRow).filter_by(
@@ -334,7 +335,7 @@ class Registry(TenancyMixin, IntegrityMixin):
             return _to_version(row, tenant.name, adapter.name, template)
 
     def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:
-        with Session(self.engine) as s:
+        with Session(self.db) as s:
             out = []
             for a in s.scalars(select(AdapterRow).filter_by(tenant_id=tenant.id).order_by(AdapterRow.name)):
                 versions = dict(s.execute(select(AdapterVersionRow.id, AdapterVersionRow.version)

@@ -37,7 +37,7 @@ def populate(registry: Registry, tenants: int, adapters: int) -> list[Tenant]:
     registry.register_base(_CONTRACT)
     template = registry.register_template(AdapterTemplate(_CONTRACT.model_id, _CONTRACT.revision))
     made = [registry.create_tenant(f"tenant-{t:04d}") for t in range(tenants)]
-    with Session(registry.engine) as s, s.begin():
+    with Session(registry.db) as s, s.begin():
         for tenant in made:
             ids = s.scalars(insert(AdapterRow).returning(AdapterRow.id), [
                 {"tenant_id": tenant.id, "name": f"bot-{a:04d}",

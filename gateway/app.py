@@ -181,7 +181,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                expose_base=settings.expose_base,
                                tools_supported=settings.tool_call_parser is not None,
                                metrics=metrics, on_engine_dead=engine_died)
-        admin = Registry(registry.engine, registry.store, actor="admin")
+        admin = Registry(registry.db, registry.store, actor="admin")
         quotas = Quotas(quota_store(settings), registry, default_limits(settings), metrics,
                         fail_open=settings.quota_failure_mode == "open",
                         ttl=settings.resolve_ttl_seconds)

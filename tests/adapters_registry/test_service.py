@@ -31,7 +31,7 @@ def stored_blobs(env) -> set[Path]:
 
 
 def rows(env, model) -> list:
-    with Session(env.registry.engine) as s:
+    with Session(env.registry.db) as s:
         return list(s.scalars(select(model)))
 
 
