@@ -11,7 +11,7 @@ Each line takes one of the forms TRL's ``DPOTrainer`` accepts:
   turns before the final assistant turn (the prompt) must be the same in both.
 
 Every bad line is reported at once, with its number. Then :func:`prepare_preferences`
-cleans a set for one run through the same steps as chat data (``trainer.data``).
+cleans a set for one run through the same steps as chat data (``trainer.hygiene``).
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from typing import Any
 
 from adapters_registry.hashing import canonical_json
 from trainer.config import RunConfig
-from trainer.data import (
+from trainer.data import parse_json_object, read_jsonl, validate_messages
+from trainer.hygiene import (
     DataReport,
     HygieneItem,
     Message,
     clean_and_split,
     dialogue_text,
     normalize_text,
-    parse_json_object,
-    read_jsonl,
     system_text,
-    validate_messages,
 )
 
 _KEYS = frozenset({"prompt", "chosen", "rejected"})

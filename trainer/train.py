@@ -32,7 +32,7 @@ from adapters_registry.manifest import AdapterManifest
 from adapters_registry.prompts import stop_token_ids
 from adapters_registry.template import AdapterTemplate
 from trainer.config import RunConfig
-from trainer.data import ChatDataset, DataReport, Message, prepare_data
+from trainer.data import ChatDataset, prepare_data
 from trainer.errors import GateFailedError, TrainError
 from trainer.evals import (
     EvalSet,
@@ -45,6 +45,7 @@ from trainer.evals import (
     golden_eval,
     regression_eval,
 )
+from trainer.hygiene import DataReport, Message
 from trainer.loop import EarlyStopping, EpochStats, train_loop
 from trainer.provenance import (
     TRAINING_CONFIG_FILE,

@@ -7,15 +7,10 @@ from dataclasses import replace
 import pytest
 
 from trainer.config import RunConfig
-from trainer.data import (
-    ContaminationError,
-    DatasetError,
-    load_chat_jsonl,
-    normalize_text,
-    prepare_data,
-    split_indices,
-)
+from trainer.data import load_chat_jsonl, prepare_data
+from trainer.errors import ContaminationError, DatasetError
 from trainer.evals import load_golden_jsonl
+from trainer.hygiene import normalize_text, split_indices
 
 NO_SPLIT = RunConfig(validation_fraction=0.0)
 
