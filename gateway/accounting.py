@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
-    from gateway.quotas import UsageMeter
+    from gateway.usage import UsageMeter
 
 logger = logging.getLogger(__name__)
 ABORTED = "aborted"

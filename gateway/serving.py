@@ -34,9 +34,9 @@ from gateway.errors import (
     InvalidRequestError,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.quotas import charge_completion, charge_prompt
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.tenancy import TenantDirectory
+from gateway.usage import charge_completion, charge_prompt
 
 logger = logging.getLogger(__name__)
 UsageCallback = Callable[[Tenant, str, Meter], None]

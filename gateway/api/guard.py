@@ -10,7 +10,7 @@ The wiring is three lines in a route::
 
 ``GuardDep`` itself takes the quota lease (429 over a limit). Lease and slot are released
 by ``gateway.accounting`` once the answer is complete; the service charges tokens through
-``gateway.quotas.charge_prompt`` / ``charge_completion``.
+``gateway.usage.charge_prompt`` / ``charge_completion``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gateway.accounting import Ticket, current_ticket
 from gateway.api.deps import ServicesDep, TenantDep
 from gateway.config import GatewaySettings
 from gateway.errors import ClientGoneError, OverloadedError
-from gateway.quotas import UsageMeter, apply_ceilings
+from gateway.usage import UsageMeter, apply_ceilings
 
 B = TypeVar("B")
 
@@ -60,7 +60,7 @@ async def guard(request: Request, tenant: TenantDep, services: ServicesDep) -> G
     ticket = current_ticket.get()
     assert ticket is not None, "gateway.accounting.RequestAccounting must serve this route"
     ticket.tenant = tenant.name
-    meter = await services.quotas.meter(tenant)
+    meter = await UsageMeter.open(services.quotas, tenant)
     ticket.meter = meter  # before admit: a 429 carries the x-ratelimit headers too
     ticket.on_close(meter.close)
     await meter.admit()

@@ -1,0 +1,190 @@
+"""One request's use of its tenant's quotas, and the hooks vLLM's serving classes call.
+
+:class:`UsageMeter` takes the request (and an in-flight lease) from ``gateway.quotas``, checks
+the prompt against the tenant's ceiling and token budget before generation, charges completion
+tokens as they are generated, and keeps the ``x-ratelimit-*`` headers of the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from typing import TypeVar
+
+from adapters_registry.records import Tenant
+from gateway.accounting import current_ticket
+from gateway.errors import ContextLengthError, InvalidRequestError, RateLimitError
+from gateway.quotas import FLUSH_TOKENS, Limits, Quotas, Verdict
+
+logger = logging.getLogger(__name__)
+
+
+def _unmetered(limits: Limits) -> bool:
+    return limits.rpm is None and limits.tpm is None and limits.concurrency is None
+
+
+def _refusal(verdict: Verdict, limits: Limits) -> RateLimitError:
+    if verdict.refused == "concurrency":
+        return RateLimitError(f"Too many requests in flight: this key allows {limits.concurrency} at "
+                              "once. Retry when one finishes.", retry_after=verdict.retry_after)
+    if verdict.refused == "requests":
+        return RateLimitError(f"Rate limit reached: {limits.rpm} requests per minute.",
+                              retry_after=verdict.retry_after)
+    return RateLimitError(f"Rate limit reached: {limits.tpm} tokens per minute.", kind="tokens",
+                          retry_after=verdict.retry_after)
+
+
+class UsageMeter:
+    """One request's lease on its tenant's quotas; closed when the answer is complete."""
+
+    @classmethod
+    async def open(cls, quotas: Quotas, tenant: Tenant) -> UsageMeter:
+        """A meter for one of ``tenant``'s requests, with its limits; ``admit`` it next."""
+        return cls(quotas, tenant, await quotas.limits(tenant), uuid.uuid4().hex)
+
+    def __init__(self, quotas: Quotas, tenant: Tenant, limits: Limits, lease: str) -> None:
+        self._quotas = quotas
+        self.tenant = tenant
+        self.limits = limits
+        self.lease = lease
+        self.holds_lease = False
+        self.metered = not _unmetered(limits)
+        self.headers: dict[str, str] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._pending = 0
+        self._flushing: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def admit(self) -> None:
+        """Take a request (and an in-flight lease); RateLimitError (429) over a limit."""
+        if not self.metered:
+            return
+        q = self._quotas
+        verdict = await q.call(q.store.admit(self.tenant.id, self.limits, self.lease))
+        if verdict is None:
+            self.metered = False  # the store failed and the mode is open
+            return
+        self.note(verdict)
+        if verdict.refused is not None:
+            q.metrics.quota_rejections.labels(self.tenant.name, verdict.refused).inc()
+            raise _refusal(verdict, self.limits)
+        self.holds_lease = self.limits.concurrency is not None
+
+    def note(self, verdict: Verdict) -> None:
+        """Remember the buckets for the ``x-ratelimit-*`` headers."""
+        for kind, b in (("requests", verdict.requests), ("tokens", verdict.tokens)):
+            if b is not None:
+                self.headers[f"x-ratelimit-limit-{kind}"] = str(b.limit)
+                self.headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(b.remaining)))
+                self.headers[f"x-ratelimit-reset-{kind}"] = duration(b.reset_s)
+
+    async def prompt(self, tokens: int) -> None:
+        """Before generation: the prompt against the tenant's ceiling and its token budget."""
+        ceiling = self.limits.max_prompt_tokens
+        if ceiling is not None and tokens > ceiling:
+            raise ContextLengthError(f"the prompt is {tokens} tokens; this key allows prompts of at "
+                                     f"most {ceiling} tokens")
+        self.prompt_tokens += tokens
+        if not self.metered or self.limits.tpm is None:
+            return
+        q = self._quotas
+        verdict = await q.call(q.store.charge(self.tenant.id, self.limits, self.lease, tokens,
+                                              check=True))
+        if verdict is None:
+            return
+        self.note(verdict)
+        if verdict.refused is not None:
+            q.metrics.quota_rejections.labels(self.tenant.name, "tokens").inc()
+            if verdict.retry_after is None:
+                raise RateLimitError(f"Request too large: the prompt is {tokens} tokens, over this "
+                                     f"key's limit of {self.limits.tpm} tokens per minute.",
+                                     kind="tokens")
+            raise _refusal(verdict, self.limits)
+
+    def completion(self, tokens: int) -> None:
+        """``tokens`` more were generated (any choice, any prompt of a batch); charged in batches."""
+        self.completion_tokens += tokens
+        if not self.metered or self.limits.tpm is None or tokens <= 0:
+            return
+        self._pending += tokens
+        if self._pending >= FLUSH_TOKENS and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.ensure_future(self._flush())
+
+    async def close(self) -> None:
+        """Charge what is left and give the in-flight lease back (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        try:
+            await self._flush()
+            if self.holds_lease:
+                await self._quotas.store.release(self.tenant.id, self.lease)
+        except (ConnectionError, TimeoutError) as exc:
+            self._quotas.metrics.quota_backend_errors.labels("charge_lost").inc()
+            logger.warning("could not settle %s's quota lease: %s", self.tenant.name, exc)
+
+    async def _flush(self) -> None:
+        tokens, self._pending = self._pending, 0
+        if tokens <= 0:
+            return
+        try:
+            await self._quotas.store.charge(self.tenant.id, self.limits, self.lease, tokens,
+                                            check=False)
+        except (ConnectionError, TimeoutError) as exc:
+            self._quotas.metrics.quota_backend_errors.labels("charge_lost").inc()
+            logger.warning("could not charge %d tokens to %s: %s", tokens, self.tenant.name, exc)
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+B = TypeVar("B")
+
+
+def apply_ceilings(body: B, limits: Limits) -> B:
+    """The tenant's max_tokens ceiling: a larger ask is a 400; no ask gets the ceiling."""
+    ceiling = limits.max_tokens
+    if ceiling is None:
+        return body
+    asked = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
+    if asked is None:
+        return body.model_copy(update={"max_tokens": ceiling})  # type: ignore[attr-defined, no-any-return]
+    if asked > ceiling:
+        raise InvalidRequestError(f"max_tokens is {asked}; this key allows at most {ceiling}",
+                                  param="max_tokens")
+    return body
+
+
+# -- the services' hooks ---------------------------------------------------------------------
+
+def current_meter() -> UsageMeter | None:
+    ticket = current_ticket.get()
+    meter = ticket.meter if ticket is not None else None
+    return meter if isinstance(meter, UsageMeter) else None
+
+
+async def charge_prompt(tokens: int) -> None:
+    """Call once per prompt before generating it: its ceiling and the token budget (429/400)."""
+    meter = current_meter()
+    if meter is not None:
+        await meter.prompt(tokens)
+
+
+def charge_completion(tokens: int) -> None:
+    """Call with each chunk's new completion tokens (every choice, every prompt of a batch)."""
+    meter = current_meter()
+    if meter is not None:
+        meter.completion(tokens)
+
