@@ -16,9 +16,14 @@ import httpx
 import openai
 import pytest
 
-from adapters_registry import Registry
-from tests.conftest import PROMPTS, populate
-from tests.integration.conftest import GatewayProcess, free_port, start_gateway
+from tests.conftest import PROMPTS
+from tests.integration.conftest import (
+    GatewayProcess,
+    free_port,
+    start_gateway,
+    tiny_gateway_args,
+    tiny_registry,
+)
 from tests.msp import loaded, lora_info, scrape, value
 
 pytestmark = pytest.mark.integration
@@ -43,19 +48,14 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapters):
     root: Path = tmp_path_factory.mktemp("msp")
-    db_url = f"sqlite:///{root / 'registry.db'}"
-    registry = Registry.open(db_url, root / "artifacts")
-    keys = populate(registry, tiny_contract, tiny_template, trained_adapters)
+    e = Env()
+    db_url, registry, e.keys = tiny_registry(root, tiny_contract, tiny_template, trained_adapters)
     registry.push("acme", "other", trained_adapters["acme"])  # a third adapter version
     metrics_port = free_port()
-    e = Env()
-    e.keys = keys
     e.gateway = start_gateway(
-        ["--database-url", db_url, "--artifacts-dir", str(root / "artifacts"),
-         "--cache-dir", str(root / "cache"), "--base-model-id", tiny_contract.model_id,
-         "--base-model-dir", str(tiny_base.path), "--dtype", "float32",
-         "--max-model-len", "512", "--max-lora-rank", "8", "--max-loras", "1",
-         "--max-cpu-loras", "2", "--max-num-seqs", "1", "--metrics-port", str(metrics_port)],
+        tiny_gateway_args(root, db_url, tiny_base.path, tiny_contract.model_id,
+                          "--max-loras", "1", "--max-cpu-loras", "2", "--max-num-seqs", "1",
+                          "--metrics-port", str(metrics_port)),
         root / "gateway.log")
     e.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield e
