@@ -48,6 +48,16 @@ EvictTarget = Literal["engine", "disk", "all"]
 
 
 @dataclass(frozen=True)
+class Residency:
+    """The tiers as routers see them: ``gpu`` is vLLM's batch slots, ``cpu`` engine memory."""
+
+    gpu: list[tuple[AdapterVersion, bool]]  # (version, pinned)
+    cpu: list[tuple[AdapterVersion, bool]]
+    loading: list[AdapterVersion]  # requests wait for the engine to accept these
+    slot_capacity: int  # vLLM's max_loras
+
+
+@dataclass(frozen=True)
 class AcquiredAdapter:
     lora: LoraSpec
     tier: Tier
@@ -221,10 +231,17 @@ class AdapterManager:
             "pinned": sorted(self._versions[v].ref for v in self._pinned),
         }
 
-    def engine_state(self) -> tuple[list[str], int]:
-        """Names of the adapters serving requests now, and the engine's adapter capacity."""
-        running = [self._versions[v].ref for v, n in self._in_use.items() if n > 0]
-        return sorted(running), self._capacity
+    def residency(self) -> Residency:
+        """Where each adapter is now; a request in flight alone never counts as resident."""
+        def level(vids: list[int]) -> list[tuple[AdapterVersion, bool]]:
+            return [(self._versions[v], v in self._pinned) for v in vids]
+
+        return Residency(
+            gpu=level([v for v in self._in_engine if v in self._slots]),
+            cpu=level([v for v in self._in_engine if v not in self._slots]),
+            loading=[self._versions[v] for v, n in self._in_use.items()
+                     if n > 0 and v not in self._in_engine],
+            slot_capacity=self._slot_capacity)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from gateway.errors import BaseMismatchError, GatewayError, error_body
 from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import BodySizeLimit, MetricsPortSplit
+from gateway.msp import ModelServerProtocol
 from gateway.quotas import Limits, LocalQuotaStore, Quotas, QuotaStore
 from gateway.serving import OpenAIService
 from gateway.tenancy import TenantDirectory
@@ -197,9 +198,12 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         services.warmup_errors = await warm_up(tenants, adapters, settings)
         logger.info("gateway ready: base %s, %d adapter slots in engine memory",
                     settings.base_model_id, settings.max_cpu_loras)
+        msp = ModelServerProtocol(engine, adapters, admission, tenants, model_name=settings.base_name)
+        metrics.registry.register(msp)
         try:
             yield
         finally:
+            metrics.registry.unregister(msp)
             await quotas.store.close()
             engine.shutdown()
             registry.close()

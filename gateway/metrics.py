@@ -45,10 +45,7 @@ class GatewayMetrics:
         self.disk_cache_bytes = Gauge("lgw_adapter_disk_cache_bytes",
                                       "Bytes of verified adapters on local disk.", registry=r)
         self.pinned = Gauge("lgw_adapter_pinned", "Adapters pinned in engine memory.", registry=r)
-        # vLLM's own gauge, so adapter-affinity routers can read it from the gateway too.
-        self.lora_requests_info = Gauge(
-            "vllm:lora_requests_info", "Running stats on LoRA requests.",
-            ["running_lora_adapters", "max_lora", "waiting_lora_adapters"], registry=r)
+        # The Model Server Protocol's vllm:* gauges are gateway.msp's, registered by the app.
         self.ready = Gauge("lgw_ready", "1 when the engine serves requests.", registry=r)
         # Quotas and fair admission.
         self.quota_rejections = Counter("lgw_quota_rejections", "Requests refused by a tenant's limit.",

@@ -89,6 +89,56 @@ def _consume_exception(future: asyncio.Future[Any]) -> None:
         logger.warning("background refresh failed: %s", future.exception())
 
 
+def _own_model(tenant: Tenant, model: str) -> str:
+    """``model`` in ``tenant``'s own namespace; ModelNotFoundError for anyone else's."""
+    if "/" not in model:
+        return model
+    try:
+        owner, ref = parse_qualified_model(model)
+    except (ValidationError, NotFoundError):
+        raise ModelNotFoundError(model) from None  # malformed reads like unknown: 404
+    if owner != tenant.name:
+        raise ModelNotFoundError(model)
+    return str(ref)
+
+
+class _AffinityKeys:
+    """Qualified model names, each with the version it last resolved to on this replica.
+
+    A key follows its alias when the alias moves (on its next resolve); the oldest keys
+    are forgotten past ``max_keys``, so memory stays bounded whatever callers send.
+    """
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._max_keys = max_keys
+        self._version_of: OrderedDict[str, str] = OrderedDict()
+        self._keys_of: dict[str, set[str]] = {}
+
+    def note(self, key: str, ref: str) -> None:
+        if key == ref:
+            return  # ``acme/bot@v3`` is listed as the version itself
+        old = self._version_of.get(key)
+        if old != ref:
+            if old is not None:
+                self._drop(key, old)
+            self._keys_of.setdefault(ref, set()).add(key)
+        self._version_of[key] = ref
+        self._version_of.move_to_end(key)
+        while len(self._version_of) > self._max_keys:
+            oldest, oldest_ref = self._version_of.popitem(last=False)
+            self._drop(oldest, oldest_ref)
+
+    def keys(self, ref: str) -> list[str]:
+        return sorted(self._keys_of.get(ref, ()))
+
+    def _drop(self, key: str, ref: str) -> None:
+        keys = self._keys_of.get(ref)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._keys_of[ref]
+
+
 class TenantDirectory:
     """Keys to tenants, and a tenant's ``model`` to the adapter version it names."""
 
@@ -97,6 +147,7 @@ class TenantDirectory:
         self._served_base = served_base  # (model_id, revision)
         self._keys: TtlCache[str, Tenant] = TtlCache(ttl)
         self._models: TtlCache[tuple[int, str], AdapterVersion] = TtlCache(ttl)
+        self._affinity = _AffinityKeys()
 
     async def authenticate(self, api_key: str) -> Tenant:
         async def load() -> Tenant:
@@ -108,11 +159,18 @@ class TenantDirectory:
         return await self._keys.get_or_load(key_hash(api_key), load)  # never a secret as a key
 
     async def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
-        """The version ``model`` names in ``tenant``'s namespace, built for the served base."""
+        """The version ``model`` names for ``tenant``, built for the served base.
+
+        ``model`` is in the caller's namespace (``name``, ``name:alias``, ``name@vN``) or
+        qualified with the caller's own tenant (``acme/name…``, the affinity key routers
+        see). Another tenant's qualified name is refused before any lookup, with the very
+        404 a nonexistent name gets: nothing about other tenants can be learned from it.
+        """
+        local = _own_model(tenant, model)
 
         async def load() -> AdapterVersion:
             try:
-                version = await asyncio.to_thread(self._registry.resolve, tenant, model)
+                version = await asyncio.to_thread(self._registry.resolve, tenant, local)
             except NotFoundError:
                 raise ModelNotFoundError(model) from None
             if (version.base_model_id, version.base_revision) != self._served_base:
@@ -121,9 +179,15 @@ class TenantDirectory:
                 raise ModelNotFoundError(model)
             return version
 
-        version = await self._models.get_or_load((tenant.id, model), load)
+        version = await self._models.get_or_load((tenant.id, local), load)
         note_adapter(f"{version.tenant}/{version.adapter}")
+        self._affinity.note(f"{tenant.name}/{local}", version.ref)
         return version
+
+    def affinity_keys(self, ref: str) -> list[str]:
+        """Every routing key of version ``ref``: itself, and the qualified names that last
+        resolved to it here (``acme/bot``, ``acme/bot:canary``)."""
+        return [ref, *self._affinity.keys(ref)]
 
     async def resolve_ref(self, ref: str) -> AdapterVersion:
         """An operator's ``tenant/name``, ``tenant/name:alias`` or ``tenant/name@vN``."""

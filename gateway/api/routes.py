@@ -94,7 +94,4 @@ async def live(services: ServicesDep) -> JSONResponse:
 async def metrics(services: ServicesDep) -> Response:
     m = services.metrics
     m.ready.set(1 if services.ready else 0)
-    running, _capacity = services.adapters.engine_state()
-    m.lora_requests_info.clear()
-    m.lora_requests_info.labels(",".join(running), str(services.settings.max_loras), "").set(time.time())
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -39,9 +39,29 @@ class Delta:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine scheduler's latest report (vLLM sends one with every step's outputs).
+
+    Between steps nothing changes in the engine, so the last report stands; before the
+    first step nothing ran yet. ``waiting_adapters`` names (``LoraSpec.name``) the adapters
+    of requests the engine has accepted but not yet scheduled.
+    """
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0  # 0..1
+    waiting_adapters: frozenset[str] = frozenset()
+    cache_config: dict[str, str] = field(default_factory=dict)  # vLLM's cache_config_info labels
+
+
 class Engine(Protocol):
     @property
     def is_dead(self) -> bool: ...
+
+    def stats(self) -> EngineStats:
+        """The scheduler's latest state (no awaiting: read on every metrics scrape)."""
+        ...
 
     async def add_lora(self, lora: LoraSpec) -> None:
         """Load and validate an adapter; raises AdapterRejectedError, never kills the engine."""

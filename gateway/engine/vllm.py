@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from vllm import AsyncEngineArgs, SamplingParams
 from vllm.exceptions import VLLMClientError
@@ -13,9 +14,18 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine import exceptions as vllm_exc
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.stats import SchedulerStats
 
 from gateway.config import Dtype, LoraRank
-from gateway.engine.base import Delta, LoraSpec, OpenAIServing, SamplingSpec, ServingOptions
+from gateway.engine.base import (
+    Delta,
+    EngineStats,
+    LoraSpec,
+    OpenAIServing,
+    SamplingSpec,
+    ServingOptions,
+)
 from gateway.engine.openai import VllmOpenAI, lora_request
 from gateway.errors import AdapterRejectedError, EngineDeadError, EngineError, EngineRequestError
 
@@ -35,9 +45,40 @@ class VllmOptions:
     enforce_eager: bool = False
 
 
+class _SchedulerStatsSink(StatLoggerBase):
+    """vLLM's stat-logger hook, keeping only the scheduler's latest report.
+
+    vLLM calls ``record`` on the event loop with every engine step's outputs; the
+    gateway publishes the numbers itself (``gateway.msp``), so nothing is logged here.
+    """
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self._config = vllm_config
+        self.latest = EngineStats()
+
+    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: Any,
+               mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+        if scheduler_stats is None:
+            return
+        s = scheduler_stats
+        self.latest = EngineStats(
+            running=s.num_running_reqs,
+            waiting=s.num_waiting_reqs + s.num_skipped_waiting_reqs,  # as vLLM's own gauge
+            kv_cache_usage=s.kv_cache_usage,
+            # vLLM lists every adapter with requests in both maps; the count tells which.
+            waiting_adapters=frozenset(n for n, k in s.waiting_lora_adapters.items() if k > 0),
+            cache_config=self.latest.cache_config)
+
+    def log_engine_initialized(self) -> None:
+        # The KV cache is sized now: num_gpu_blocks is known from here on.
+        info = {k: str(v) for k, v in self._config.cache_config.metrics_info().items()}
+        self.latest = replace(self.latest, cache_config=info)
+
+
 class VllmEngine:
-    def __init__(self, engine: AsyncLLM) -> None:
+    def __init__(self, engine: AsyncLLM, sink: _SchedulerStatsSink) -> None:
         self._engine = engine
+        self._sink = sink
 
     @classmethod
     def start(cls, opts: VllmOptions) -> VllmEngine:
@@ -54,9 +95,20 @@ class VllmEngine:
             max_lora_rank=opts.max_lora_rank,
             gpu_memory_utilization=opts.gpu_memory_utilization,
             enforce_eager=opts.enforce_eager,
+            # No log lines; scheduler stats still flow to the sink below.
             disable_log_stats=True,
         )
-        return cls(AsyncLLM.from_engine_args(args))
+        sinks: list[_SchedulerStatsSink] = []
+
+        def sink(config: Any, index: int) -> _SchedulerStatsSink:
+            sinks.append(_SchedulerStatsSink(config, index))
+            return sinks[-1]
+
+        engine = AsyncLLM.from_engine_args(args, stat_loggers=[sink])
+        return cls(engine, sinks[0])
+
+    def stats(self) -> EngineStats:
+        return self._sink.latest
 
     @property
     def is_dead(self) -> bool:

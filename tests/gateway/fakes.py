@@ -14,7 +14,7 @@ from gateway.engine import (
     LoraSpec,
     SamplingSpec,
 )
-from gateway.engine.base import Route, ServingOptions, ServingResult
+from gateway.engine.base import EngineStats, Route, ServingOptions, ServingResult
 from gateway.errors import InvalidRequestError
 
 
@@ -34,10 +34,15 @@ class FakeEngine:
         self.reject: set[int] = set()
         self.die_on_generate = False
         self.dead = False
+        # What the scheduler last reported; tests set it as vLLM's stat logger would.
+        self.scheduler = EngineStats(cache_config={"block_size": "16", "num_gpu_blocks": "64"})
 
     @property
     def is_dead(self) -> bool:
         return self.dead
+
+    def stats(self) -> EngineStats:
+        return self.scheduler
 
     async def add_lora(self, lora: LoraSpec) -> None:
         self.add_calls.append(lora.int_id)

@@ -18,10 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters_registry import Registry
 from loadtest.servers import free_port, start, vllm_server_command
-from tests.conftest import ANSWERS, PROMPTS, REPO, populate
-from tests.integration.conftest import GatewayProcess, start_gateway
+from tests.conftest import ANSWERS, PROMPTS, REPO
+from tests.integration.conftest import GatewayProcess, start_gateway, tiny_registry
 
 pytestmark = pytest.mark.integration
 REPORT = REPO / ".cache" / "reports" / "openai-differential.json"
@@ -85,10 +84,9 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapters):
     root: Path = tmp_path_factory.mktemp("differential")
-    db_url = f"sqlite:///{root / 'registry.db'}"
-    registry = Registry.open(db_url, root / "artifacts")
     e = Env()
-    e.keys, e.results = populate(registry, tiny_contract, tiny_template, trained_adapters), {}
+    db_url, registry, e.keys = tiny_registry(root, tiny_contract, tiny_template, trained_adapters)
+    e.results = {}
     registry.close()
     port = free_port()
     e.oracle = start(vllm_server_command(port, [
