@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_registry.changes import CHANNEL_SQL, listen_params
 from adapters_registry.records import TenantLimits
+from lora_gateway.cli import main
 from tests.conftest import copy_adapter
 from tests.gateway.test_admin_api import ADMIN, admin
 
@@ -89,8 +90,9 @@ def test_alias_moves_key_revocations_and_limits_reach_both_replicas_within_a_sec
     for gw in gws:
         until(lambda gw=gw: "acme/support-bot@v2" in answer(gw, key), deadline, "alias move")
 
-    # A key revocation through the registry library (the CLI's path), not any gateway.
-    reg.revoke_api_key("acme", spare[:12])
+    # A key revocation by the operator's CLI, not through any gateway.
+    assert main(["registry", "revoke-key", "--db", registry_env.db_url, "--artifacts",
+                 str(registry_env.artifacts), "acme", spare[:12]]) == 0
     deadline = time.monotonic() + PUSHED_WITHIN_S
     for gw in gws:
         until(lambda gw=gw: status(gw, spare) == 401, deadline, "key revocation")
