@@ -49,7 +49,9 @@ class ChangeListener:
 
     def __init__(self, params: dict[str, Any], on_change: OnChange, metrics: GatewayMetrics, *,
                  ttl: float, retry_s: float, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self._params = params
+        # The database URL's own settings win over these defaults.
+        defaults = {"application_name": APPLICATION_NAME, "connect_timeout": max(1, round(heartbeat_s))}
+        self._params: dict[str, Any] = defaults | params
         self._on_change = on_change
         self._ttl = ttl
         self._retry_s = retry_s
@@ -76,9 +78,7 @@ class ChangeListener:
         delay = self._retry_s
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                        **self._params, autocommit=True, application_name=APPLICATION_NAME,
-                        connect_timeout=max(1, round(self._heartbeat_s))) as conn:
+                async with await psycopg.AsyncConnection.connect(autocommit=True, **self._params) as conn:
                     await self._listen(conn)
                     delay = self._retry_s
                     await self._receive(conn)
