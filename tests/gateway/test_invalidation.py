@@ -4,6 +4,7 @@ cut they are seen within the TTL, the outage is logged and metered, and it recov
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_registry.changes import CHANNEL_SQL, listen_params
 from adapters_registry.records import TenantLimits
+from gateway.invalidation import ChangeListener
+from gateway.metrics import GatewayMetrics
 from lora_gateway.cli import main
 from tests.conftest import copy_adapter
 from tests.gateway.test_admin_api import ADMIN, admin
@@ -174,3 +177,30 @@ def test_on_sqlite_there_is_no_channel_and_the_log_says_so(gateway_factory, capl
     assert channel_up(gw) is None  # no series: nothing to alert on for a single replica
     assert any("no push channel, the registry database is not PostgreSQL" in r.getMessage()
                and "(5s)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_channel_that_stays_down_is_logged_once_and_metered(monkeypatch, caplog) -> None:
+    attempts: list[dict] = []
+
+    async def refuse(*args, **params):
+        attempts.append(params)
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", refuse)
+    metrics = GatewayMetrics()
+
+    async def main() -> None:
+        listener = ChangeListener({"host": "db", "connect_timeout": 3}, lambda _: None, metrics,
+                                  ttl=5, retry_s=0.01)
+        listener.start()
+        while len(attempts) < 4:
+            await asyncio.sleep(0.01)
+        await listener.stop()
+
+    asyncio.run(main())
+    assert metrics.registry.get_sample_value("lgw_invalidation_channel_up", {"channel": "postgres"}) == 0
+    down = [r.getMessage() for r in caplog.records if "channel down" in r.getMessage()]
+    assert len(down) == 1 and "connection refused" in down[0] and "TTL (5s)" in down[0]
+    # The database URL's own settings win over the listener's defaults.
+    assert attempts[0] == {"autocommit": True, "host": "db", "connect_timeout": 3,
+                           "application_name": "lora-gateway changes"}
