@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from adapters_registry import keys
 from adapters_registry._audit import record
+from adapters_registry.changes import Change, publish
 from adapters_registry.db import ApiKeyRow, TenantLimitsRow, TenantRow, as_utc, as_utc_or_none
 from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
 from adapters_registry.names import shown, validate_name
@@ -79,6 +80,7 @@ class TenancyMixin:
             for r in rows:
                 r.revoked_at = datetime.now(UTC)
             record(s, self.actor, "key.revoke", tenant.name, prefix=prefix[:keys.SHOWN_PREFIX])
+            publish(s, Change("keys", tenant.id, tenant.name))
         return len(rows)
 
     def authenticate(self, api_key: str) -> Tenant:
@@ -109,6 +111,7 @@ class TenancyMixin:
                 setattr(row, name, getattr(limits, name))
             row.updated_at = datetime.now(UTC)
             record(s, self.actor, "limits.set", tenant.name, **asdict(limits))
+            publish(s, Change("limits", tenant.id, tenant.name))
         return limits
 
     def get_limits(self, tenant_name: str) -> TenantLimits:

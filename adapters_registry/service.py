@@ -25,6 +25,7 @@ from adapters_registry._audit import read as read_audit
 from adapters_registry._integrity import IntegrityMixin
 from adapters_registry._tenancy import TenancyMixin
 from adapters_registry._tokenizer_files import TOKENIZER_FILES, shipped_chat_template
+from adapters_registry.changes import Change, publish
 from adapters_registry.compat import CONFIG_FILE, Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract
 from adapters_registry.db import (
@@ -267,6 +268,7 @@ class Registry(TenancyMixin, IntegrityMixin):
             version = _to_version(row, tenant.name, name, template)
             record(s, self.actor, "version.register", version.ref, lora_int_id=row.id,
                    content_sha256=content, aliases=sorted(targets))
+            publish(s, Change("version", tenant.id, tenant.name, name))
         logger.info("registered %s (lora_int_id=%d, aliases=%s)", version.ref,
                     version.lora_int_id, sorted(targets))
         return version
@@ -285,6 +287,7 @@ class Registry(TenancyMixin, IntegrityMixin):
             s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
             record(s, self.actor, "alias.set", f"{tenant.name}/{name}:{alias}",
                    previous=previous, version=version)
+            publish(s, Change("alias", tenant.id, tenant.name, name))
 
     def deprecate_version(self, tenant_name: str, name: str, version: int) -> None:
         """Still servable by ``@vN``, but no alias may point at it any more."""
@@ -306,6 +309,7 @@ class Registry(TenancyMixin, IntegrityMixin):
                                     f"{pointing}; move them first")
             row.state = state
             record(s, self.actor, action, f"{tenant.name}/{name}@v{version}")
+            publish(s, Change("version", tenant.id, tenant.name, name))
 
     def audit_log(self, *, subject_prefix: str | None = None, limit: int = 100) -> list[AuditEntry]:
         return read_audit(self.db, subject_prefix=subject_prefix, limit=limit)

@@ -40,6 +40,7 @@ from gateway.disk_cache import DiskCache
 from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
 from gateway.errors import BaseMismatchError, GatewayError, error_body
+from gateway.invalidation import start_listener
 from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import BodySizeLimit, MetricsPortSplit
@@ -196,6 +197,9 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         services = Services(settings, tenants, adapters, openai, metrics, admin, quotas, admission)
         app.state.services = services
         services.warmup_errors = await warm_up(tenants, adapters, settings)
+        app.state.registry_changes = start_listener(
+            registry, tenants, quotas, metrics, enabled=settings.registry_changes_channel,
+            ttl=settings.resolve_ttl_seconds, retry_s=settings.registry_changes_retry_seconds)
         logger.info("gateway ready: base %s, %d adapter slots in engine memory",
                     settings.base_model_id, settings.max_cpu_loras)
         msp = ModelServerProtocol(engine, adapters, admission, tenants, model_name=settings.base_name)
@@ -203,6 +207,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         try:
             yield
         finally:
+            if app.state.registry_changes is not None:
+                await app.state.registry_changes.stop()
             metrics.registry.unregister(msp)
             await quotas.store.close()
             engine.shutdown()

@@ -65,6 +65,13 @@ class GatewaySettings(BaseSettings):
     resolve_ttl_seconds: float = Field(
         default=2.0, ge=0, description="How long a name→version resolution or a key is cached."
     )
+    registry_changes_channel: bool = Field(
+        default=True, description="On a PostgreSQL registry: listen for its change notices "
+        "(LISTEN/NOTIFY), so alias moves, deletions, key revocations and limit changes reach "
+        "this replica at once; off, or on SQLite: within resolve_ttl_seconds.")
+    registry_changes_retry_seconds: float = Field(
+        default=1.0, gt=0, le=30, description="First reconnection delay after the change channel "
+        "drops; doubles per failed attempt, up to 30 s.")
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     admin_api_key: SecretStr | None = Field(
         default=None, min_length=32,

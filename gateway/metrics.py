@@ -61,3 +61,12 @@ class GatewayMetrics:
                                         ["tenant", "reason"], registry=r)
         self.admitted = Gauge("lgw_admitted_in_flight", "Requests holding an engine slot.",
                               registry=r)
+        # Registry changes pushed to this replica (gateway.invalidation).
+        self.invalidation_channel_up = Gauge(
+            "lgw_invalidation_channel_up", "1 while the registry change channel is connected, 0 "
+            "while down (caches then rely on the resolve TTL); absent when there is none.",
+            ["channel"], registry=r)
+        self.invalidation_notices = Counter(
+            "lgw_invalidation_notices", "Registry change notices applied, by kind ('all' on each "
+            "channel (re)connection, 'unreadable' for a notice that could not be parsed).",
+            ["kind"], registry=r)

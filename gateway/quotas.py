@@ -215,9 +215,9 @@ class Quotas:
             return Limits.merged(own, self.defaults)
         return await self._limits.get_or_load(tenant.id, load)
 
-    def forget(self, tenant: Tenant) -> None:
-        """Drop the cached limits of ``tenant`` (this replica sees a change at once)."""
-        self._limits.invalidate(tenant.id)
+    def forget(self, tenant: Tenant | None = None) -> None:
+        """Drop the cached limits of ``tenant`` (of every tenant when None): seen at once."""
+        self._limits.invalidate(None if tenant is None else tenant.id)
 
     async def call(self, op: Awaitable[Verdict]) -> Verdict | None:
         """The store's answer; None when it failed and the mode is open (503 when closed)."""

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from adapters_registry import Registry
+from adapters_registry.changes import ADAPTER_KINDS, Change
 from adapters_registry.errors import AuthenticationError, NotFoundError, ValidationError
 from adapters_registry.keys import key_hash
 from adapters_registry.names import parse_qualified_model
@@ -45,6 +46,7 @@ class TtlCache(Generic[K, V]):
         self.max_entries = max_entries
         self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._loads: dict[K, asyncio.Future[V]] = {}
+        self._epoch = 0  # bumped by every invalidation
 
     async def get_or_load(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         hit = self._data.get(key)
@@ -56,20 +58,43 @@ class TtlCache(Generic[K, V]):
         future = self._loads.get(key) or self._start_load(key, load)
         return await asyncio.shield(future)
 
+    def __len__(self) -> int:
+        return len(self._data)
+
     def invalidate(self, key: K | None = None) -> None:
         """Forget one key, or everything."""
         if key is None:
             self._data.clear()
         else:
             self._data.pop(key, None)
+        self._forget_loads()
+
+    def invalidate_where(self, stale: Callable[[K, V], bool]) -> int:
+        """Forget every entry ``stale(key, value)`` picks; returns how many."""
+        keys = [key for key, (_, value) in self._data.items() if stale(key, value)]
+        for key in keys:
+            del self._data[key]
+        self._forget_loads()
+        return len(keys)
+
+    def _forget_loads(self) -> None:
+        # A lookup in flight may have read the database before the change: its callers get
+        # its answer, but it is not cached, and later callers start a lookup of their own.
+        self._epoch += 1
+        self._loads.clear()
 
     def _start_load(self, key: K, load: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
+        epoch = self._epoch
+
         async def run() -> V:
             started = time.monotonic()
             try:
                 value = await load()
             finally:
-                self._loads.pop(key, None)
+                if self._loads.get(key) is future:
+                    del self._loads[key]
+            if epoch != self._epoch:
+                return value
             # Valid from when the lookup started: a value is never trusted past its TTL.
             self._data[key] = (started + self.ttl, value)
             self._data.move_to_end(key)
@@ -202,6 +227,21 @@ class TenantDirectory:
             return await self.resolve(tenant, str(model))
         except (NotFoundError, ModelNotFoundError):
             raise ModelNotFoundError(ref) from None
+
+    def invalidate(self, change: Change | None) -> int:
+        """Forget the keys or resolutions ``change`` may have made stale (None: all of them)."""
+        if change is None:
+            dropped = len(self._keys) + len(self._models)
+            self._keys.invalidate()
+            self._models.invalidate()
+            return dropped
+        if change.kind == "keys":
+            return self._keys.invalidate_where(lambda _, tenant: tenant.id == change.tenant_id)
+        if change.kind in ADAPTER_KINDS:
+            # By value: every name that reached this adapter (alias, @vN, or the bare name).
+            return self._models.invalidate_where(
+                lambda _, version: (version.tenant, version.adapter) == (change.tenant, change.adapter))
+        return 0
 
     async def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:
         return await asyncio.to_thread(self._registry.list_adapters, tenant)

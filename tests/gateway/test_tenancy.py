@@ -100,6 +100,47 @@ def test_zero_ttl_always_looks_up() -> None:
     asyncio.run(main())
 
 
+def test_invalidate_where_forgets_exactly_the_entries_it_picks() -> None:
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=60)
+        sources = {k: Source() for k in ("a1", "a2", "b1")}
+        for k, src in sources.items():
+            await cache.get_or_load(k, src.load)
+        assert cache.invalidate_where(lambda key, _: key.startswith("a")) == 2
+        assert len(cache) == 1
+        for src in sources.values():
+            src.value = "v2"
+        assert [await cache.get_or_load(k, src.load) for k, src in sources.items()] == [
+            "v2", "v2", "v1"]
+
+    asyncio.run(main())
+
+
+def test_a_lookup_in_flight_when_invalidated_answers_its_callers_but_is_not_cached() -> None:
+    # It may have read the database before the change: caching it would keep the stale
+    # answer for a whole TTL after the change was announced.
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=60)
+        read_before_change = asyncio.Event()
+
+        async def stale() -> str:
+            await read_before_change.wait()
+            return "v1"
+
+        async def fresh() -> str:
+            return "v2"
+
+        early = asyncio.create_task(cache.get_or_load("k", stale))
+        await asyncio.sleep(0)
+        cache.invalidate_where(lambda *_: False)  # a change elsewhere: nothing cached to drop
+        assert await cache.get_or_load("k", fresh) == "v2"  # did not join the early lookup
+        read_before_change.set()
+        assert await early == "v1"  # its caller gets its answer...
+        assert await cache.get_or_load("k", stale) == "v2"  # ...but the cache keeps the fresh one
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("ref", ["acme", "/bot", "acme/", "ACME/bot", "acme/bot\n"])
 def test_malformed_operator_refs_are_clear_errors(registry_env, ref: str) -> None:
     from gateway.errors import InvalidRequestError, ModelNotFoundError
