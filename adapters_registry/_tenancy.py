@@ -84,6 +84,11 @@ class TenancyMixin:
         return len(rows)
 
     def authenticate(self, api_key: str) -> Tenant:
+        return self.authenticate_until(api_key)[0]
+
+    def authenticate_until(self, api_key: str) -> tuple[Tenant, datetime | None]:
+        """The key's tenant and when the key expires (UTC; None: never). A cache of the answer
+        must not outlive that time: expiry publishes no change notice."""
         digest = keys.key_hash(keys.check_format(api_key))
         with Session(self.db) as s:
             row = s.execute(
@@ -94,7 +99,7 @@ class TenancyMixin:
         # Expiry is compared here, in UTC, so SQLite's naive datetimes cannot mislead SQL.
         if row is None or (row.expires_at is not None and as_utc(row.expires_at) <= datetime.now(UTC)):
             raise keys.invalid_key()
-        return Tenant(row.id, row.name)
+        return Tenant(row.id, row.name), as_utc_or_none(row.expires_at)
 
     def set_limits(self, tenant_name: str, limits: TenantLimits) -> TenantLimits:
         """Replace the tenant's quotas and weight (None fields: the gateway's defaults)."""

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from adapters_registry import Registry
@@ -170,18 +171,24 @@ class TenantDirectory:
     def __init__(self, registry: Registry, *, served_base: tuple[str, str], ttl: float) -> None:
         self._registry = registry
         self._served_base = served_base  # (model_id, revision)
-        self._keys: TtlCache[str, Tenant] = TtlCache(ttl)
+        self._keys: TtlCache[str, tuple[Tenant, datetime | None]] = TtlCache(ttl)
         self._models: TtlCache[tuple[int, str], AdapterVersion] = TtlCache(ttl)
         self._affinity = _AffinityKeys()
 
     async def authenticate(self, api_key: str) -> Tenant:
-        async def load() -> Tenant:
+        async def load() -> tuple[Tenant, datetime | None]:
             try:
-                return await asyncio.to_thread(self._registry.authenticate, api_key)
+                return await asyncio.to_thread(self._registry.authenticate_until, api_key)
             except AuthenticationError as exc:
                 raise AuthenticationFailedError(str(exc)) from None
 
-        return await self._keys.get_or_load(key_hash(api_key), load)  # never a secret as a key
+        digest = key_hash(api_key)  # never a secret as a cache key
+        tenant, expires_at = await self._keys.get_or_load(digest, load)
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            # Expiry sends no change notice: a cached key must not outlive it by a TTL.
+            self._keys.invalidate(digest)
+            tenant, _ = await self._keys.get_or_load(digest, load)  # the registry refuses it now
+        return tenant
 
     async def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
         """The version ``model`` names for ``tenant``, built for the served base.
@@ -236,7 +243,7 @@ class TenantDirectory:
             self._models.invalidate()
             return dropped
         if change.kind == "keys":
-            return self._keys.invalidate_where(lambda _, tenant: tenant.id == change.tenant_id)
+            return self._keys.invalidate_where(lambda _, grant: grant[0].id == change.tenant_id)
         if change.kind in ADAPTER_KINDS:
             # By value: every name that reached this adapter (alias, @vN, or the bare name).
             return self._models.invalidate_where(

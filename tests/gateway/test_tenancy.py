@@ -149,3 +149,28 @@ def test_malformed_operator_refs_are_clear_errors(registry_env, ref: str) -> Non
     directory = TenantDirectory(registry_env.registry, served_base=("x", "y"), ttl=0)
     with pytest.raises((InvalidRequestError, ModelNotFoundError)):
         asyncio.run(directory.resolve_ref(ref))
+
+
+def test_a_cached_key_is_refused_once_it_expires(tmp_path) -> None:
+    """Expiry publishes no change notice: the cache must not accept a key for a TTL past it."""
+    from datetime import UTC, datetime, timedelta
+
+    from adapters_registry import Registry
+    from gateway.errors import AuthenticationFailedError
+    from gateway.tenancy import TenantDirectory
+
+    registry = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "artifacts")
+    registry.create_tenant("acme")
+    key = registry.create_api_key("acme", expires_at=datetime.now(UTC) + timedelta(seconds=1))
+    tenants = TenantDirectory(registry, served_base=("tiny", "r1"), ttl=600)
+
+    async def main() -> None:
+        assert (await tenants.authenticate(key)).name == "acme"  # cached for 10 minutes
+        await asyncio.sleep(1.2)
+        with pytest.raises(AuthenticationFailedError):
+            await tenants.authenticate(key)
+
+    try:
+        asyncio.run(main())
+    finally:
+        registry.close()
