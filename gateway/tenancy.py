@@ -25,7 +25,12 @@ from adapters_registry.keys import key_hash
 from adapters_registry.names import parse_qualified_model
 from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
 from gateway.accounting import note_adapter
-from gateway.errors import AuthenticationFailedError, InvalidRequestError, ModelNotFoundError
+from gateway.errors import (
+    AuthenticationFailedError,
+    GatewayError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
 
 logger = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -91,6 +96,10 @@ class TtlCache(Generic[K, V]):
             started = time.monotonic()
             try:
                 value = await load()
+            except GatewayError as exc:
+                if exc.status < 500 and epoch == self._epoch:
+                    self._data.pop(key, None)  # a definite "no" (key revoked, name gone) ends the entry now
+                raise
             finally:
                 if self._loads.get(key) is future:
                     del self._loads[key]
@@ -111,8 +120,13 @@ class TtlCache(Generic[K, V]):
 def _consume_exception(future: asyncio.Future[Any]) -> None:
     # A background refresh that failed leaves the entry to expire; the next caller
     # after that loads it again and sees the error itself.
-    if not future.cancelled() and future.exception() is not None:
-        logger.warning("background refresh failed: %s", future.exception())
+    if future.cancelled() or future.exception() is None:
+        return
+    exc = future.exception()
+    if isinstance(exc, GatewayError) and exc.status < 500:
+        logger.debug("background refresh: %s", exc)  # the entry is gone; its next caller is told
+    else:
+        logger.warning("background refresh failed: %s", exc)
 
 
 def _own_model(tenant: Tenant, model: str) -> str:

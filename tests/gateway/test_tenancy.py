@@ -58,6 +58,32 @@ def test_hits_in_the_second_half_refresh_in_the_background() -> None:
     asyncio.run(main())
 
 
+def test_a_refresh_that_says_no_ends_the_entry_at_once() -> None:
+    """A revoked key (or a deleted name) found by a background refresh is not served on."""
+    from gateway.errors import AuthenticationFailedError
+
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=0.4)
+        calls = 0
+
+        async def load() -> str:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise AuthenticationFailedError("invalid API key")
+            return "acme"
+
+        assert await cache.get_or_load("k", load) == "acme"
+        await asyncio.sleep(0.25)  # past half its life: this hit refreshes behind
+        assert await cache.get_or_load("k", load) == "acme"
+        await asyncio.sleep(0.01)
+        assert len(cache) == 0
+        with pytest.raises(AuthenticationFailedError):
+            await cache.get_or_load("k", load)  # well inside the old entry's TTL
+
+    asyncio.run(main())
+
+
 def test_nothing_is_served_past_its_ttl() -> None:
     async def main() -> None:
         cache: TtlCache[str, str] = TtlCache(ttl=0.1)
