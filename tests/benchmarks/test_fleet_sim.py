@@ -68,14 +68,20 @@ def test_without_a_reproduced_replica_run_no_table_is_written(tmp_path) -> None:
                       "max_cpu_loras": 2, "requests": 200, "zipf_s": 1.1, "seed": 0,
                       "concurrency": 2},
            "policies": {p: {"cold_per_request": {"median": 0.001, "min": 0.0, "max": 0.002},
-                            "ttft_ms": {"p50": {"median": 20.0}}}
+                            "ttft_ms": {"p50": {"median": 20.0}},
+                            "rounds": [{"ttft_ms": {"p50": 20.0, "p99": 30.0}}]}
                         for p in ("round_robin", "consistent_hash")},
            "ttft_by_tier_ms": {"slot_hit": {"p50": 15.0}, "engine_hit": {"p50": 18.0},
                                "disk_hit": {"p50": 19.0}}}
     path = tmp_path / "replicas.json"
     path.write_text(json.dumps(run))
     out = tmp_path / "out"
-    assert fleet_sim.main(["--replicas-run", str(path), "--out", str(out), "--sizes", "4x100"]) == 1
+    serving = tmp_path / "bench.json"
+    serving.write_text(json.dumps({"swap_penalty_ms": {
+        "cold_remote": 30.0, "cold_disk": 3.0, "warm_engine": 3.0,
+        "detail": {"warm-swap": {"engine_hit": {"repeat_ttft_p50_ms": 14.0}}}}}))
+    assert fleet_sim.main(["--replicas-run", str(path), "--serving-bench", str(serving), "--out",
+                           str(out), "--sizes", "4x100"]) == 1
     doc = json.loads((out / "fleet_sim.json").read_text())
     assert doc["reproduction"]["reproduced"] is False and doc["table"] == []
     assert "not reported" in (out / "fleet_sim.md").read_text()
