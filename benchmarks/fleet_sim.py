@@ -135,6 +135,9 @@ class Config:
     start_on_disk: bool = False  # every adapter on every replica's disk at the start
     eps: float = 0.25  # bounded_load's slack
     gie_queue_threshold: int = 8  # gie: replicas with more in flight are not preferred
+    # None: each replica is its own server (a fleet). k: all replicas share k servers, as
+    # the replica run's engines share this machine's CPU cores (caches stay per replica).
+    shared_servers: int | None = None
 
     @property
     def adapters(self) -> int:
@@ -142,8 +145,11 @@ class Config:
 
 
 def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = None,
-             rr_offset: int = 0) -> dict[str, Any]:
-    """Replay ``trace`` (or a fresh Zipf one) under ``policy``: tier rates, TTFT, imbalance."""
+             rr_offset: int = 0, placement: dict[int, int] | None = None) -> dict[str, Any]:
+    """Replay ``trace`` (or a fresh Zipf one) under ``policy``: tier rates, TTFT, imbalance.
+
+    ``placement`` (adapter -> replica) replaces the ring of ``consistent_hash`` for the
+    adapters it names (to replay a real router's choices)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     if trace is None:
@@ -157,7 +163,7 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
     holders: dict[int, set[int]] = {}  # gie: adapter -> replicas holding it in engine memory
     in_flight = np.zeros(n, dtype=np.int64)
     finishing: list[tuple[float, int]] = []  # (finish time, replica), all requests in flight
-    free_at = np.zeros(n)
+    free_at = np.zeros(cfg.shared_servers or n)
     rng = np.random.default_rng(cfg.seed + 1)
     mean_service = costs.hot_s
     if cfg.concurrency:
@@ -181,7 +187,7 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
             rep = (k + rr_offset) % n
         elif policy == "consistent_hash":
             assert ring is not None
-            rep = next(ring.walk(key))
+            rep = placement[adapter] if placement and adapter in placement else next(ring.walk(key))
         elif policy == "bounded_load":
             assert ring is not None
             bound = math.ceil((1 + cfg.eps) * (in_flight.sum() + 1) / n)
@@ -197,10 +203,11 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
             holders.setdefault(adapter, set()).add(rep)
             if victim is not None:
                 holders[victim].discard(rep)
-        start = max(now, float(free_at[rep]))
+        server = int(np.argmin(free_at)) if cfg.shared_servers else rep
+        start = max(now, float(free_at[server]))
         service = costs.hot_s + costs.penalty_s.get(tier, 0.0)
         finish = start + service
-        free_at[rep] = finish
+        free_at[server] = finish
         in_flight[rep] += 1
         heapq.heappush(finishing, (finish, rep))
         if cfg.concurrency:
@@ -249,13 +256,19 @@ def reproduce(run: dict[str, Any], costs: Costs) -> dict[str, Any]:
     cfg = Config(replicas=c["replicas"], tenants=c["tenants"], per_tenant=c["per_tenant"],
                  cap=Capacity(c["max_loras"], c["max_cpu_loras"], c["tenants"] * c["per_tenant"]),
                  requests=c["requests"], zipf_s=c["zipf_s"], seed=c["seed"],
-                 concurrency=c["concurrency"], start_on_disk=True)
+                 concurrency=c["concurrency"], start_on_disk=True, shared_servers=run["machine_cpus"])
+    placed = {}  # the router's own consistent_hash choices, as measured
+    for label, where in run["policies"]["consistent_hash"]["placement"].items():
+        tenant, adapter = label.split("/")
+        if len(where) != 1:
+            raise ValueError(f"{label} was answered by {where} under consistent_hash, not one replica")
+        placed[int(tenant[1:]) * cfg.per_tenant + int(adapter[1:])] = int(where[0][1:])
     trace = zipf_trace(cfg.tenants, cfg.per_tenant, cfg.requests, cfg.zipf_s, cfg.seed)
     rows: dict[str, Any] = {}
     sims_by: dict[str, list[dict[str, Any]]] = {}
     for policy in ("round_robin", "consistent_hash"):
         measured = run["policies"][policy]
-        sims = sims_by[policy] = [simulate(cfg, policy, costs, trace, rr_offset=o)
+        sims = sims_by[policy] = [simulate(cfg, policy, costs, trace, rr_offset=o, placement=placed)
                                   for o in range(cfg.replicas)]
         cold = [s["cold_per_request"] for s in sims]
         lo, hi = measured["cold_per_request"]["min"], measured["cold_per_request"]["max"]

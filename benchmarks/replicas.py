@@ -270,6 +270,9 @@ def kill_figures(sent: Sequence[Sent], killed_at: float, victim: str) -> dict[st
         "fraction_moved": round(len(moved) / max(1, len(both)), 4),
         "victim_share_before": round(len(on_victim) / max(1, len(both)), 4),
         "moved_not_from_victim": sorted(a for a in moved if victim not in before_map[a]),
+        # where the victim's adapters went (vllm-router: to one healthy worker, not ring successors)
+        "moved_to": {r: sum(r in after_map[a] for a in moved) for r in sorted(set().union(
+            *(after_map[a] for a in moved)))},
         "single_replica_per_adapter_before": all(len(v) == 1 for v in before_map.values()),
     }
 
@@ -294,6 +297,8 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
                                                 args.zipf_s, args.seed)]
         rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
         by_tier: dict[str, list[float]] = {t: [] for t in TIERS}
+        # adapter -> the replicas that answered it (one each under consistent_hash)
+        placement: dict[str, dict[str, set[str]]] = {p: {} for p in POLICIES}
         for r in range(args.rounds):
             for policy in POLICIES if r % 2 == 0 else POLICIES[::-1]:
                 asyncio.run(admin_all(replicas, targets, "evict", **{"from": "engine"}))
@@ -304,6 +309,7 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
                     raise RuntimeError(f"round {r} {policy}: {f['errors'][:3]}")
                 rounds[policy].append(f)
                 for s in sent:
+                    placement[policy].setdefault(s.record.target, set()).add(s.record.replica or "?")
                     if s.record.tier in by_tier and s.record.ttft is not None:
                         by_tier[s.record.tier].append(s.record.ttft * 1000)
                 print(f"  round {r} {policy:15s} cold/req {f['cold_per_request']:.3f} ttft p50 "
@@ -317,6 +323,7 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
         kill = kill_figures(sent, killed_at, victim.name)
         print(f"  {kill}", flush=True)
     return {
+        "machine_cpus": os.cpu_count(),
         "config": {k: getattr(args, k) for k in ("replicas", "tenants", "per_tenant", "max_loras",
                                                  "max_cpu_loras", "requests", "concurrency",
                                                  "max_tokens", "zipf_s", "seed", "rounds")},
@@ -324,7 +331,8 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
                    "affinity_key": f"{SESSION_HEADER}: <tenant>/<adapter>"},
         "policies": {p: {"cold_per_request": spread([f["cold_per_request"] for f in rs]),
                          "ttft_ms": {q: spread([f["ttft_ms"][q] for f in rs]) for q in ("p50", "p99")},
-                         "rounds": rs} for p, rs in rounds.items()},
+                         "rounds": rs, "placement": {a: sorted(r) for a, r in sorted(placement[p].items())}}
+                     for p, rs in rounds.items()},
         "ttft_by_tier_ms": {t: {"p50": round(statistics.median(v), 2), "n": len(v)}
                             for t, v in by_tier.items() if v},
         "kill": kill,
@@ -355,7 +363,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- adapters seen before and after: {k['adapters_seen_before_and_after']}; moved "
         f"{k['adapters_moved']} ({k['fraction_moved']:.0%}); {k['victim']}'s share before: "
         f"{k['victim_share_before']:.0%}; moved but not from {k['victim']}: "
-        f"{k['moved_not_from_victim'] or 'none'}"]
+        f"{k['moved_not_from_victim'] or 'none'}; moved to: {k['moved_to']}"]
     return "\n".join(lines) + "\n"
 
 

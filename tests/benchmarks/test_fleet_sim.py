@@ -64,12 +64,12 @@ def test_unknown_policy_and_bad_sizes_are_refused() -> None:
 
 def test_without_a_reproduced_replica_run_no_table_is_written(tmp_path) -> None:
     # A made-up replica run whose cold loads the simulator cannot match: it must refuse.
-    run = {"config": {"replicas": 2, "tenants": 2, "per_tenant": 4, "max_loras": 1,
+    run = {"machine_cpus": 2, "config": {"replicas": 2, "tenants": 2, "per_tenant": 4, "max_loras": 1,
                       "max_cpu_loras": 2, "requests": 200, "zipf_s": 1.1, "seed": 0,
                       "concurrency": 2},
            "policies": {p: {"cold_per_request": {"median": 0.001, "min": 0.0, "max": 0.002},
                             "ttft_ms": {"p50": {"median": 20.0}},
-                            "rounds": [{"ttft_ms": {"p50": 20.0, "p99": 30.0}}]}
+                            "rounds": [{"ttft_ms": {"p50": 20.0, "p99": 30.0}}], "placement": {}}
                         for p in ("round_robin", "consistent_hash")},
            "ttft_by_tier_ms": {"slot_hit": {"p50": 15.0}, "engine_hit": {"p50": 18.0},
                                "disk_hit": {"p50": 19.0}}}
@@ -85,3 +85,16 @@ def test_without_a_reproduced_replica_run_no_table_is_written(tmp_path) -> None:
     doc = json.loads((out / "fleet_sim.json").read_text())
     assert doc["reproduction"]["reproduced"] is False and doc["table"] == []
     assert "not reported" in (out / "fleet_sim.md").read_text()
+
+
+def test_a_measured_placement_replaces_the_ring_and_shared_servers_pool_the_queue() -> None:
+    everything_on_0 = {a: 0 for a in range(SMALL.adapters)}
+    pinned = simulate(SMALL, "consistent_hash", COSTS, placement=everything_on_0)
+    assert pinned["imbalance_max_over_mean"] == pytest.approx(SMALL.replicas)
+    # four replicas' caches but one shared server: the same work queues four times deeper
+    closed = Config(replicas=4, tenants=4, per_tenant=10, cap=Capacity(2, 4, 40), requests=2000,
+                    concurrency=4, start_on_disk=True)
+    alone = simulate(closed, "round_robin", COSTS)
+    shared = simulate(Config(**{**closed.__dict__, "shared_servers": 1}), "round_robin", COSTS)
+    assert shared["tier_rates"] == alone["tier_rates"]
+    assert shared["ttft_ms"]["p50"] > 3 * alone["ttft_ms"]["p50"]
