@@ -19,11 +19,12 @@ Zadimoghaddam, "Consistent Hashing with Bounded Loads", 2018); ``gie`` (the endp
 picker's LoRA affinity: among replicas whose queue is below a threshold, prefer one holding
 the adapter in engine memory, least loaded first; else the least loaded replica).
 
-Before the fleet-size table it replays the replica run's own trace and configuration and
-prints its cold loads per request and TTFT side by side with the measurement; the table is
-only written when each policy's simulated cold loads fall inside the measured rounds' range
-(widened by 25%) and the simulated consistent_hash/round_robin TTFT ratios (p50, p99) fall
-inside the range of the measured rounds' ratios.
+Before the fleet-size table it replays the replica run's own trace and configuration (with
+vllm-router's measured consistent_hash placement, and every replica's engine sharing the
+machine's cores, as they did) and prints its cold loads per request and TTFT side by side
+with the measurement; the table is only written when each policy's simulated cold loads
+fall inside the measured rounds' range (widened by 25%) and the simulated
+consistent_hash/round_robin TTFT ratios (p50, p99) fall inside the measured rounds' range.
 """
 
 from __future__ import annotations
