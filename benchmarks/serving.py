@@ -79,8 +79,10 @@ def start_s3(work: Path) -> ServerProcess:
     return server
 
 
-def build_adapters(work: Path, n: int, s3_url: str) -> tuple[Registry, str, Any, list[str]]:
-    """The tiny base, a registry (SQLite + S3) holding ``n`` distinct adapters, the tenant's key."""
+def build_adapters(work: Path, n: int, s3_url: str, database_url: str | None = None,
+                   ) -> tuple[Registry, str, Any, list[str]]:
+    """The tiny base, a registry (SQLite in ``work`` unless ``database_url`` is given, artifacts
+    on S3) holding ``n`` distinct adapters, the tenant's key."""
     from trainer.bases import prepare_base
     from trainer.config import RunConfig
     from trainer.data import load_chat_jsonl
@@ -89,7 +91,7 @@ def build_adapters(work: Path, n: int, s3_url: str) -> tuple[Registry, str, Any,
     base = prepare_base("tiny-llama", REPO / ".cache" / "models")
     contract = derive_contract(base.path, base.model_id, license=base.license)
     template = AdapterTemplate(contract.model_id, contract.revision, r=8, lora_alpha=16)
-    registry = Registry.open(f"sqlite:///{work / 'registry.db'}", f"s3://{BUCKET}/artifacts",
+    registry = Registry.open(database_url or f"sqlite:///{work / 'registry.db'}", f"s3://{BUCKET}/artifacts",
                              actor="bench", s3_endpoint_url=s3_url)
     registry.register_base(contract)
     registry.register_template(template)
@@ -129,10 +131,11 @@ def engine_flags() -> list[str]:
 
 
 def start_gateway(work: Path, base: Any, s3_url: str, tree: Path = REPO,
-                  extra: Sequence[str] = ()) -> ServerProcess:
-    """The gateway, run from ``tree`` (another checkout measures an older gateway the same way)."""
+                  extra: Sequence[str] = (), database_url: str | None = None) -> ServerProcess:
+    """The gateway, run from ``tree`` (another checkout measures an older gateway the same way);
+    its registry is ``work``'s SQLite file unless ``database_url`` is given."""
     port = free_port()
-    args = ["--database-url", f"sqlite:///{work / 'registry.db'}", "--artifacts-dir",
+    args = ["--database-url", database_url or f"sqlite:///{work / 'registry.db'}", "--artifacts-dir",
             f"s3://{BUCKET}/artifacts", "--s3-endpoint-url", s3_url, "--cache-dir",
             str(work / "gateway-cache"), "--base-model-id", base.model_id, "--base-model-dir",
             str(base.path), *engine_flags(), *extra]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
 
 TIER_HEADER = "x-lora-gateway-adapter-tier"
+# Which replica answered, when something in front of the replicas names it (behind a router).
+REPLICA_HEADER = "x-lora-gateway-replica"
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class RequestRecord:
     status: int = 0  # HTTP status; 0 when the connection failed
     error: str | None = None
     tier: str | None = None  # the gateway's header; None against other servers
+    replica: str | None = None  # REPLICA_HEADER, when the answer carries it
     first_on_adapter: bool = False  # the first request on this adapter since its set-up
     ttft: float | None = None
     e2e: float | None = None
@@ -56,12 +60,15 @@ class RequestShape:
 
 
 async def send(client: httpx.AsyncClient, base_url: str, target: Target, shape: RequestShape,
-               record: RequestRecord) -> RequestRecord:
-    """Stream one completion into ``record`` (never raises for HTTP or network errors)."""
+               record: RequestRecord, headers: Mapping[str, str] | None = None) -> RequestRecord:
+    """Stream one completion into ``record`` (never raises for HTTP or network errors).
+
+    ``headers`` are sent as well (e.g. a router's affinity key such as ``X-Session-ID``).
+    """
     body = {"model": target.model, "messages": [{"role": "user", "content": shape.prompt}],
             "max_tokens": shape.max_tokens, "temperature": shape.temperature, "stream": True,
             "stream_options": {"include_usage": True}}
-    headers = {"Authorization": f"Bearer {target.api_key}"}
+    headers = {**(headers or {}), "Authorization": f"Bearer {target.api_key}"}
     t0 = time.perf_counter()
     last = t0
     chunks = 0
@@ -70,6 +77,7 @@ async def send(client: httpx.AsyncClient, base_url: str, target: Target, shape: 
                                  json=body, headers=headers) as resp:
             record.status = resp.status_code
             record.tier = resp.headers.get(TIER_HEADER)
+            record.replica = resp.headers.get(REPLICA_HEADER)
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 record.error = _error_message(text)
