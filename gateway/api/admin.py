@@ -66,8 +66,12 @@ class TenantIn(_Body):
     name: str
 
 
+# Past these a date or duration overflows (datetime ends at year 9999); nobody means them.
+_MAX_DAYS = 100 * 365
+
+
 class KeyIn(_Body):
-    expires_in_days: float | None = Field(default=None, gt=0)
+    expires_in_days: float | None = Field(default=None, gt=0, le=_MAX_DAYS)
 
 
 class LimitsIn(_Body):
@@ -100,7 +104,7 @@ class EvictIn(AdapterRefIn):
 
 
 class GcIn(_Body):
-    grace_minutes: float = Field(default=60, ge=0)
+    grace_minutes: float = Field(default=60, ge=0, le=_MAX_DAYS * 24 * 60)
     dry_run: bool = False
 
 
