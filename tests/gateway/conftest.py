@@ -5,6 +5,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import uvicorn
@@ -67,10 +68,14 @@ def gw(gateway_factory) -> Iterator[Gateway]:
 
 
 @contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """``app`` behind a real uvicorn server in a thread (lifespan included); yields its URL."""
+def serving(app: FastAPI, **config: Any) -> Iterator[str]:
+    """``app`` behind a real uvicorn server in a thread (lifespan included); yields its URL.
+
+    ``config``: more ``uvicorn.Config`` arguments (quiet by default).
+    """
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = {"log_level": "warning", **config}
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
