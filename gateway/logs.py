@@ -28,7 +28,7 @@ tenant_var: ContextVar[str] = ContextVar("tenant", default="-")
 _request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
 REQUEST_ID_HEADER = "x-request-id"
 FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s tenant=%(tenant)s] %(message)s"
-REQUEST_FIELDS = ("adapter_version", "tier", "status", "prompt_tokens", "completion_tokens")
+REQUEST_FIELDS = ("adapter_version", "adapter_tier", "status", "prompt_tokens", "completion_tokens")
 LogFormat = Literal["text", "json"]
 
 

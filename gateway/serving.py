@@ -116,7 +116,7 @@ class OpenAIService:
         except BaseException:
             await stack.aclose()
             raise
-        bind(adapter_version=version.ref if version else None, tier=tier)  # on every later line
+        bind(adapter_version=version.ref if version else None, adapter_tier=tier)  # on every later line
         meter = Meter(on_prompt=charge_prompt, on_completion=charge_completion)  # quotas
         call = _Call(tenant, label, Route(req.model, lora, meter, request_id),
                      time.perf_counter(), tier)

@@ -55,7 +55,7 @@ def test_a_requests_lines_carry_its_fields_and_never_the_key_or_prompt(
     served = [line for line in mine if line["message"].startswith("served ")]
     assert len(served) == 1, mine
     assert served[0]["adapter_version"] == "acme/support-bot@v1"
-    assert served[0]["tier"] in ("remote_fetch", "disk_hit", "engine_hit", "slot_hit")
+    assert served[0]["adapter_tier"] in ("remote_fetch", "disk_hit", "engine_hit", "slot_hit")
     assert served[0]["status"] == "200"
     assert served[0]["prompt_tokens"] > 0 and served[0]["completion_tokens"] > 0
     text = json_lines.getvalue()
