@@ -64,8 +64,12 @@ def test_a_requests_lines_carry_its_fields_and_never_the_key_or_prompt(
 
 
 def test_every_answer_has_an_access_line_without_key_or_prompt(
-        registry_env, tmp_path, json_lines: io.StringIO) -> None:
+        registry_env, tmp_path, json_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
     """As ``serve --log-format json`` runs uvicorn: its access line joins the request's lines."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        # An earlier server in this process may have installed uvicorn's own logging config.
+        monkeypatch.setattr(logging.getLogger(name), "handlers", [])
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
     app = create_app(make_settings(registry_env, tmp_path), engine_factory=lambda _s: FakeEngine())
     key = registry_env.keys["acme"]
     body = {"model": "support-bot", "messages": [{"role": "user", "content": PROMPT}]}
