@@ -21,7 +21,10 @@ _SSE = {"schema": {"type": "string", "description": "`data: {chunk}` events, the
                   "an error after the first event is a last `data: {\"error\": …}` event."}}
 _ANSWERS: dict[int | str, dict[str, Any]] = {
     200: {"description": "The answer as JSON, or with `stream` its server-sent events.",
-          "content": {"application/json": {}, "text/event-stream": _SSE}},
+          "content": {"application/json": {}, "text/event-stream": _SSE},
+          "headers": {TIER_HEADER: {"description": "Where the adapter was: slot_hit, engine_hit, "
+                                    "disk_hit, remote_fetch, or base.", "required": True,
+                                    "schema": {"type": "string"}}}},
     **documented(400, 401, 404, 413, 429, 503),
 }
 _STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}

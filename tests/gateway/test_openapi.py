@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.api.admin import router as admin_router
+from gateway.api.routes import TIER_HEADER
 from gateway.app import create_app
 from gateway.config import GatewaySettings
 from tests.gateway.conftest import Gateway
@@ -40,6 +41,7 @@ def test_inference_routes_document_what_they_answer(tmp_path) -> None:
         answers = doc["paths"][path]["post"]["responses"]
         assert set(answers) == {"200", "400", "401", "404", "413", "429", "503"}, path
         assert set(answers["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert answers["200"]["headers"][TIER_HEADER]["required"] is True
         for status in ("400", "401", "404", "413", "429", "503"):
             assert answers[status]["content"]["application/json"]["schema"] == ENVELOPE, status
         assert "Retry-After" in answers["429"]["headers"] and "Retry-After" in answers["503"]["headers"]

@@ -26,7 +26,8 @@ ADMIN_KEY = "s" * 40
 # Per operation and mode (27 operations): ~20 s on a busy 2-core machine; more for a deeper run.
 EXAMPLES = int(os.environ.get("LGW_SCHEMATHESIS_EXAMPLES", "6"))
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance,
-          checks.content_type_conformance, checks.response_schema_conformance]
+          checks.content_type_conformance, checks.response_schema_conformance,
+          checks.response_headers_conformance]
 
 
 def restrict_model(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
