@@ -10,9 +10,11 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import make_url
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -43,7 +45,7 @@ from gateway.errors import BaseMismatchError, GatewayError, error_body
 from gateway.invalidation import start_listener
 from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import BodySizeLimit, MetricsPortSplit
+from gateway.middleware import METRICS_PATH, BodySizeLimit, MetricsPortSplit
 from gateway.msp import ModelServerProtocol
 from gateway.quotas import Limits, LocalQuotaStore, Quotas, QuotaStore
 from gateway.serving import OpenAIService
@@ -216,7 +218,9 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
 
     app = FastAPI(title="lora-gateway", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
-    app.include_router(admin_router)
+    # Disabled, the admin routes answer 404 (see require_admin) and are not documented.
+    app.include_router(admin_router, include_in_schema=settings.admin_api_key is not None)
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, exempt=is_upload_path)
     app.add_middleware(RequestAccounting, metrics=metrics, counted=is_inference_path)
@@ -224,6 +228,30 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
     app.add_middleware(RequestContext)
     return app
+
+
+def _openapi(app: FastAPI, settings: GatewaySettings) -> dict[str, Any]:
+    """FastAPI's document, less what the gateway never answers on the API port.
+
+    Validation errors are 400 in OpenAI's envelope (see ``_invalid``), never FastAPI's 422;
+    the 422 it adds to every route with parameters goes, unless a route declares its own.
+    """
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    if settings.metrics_port is not None:  # on its own port: 404 here
+        doc["paths"].pop(METRICS_PATH, None)
+    default_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            answer = operation["responses"].get("422", {})
+            if answer.get("content", {}).get("application/json", {}).get("schema") == default_422:
+                del operation["responses"]["422"]
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    app.openapi_schema = doc
+    return doc
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"lora-gateway serve: invalid settings:\n{settings_problems(exc)}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, settings.log_format)
     quiet_known_harmless(settings.cache_dir)
     app = create_app(settings)
 
@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     # The lifespan runs here rather than inside uvicorn, so a gateway that cannot start
     # (base not registered, schema not migrated, database unreachable) says why in one
     # line and exits 2 instead of printing uvicorn's traceback.
-    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off",
+    # JSON: uvicorn's own lines go through the root handler too (one format on stdout).
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off", log_config=log_config,
                             timeout_graceful_shutdown=max(1, round(settings.drain_grace_seconds)))
     try:
         sockets = [_bind(settings.host, settings.port)]

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import ByteSize, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.logs import LogFormat
+
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 LoraRank = Literal[8, 16, 32, 64, 128, 256, 512]  # the ranks vLLM accepts
 
@@ -38,6 +40,9 @@ class GatewaySettings(BaseSettings):
         "tenants on the API port); unset: /metrics on the API port.")
     metrics_host: str | None = Field(default=None, description="Address of the metrics port "
                                      "(default: host).")
+    log_format: LogFormat = Field(
+        default="text", description="Log lines as text, or one JSON object per line with the "
+        "request id, tenant, adapter version, tier, status and tokens (never keys or prompts).")
     drain_grace_seconds: float = Field(
         default=30.0, ge=0, description="On SIGTERM: readiness fails at once, requests in flight "
         "get this long to finish, then the process exits.")

@@ -40,10 +40,50 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pydantic import BaseModel
+
 
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error envelope: the one shape of every error the gateway answers with."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """``error_body``'s shape, for the OpenAPI document."""
+
+    error: ErrorDetail
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                "schema": {"type": "integer", "minimum": 1}}}
+_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {
+    400: ("Invalid request: a malformed or invalid body, parameter or name (`param` names it).", {}),
+    401: ("Missing or unknown API key (`invalid_api_key`).", {}),
+    404: ("Not found: for `model`, anything the caller does not own (`model_not_found`).", {}),
+    409: ("Conflict with the current state (`conflict`).", {}),
+    413: ("Request body over the size limit (`payload_too_large`).", {}),
+    422: ("The adapter failed the compatibility check (`incompatible_adapter`).", {}),
+    429: ("Over one of the tenant's limits (`rate_limit_exceeded`).", _RETRY_AFTER),
+    503: ("Adapter, database or engine unavailable, overloaded, or not ready.", _RETRY_AFTER),
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for the error statuses a route answers, each in the envelope."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        description, headers = _STATUSES[status]
+        out[status] = {"model": ErrorResponse, "description": description}
+        if headers:
+            out[status]["headers"] = headers
+    return out
 
 
 class GatewayError(Exception):

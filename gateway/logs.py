@@ -1,4 +1,10 @@
-"""Request id and tenant on every log line of a request (contextvars + a logging filter)."""
+"""Request id and tenant on every log line of a request (contextvars + a logging filter).
+
+Logs are text (``FORMAT``) or, with ``log_format = "json"``, one JSON object per line whose
+keys are always the same: time, level, logger, message, ``request_id``, ``tenant`` and
+``REQUEST_FIELDS`` (null until the request knows them), plus ``exception`` when there is one.
+Nothing here logs an API key or a prompt; the services bind only names, counts and statuses.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +16,67 @@ import re
 import uuid
 import warnings
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO, Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 tenant_var: ContextVar[str] = ContextVar("tenant", default="-")
+# One dict per request, shared by the tasks serving it (a stream's runs in a child task).
+_request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
 REQUEST_ID_HEADER = "x-request-id"
 FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s tenant=%(tenant)s] %(message)s"
+REQUEST_FIELDS = ("adapter_version", "adapter_tier", "status", "prompt_tokens", "completion_tokens")
+LogFormat = Literal["text", "json"]
+
+
+def bind(**fields: Any) -> None:
+    """Fields (of ``REQUEST_FIELDS``) of the current request, on its every later log line."""
+    current = _request_fields.get()
+    if current is not None:
+        current.update(fields)
 
 
 class RequestContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         record.tenant = tenant_var.get()
+        bound = _request_fields.get() or {}
+        for name in REQUEST_FIELDS:
+            if not hasattr(record, name):  # a line's own ``extra`` wins (e.g. its final status)
+                setattr(record, name, bound.get(name))
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Once, at the entry point: every handler gets the request context fields."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(FORMAT))
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, the same keys on every line (ASCII: always one line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"), "tenant": getattr(record, "tenant", "-"),
+        }
+        line.update({name: getattr(record, name, None) for name in REQUEST_FIELDS})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def log_handler(log_format: LogFormat = "text", stream: IO[str] | None = None) -> logging.Handler:
+    """A handler that writes ``log_format`` lines with the request context fields."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(FORMAT))
     handler.addFilter(RequestContextFilter())
+    return handler
+
+
+def configure_logging(level: str = "INFO", log_format: LogFormat = "text") -> None:
+    """Once, at the entry point: every line through one handler, with the request context."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler(log_format)]
     root.setLevel(level.upper())
     # Alembic's plugin set-up lines (one per plugin, at every start) say nothing anyone acts on.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
@@ -106,10 +149,12 @@ class RequestContext:
         rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
         token = request_id_var.set(rid)
         tenant_token = tenant_var.set("-")
+        fields_token = _request_fields.set({})
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", []).append((REQUEST_ID_HEADER.encode(), rid.encode()))
+                bind(status=str(message["status"]))
             await send(message)
 
         try:
@@ -117,3 +162,4 @@ class RequestContext:
         finally:
             request_id_var.reset(token)
             tenant_var.reset(tenant_token)
+            _request_fields.reset(fields_token)

@@ -189,6 +189,10 @@ class ChatCompletionRequest(_Strict, _VllmChatRequest):  # type: ignore[misc]
         if messages == []:
             raise InvalidRequestError("messages: at least one message is required", param="messages")
         for i, message in enumerate(messages if isinstance(messages, list) else ()):
+            if isinstance(message, dict) and "role" not in message:
+                # vLLM's union also takes openai-harmony's Message (`author`, no `role`):
+                # not OpenAI's API, and its chat path expects every message to have a role.
+                raise InvalidRequestError(f"messages[{i}]: 'role' is required", param="messages")
             content = message.get("content") if isinstance(message, dict) else None
             for part in content if isinstance(content, list) else ():
                 kind = part.get("type") if isinstance(part, dict) else None

@@ -33,6 +33,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequestError,
 )
+from gateway.logs import bind
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.tenancy import TenantDirectory
@@ -115,6 +116,7 @@ class OpenAIService:
         except BaseException:
             await stack.aclose()
             raise
+        bind(adapter_version=version.ref if version else None, adapter_tier=tier)  # on every later line
         meter = Meter(on_prompt=charge_prompt, on_completion=charge_completion)  # quotas
         call = _Call(tenant, label, Route(req.model, lora, meter, request_id),
                      time.perf_counter(), tier)
@@ -206,7 +208,8 @@ class OpenAIService:
         # One access record per request: which tier served its adapter, and how fast.
         logger.info("served model=%s status=%s adapter_tier=%s prompt_tokens=%d "
                     "completion_tokens=%d latency_ms=%.1f", call.label, status, call.tier, prompt,
-                    completion, e2e * 1000, extra={"adapter_tier": call.tier})
+                    completion, e2e * 1000, extra={"status": status, "prompt_tokens": prompt,
+                                                     "completion_tokens": completion})
         if self.on_usage is not None:
             try:
                 self.on_usage(call.tenant, call.label, meter)

@@ -29,9 +29,14 @@ from gateway.errors import (
     GatewayError,
     PayloadTooLargeError,
     RouteNotFoundError,
+    documented,
 )
 
-router = APIRouter(prefix="/admin/v1")
+# Every admin route: a wrong key (401), a tenant, adapter or route that is not there (404),
+# the registry's database or store down (503); routes add what else they answer.
+router = APIRouter(prefix="/admin/v1", responses=documented(401, 404, 503))
+_INPUT = documented(400, 413)  # a body, path or query parameter to validate
+_CHANGE = documented(400, 409, 413)  # ... that may also conflict with the registry's state
 
 
 def require_admin(request: Request, services: ServicesDep) -> Services:
@@ -61,8 +66,12 @@ class TenantIn(_Body):
     name: str
 
 
+# Past these a date or duration overflows (datetime ends at year 9999); nobody means them.
+_MAX_DAYS = 100 * 365
+
+
 class KeyIn(_Body):
-    expires_in_days: float | None = Field(default=None, gt=0)
+    expires_in_days: float | None = Field(default=None, gt=0, le=_MAX_DAYS)
 
 
 class LimitsIn(_Body):
@@ -95,7 +104,7 @@ class EvictIn(AdapterRefIn):
 
 
 class GcIn(_Body):
-    grace_minutes: float = Field(default=60, ge=0)
+    grace_minutes: float = Field(default=60, ge=0, le=_MAX_DAYS * 24 * 60)
     dry_run: bool = False
 
 
@@ -108,12 +117,12 @@ async def list_tenants(reg: AdminDep) -> dict[str, Any]:
     return {"data": [t.name for t in await _run(reg.list_tenants)]}
 
 
-@router.post("/tenants", status_code=201)
+@router.post("/tenants", status_code=201, responses=_CHANGE)
 async def create_tenant(body: TenantIn, reg: AdminDep) -> dict[str, Any]:
     return {"name": (await _run(reg.create_tenant, body.name)).name}
 
 
-@router.post("/tenants/{tenant}/keys", status_code=201)
+@router.post("/tenants/{tenant}/keys", status_code=201, responses=_INPUT)
 async def create_key(tenant: str, body: KeyIn, reg: AdminDep) -> dict[str, Any]:
     expires = (datetime.now(UTC) + timedelta(days=body.expires_in_days)
                if body.expires_in_days else None)
@@ -121,22 +130,22 @@ async def create_key(tenant: str, body: KeyIn, reg: AdminDep) -> dict[str, Any]:
     return {"key": key, "prefix": key[:10], "expires_at": expires, "note": "shown once"}
 
 
-@router.get("/tenants/{tenant}/keys")
+@router.get("/tenants/{tenant}/keys", responses=_INPUT)
 async def list_keys(tenant: str, reg: AdminDep) -> dict[str, Any]:
     return {"data": [k.__dict__ for k in await _run(reg.list_api_keys, tenant)]}
 
 
-@router.delete("/tenants/{tenant}/keys/{prefix}")
+@router.delete("/tenants/{tenant}/keys/{prefix}", responses=_INPUT)
 async def revoke_key(tenant: str, prefix: str, reg: AdminDep) -> dict[str, Any]:
     return {"revoked": await _run(reg.revoke_api_key, tenant, prefix)}
 
 
-@router.get("/tenants/{tenant}/limits")
+@router.get("/tenants/{tenant}/limits", responses=_INPUT)
 async def get_limits(tenant: str, reg: AdminDep) -> dict[str, Any]:
     return asdict(await _run(reg.get_limits, tenant))
 
 
-@router.put("/tenants/{tenant}/limits")
+@router.put("/tenants/{tenant}/limits", responses=_INPUT)
 async def set_limits(tenant: str, body: LimitsIn, reg: AdminDep, svc: AdminServicesDep) -> dict[str, Any]:
     """Replace the tenant's limits; every replica applies them within resolve_ttl_seconds."""
     limits = await _run(reg.set_limits, tenant, TenantLimits(**body.model_dump()))
@@ -144,13 +153,13 @@ async def set_limits(tenant: str, body: LimitsIn, reg: AdminDep, svc: AdminServi
     return asdict(limits)
 
 
-@router.get("/tenants/{tenant}/adapters")
+@router.get("/tenants/{tenant}/adapters", responses=_INPUT)
 async def list_adapters(tenant: str, reg: AdminDep) -> dict[str, Any]:
     t = await _run(reg.get_tenant, tenant)
     return {"data": [a.__dict__ for a in await _run(reg.list_adapters, t)]}
 
 
-@router.put("/tenants/{tenant}/adapters/{name}/aliases/{alias}")
+@router.put("/tenants/{tenant}/adapters/{name}/aliases/{alias}", responses=_CHANGE)
 async def set_alias(tenant: str, name: str, alias: str, body: AliasIn, reg: AdminDep) -> dict[str, Any]:
     await _run(reg.set_alias, tenant, name, alias, body.version)
     return {"alias": f"{tenant}/{name}:{alias}", "version": body.version}
@@ -164,7 +173,13 @@ def is_upload_path(path: str) -> bool:
     return _UPLOAD_PATH.fullmatch(path) is not None
 
 
-@router.post("/tenants/{tenant}/adapters/{name}/versions", status_code=201)
+_ARCHIVE = {"requestBody": {"required": True, "description": "A .tar, .tar.gz or .zip of a PEFT "
+                            "adapter folder.", "content": {"application/octet-stream": {
+                                "schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("/tenants/{tenant}/adapters/{name}/versions", status_code=201,
+             responses={**_CHANGE, **documented(422)}, openapi_extra=_ARCHIVE)
 async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep,
                          template: str | None = None, base: str | None = None,
                          alias: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
@@ -191,25 +206,25 @@ async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep
             "content_sha256": version.content_sha256, "files": version.files}
 
 
-@router.post("/tenants/{tenant}/adapters/{name}/versions/{version}/deprecate")
+@router.post("/tenants/{tenant}/adapters/{name}/versions/{version}/deprecate", responses=_CHANGE)
 async def deprecate(tenant: str, name: str, version: int, reg: AdminDep) -> dict[str, Any]:
     await _run(reg.deprecate_version, tenant, name, version)
     return {"version": f"{tenant}/{name}@v{version}", "state": "deprecated"}
 
 
-@router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}")
+@router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}", responses=_CHANGE)
 async def delete_version(tenant: str, name: str, version: int, reg: AdminDep) -> dict[str, Any]:
     await _run(reg.delete_version, tenant, name, version)
     return {"version": f"{tenant}/{name}@v{version}", "state": "deleted"}
 
 
-@router.get("/audit")
+@router.get("/audit", responses=_INPUT)
 async def audit(reg: AdminDep, subject: str | None = None, limit: int = 100) -> dict[str, Any]:
     entries = await _run(reg.audit_log, subject_prefix=subject, limit=min(max(limit, 1), 1000))
     return {"data": [e.__dict__ for e in entries]}
 
 
-@router.post("/gc")
+@router.post("/gc", responses=_INPUT)
 async def gc(body: GcIn, reg: AdminDep) -> dict[str, Any]:
     report = await _run(reg.collect_garbage, grace=timedelta(minutes=body.grace_minutes),
                         dry_run=body.dry_run)
@@ -221,7 +236,7 @@ async def cache_state(svc: AdminServicesDep) -> dict[str, Any]:
     return {**svc.adapters.cache_state(), "warmup_errors": svc.warmup_errors}
 
 
-@router.post("/cache/prefetch")
+@router.post("/cache/prefetch", responses=_INPUT)
 async def prefetch(body: PrefetchIn, svc: AdminServicesDep) -> dict[str, Any]:
     """Warm each adapter into ``into``; one result per adapter, failures included."""
     results = []
@@ -236,20 +251,20 @@ async def prefetch(body: PrefetchIn, svc: AdminServicesDep) -> dict[str, Any]:
             "failed": sum(1 for r in results if r["error"] is not None)}
 
 
-@router.post("/cache/pin")
+@router.post("/cache/pin", responses=_CHANGE)
 async def pin(body: AdapterRefIn, svc: AdminServicesDep) -> dict[str, Any]:
     version = await svc.tenants.resolve_ref(body.adapter)
     was = await svc.adapters.pin(version)
     return {"adapter": version.ref, "pinned": True, "was": was or "pinned"}
 
 
-@router.post("/cache/unpin")
+@router.post("/cache/unpin", responses=_INPUT)
 async def unpin(body: AdapterRefIn, svc: AdminServicesDep) -> dict[str, Any]:
     version = await svc.tenants.resolve_ref(body.adapter)
     return {"adapter": version.ref, "pinned": False, "changed": svc.adapters.unpin(version)}
 
 
-@router.post("/cache/evict")
+@router.post("/cache/evict", responses=_CHANGE)
 async def evict(body: EvictIn, svc: AdminServicesDep) -> dict[str, Any]:
     version = await svc.tenants.resolve_ref(body.adapter)
     return {"adapter": version.ref, "evicted_from": await svc.adapters.evict(version, body.where)}

@@ -11,21 +11,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import ServicesDep, TenantDep
 from gateway.api.guard import GuardDep
-from gateway.errors import error_body
+from gateway.errors import documented
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from gateway.serving import Answer
 
 router = APIRouter()
 TIER_HEADER = "x-lora-gateway-adapter-tier"
-_ERROR = {"content": {"application/json": {"example": error_body("…", "invalid_request_error", None)}}}
+_SSE = {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`; "
+                  "an error after the first event is a last `data: {\"error\": …}` event."}}
 _ANSWERS: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The answer, or with `stream` its server-sent events ending in "
-          "`data: [DONE]`.", "content": {"text/event-stream": {}}},
-    400: {"description": "Invalid body (any parameter; `param` names it)", **_ERROR},
-    401: {"description": "Missing or unknown API key", **_ERROR},
-    404: {"description": "`model` is not the caller's (`model_not_found`)", **_ERROR},
-    503: {"description": "Adapter unavailable, overloaded or engine not ready", **_ERROR},
+    200: {"description": "The answer as JSON, or with `stream` its server-sent events.",
+          "content": {"application/json": {}, "text/event-stream": _SSE},
+          "headers": {TIER_HEADER: {"description": "Where the adapter was: slot_hit, engine_hit, "
+                                    "disk_hit, remote_fetch, or base.", "required": True,
+                                    "schema": {"type": "string"}}}},
+    **documented(400, 401, 404, 413, 429, 503),
 }
+_STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
+_PROBE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "Not ready (draining, engine dead).",
+          "content": {"application/json": {"schema": _STATUS}}}}
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_ANSWERS)
@@ -52,7 +57,7 @@ def _respond(answer: Answer) -> Response:
                              headers={**headers, "cache-control": "no-cache"})
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=documented(401, 503))
 async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
     settings = services.settings
     now = int(time.time())
@@ -72,8 +77,8 @@ async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.get("/health")
-@router.get("/health/ready")
+@router.get("/health", responses=_PROBE)
+@router.get("/health/ready", responses=_PROBE)
 async def ready(services: ServicesDep) -> JSONResponse:
     """Readiness: send traffic here. False while draining or once the engine died."""
     if services.ready and not services.draining and services.openai.engine_alive():
@@ -82,7 +87,7 @@ async def ready(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=503)
 
 
-@router.get("/health/live")
+@router.get("/health/live", responses=_PROBE)
 async def live(services: ServicesDep) -> JSONResponse:
     """Liveness: the event loop answers and the engine runs; never fails for being busy."""
     if services.openai.engine_alive():
@@ -90,7 +95,8 @@ async def live(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "engine dead"}, status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={
+    200: {"description": "Prometheus text format.", "content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(services: ServicesDep) -> Response:
     m = services.metrics
     m.ready.set(1 if services.ready else 0)

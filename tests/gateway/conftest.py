@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
+from loadtest.servers import free_port
 from tests.gateway.fakes import FakeEngine
 
 
@@ -58,3 +65,25 @@ def gateway_factory(registry_env, tmp_path):
 @pytest.fixture
 def gw(gateway_factory) -> Iterator[Gateway]:
     yield gateway_factory()
+
+
+@contextmanager
+def serving(app: FastAPI, **config: Any) -> Iterator[str]:
+    """``app`` behind a real uvicorn server in a thread (lifespan included); yields its URL.
+
+    ``config``: more ``uvicorn.Config`` arguments (quiet by default).
+    """
+    port = free_port()
+    config = {"log_level": "warning", **config}
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "test server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)

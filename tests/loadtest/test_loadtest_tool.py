@@ -7,14 +7,12 @@ loops, the bounds and the report run in seconds.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import uvicorn
 import yaml
 
 from gateway.app import create_app
@@ -22,29 +20,18 @@ from loadtest import cli as loadtest_cli
 from loadtest.client import RequestRecord
 from loadtest.report import swap_penalty
 from lora_gateway.cli import build_parser
-from tests.gateway.conftest import make_settings
+from tests.gateway.conftest import make_settings, serving
 from tests.gateway.fakes import FakeEngine
-from tests.integration.conftest import free_port
 
 ADMIN_KEY = "k" * 40
 
 
 @pytest.fixture
 def server(registry_env, tmp_path) -> Iterator[str]:
-    port = free_port()
     settings = make_settings(registry_env, tmp_path, admin_api_key=ADMIN_KEY, max_cpu_loras=4,
                              max_loras=1)
-    app = create_app(settings, engine_factory=lambda _s: FakeEngine())
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "test server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serving(create_app(settings, engine_factory=lambda _s: FakeEngine())) as url:
+        yield url
 
 
 @pytest.fixture
