@@ -226,7 +226,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     app.add_middleware(RequestAccounting, metrics=metrics, counted=is_inference_path)
     if settings.metrics_port is not None:
         app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, replica=settings.replica_name)
     return app
 
 

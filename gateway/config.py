@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +41,10 @@ class GatewaySettings(BaseSettings):
         "tenants on the API port); unset: /metrics on the API port.")
     metrics_host: str | None = Field(default=None, description="Address of the metrics port "
                                      "(default: host).")
+    replica_name: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$",
+        description="Returned on every answer as x-lora-gateway-replica, so a client behind a "
+        "router can tell which replica served it (default: the host name, a pod's name).")
     log_format: LogFormat = Field(
         default="text", description="Log lines as text, or one JSON object per line with the "
         "request id, tenant, adapter version, tier, status and tokens (never keys or prompts).")

@@ -27,6 +27,7 @@ tenant_var: ContextVar[str] = ContextVar("tenant", default="-")
 # One dict per request, shared by the tasks serving it (a stream's runs in a child task).
 _request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
 REQUEST_ID_HEADER = "x-request-id"
+REPLICA_HEADER = "x-lora-gateway-replica"
 FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s tenant=%(tenant)s] %(message)s"
 REQUEST_FIELDS = ("adapter_version", "adapter_tier", "status", "prompt_tokens", "completion_tokens")
 LogFormat = Literal["text", "json"]
@@ -136,10 +137,12 @@ def quiet_known_harmless(config_dir: Path) -> None:
 
 
 class RequestContext:
-    """Gives each request an id (the caller's ``x-request-id`` if sane) and echoes it back."""
+    """Gives each request an id (the caller's ``x-request-id`` if sane) and echoes it back,
+    with the name of the replica that answered (``x-lora-gateway-replica``)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, replica: str | None = None) -> None:
         self.app = app
+        self._replica = [(REPLICA_HEADER.encode(), replica.encode())] if replica else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -153,7 +156,9 @@ class RequestContext:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", []).append((REQUEST_ID_HEADER.encode(), rid.encode()))
+                headers = message.setdefault("headers", [])
+                headers.append((REQUEST_ID_HEADER.encode(), rid.encode()))
+                headers.extend(self._replica)
                 bind(status=str(message["status"]))
             await send(message)
 

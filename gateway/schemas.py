@@ -43,8 +43,14 @@ DENIED_FIELDS = frozenset({
 # (vllm-project/vllm#29955, #16668). Found by the differential tests.
 _NO_PROMPT_LOGPROBS = ("prompt logprobs are not served: with adapters enabled vLLM computes them "
                        "wrongly and can crash the engine")
+# vllm-router (0.1.x, SGLang-derived) re-serializes every body it routes and adds these
+# SGLang fields at these values (vllm-project/router#110). At those values they change
+# nothing, so they are dropped; any other value is refused like an unknown field.
+ROUTER_NO_OPS: dict[str, bool] = {"no_stop_trim": False, "return_hidden_states": False,
+                                  "separate_reasoning": True, "stream_reasoning": True}
 _TEXT_PARTS = frozenset({"text", "input_text"})
 _MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+_KEEP = object()
 
 
 def _none_to_zero(v: Any) -> Any:
@@ -131,6 +137,13 @@ class _Strict(BaseModel):
                 # handler turns it into the envelope with ``param`` set.
                 raise InvalidRequestError(f"Unrecognized request argument supplied: {name}",
                                           param=name)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_router_no_ops(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not ROUTER_NO_OPS.keys().isdisjoint(data):
+            data = {k: v for k, v in data.items() if ROUTER_NO_OPS.get(k, _KEEP) is not v}
         return data
 
     @model_validator(mode="before")

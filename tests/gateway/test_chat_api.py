@@ -444,3 +444,30 @@ def test_tools_need_a_tool_parser_for_the_base(gateway_factory) -> None:
     assert err["param"] == "tools" and "does not support tools" in err["message"]
     assert gateway_factory(tool_call_parser="hermes").chat(
         "acme", "support-bot", tools=[tool]).status_code == 200
+
+
+ROUTER_FIELDS = {"no_stop_trim": False, "return_hidden_states": False,
+                 "separate_reasoning": True, "stream_reasoning": True}
+
+
+def test_the_fields_vllm_router_adds_are_accepted_at_their_no_op_values(gw: Gateway) -> None:
+    """vllm-router re-serializes every body with these SGLang fields (vllm-project/router#110)."""
+    r = gw.chat("acme", "support-bot", **ROUTER_FIELDS)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "acme/support-bot@v1 says hello world"
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_FIELDS))
+def test_the_router_fields_at_any_other_value_are_refused(gw: Gateway, name: str) -> None:
+    for value in (not ROUTER_FIELDS[name], int(ROUTER_FIELDS[name]), "yes"):
+        err = assert_envelope(gw.chat("acme", "support-bot", **{name: value}), 400,
+                              "invalid_request_error")
+        assert name in (err["param"] or "") + err["message"]
+
+
+def test_every_answer_names_the_replica(gw: Gateway) -> None:
+    import socket
+
+    for r in (gw.chat("acme", "support-bot"), gw.chat("acme", "no-such-model"),
+              gw.client.get("/health/live")):
+        assert r.headers["x-lora-gateway-replica"] == socket.gethostname()
