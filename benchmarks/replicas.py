@@ -20,8 +20,9 @@ and ``round_robin``. The client sets the affinity key, ``X-Session-ID: <tenant>/
    it should), when the router stopped sending to it, and the fraction of adapters whose
    replica changed (only the killed replica's share should).
 
-Each replica sits behind ``benchmarks.router_shim`` (it drops the fields vllm-router adds
-to every body, and names the replica on each answer). Writes replicas.json and replicas.md.
+The router talks to the gateways directly: they accept the fields vllm-router adds to
+every body at their no-op values, and name themselves on every answer
+(``x-lora-gateway-replica``, from ``--replica-name``). Writes replicas.json and replicas.md.
 """
 
 from __future__ import annotations
@@ -65,17 +66,14 @@ ROUTER_HEALTH = ["--health-check-interval-secs", "1", "--health-failure-threshol
 class Replica:
     name: str
     gateway: ServerProcess
-    shim: ServerProcess
 
     def kill(self) -> None:
-        """SIGKILL the replica and its shim, as a node failure would (no drain)."""
-        for server in (self.gateway, self.shim):
-            if server.proc.poll() is None:
-                os.killpg(server.proc.pid, signal.SIGKILL)
-                server.proc.wait(30)
+        """SIGKILL the replica, as a node failure would (no drain)."""
+        if self.gateway.proc.poll() is None:
+            os.killpg(self.gateway.proc.pid, signal.SIGKILL)
+            self.gateway.proc.wait(30)
 
     def stop(self) -> None:
-        self.shim.stop()
         self.gateway.stop()
 
 
@@ -120,16 +118,9 @@ def start_replica(work: Path, index: int, base: Any, s3_url: str, database_url: 
     name = f"r{index}"
     folder = work / name
     folder.mkdir()
-    gateway = start_gateway(folder, base, s3_url, extra=capacity, database_url=database_url)
-    try:
-        port = free_port()
-        shim = start([sys.executable, "-m", "benchmarks.router_shim", "--port", str(port),
-                      "--upstream", gateway.url, "--name", name], folder / "shim.log", cwd=REPO,
-                     port=port, env={"PYTHONPATH": str(REPO)})
-    except BaseException:
-        gateway.stop()
-        raise
-    return Replica(name, gateway, shim)
+    gateway = start_gateway(folder, base, s3_url, extra=[*capacity, "--replica-name", name],
+                            database_url=database_url)
+    return Replica(name, gateway)
 
 
 def start_replicas(args: argparse.Namespace, base: Any, s3_url: str, database_url: str,
@@ -152,7 +143,7 @@ def start_replicas(args: argparse.Namespace, base: Any, s3_url: str, database_ur
 def start_router(work: Path, policy: str, replicas: Sequence[Replica]) -> ServerProcess:
     port = free_port()
     cmd = [str(ROUTER), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
-           "--worker-urls", *[r.shim.url for r in replicas], "--prometheus-port", str(free_port()),
+           "--worker-urls", *[r.gateway.url for r in replicas], "--prometheus-port", str(free_port()),
            "--log-level", "warning", *ROUTER_HEALTH]
     return start(cmd, work / f"router-{policy}.log", port=port, ready_path="/health")
 
