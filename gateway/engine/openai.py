@@ -20,6 +20,7 @@ the signatures this module relies on at start-up and refuses to start otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -220,11 +221,22 @@ class VllmOpenAI:
                     route: Route) -> ServingResult:
         token = _route.set(route)
         try:
-            return _result(await create(request, None), route.meter)
+            result = await create(request, None)
+            if isinstance(result, ErrorResponse) and _cancelling():
+                # vLLM answers a non-streamed request cancelled mid-generation (its client
+                # left) with an error value, "Client disconnected", after aborting it in the
+                # engine. The cancellation stays one: a client that left, not a 400.
+                raise asyncio.CancelledError
+            return _result(result, route.meter)
         except Exception as exc:
             raise route.meter.refusal or _translate(exc) from exc
         finally:
             _route.reset(token)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _result(result: Any, meter: Meter) -> ServingResult:
