@@ -165,18 +165,22 @@ class _MeteredClient:
         except Exception:  # an input kind without a length: charged from its first output
             prompt_len = None
         return _metered(self._engine.generate(prompt, sampling_params, request_id, **kwargs),
-                        meter, cumulative, prompt_len)
+                        meter, cumulative, prompt_len, request_id)
 
 
-async def _metered(outputs: AsyncGenerator[RequestOutput, None], meter: Meter,
-                   cumulative: bool, prompt_len: int | None) -> AsyncGenerator[RequestOutput, None]:
+async def _metered(outputs: AsyncGenerator[RequestOutput, None], meter: Meter, cumulative: bool,
+                   prompt_len: int | None, request_id: str) -> AsyncGenerator[RequestOutput, None]:
     try:
-        if meter.on_prompt is not None and prompt_len is not None:
-            try:
-                await meter.on_prompt(prompt_len)  # before the engine sees it
-            except Exception as exc:
-                meter.refusal = exc
-                raise
+        if prompt_len is not None:
+            if meter.on_prompt is not None:
+                try:
+                    await meter.on_prompt(prompt_len)  # before the engine sees it
+                except Exception as exc:
+                    meter.refusal = exc
+                    raise
+            # Counted before any output: a non-streamed request has none until it finishes,
+            # and one aborted (its client left) has none at all.
+            meter.prompt_tokens[request_id] = prompt_len
         async for out in outputs:
             meter.prompt_tokens[out.request_id] = len(out.prompt_token_ids or ())
             for seq in out.outputs:

@@ -138,3 +138,24 @@ def test_draining_refuses_new_inference_with_503_and_keeps_answering(gw: Gateway
     assert gw.client.get("/health/live").status_code == 200
     assert gw.client.get("/v1/models", headers=gw.headers("acme")).status_code == 200
     assert _count(gw, "503", adapter="-") == 1  # refused before its model was looked at
+
+
+def test_an_engine_request_aborted_before_any_output_still_counts_its_prompt() -> None:
+    # A non-streamed request gets vLLM's outputs only when it finishes: its client leaving
+    # mid-generation must not make its prompt free.
+    from gateway.engine.base import Meter
+    from gateway.engine.openai import _metered
+
+    async def never_outputs() -> AsyncIterator[Any]:
+        await asyncio.sleep(3600)
+        yield None
+
+    async def leave(meter: Meter) -> None:
+        task = asyncio.ensure_future(anext(_metered(never_outputs(), meter, True, 7, "r1")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait((task,))
+
+    meter = Meter()
+    asyncio.run(leave(meter))
+    assert meter.prompt_tokens == {"r1": 7} and meter.total_completion_tokens == 0
