@@ -1,4 +1,5 @@
-"""Failure isolation and lifecycle on the fake engine: a client that leaves, a drain.
+"""Failure isolation and lifecycle on the fake engine: a client that leaves, a drain, the
+artifact store (a real S3-protocol server, moto) going down.
 
 The fake OpenAI layer here generates slowly and keeps a set of the requests it is running
 (as vLLM's output processor does), so a test can see whether the gateway let go of a
@@ -10,13 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from adapters_registry import Registry
+from gateway.api.routes import TIER_HEADER
+from gateway.app import create_app
+from gateway.disk_cache import FETCH_PREFIX
 from gateway.engine.base import Route, ServingResult
-from tests.gateway.conftest import Gateway
+from loadtest.servers import start
+from tests.conftest import ANSWERS, RegistryEnv, populate, train_tiny_adapter
+from tests.gateway.conftest import Gateway, make_settings
+from tests.gateway.fakes import FakeEngine
+from tests.integration.conftest import GatewayProcess as ServerProcess
+from tests.integration.conftest import free_port
 
 
 class SlowServing:
@@ -159,3 +172,72 @@ def test_an_engine_request_aborted_before_any_output_still_counts_its_prompt() -
     meter = Meter()
     asyncio.run(leave(meter))
     assert meter.prompt_tokens == {"r1": 7} and meter.total_completion_tokens == 0
+
+
+# ---------------------------------------------------------------- artifact store down
+
+@pytest.fixture(scope="module")
+def third_adapter(tiny_base, tiny_template, tmp_path_factory) -> Path:
+    """A trained adapter whose bytes differ from the two shared ones (no blob in common)."""
+    root = tmp_path_factory.mktemp("third")
+    return train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], root / "third", root,
+                              seed=3)
+
+
+def _moto(port: int, log: Path) -> ServerProcess:
+    return start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log,
+                 port=port, ready_path="/moto-api/")
+
+
+def test_artifact_store_down_spares_resident_adapters(tmp_path, monkeypatch, db_url,
+                                                      tiny_base, tiny_contract, tiny_template,
+                                                      trained_adapters, third_adapter) -> None:
+    import boto3
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "t"), ("AWS_SECRET_ACCESS_KEY", "t"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    port = free_port()
+    s3 = _moto(port, tmp_path / "s3.log")
+    try:
+        boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="lgw")
+        registry = Registry.open(db_url, "s3://lgw/artifacts", s3_endpoint_url=s3.url)
+        keys = populate(registry, tiny_contract, tiny_template, trained_adapters)
+        third = registry.push("acme", "third", third_adapter)
+        env = RegistryEnv(registry, db_url, "s3://lgw/artifacts", keys, tiny_base,  # type: ignore[arg-type]
+                          tiny_contract, tiny_template)
+        # One adapter fits in engine memory: the first one fetched ends up on disk only.
+        app = create_app(make_settings(env, tmp_path, s3_endpoint_url=s3.url, max_cpu_loras=1,
+                                       max_loras=1), engine_factory=lambda _s: FakeEngine())
+        with TestClient(app) as client:
+            gw = Gateway(client, app.state.services.openai._engine, env, [])
+            assert gw.chat("acme", "support-bot").headers[TIER_HEADER] == "remote_fetch"
+            assert gw.chat("globex", "pirate").headers[TIER_HEADER] == "remote_fetch"
+
+            s3.stop()  # the artifact store is down from here on
+            for tenant, model, tier in (("globex", "pirate", "slot_hit"),  # in the engine
+                                        ("acme", "support-bot", "disk_hit")):  # on disk only
+                r = gw.chat(tenant, model)
+                assert r.status_code == 200 and r.headers[TIER_HEADER] == tier, r.text
+            r = gw.chat("acme", "third")  # never fetched
+            assert r.status_code == 503 and r.headers["retry-after"] == "5"
+            error = r.json()["error"]
+            assert error["code"] == "adapter_unavailable"
+            assert error["message"] == ("adapter acme/third@v1 could not be fetched from the "
+                                        "artifact store; retry shortly")
+            cache = tmp_path / "gateway-cache"
+            assert not (cache / third.content_sha256).exists()  # nothing cached half-way
+            assert not [p for p in cache.rglob("*") if p.name.startswith(FETCH_PREFIX)]
+            # Readiness is about this replica serving, and it still does (resident adapters,
+            # the base): an S3 outage does not take every replica out of the pool.
+            assert client.get("/health/ready").status_code == 200
+
+            s3 = _moto(port, tmp_path / "s3-again.log")  # back, with its data (moto keeps
+            boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="lgw")  # none: put back)
+            for rel, digest in third.files.items():
+                registry.store.put(third_adapter / rel, digest)
+            r = gw.chat("acme", "third")
+            assert r.status_code == 200 and r.headers[TIER_HEADER] == "remote_fetch", r.text
+        registry.close()
+    finally:
+        s3.stop()
