@@ -145,7 +145,8 @@ def _draining_server(config: uvicorn.Config, app: FastAPI, grace_s: float) -> uv
         The first signal starts the drain: readiness fails at once, while the server keeps
         answering (liveness, metrics, and 503 with Retry-After to new inference requests,
         see gateway.api.guard). Once no request is in flight, or ``grace_s`` has passed,
-        uvicorn stops; requests still running are cut ``_CUT_AFTER_S`` later. A second
+        uvicorn stops: a stream still running ends with an error event at its next event,
+        and whatever still runs ``_CUT_AFTER_S`` later is cancelled. A second
         signal stops at once. Unlike uvicorn's own handler, a handled signal is not
         raised again after shutdown: a drained gateway exits 0.
         """
@@ -172,6 +173,7 @@ def _draining_server(config: uvicorn.Config, app: FastAPI, grace_s: float) -> uv
                     logging.getLogger(__name__).warning(
                         "drain grace over: cutting %d request(s) in flight",
                         len(self.server_state.tasks))
+                    app.state.services.openai.cut_streams()
                 self.should_exit = True
             return await super().on_tick(counter)
 

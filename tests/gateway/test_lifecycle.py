@@ -153,6 +153,15 @@ def test_draining_refuses_new_inference_with_503_and_keeps_answering(gw: Gateway
     assert _count(gw, "503", adapter="-") == 1  # refused before its model was looked at
 
 
+def test_streams_cut_at_the_end_of_a_drain_end_with_an_error_event(gw: Gateway) -> None:
+    gw.client.app.state.services.openai.cut_streams()  # what the drain does once its grace is over
+    r = gw.chat("acme", "support-bot", stream=True)
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) == 2
+    assert json.loads(events[0])["error"]["code"] == "overloaded"
+    assert _count(gw, "503") == 1
+
+
 def test_an_engine_request_aborted_before_any_output_still_counts_its_prompt() -> None:
     # A non-streamed request gets vLLM's outputs only when it finishes: its client leaving
     # mid-generation must not make its prompt free.
