@@ -42,6 +42,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
+STORE_RETRY_AFTER_S = 5  # Retry-After when the artifact store cannot be reached
 Tier = Literal["slot_hit", "engine_hit", "disk_hit", "remote_fetch"]
 CacheName = Literal["engine", "disk"]
 EvictTarget = Literal["engine", "disk", "all"]
@@ -379,8 +380,8 @@ class AdapterManager:
         except ArtifactError as exc:  # missing object, store unreachable: may pass on retry
             logger.error("could not fetch %s: %s", version.ref, exc)
             raise AdapterUnavailableError(
-                f"adapter {version.ref} could not be fetched from the artifact store; retry shortly"
-            ) from exc
+                f"adapter {version.ref} could not be fetched from the artifact store; retry shortly",
+                retry_after=STORE_RETRY_AFTER_S) from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("fetched %s into the local cache", version.ref)

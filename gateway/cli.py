@@ -13,6 +13,7 @@ import json
 import logging
 import socket
 import sys
+import time
 import typing
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from adapters_registry.errors import RegistryError
 from gateway.config import GatewaySettings
 from gateway.errors import BaseMismatchError
 from gateway.logs import configure_logging, quiet_known_harmless
+
+_CUT_AFTER_S = 1  # after the drain: how long uvicorn waits before it cancels what still runs
 
 if TYPE_CHECKING:
     import uvicorn
@@ -106,24 +109,15 @@ def run(args: argparse.Namespace) -> int:
     quiet_known_harmless(settings.cache_dir)
     app = create_app(settings)
 
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # Readiness fails from the first signal on; uvicorn then stops accepting and
-            # gives requests in flight drain_grace_seconds before it closes them.
-            services = getattr(app.state, "services", None)
-            if services is not None and not services.draining:
-                services.draining = True
-                logging.getLogger(__name__).info(
-                    "draining: %.0fs for requests in flight", settings.drain_grace_seconds)
-            super().handle_exit(sig, frame)
-
     # The lifespan runs here rather than inside uvicorn, so a gateway that cannot start
     # (base not registered, schema not migrated, database unreachable) says why in one
     # line and exits 2 instead of printing uvicorn's traceback.
     # JSON: uvicorn's own lines go through the root handler too (one format on stdout).
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    # The drain itself happens before uvicorn's shutdown (DrainingServer); what is still
+    # running when uvicorn stops gets this long more, then it is cancelled.
     config = uvicorn.Config(app, log_level=args.log_level, lifespan="off", log_config=log_config,
-                            timeout_graceful_shutdown=max(1, round(settings.drain_grace_seconds)))
+                            timeout_graceful_shutdown=_CUT_AFTER_S)
     try:
         sockets = [_bind(settings.host, settings.port)]
         if settings.metrics_port is not None:
@@ -132,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"lora-gateway serve: cannot listen: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(app, DrainingServer(config), sockets))
+        asyncio.run(_serve(app, _draining_server(config, app, settings.drain_grace_seconds),
+                           sockets))
     except (BaseMismatchError, RegistryError) as exc:
         logging.getLogger(__name__).critical("cannot start: %s", exc)
         return 2
@@ -141,6 +136,50 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).critical("exiting because the inference engine died")
         return 70  # EX_SOFTWARE: the supervisor restarts us
     return 0
+
+
+def _draining_server(config: uvicorn.Config, app: FastAPI, grace_s: float) -> uvicorn.Server:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """Stops on SIGTERM (or SIGINT) the way a load balancer needs it to.
+
+        The first signal starts the drain: readiness fails at once, while the server keeps
+        answering (liveness, metrics, and 503 with Retry-After to new inference requests,
+        see gateway.api.guard). Once no request is in flight, or ``grace_s`` has passed,
+        uvicorn stops: a stream still running ends with an error event at its next event,
+        and whatever still runs ``_CUT_AFTER_S`` later is cancelled. A second
+        signal stops at once. Unlike uvicorn's own handler, a handled signal is not
+        raised again after shutdown: a drained gateway exits 0.
+        """
+
+        _drain_until: float | None = None
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            services = getattr(app.state, "services", None)
+            if self._drain_until is not None or services is None or not services.ready:
+                # A second signal, or nothing to drain (not started yet, or the engine
+                # died: its requests fail anyway and the supervisor wants it gone).
+                self.force_exit = self.should_exit
+                self.should_exit = True
+                return
+            services.draining = True
+            self._drain_until = time.monotonic() + grace_s
+            logging.getLogger(__name__).info(
+                "draining: up to %.0fs for requests in flight; a second signal stops now", grace_s)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self._drain_until is not None and not self.should_exit and (
+                    not self.server_state.tasks or time.monotonic() >= self._drain_until):
+                if self.server_state.tasks:
+                    logging.getLogger(__name__).warning(
+                        "drain grace over: cutting %d request(s) in flight",
+                        len(self.server_state.tasks))
+                    app.state.services.openai.cut_streams()
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer(config)
 
 
 async def _serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket]) -> None:

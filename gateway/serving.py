@@ -32,6 +32,7 @@ from gateway.errors import (
     EngineUnavailableError,
     GatewayError,
     InvalidRequestError,
+    OverloadedError,
 )
 from gateway.logs import bind
 from gateway.metrics import GatewayMetrics
@@ -76,6 +77,7 @@ class OpenAIService:
         self._metrics = metrics
         self._on_engine_dead = on_engine_dead
         self.on_usage = on_usage
+        self._cutting_streams = False
 
     async def chat(self, tenant: Tenant, req: ChatCompletionRequest) -> Answer:
         """``/v1/chat/completions``."""
@@ -88,6 +90,11 @@ class OpenAIService:
     async def completion(self, tenant: Tenant, req: CompletionRequest) -> Answer:
         """``/v1/completions``."""
         return await self._serve(tenant, req, self._serving.completion)
+
+    def cut_streams(self) -> None:
+        """End every stream at its next event with an error event and ``[DONE]``: the
+        gateway stops and the drain grace is over (rather than a dropped connection)."""
+        self._cutting_streams = True
 
     def engine_alive(self) -> bool:
         """False once the engine died; noticing it here also triggers the restart."""
@@ -149,6 +156,9 @@ class OpenAIService:
         async with stack:
             try:
                 async for line in events:
+                    if self._cutting_streams:
+                        raise OverloadedError("the gateway stopped before this answer was "
+                                              "complete (its drain grace was over); retry")
                     yield line
                 status = "200"
             except Exception as exc:

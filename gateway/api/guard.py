@@ -6,15 +6,20 @@ The wiring is three lines in a route::
                                guard: GuardDep) -> Response:
         body = guard.check(body)   # the tenant's max_tokens ceiling (400), default max_tokens
         await guard.admit()        # an engine slot, by weight (429/503 with Retry-After)
-        ...                        # the service call, unchanged
+        answer = await guard.serve(services.openai.chat(tenant, body))  # the service call
 
-``GuardDep`` itself takes the quota lease (429 over a limit). Lease and slot are released
+``GuardDep`` itself refuses new work while the gateway drains (503) and takes the quota
+lease (429 over a limit). A client that disconnects while queued, or before its answer
+starts, is let go: the service call is cancelled, which aborts its engine request (a
+started stream is watched by the streaming response itself). Lease and slot are released
 by ``gateway.accounting`` once the answer is complete; the service charges tokens through
 ``gateway.usage.charge_prompt`` / ``charge_completion``.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
@@ -27,6 +32,7 @@ from gateway.errors import ClientGoneError, OverloadedError
 from gateway.usage import UsageMeter, apply_ceilings
 
 B = TypeVar("B")
+T = TypeVar("T")
 
 
 class Guard:
@@ -51,20 +57,50 @@ class Guard:
             slot = await self._services.admission.acquire(
                 self._tenant.name, self.meter.limits.weight, self._request.is_disconnected)
         except ClientGoneError:
-            self._ticket.aborted = True
-            raise OverloadedError("the client disconnected while waiting") from None
+            raise self._client_gone("while waiting") from None
         self._ticket.on_close(slot.release)
+
+    async def serve(self, call: Awaitable[T]) -> T:
+        """``call``'s result, unless the client disconnects first: then ``call`` is cancelled
+        (vLLM aborts the engine request) and the answer, to nobody, is counted as aborted."""
+        work = asyncio.ensure_future(call)
+        gone = asyncio.ensure_future(_disconnect(self._request))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled itself
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.wait((work,))  # its clean-up (engine abort, adapter lease) ran
+        if work.cancelled() or (gone.done() and not gone.cancelled()
+                                and work.exception() is not None):
+            raise self._client_gone("before the answer was complete")
+        return work.result()  # a result that raced the disconnect is still the answer
+
+    def _client_gone(self, when: str) -> OverloadedError:
+        self._ticket.aborted = True
+        return OverloadedError(f"the client disconnected {when}")  # sent to nobody
 
 
 async def guard(request: Request, tenant: TenantDep, services: ServicesDep) -> Guard:
     ticket = current_ticket.get()
     assert ticket is not None, "gateway.accounting.RequestAccounting must serve this route"
     ticket.tenant = tenant.name
+    if services.draining:
+        raise OverloadedError("this gateway is shutting down and takes no new requests; "
+                              "retry (another replica will answer)", retry_after=1)
     meter = await UsageMeter.open(services.quotas, tenant)
     ticket.meter = meter  # before admit: a 429 carries the x-ratelimit headers too
     ticket.on_close(meter.close)
     await meter.admit()
     return Guard(services, tenant, request, ticket, meter)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects. The body was read already (the route parsed it),
+    so the only message left to receive is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 GuardDep = Annotated[Guard, Depends(guard)]

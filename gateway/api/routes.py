@@ -38,7 +38,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep,
                            services: ServicesDep, guard: GuardDep) -> Response:
     body = guard.check(body)
     await guard.admit()
-    return _respond(await services.openai.chat(tenant, body))
+    return _respond(await guard.serve(services.openai.chat(tenant, body)))
 
 
 @router.post("/v1/completions", response_model=None, responses=_ANSWERS)
@@ -46,7 +46,7 @@ async def completions(body: CompletionRequest, tenant: TenantDep, services: Serv
                       guard: GuardDep) -> Response:
     body = guard.check(body)
     await guard.admit()
-    return _respond(await services.openai.completion(tenant, body))
+    return _respond(await guard.serve(services.openai.completion(tenant, body)))
 
 
 def _respond(answer: Answer) -> Response:

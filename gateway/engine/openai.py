@@ -20,6 +20,7 @@ the signatures this module relies on at start-up and refuses to start otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -164,18 +165,22 @@ class _MeteredClient:
         except Exception:  # an input kind without a length: charged from its first output
             prompt_len = None
         return _metered(self._engine.generate(prompt, sampling_params, request_id, **kwargs),
-                        meter, cumulative, prompt_len)
+                        meter, cumulative, prompt_len, request_id)
 
 
-async def _metered(outputs: AsyncGenerator[RequestOutput, None], meter: Meter,
-                   cumulative: bool, prompt_len: int | None) -> AsyncGenerator[RequestOutput, None]:
+async def _metered(outputs: AsyncGenerator[RequestOutput, None], meter: Meter, cumulative: bool,
+                   prompt_len: int | None, request_id: str) -> AsyncGenerator[RequestOutput, None]:
     try:
-        if meter.on_prompt is not None and prompt_len is not None:
-            try:
-                await meter.on_prompt(prompt_len)  # before the engine sees it
-            except Exception as exc:
-                meter.refusal = exc
-                raise
+        if prompt_len is not None:
+            if meter.on_prompt is not None:
+                try:
+                    await meter.on_prompt(prompt_len)  # before the engine sees it
+                except Exception as exc:
+                    meter.refusal = exc
+                    raise
+            # Counted before any output: a non-streamed request has none until it finishes,
+            # and one aborted (its client left) has none at all.
+            meter.prompt_tokens[request_id] = prompt_len
         async for out in outputs:
             meter.prompt_tokens[out.request_id] = len(out.prompt_token_ids or ())
             for seq in out.outputs:
@@ -220,11 +225,22 @@ class VllmOpenAI:
                     route: Route) -> ServingResult:
         token = _route.set(route)
         try:
-            return _result(await create(request, None), route.meter)
+            result = await create(request, None)
+            if isinstance(result, ErrorResponse) and _cancelling():
+                # vLLM answers a non-streamed request cancelled mid-generation (its client
+                # left) with an error value, "Client disconnected", after aborting it in the
+                # engine. The cancellation stays one: a client that left, not a 400.
+                raise asyncio.CancelledError
+            return _result(result, route.meter)
         except Exception as exc:
             raise route.meter.refusal or _translate(exc) from exc
         finally:
             _route.reset(token)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _result(result: Any, meter: Meter) -> ServingResult:

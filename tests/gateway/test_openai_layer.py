@@ -47,7 +47,7 @@ def test_meter_counts_every_choice(cumulative: bool, steps: list, expected: dict
             yield _output("r1", 5, seqs)
 
     async def drain(meter: Meter) -> None:
-        async for _ in _metered(outputs(), meter, cumulative, None):
+        async for _ in _metered(outputs(), meter, cumulative, None, "r1"):
             pass
 
     meter = Meter()
