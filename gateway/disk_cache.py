@@ -19,6 +19,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters_registry.hashing import check_digest
+
 logger = logging.getLogger(__name__)
 
 FETCH_PREFIX = ".fetch-"  # downloads in progress; never entries
@@ -65,7 +67,7 @@ class DiskCache:
         return sha in self._entries
 
     def path(self, sha: str) -> Path:
-        return self.root / sha
+        return self.root / check_digest(sha)  # a digest, never a path that leaves the root
 
     def lookup(self, sha: str) -> Path | None:
         """The folder if cached (and marks it most recently used), else None."""
