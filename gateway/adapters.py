@@ -222,6 +222,10 @@ class AdapterManager:
             "pinned": sorted(self._versions[v].ref for v in self._pinned),
         }
 
+    async def engine_reports(self) -> list[int]:
+        """The adapters vLLM itself says it holds, to check against the gateway's own LRU."""
+        return sorted(await self._engine.list_loras())
+
     def engine_state(self) -> tuple[list[str], int]:
         """Names of the adapters serving requests now, and the engine's adapter capacity."""
         running = [self._versions[v].ref for v, n in self._in_use.items() if n > 0]
@@ -310,7 +314,7 @@ class AdapterManager:
             if victim is None:
                 raise OverloadedError(
                     f"all {self._capacity} adapter slots are serving requests, loading or pinned; "
-                    "retry shortly")
+                    "retry shortly", retry_after=1.0)
             victims.append(self._start_removal(victim))
         self._loading.add(vid)
         return victims

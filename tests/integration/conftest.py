@@ -6,6 +6,7 @@ server, wait for readiness and stop its whole process group.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from loadtest.servers import ServerProcess as GatewayProcess
@@ -15,7 +16,9 @@ from tests.conftest import REPO
 __all__ = ["GatewayProcess", "free_port", "start_gateway", "vllm_env"]
 
 
-def start_gateway(args: list[str], log: Path) -> GatewayProcess:
-    """Start the gateway in its own process group and wait until /health says ready."""
+def start_gateway(args: list[str], log: Path, env: Mapping[str, str] | None = None) -> GatewayProcess:
+    """Start the gateway in its own process group and wait until /health says ready.
+
+    ``env``: extra environment, e.g. secrets that are never flags (LGW_ADMIN_API_KEY)."""
     port = free_port()
-    return start(gateway_command(port, args), log, cwd=REPO, port=port)
+    return start(gateway_command(port, args), log, cwd=REPO, env=env, port=port)
