@@ -14,8 +14,13 @@ import openai
 import pytest
 
 from adapters_registry import AdapterTemplate, Registry
-from tests.conftest import ANSWERS, PROMPTS, REPO, populate, train_tiny_adapter
-from tests.integration.conftest import GatewayProcess, start_gateway
+from tests.conftest import ANSWERS, PROMPTS, REPO, train_tiny_adapter
+from tests.integration.conftest import (
+    GatewayProcess,
+    populated_registry,
+    start_gateway,
+    tiny_serve_args,
+)
 
 pytestmark = pytest.mark.integration
 TIMINGS = REPO / ".cache" / "reports" / "e2e-tiny-timings.json"
@@ -35,9 +40,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapters):
     root: Path = tmp_path_factory.mktemp("e2e")
-    db_url = f"sqlite:///{root / 'registry.db'}"
-    registry = Registry.open(db_url, root / "artifacts")
-    keys = populate(registry, tiny_contract, tiny_template, trained_adapters)
+    registry, db_url, keys = populated_registry(root, tiny_contract, tiny_template, trained_adapters)
     # A third adapter whose stored bytes the test corrupts behind the registry's back
     # (its own content, so no other version shares its blobs).
     broken = train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], root / "broken",
@@ -53,11 +56,8 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
     e = Env()
     e.registry, e.keys, e.timings = registry, keys, {}
     e.gateway = start_gateway(
-        ["--database-url", db_url, "--artifacts-dir", str(root / "artifacts"),
-         "--cache-dir", str(root / "cache"), "--base-model-id", tiny_contract.model_id,
-         "--base-model-dir", str(tiny_base.path), "--dtype", "float32",
-         "--max-model-len", "512", "--max-lora-rank", "8", "--max-loras", "2",
-         "--max-cpu-loras", "4"],
+        tiny_serve_args(root, db_url, tiny_base.path, tiny_contract, "--max-loras", "2",
+                        "--max-cpu-loras", "4"),
         root / "gateway.log")
     e.timings["gateway_startup_s"] = round(e.gateway.startup_seconds, 2)
     yield e
