@@ -42,12 +42,12 @@ _HEX = frozenset("0123456789abcdef")
 
 def check_digest(text: str) -> str:
     """``text`` if it is a lowercase hex sha256 digest; ArtifactError otherwise."""
-    if not _is_digest(text):
+    if not is_digest(text):
         raise ArtifactError(f"not a sha256 digest: {str(text)[:80]!r}")
     return text
 
 
-def _is_digest(text: object) -> bool:
+def is_digest(text: object) -> bool:
     return isinstance(text, str) and len(text) == 64 and _HEX.issuperset(text)
 
 
@@ -60,7 +60,7 @@ def check_record(content_sha256: str, files: Mapping[str, str]) -> None:
     folder), and the files hash to the recorded content digest.
     """
     for digest in (content_sha256, *files.values()):
-        if not _is_digest(digest):
+        if not is_digest(digest):
             raise TamperedRecordError(f"not a sha256 digest: {str(digest)[:80]!r}")
     for name in files:
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):

@@ -371,9 +371,9 @@ class AdapterManager:
             self._registry.fetch(version, tmp)  # verifies every file against its sha256
             try:
                 tmp.rename(path)
-            except OSError:
-                if not path.is_dir():  # else: an earlier fetch won with the same bytes
-                    raise
+            except OSError as exc:  # fine if an earlier fetch won; a link was never ours
+                if path.is_symlink() or not path.is_dir():
+                    raise ArtifactError(f"cannot place it in the cache at {path}: {exc}") from exc
         except ChecksumMismatchError as exc:
             logger.error("artifact of %s failed verification: %s", version.ref, exc)
             raise AdapterUnavailableError(

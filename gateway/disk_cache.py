@@ -19,7 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters_registry.hashing import check_digest
+from adapters_registry.hashing import check_digest, is_digest
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,10 @@ class DiskCache:
         for child in self.root.iterdir():
             if child.name.startswith(FETCH_PREFIX):
                 shutil.rmtree(child, ignore_errors=True)  # a download a crash interrupted
-            elif child.is_dir() and not child.name.startswith("."):
+            elif is_digest(child.name) and child.is_dir() and not child.is_symlink():
                 found.append((child.stat().st_mtime, child.name, _folder_bytes(child)))
+            else:  # never ours: neither served nor evicted (a link could lead anywhere)
+                logger.warning("disk cache: ignoring %s, not an adapter folder", child)
         for _mtime, sha, size in sorted(found):
             self._entries[sha] = size
         if found:

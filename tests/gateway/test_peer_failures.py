@@ -153,6 +153,25 @@ def test_a_tampered_digest_never_reaches_rmtree(registry_env, tmp_path: Path) ->
     assert [p.name for p in env.cache_dir.iterdir()] == [good.content_sha256]
 
 
+def test_the_cache_folder_adopts_only_real_digest_folders(registry_env, tmp_path: Path) -> None:
+    """At start-up the cache is rebuilt from its folder: a stray folder, or a link named
+    like a digest that leads outside, is neither served nor ever evicted (rmtree'd)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("x" * 4096)
+    good = Env(registry_env, tmp_path).version("acme", "support-bot")  # makes tmp_path/cache
+    cache = tmp_path / "cache"
+    (cache / "notes").mkdir()
+    (cache / good.content_sha256).symlink_to(outside, target_is_directory=True)
+    env = Env(registry_env, tmp_path, disk_bytes=1)  # over budget at once: evicts what it may
+    assert len(env.disk) == 0
+    with pytest.raises(AdapterUnavailableError, match="could not be fetched"):
+        asyncio.run(tier_of(env.manager, good))  # refused: the link is not served
+    env.disk.shrink(set())
+    assert env.engine.add_calls == []
+    assert tree(outside) == ["keep.txt"] and (cache / "notes").is_dir()
+
+
 def test_registry_fetch_refuses_an_escaping_file_name(registry_env, tmp_path: Path) -> None:
     reg = registry_env.registry
     good = reg.resolve(reg.get_tenant("acme"), "support-bot")
