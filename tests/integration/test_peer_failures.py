@@ -38,7 +38,9 @@ ENGINE_CAPACITY = 3  # --max-cpu-loras: adapters the engine holds
 BATCH_LORAS = 2  # --max-loras: adapters one batch mixes
 ADMIN_KEY = "p" * 40
 WEIGHTS = "adapter_model.safetensors"
-LONG = 128  # tokens of a "long" stream (min_tokens = max_tokens: no early EOS)
+# Tokens of a "long" stream (min_tokens = max_tokens: no early EOS), as long as
+# --max-model-len 512 allows: on an idle CPU the tiny base decodes one in a few ms.
+LONG = 448
 CHURN_LOADS = 400  # load/evict cycles of the memory test
 CHURN_SECONDS = 60  # ... within this long
 # The gateway's process tree may grow across the churn by less than half of what keeping
@@ -174,17 +176,20 @@ def test_cold_loads_while_streams_run_leave_them_intact(env: Env) -> None:
     loads_before = env.counter("lgw_adapter_cache_loads_total", cache="engine")
     started = threading.Event()
 
+    def cold_load(name: str) -> float:
+        r = env.chat("acme", name, PROMPTS[1])
+        assert r.status_code == 200, r.text
+        assert r.headers["x-lora-gateway-adapter-tier"] == "remote_fetch"
+        assert r.json()["choices"][0]["message"]["content"] == ANSWERS["acme"]
+        return time.monotonic()
+
     with ThreadPoolExecutor(2) as pool:
         streams = [pool.submit(env.stream, "acme", "support-bot", prompt, LONG, started)
                    for _ in range(2)]
         assert started.wait(120), "the streams never started"
-        loaded_at = []
-        for name in cold:
-            r = env.chat("acme", name, PROMPTS[1])
-            assert r.status_code == 200, r.text
-            assert r.headers["x-lora-gateway-adapter-tier"] == "remote_fetch"
-            assert r.json()["choices"][0]["message"]["content"] == ANSWERS["acme"]
-            loaded_at.append(time.monotonic())
+        # One at a time: with support-bot, two adapters, as many as one batch mixes
+        # (--max-loras), so each is generated beside the streams, not after them.
+        loaded_at = [cold_load(name) for name in cold]
         results = [s.result() for s in streams]
 
     for text, _ended in results:
@@ -219,11 +224,13 @@ def test_no_adapter_in_flight_is_evicted_and_one_too_many_is_a_503(env: Env) -> 
     held = [("acme", "support-bot"), ("globex", "pirate"), ("acme", env.fresh(1)[0])]
     ids = {_lora_id(env, t, m) for t, m in held}
     extra = env.fresh(1)[0]
+    for tenant, model in held:  # resident before the streams: they hold slots from the start
+        assert env.chat(tenant, model).status_code == 200
 
-    with ThreadPoolExecutor(len(held)) as pool:
-        # Long enough that all three still run when the extra request comes (vLLM batches
-        # two adapters at a time: the third waits in its queue, still holding its slot).
-        streams = [pool.submit(env.stream, t, m, PROMPTS[0], 3 * LONG) for t, m in held]
+    with ThreadPoolExecutor(2 * len(held)) as pool:
+        # Two streams per adapter; vLLM batches two adapters at a time, so the third
+        # adapter's streams wait in its queue (still holding their slot) for a whole round.
+        streams = [pool.submit(env.stream, t, m, PROMPTS[0]) for t, m in held for _ in range(2)]
 
         def all_held() -> bool:
             ours, _ = env.residency()
@@ -241,7 +248,7 @@ def test_no_adapter_in_flight_is_evicted_and_one_too_many_is_a_503(env: Env) -> 
     assert int(refused.headers["retry-after"]) >= 1
     assert ids <= set(ours) and ids <= set(theirs), (ours, theirs, ids)
     assert len(theirs) <= ENGINE_CAPACITY and set(theirs) == set(ours)
-    for (tenant, _), (text, _) in zip(held, results, strict=True):
+    for (tenant, _), (text, _) in zip([h for h in held for _ in range(2)], results, strict=True):
         assert text.startswith(ANSWERS[tenant]), (tenant, text[:80])
     later = env.chat("acme", extra)
     assert later.status_code == 200, later.text
