@@ -36,9 +36,9 @@ def populated_registry(root: Path, contract: BaseContract, template: AdapterTemp
 
 
 def tiny_serve_args(root: Path, db_url: str, base_dir: Path, contract: BaseContract,
-                    *more: str) -> list[str]:
+                    *more: str, max_model_len: int = 512) -> list[str]:
     """`serve` flags for the tiny base on the registry made by ``populated_registry``."""
     return ["--database-url", db_url, "--artifacts-dir", str(root / "artifacts"),
             "--cache-dir", str(root / "cache"), "--base-model-id", contract.model_id,
-            "--base-model-dir", str(base_dir), "--dtype", "float32", "--max-model-len", "512",
-            "--max-lora-rank", "8", *more]
+            "--base-model-dir", str(base_dir), "--dtype", "float32",
+            "--max-model-len", str(max_model_len), "--max-lora-rank", "8", *more]

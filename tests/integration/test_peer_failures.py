@@ -39,8 +39,10 @@ BATCH_LORAS = 2  # --max-loras: adapters one batch mixes
 ADMIN_KEY = "p" * 40
 WEIGHTS = "adapter_model.safetensors"
 # Tokens of a "long" stream (min_tokens = max_tokens: no early EOS), as long as
-# --max-model-len 512 allows: on an idle CPU the tiny base decodes one in a few ms.
-LONG = 448
+# MAX_MODEL_LEN leaves room for the prompt: on an idle CPU the tiny base decodes one in
+# a few milliseconds, and the tests need streams that outlast several adapter loads.
+MAX_MODEL_LEN = 768
+LONG = 704
 CHURN_LOADS = 400  # load/evict cycles of the memory test
 CHURN_SECONDS = 60  # ... within this long
 # The gateway's process tree may grow across the churn by less than half of what keeping
@@ -152,7 +154,8 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
         tiny_serve_args(root, db_url, tiny_base.path, tiny_contract,
                         "--max-loras", str(BATCH_LORAS), "--max-cpu-loras", str(ENGINE_CAPACITY),
                         "--disk-cache-max-bytes", str(disk_budget),
-                        "--metrics-port", str(metrics_port), "--resolve-ttl-seconds", "0"),
+                        "--metrics-port", str(metrics_port), "--resolve-ttl-seconds", "0",
+                        max_model_len=MAX_MODEL_LEN),
         root / "gateway.log", env={"LGW_ADMIN_API_KEY": ADMIN_KEY})
     e = Env(gateway, registry, keys, variants, root / "cache", disk_budget, size,
             f"http://127.0.0.1:{metrics_port}/metrics")
@@ -177,10 +180,10 @@ def test_cold_loads_while_streams_run_leave_them_intact(env: Env) -> None:
     started = threading.Event()
 
     def cold_load(name: str) -> float:
-        r = env.chat("acme", name, PROMPTS[1])
+        """Fetched, verified, added to vLLM and prefilled beside the streams: one token."""
+        r = env.chat("acme", name, PROMPTS[1], tokens=1)
         assert r.status_code == 200, r.text
         assert r.headers["x-lora-gateway-adapter-tier"] == "remote_fetch"
-        assert r.json()["choices"][0]["message"]["content"] == ANSWERS["acme"]
         return time.monotonic()
 
     with ThreadPoolExecutor(2) as pool:
@@ -191,14 +194,18 @@ def test_cold_loads_while_streams_run_leave_them_intact(env: Env) -> None:
         # (--max-loras), so each is generated beside the streams, not after them.
         loaded_at = [cold_load(name) for name in cold]
         results = [s.result() for s in streams]
+    loads = env.counter("lgw_adapter_cache_loads_total", cache="engine") - loads_before
 
+    assert loads == len(cold)
     for text, _ended in results:
         assert text == alone
+    for name in cold:  # and each answers as itself (acme's answer, whole) once loaded
+        r = env.chat("acme", name, PROMPTS[1])
+        assert r.json()["choices"][0]["message"]["content"] == ANSWERS["acme"], name
     ended = min(t for _text, t in results)
     overlapped = sum(t < ended for t in loaded_at)
     print(f"cold loads done {[round(ended - t, 2) for t in loaded_at]} s before the streams ended")
     assert overlapped >= 2, f"only {overlapped} cold loads finished while the streams ran"
-    assert env.counter("lgw_adapter_cache_loads_total", cache="engine") - loads_before == len(cold)
     assert httpx.get(env.gateway.url + "/health", timeout=10).status_code == 200
 
 
