@@ -50,7 +50,8 @@ class DiskCache:
                 shutil.rmtree(child, ignore_errors=True)  # a download a crash interrupted
             elif is_digest(child.name) and child.is_dir() and not child.is_symlink():
                 found.append((child.stat().st_mtime, child.name, _folder_bytes(child)))
-            else:  # never ours: neither served nor evicted (a link could lead anywhere)
+            elif child.is_dir() or child.is_symlink():  # never ours: neither served nor
+                # evicted (a link could lead anywhere); plain files are left alone quietly
                 logger.warning("disk cache: ignoring %s, not an adapter folder", child)
         for _mtime, sha, size in sorted(found):
             self._entries[sha] = size

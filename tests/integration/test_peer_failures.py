@@ -43,6 +43,7 @@ WEIGHTS = "adapter_model.safetensors"
 # a few milliseconds, and the tests need streams that outlast several adapter loads.
 MAX_MODEL_LEN = 768
 LONG = 704
+STREAMS = 2  # concurrent long streams on one adapter
 CHURN_LOADS = 400  # load/evict cycles of the memory test
 CHURN_SECONDS = 60  # ... within this long
 # The gateway's process tree may grow across the churn by less than half of what keeping
@@ -111,10 +112,18 @@ class Env:
         return ({a["lora_int_id"]: a["in_use"] for a in state["engine"]["adapters"]},
                 state["engine_reports"])
 
-    def counter(self, name: str, **labels: str) -> float:
+    def samples(self, name: str) -> list:
         text = httpx.get(self.metrics_url, timeout=30).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+    def counter(self, name: str, **labels: str) -> float:
+        return sum(s.value for s in self.samples(name)
+                   if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def running(self) -> set[str]:
+        """Adapters serving requests now, from the gateway's own count (no engine call)."""
+        return {name for s in self.samples("vllm:lora_requests_info")
+                for name in s.labels["running_lora_adapters"].split(",") if name}
 
 
 def make_variant(src: Path, dest: Path, k: int) -> Path:
@@ -154,8 +163,7 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
         tiny_serve_args(root, db_url, tiny_base.path, tiny_contract,
                         "--max-loras", str(BATCH_LORAS), "--max-cpu-loras", str(ENGINE_CAPACITY),
                         "--disk-cache-max-bytes", str(disk_budget),
-                        "--metrics-port", str(metrics_port), "--resolve-ttl-seconds", "0",
-                        max_model_len=MAX_MODEL_LEN),
+                        "--metrics-port", str(metrics_port), max_model_len=MAX_MODEL_LEN),
         root / "gateway.log", env={"LGW_ADMIN_API_KEY": ADMIN_KEY})
     e = Env(gateway, registry, keys, variants, root / "cache", disk_budget, size,
             f"http://127.0.0.1:{metrics_port}/metrics")
@@ -186,9 +194,9 @@ def test_cold_loads_while_streams_run_leave_them_intact(env: Env) -> None:
         assert r.headers["x-lora-gateway-adapter-tier"] == "remote_fetch"
         return time.monotonic()
 
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(STREAMS) as pool:
         streams = [pool.submit(env.stream, "acme", "support-bot", prompt, LONG, started)
-                   for _ in range(2)]
+                   for _ in range(STREAMS)]
         assert started.wait(120), "the streams never started"
         # One at a time: with support-bot, two adapters, as many as one batch mixes
         # (--max-loras), so each is generated beside the streams, not after them.
@@ -217,7 +225,7 @@ def _wait_until(check, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def test_no_adapter_in_flight_is_evicted_and_one_too_many_is_a_503(env: Env) -> None:
@@ -230,20 +238,16 @@ def test_no_adapter_in_flight_is_evicted_and_one_too_many_is_a_503(env: Env) -> 
     """
     held = [("acme", "support-bot"), ("globex", "pirate"), ("acme", env.fresh(1)[0])]
     ids = {_lora_id(env, t, m) for t, m in held}
+    refs = {f"{t}/{m}@v1" for t, m in held}  # as the gateway names them in its metrics
     extra = env.fresh(1)[0]
     for tenant, model in held:  # resident before the streams: they hold slots from the start
         assert env.chat(tenant, model).status_code == 200
 
-    with ThreadPoolExecutor(2 * len(held)) as pool:
-        # Two streams per adapter; vLLM batches two adapters at a time, so the third
+    with ThreadPoolExecutor(3 * len(held)) as pool:
+        # Three streams per adapter; vLLM batches two adapters at a time, so the third
         # adapter's streams wait in its queue (still holding their slot) for a whole round.
-        streams = [pool.submit(env.stream, t, m, PROMPTS[0]) for t, m in held for _ in range(2)]
-
-        def all_held() -> bool:
-            ours, _ = env.residency()
-            return all(ours.get(i, 0) > 0 for i in ids)
-
-        _wait_until(all_held, "three adapters in use")
+        streams = [pool.submit(env.stream, t, m, PROMPTS[0]) for t, m in held for _ in range(3)]
+        _wait_until(lambda: refs <= env.running(), "three adapters in use")
         refused = env.chat("acme", extra)
         ours, theirs = env.residency()
         results = [s.result() for s in streams]
@@ -255,7 +259,7 @@ def test_no_adapter_in_flight_is_evicted_and_one_too_many_is_a_503(env: Env) -> 
     assert int(refused.headers["retry-after"]) >= 1
     assert ids <= set(ours) and ids <= set(theirs), (ours, theirs, ids)
     assert len(theirs) <= ENGINE_CAPACITY and set(theirs) == set(ours)
-    for (tenant, _), (text, _) in zip([h for h in held for _ in range(2)], results, strict=True):
+    for (tenant, _), (text, _) in zip([h for h in held for _ in range(3)], results, strict=True):
         assert text.startswith(ANSWERS[tenant]), (tenant, text[:80])
     later = env.chat("acme", extra)
     assert later.status_code == 200, later.text
