@@ -16,7 +16,10 @@
     ├── DatabaseError             the metadata database refused: read-only, locked, unreachable
     └── ArtifactError             the artifact store failed: read-only, full, S3 unreachable or
         │                         denied, a blob missing
-        └── ChecksumMismatchError the bytes do not match the recorded sha256
+        ├── ChecksumMismatchError the bytes do not match the recorded sha256
+        └── TamperedRecordError   a version's stored record is not one the registry wrote: a
+                                  digest that is not a sha256, a file name that is not a plain
+                                  name (``..``, ``/``, NUL), files that do not hash to its content
 
 Each maps to one CLI exit code in ``adapters_registry.cli`` and one HTTP status in the
 gateway; none is ever told apart by its text.
@@ -91,4 +94,8 @@ class ArtifactError(RegistryError):
 
 
 class ChecksumMismatchError(ArtifactError):
+    pass
+
+
+class TamperedRecordError(ArtifactError):
     pass

@@ -6,11 +6,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from adapters_registry.errors import ArtifactError, ChecksumMismatchError
+from adapters_registry.errors import ArtifactError, ChecksumMismatchError, TamperedRecordError
 
 _CHUNK = 1 << 20
 
@@ -42,9 +42,32 @@ _HEX = frozenset("0123456789abcdef")
 
 def check_digest(text: str) -> str:
     """``text`` if it is a lowercase hex sha256 digest; ArtifactError otherwise."""
-    if not isinstance(text, str) or len(text) != 64 or not _HEX.issuperset(text):
-        raise ArtifactError(f"not a sha256 digest: {text[:80]!r}")
+    if not is_digest(text):
+        raise ArtifactError(f"not a sha256 digest: {str(text)[:80]!r}")
     return text
+
+
+def is_digest(text: object) -> bool:
+    return isinstance(text, str) and len(text) == 64 and _HEX.issuperset(text)
+
+
+def check_record(content_sha256: str, files: Mapping[str, str]) -> None:
+    """A version's stored record as the registry wrote it, else TamperedRecordError.
+
+    Its digests name paths (the gateway's cache folder, the store's blob) and its file
+    names are joined to folders, so a row altered in the database must reach neither:
+    every digest is a sha256, every name one plain file name (an adapter is a flat
+    folder), and the files hash to the recorded content digest.
+    """
+    for digest in (content_sha256, *files.values()):
+        if not is_digest(digest):
+            raise TamperedRecordError(f"not a sha256 digest: {str(digest)[:80]!r}")
+    for name in files:
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise TamperedRecordError(f"not a plain file name: {name[:80]!r}")
+    if sha256_tree(dict(files)) != content_sha256:
+        raise TamperedRecordError(
+            f"its files do not hash to its content sha256 {content_sha256[:12]}…")
 
 
 def sha256_chunks(chunks: Iterable[bytes]) -> str:

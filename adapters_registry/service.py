@@ -47,7 +47,7 @@ from adapters_registry.errors import (
     NotFoundError,
     ValidationError,
 )
-from adapters_registry.hashing import sha256_file, sha256_tree
+from adapters_registry.hashing import check_record, sha256_file, sha256_tree
 from adapters_registry.intake import stage, staging_folder
 from adapters_registry.manifest import MANIFEST_FILE, AdapterManifest
 from adapters_registry.names import ModelRef, shown, validate_name
@@ -352,7 +352,10 @@ class Registry(TenancyMixin, IntegrityMixin):
             return out
 
     def fetch(self, version: AdapterVersion, dest: Path) -> None:
-        """Write the version's files into ``dest``, each verified against its sha256."""
+        """Write the version's files into ``dest``, each verified against its sha256.
+
+        TamperedRecordError, writing nothing, if the record's names or digests were altered."""
+        check_record(version.content_sha256, version.files)
         for rel, digest in version.files.items():
             self.store.get(digest, Path(dest) / rel)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapters_registry import REPAIR_COMMAND, Registry
-from adapters_registry.errors import ArtifactError, ChecksumMismatchError
-from adapters_registry.hashing import sha256_file
+from adapters_registry.errors import ArtifactError, ChecksumMismatchError, TamperedRecordError
+from adapters_registry.hashing import check_record, sha256_file
 from adapters_registry.records import AdapterVersion
 from gateway.disk_cache import FETCH_PREFIX, DiskCache
 from gateway.engine import Engine, LoraSpec
@@ -102,7 +102,7 @@ class AdapterManager:
         """The adapter, accepted by the engine and held there until the block exits."""
         started = time.perf_counter()
         vid = version.lora_int_id
-        self._versions[vid] = version
+        self._remember(version)
         # Held from the start: neither the disk nor the engine may evict it while it loads.
         self._in_use[vid] += 1
         try:
@@ -183,7 +183,7 @@ class AdapterManager:
     async def prefetch(self, version: AdapterVersion, into: CacheName) -> str:
         """Warm one tier ahead of traffic; returns where the adapter was before."""
         if into == "disk":
-            self._versions[version.lora_int_id] = version
+            self._remember(version)
             if version.lora_int_id in self._in_engine:
                 return "engine_hit"
             _path, tier = await self._ensure_local(version)
@@ -194,6 +194,7 @@ class AdapterManager:
     async def evict(self, version: AdapterVersion, where: EvictTarget) -> list[str]:
         """Drop it from the engine, the disk, or both; refused while pinned or in use."""
         vid = version.lora_int_id
+        self._remember(version)
         if vid in self._pinned:
             raise CacheConflictError(f"{version.ref} is pinned; unpin it first")
         if self._in_use[vid] or vid in self._loading:
@@ -244,7 +245,27 @@ class AdapterManager:
                      if n > 0 and v not in self._in_engine],
             slot_capacity=self._slot_capacity)
 
+    async def engine_reports(self) -> list[int]:
+        """The adapters vLLM itself says it holds, to check against the gateway's own LRU."""
+        return sorted(await self._engine.list_loras())
+
     # -- internals ------------------------------------------------------------------------
+
+    def _remember(self, version: AdapterVersion) -> None:
+        """Track ``version``, once its record proves it is one the registry wrote.
+
+        Its digest names a folder under the cache and its file names are joined to that
+        folder: a row altered in the database must never become a path (vLLM #46287,
+        AIBrix #2296), so it is refused before any lookup, download or eviction.
+        """
+        try:
+            check_record(version.content_sha256, version.files)
+        except TamperedRecordError as exc:
+            logger.error("registry record of %s is not servable: %s", version.ref, exc)
+            raise AdapterUnavailableError(
+                f"adapter {version.ref} cannot be served: its registry record was altered "
+                f"({exc}); the operator must delete and re-register it") from exc
+        self._versions[version.lora_int_id] = version
 
     def _spec(self, version: AdapterVersion, path: Path) -> LoraSpec:
         return LoraSpec(name=version.ref, int_id=version.lora_int_id, path=path)
@@ -311,7 +332,7 @@ class AdapterManager:
             if victim is None:
                 raise OverloadedError(
                     f"all {self._capacity} adapter slots are serving requests, loading or pinned; "
-                    "retry shortly")
+                    "retry shortly", retry_after=1.0)
             victims.append(self._start_removal(victim))
         self._loading.add(vid)
         return victims
@@ -368,9 +389,9 @@ class AdapterManager:
             self._registry.fetch(version, tmp)  # verifies every file against its sha256
             try:
                 tmp.rename(path)
-            except OSError:
-                if not path.is_dir():  # else: an earlier fetch won with the same bytes
-                    raise
+            except OSError as exc:  # fine if an earlier fetch won; a link was never ours
+                if path.is_symlink() or not path.is_dir():
+                    raise ArtifactError(f"cannot place it in the cache at {path}: {exc}") from exc
         except ChecksumMismatchError as exc:
             logger.error("artifact of %s failed verification: %s", version.ref, exc)
             raise AdapterUnavailableError(

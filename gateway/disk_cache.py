@@ -19,6 +19,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters_registry.hashing import check_digest, is_digest
+
 logger = logging.getLogger(__name__)
 
 FETCH_PREFIX = ".fetch-"  # downloads in progress; never entries
@@ -46,8 +48,11 @@ class DiskCache:
         for child in self.root.iterdir():
             if child.name.startswith(FETCH_PREFIX):
                 shutil.rmtree(child, ignore_errors=True)  # a download a crash interrupted
-            elif child.is_dir() and not child.name.startswith("."):
+            elif is_digest(child.name) and child.is_dir() and not child.is_symlink():
                 found.append((child.stat().st_mtime, child.name, _folder_bytes(child)))
+            elif child.is_dir() or child.is_symlink():  # never ours: neither served nor
+                # evicted (a link could lead anywhere); plain files are left alone quietly
+                logger.warning("disk cache: ignoring %s, not an adapter folder", child)
         for _mtime, sha, size in sorted(found):
             self._entries[sha] = size
         if found:
@@ -65,7 +70,7 @@ class DiskCache:
         return sha in self._entries
 
     def path(self, sha: str) -> Path:
-        return self.root / sha
+        return self.root / check_digest(sha)  # a digest, never a path that leaves the root
 
     def lookup(self, sha: str) -> Path | None:
         """The folder if cached (and marks it most recently used), else None."""

@@ -233,7 +233,8 @@ async def gc(body: GcIn, reg: AdminDep) -> dict[str, Any]:
 
 @router.get("/cache")
 async def cache_state(svc: AdminServicesDep) -> dict[str, Any]:
-    return {**svc.adapters.cache_state(), "warmup_errors": svc.warmup_errors}
+    return {**svc.adapters.cache_state(), "engine_reports": await svc.adapters.engine_reports(),
+            "warmup_errors": svc.warmup_errors}
 
 
 @router.post("/cache/prefetch", responses=_INPUT)

@@ -69,6 +69,10 @@ class Engine(Protocol):
 
     async def remove_lora(self, int_id: int) -> None: ...
 
+    async def list_loras(self) -> set[int]:
+        """The ``lora_int_id``s the engine itself holds (its own view, not the gateway's)."""
+        ...
+
     def generate(
         self, prompt_ids: list[int], sampling: SamplingSpec, request_id: str, lora: LoraSpec | None
     ) -> AsyncIterator[Delta]:

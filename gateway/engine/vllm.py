@@ -127,6 +127,9 @@ class VllmEngine:
     async def remove_lora(self, int_id: int) -> None:
         await self._engine.remove_lora(int_id)
 
+    async def list_loras(self) -> set[int]:
+        return set(await self._engine.list_loras())
+
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingSpec, request_id: str, lora: LoraSpec | None
     ) -> AsyncIterator[Delta]:

@@ -59,6 +59,9 @@ class FakeEngine:
         self.removed.append(int_id)
         self.loaded.pop(int_id, None)
 
+    async def list_loras(self) -> set[int]:
+        return set(self.loaded)
+
     async def generate(self, prompt_ids: list[int], sampling: SamplingSpec, request_id: str,
                        lora: LoraSpec | None) -> AsyncIterator[Delta]:
         if self.die_on_generate:

@@ -17,9 +17,9 @@ from adapters_registry import AdapterTemplate, Registry
 from tests.conftest import ANSWERS, PROMPTS, REPO, train_tiny_adapter
 from tests.integration.conftest import (
     GatewayProcess,
+    populated_registry,
     start_gateway,
-    tiny_gateway_args,
-    tiny_registry,
+    tiny_serve_args,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapters):
     root: Path = tmp_path_factory.mktemp("e2e")
-    db_url, registry, keys = tiny_registry(root, tiny_contract, tiny_template, trained_adapters)
+    registry, db_url, keys = populated_registry(root, tiny_contract, tiny_template, trained_adapters)
     # A third adapter whose stored bytes the test corrupts behind the registry's back
     # (its own content, so no other version shares its blobs).
     broken = train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], root / "broken",
@@ -56,8 +56,8 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
     e = Env()
     e.registry, e.keys, e.timings = registry, keys, {}
     e.gateway = start_gateway(
-        tiny_gateway_args(root, db_url, tiny_base.path, tiny_contract.model_id,
-                          "--max-loras", "2", "--max-cpu-loras", "4"),
+        tiny_serve_args(root, db_url, tiny_base.path, tiny_contract, "--max-loras", "2",
+                        "--max-cpu-loras", "4"),
         root / "gateway.log")
     e.timings["gateway_startup_s"] = round(e.gateway.startup_seconds, 2)
     yield e

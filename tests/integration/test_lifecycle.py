@@ -24,12 +24,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters_registry import BaseContract
 from tests.integration.conftest import (
     GatewayProcess,
     free_port,
+    populated_registry,
     start_gateway,
-    tiny_gateway_args,
-    tiny_registry,
+    tiny_serve_args,
     vllm_env,
 )
 
@@ -43,16 +44,16 @@ class Env:
     root: Path
     db_url: str
     keys: dict[str, str]
-    base_id: str
+    contract: BaseContract
     base_dir: Path
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapters) -> Env:
     root: Path = tmp_path_factory.mktemp("lifecycle")
-    db_url, registry, keys = tiny_registry(root, tiny_contract, tiny_template, trained_adapters)
+    registry, db_url, keys = populated_registry(root, tiny_contract, tiny_template, trained_adapters)
     registry.close()
-    return Env(root, db_url, keys, tiny_contract.model_id, Path(tiny_base.path))
+    return Env(root, db_url, keys, tiny_contract, Path(tiny_base.path))
 
 
 def chat_body(stream: bool, tokens: int = LONG) -> dict[str, object]:
@@ -119,10 +120,10 @@ def inproc(env: Env) -> Iterator[InProcess]:
         engines.append(vllm_engine_factory(settings))
         return engines[-1]
 
-    # As tiny_gateway_args has it, with a cache of its own (it runs beside the processes).
+    # As tiny_serve_args has it, with a cache of its own (it runs beside the processes).
     settings = GatewaySettings(
         database_url=env.db_url, artifacts_dir=str(env.root / "artifacts"),
-        cache_dir=env.root / "inproc-cache", base_model_id=env.base_id,
+        cache_dir=env.root / "inproc-cache", base_model_id=env.contract.model_id,
         base_model_dir=env.base_dir, dtype="float32", max_model_len=MAX_MODEL_LEN,
         max_lora_rank=8)
     port = free_port()
@@ -221,8 +222,8 @@ def start_stream(gw: GatewayProcess, key: str, tokens: int) -> Stream:
 
 
 def serve_drained(env: Env, grace: float, name: str) -> GatewayProcess:
-    gw = start_gateway(tiny_gateway_args(env.root, env.db_url, env.base_dir, env.base_id,
-                                         "--drain-grace-seconds", str(grace)),
+    gw = start_gateway(tiny_serve_args(env.root, env.db_url, env.base_dir, env.contract,
+                                       "--drain-grace-seconds", str(grace)),
                        env.root / f"{name}.log")
     warm = httpx.post(gw.url + "/v1/chat/completions", json=chat_body(False, 4), timeout=120,
                       headers={"Authorization": f"Bearer {env.keys['acme']}"})

@@ -20,9 +20,9 @@ from tests.conftest import PROMPTS
 from tests.integration.conftest import (
     GatewayProcess,
     free_port,
+    populated_registry,
     start_gateway,
-    tiny_gateway_args,
-    tiny_registry,
+    tiny_serve_args,
 )
 from tests.msp import loaded, lora_info, scrape, value
 
@@ -49,13 +49,13 @@ class Env:
 def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapters):
     root: Path = tmp_path_factory.mktemp("msp")
     e = Env()
-    db_url, registry, e.keys = tiny_registry(root, tiny_contract, tiny_template, trained_adapters)
+    registry, db_url, e.keys = populated_registry(root, tiny_contract, tiny_template, trained_adapters)
     registry.push("acme", "other", trained_adapters["acme"])  # a third adapter version
     metrics_port = free_port()
     e.gateway = start_gateway(
-        tiny_gateway_args(root, db_url, tiny_base.path, tiny_contract.model_id,
-                          "--max-loras", "1", "--max-cpu-loras", "2", "--max-num-seqs", "1",
-                          "--metrics-port", str(metrics_port)),
+        tiny_serve_args(root, db_url, tiny_base.path, tiny_contract,
+                        "--max-loras", "1", "--max-cpu-loras", "2", "--max-num-seqs", "1",
+                        "--metrics-port", str(metrics_port)),
         root / "gateway.log")
     e.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield e

@@ -20,7 +20,7 @@ import pytest
 
 from loadtest.servers import free_port, start, vllm_server_command
 from tests.conftest import ANSWERS, PROMPTS, REPO
-from tests.integration.conftest import GatewayProcess, start_gateway, tiny_registry
+from tests.integration.conftest import GatewayProcess, populated_registry, start_gateway
 
 pytestmark = pytest.mark.integration
 REPORT = REPO / ".cache" / "reports" / "openai-differential.json"
@@ -85,7 +85,7 @@ class Env:
 def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapters):
     root: Path = tmp_path_factory.mktemp("differential")
     e = Env()
-    db_url, registry, e.keys = tiny_registry(root, tiny_contract, tiny_template, trained_adapters)
+    registry, db_url, e.keys = populated_registry(root, tiny_contract, tiny_template, trained_adapters)
     e.results = {}
     registry.close()
     port = free_port()
