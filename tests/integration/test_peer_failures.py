@@ -120,10 +120,10 @@ class Env:
         return sum(s.value for s in self.samples(name)
                    if all(s.labels.get(k) == v for k, v in labels.items()))
 
-    def running(self) -> set[str]:
-        """Adapters serving requests now, from the gateway's own count (no engine call)."""
-        return {name for s in self.samples("vllm:lora_requests_info")
-                for name in s.labels["running_lora_adapters"].split(",") if name}
+    def in_use(self) -> set[int]:
+        """Adapters serving requests now (lora_int_ids), by the gateway's own count. Not the
+        router's ``running_lora_adapters``: that lists residency in batch slots, not use."""
+        return {i for i, n in self.residency()[0].items() if n > 0}
 
 
 def make_variant(src: Path, dest: Path, k: int) -> Path:
@@ -173,35 +173,45 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
     assert rc in (0, -15), f"gateway exit code {rc}:\n{gateway.log_tail()}"
 
 
-def test_cold_loads_while_streams_run_leave_them_intact(env: Env) -> None:
+def test_cold_loads_while_generations_run_leave_them_intact(env: Env) -> None:
     """vLLM #13698: loading an adapter while generations run crashed the server.
 
-    Two long greedy streams on acme/support-bot must produce exactly what the same
+    Two long greedy generations on acme/support-bot must produce exactly what the same
     request produces alone, while other adapters are cold-loaded (fetched, verified,
-    added to vLLM, and used in the same batches) before the streams end.
+    added to vLLM, and used in the same batches) before the long ones end. They are not
+    streamed: while two long streams send events as fast as the engine makes them, a new
+    request waited for them to end on this 2-core machine (noted in the issue), and this
+    test is about the engine, not that.
     """
     prompt = "Tell me a long story."
-    alone, _ = env.stream("acme", "support-bot", prompt)
+    long = {"min_tokens": LONG}
+
+    def generation() -> tuple[str, float]:
+        r = env.chat("acme", "support-bot", prompt, tokens=LONG, **long)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], time.monotonic()
+
+    alone, _ = generation()
     assert len(alone) > 0
     cold = env.fresh(4)
     loads_before = env.counter("lgw_adapter_cache_loads_total", cache="engine")
-    started = threading.Event()
+    support_bot = _lora_id(env, "acme", "support-bot")
 
     def cold_load(name: str) -> float:
-        """Fetched, verified, added to vLLM and prefilled beside the streams: one token."""
+        """Fetched, verified, added to vLLM and prefilled beside the long ones: one token."""
         r = env.chat("acme", name, PROMPTS[1], tokens=1)
         assert r.status_code == 200, r.text
         assert r.headers["x-lora-gateway-adapter-tier"] == "remote_fetch"
         return time.monotonic()
 
     with ThreadPoolExecutor(STREAMS) as pool:
-        streams = [pool.submit(env.stream, "acme", "support-bot", prompt, LONG, started)
-                   for _ in range(STREAMS)]
-        assert started.wait(120), "the streams never started"
+        running = [pool.submit(generation) for _ in range(STREAMS)]
+        _wait_until(lambda: env.residency()[0].get(support_bot, 0) >= STREAMS,
+                    "the long generations to start")
         # One at a time: with support-bot, two adapters, as many as one batch mixes
-        # (--max-loras), so each is generated beside the streams, not after them.
+        # (--max-loras), so each is generated beside the long ones, not after them.
         loaded_at = [cold_load(name) for name in cold]
-        results = [s.result() for s in streams]
+        results = [g.result() for g in running]
     loads = env.counter("lgw_adapter_cache_loads_total", cache="engine") - loads_before
 
     assert loads == len(cold)
@@ -212,8 +222,8 @@ def test_cold_loads_while_streams_run_leave_them_intact(env: Env) -> None:
         assert r.json()["choices"][0]["message"]["content"] == ANSWERS["acme"], name
     ended = min(t for _text, t in results)
     overlapped = sum(t < ended for t in loaded_at)
-    print(f"cold loads done {[round(ended - t, 2) for t in loaded_at]} s before the streams ended")
-    assert overlapped >= 2, f"only {overlapped} cold loads finished while the streams ran"
+    print(f"cold loads done {[round(ended - t, 2) for t in loaded_at]} s before the generations ended")
+    assert overlapped >= 2, f"only {overlapped} cold loads finished while the generations ran"
     assert httpx.get(env.gateway.url + "/health", timeout=10).status_code == 200
 
 
@@ -238,7 +248,6 @@ def test_no_adapter_in_flight_is_evicted_and_one_too_many_is_a_503(env: Env) -> 
     """
     held = [("acme", "support-bot"), ("globex", "pirate"), ("acme", env.fresh(1)[0])]
     ids = {_lora_id(env, t, m) for t, m in held}
-    refs = {f"{t}/{m}@v1" for t, m in held}  # as the gateway names them in its metrics
     extra = env.fresh(1)[0]
     for tenant, model in held:  # resident before the streams: they hold slots from the start
         assert env.chat(tenant, model).status_code == 200
@@ -247,7 +256,7 @@ def test_no_adapter_in_flight_is_evicted_and_one_too_many_is_a_503(env: Env) -> 
         # Three streams per adapter; vLLM batches two adapters at a time, so the third
         # adapter's streams wait in its queue (still holding their slot) for a whole round.
         streams = [pool.submit(env.stream, t, m, PROMPTS[0]) for t, m in held for _ in range(3)]
-        _wait_until(lambda: refs <= env.running(), "three adapters in use")
+        _wait_until(lambda: ids <= env.in_use(), "three adapters in use")
         refused = env.chat("acme", extra)
         ours, theirs = env.residency()
         results = [s.result() for s in streams]
