@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -306,7 +307,12 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
                 print(f"  round {r} {policy:15s} cold/req {f['cold_per_request']:.3f} ttft p50 "
                       f"{f['ttft_ms']['p50']} p99 {f['ttft_ms']['p99']} ms {f['by_replica']}", flush=True)
 
-        victim = replicas[-1]
+        # The replica holding the fewest (but some) of the trace's adapters under the ring:
+        # vllm-router's ring can leave a replica with none, and killing that shows nothing.
+        share = Counter(name for names in placement["consistent_hash"].values() for name in names
+                        if name != "?")
+        victim = min((r for r in replicas if share[r.name]), key=lambda r: share[r.name],
+                     default=replicas[-1])
         print(f"== kill {victim.name} half-way through the trace (consistent_hash)", flush=True)
         asyncio.run(admin_all(replicas, targets, "evict", **{"from": "engine"}))
         sent, killed_at = asyncio.run(drive(routers["consistent_hash"].url, trace, args.concurrency,
