@@ -221,9 +221,16 @@ def start_stream(gw: GatewayProcess, key: str, tokens: int) -> Stream:
     return stream
 
 
+# The drain tests' streams use the tiny base's whole context, so they outlast the checks
+# made while they run on a quiet machine too (400 tokens took 1.5 s there, 50 s on 2 busy cores).
+DRAIN_CONTEXT = 2048
+DRAIN_TOKENS = DRAIN_CONTEXT - 64
+
+
 def serve_drained(env: Env, grace: float, name: str) -> GatewayProcess:
     gw = start_gateway(tiny_serve_args(env.root, env.db_url, env.base_dir, env.contract,
-                                       "--drain-grace-seconds", str(grace)),
+                                       "--drain-grace-seconds", str(grace),
+                                       max_model_len=DRAIN_CONTEXT),
                        env.root / f"{name}.log")
     warm = httpx.post(gw.url + "/v1/chat/completions", json=chat_body(False, 4), timeout=120,
                       headers={"Authorization": f"Bearer {env.keys['acme']}"})
@@ -244,10 +251,10 @@ def ends_then_exits_0(gw: GatewayProcess, stream: Stream, signalled: float,
 
 
 def test_sigterm_drains_the_stream_in_flight_then_exits_0(env: Env) -> None:
-    gw = serve_drained(env, 120, "drain")  # (on 2 busy cores 400 tokens took 50 s)
+    gw = serve_drained(env, 600, "drain")
     try:
         key = env.keys["acme"]
-        stream = start_stream(gw, key, LONG)
+        stream = start_stream(gw, key, DRAIN_TOKENS)
         signalled = time.perf_counter()
         gw.proc.send_signal(signal.SIGTERM)  # the gateway only, as Kubernetes does
 
@@ -261,9 +268,9 @@ def test_sigterm_drains_the_stream_in_flight_then_exits_0(env: Env) -> None:
         assert "shutting down" in refused.json()["error"]["message"]
         assert not stream.done.is_set(), "the stream ended before the drain was checked"
 
-        finished_in, exited_in = ends_then_exits_0(gw, stream, signalled, 120)
+        finished_in, exited_in = ends_then_exits_0(gw, stream, signalled, 600)
         usage = json.loads(stream.events[-2])["usage"]  # the whole answer was generated
-        assert usage["completion_tokens"] == LONG, usage
+        assert usage["completion_tokens"] == DRAIN_TOKENS, usage
         print(f"drain: stream finished {finished_in:.1f}s after SIGTERM, process exited 0 "
               f"{exited_in:.1f}s after it")
     finally:
@@ -274,7 +281,7 @@ def test_a_stream_longer_than_the_grace_is_cut_and_the_process_exits(env: Env) -
     grace = 1.0
     gw = serve_drained(env, grace, "cut")
     try:
-        stream = start_stream(gw, env.keys["acme"], MAX_MODEL_LEN - 40)
+        stream = start_stream(gw, env.keys["acme"], DRAIN_TOKENS)
         signalled = time.perf_counter()
         gw.proc.send_signal(signal.SIGTERM)
         cut_in, exited_in = ends_then_exits_0(gw, stream, signalled, grace + 5)
