@@ -307,10 +307,14 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
                 print(f"  round {r} {policy:15s} cold/req {f['cold_per_request']:.3f} ttft p50 "
                       f"{f['ttft_ms']['p50']} p99 {f['ttft_ms']['p99']} ms {f['by_replica']}", flush=True)
 
-        # The replica holding the fewest (but some) of the trace's adapters under the ring:
-        # vllm-router's ring can leave a replica with none, and killing that shows nothing.
-        share = Counter(name for names in placement["consistent_hash"].values() for name in names
-                        if name != "?")
+        # The replica holding the fewest (but some) of the adapters the trace asks for both
+        # well before and well after its middle, under the ring: vllm-router's ring can leave
+        # a replica with none, and killing one whose adapters are not asked for again shows
+        # nothing moving.
+        half, margin = len(trace) // 2, 2 * args.concurrency
+        both = {t.label for t in trace[:half - margin]} & {t.label for t in trace[half + margin:]}
+        share = Counter(name for label, names in placement["consistent_hash"].items()
+                        if label in both for name in names if name != "?")
         victim = min((r for r in replicas if share[r.name]), key=lambda r: share[r.name],
                      default=replicas[-1])
         print(f"== kill {victim.name} half-way through the trace (consistent_hash)", flush=True)

@@ -61,11 +61,17 @@ class ServerProcess:
 
 def start(cmd: Sequence[str], log: Path, *, cwd: Path | None = None,
           env: Mapping[str, str] | None = None, port: int, ready_path: str = "/health") -> ServerProcess:
-    """Run ``cmd`` in its own process group; wait until ``ready_path`` answers 200."""
+    """Run ``cmd`` in its own process group; wait until ``ready_path`` answers 200.
+
+    A process group, not a session: Linux schedules each session as one group
+    (autogroup), and a server in a session of its own, its vLLM worker spinning on a
+    pinned core, starved the measuring process for seconds at a time (runnable, not
+    running), which showed up as server latency that was not the server's.
+    """
     started = time.perf_counter()
     with log.open("wb") as out:
         proc = subprocess.Popen(list(cmd), cwd=cwd, env=vllm_env(env), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, process_group=0)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
     deadline = started + STARTUP_TIMEOUT_S
     while time.perf_counter() < deadline:

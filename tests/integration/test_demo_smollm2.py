@@ -33,7 +33,7 @@ def run_demo(home: Path, port: int, log: Path) -> tuple[subprocess.Popen[bytes],
     started = time.perf_counter()
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=vllm_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, process_group=0)  # see loadtest.servers.start
     deadline = started + 900
     while time.perf_counter() < deadline:
         if proc.poll() is not None:

@@ -113,11 +113,6 @@ def test_loads_and_evictions_move_adapters_between_levels(env: Env) -> None:
     assert value(m, "vllm:kv_cache_usage_perc") == 0  # nothing in flight holds KV blocks
 
 
-# Known flaky (open in issue 14): in about half the runs the scrapes never show the
-# 300-token request as running although it is served (1.3 s, ~60 scrapes during it); the
-# other half pass. Not diagnosed yet; kept running so a fix shows as XPASS.
-@pytest.mark.xfail(strict=False, reason="vllm:num_requests_running sometimes never shows a "
-                   "request in flight (under investigation)")
 def test_requests_in_flight_run_and_queued_ones_wait(env: Env) -> None:
     failures: list[BaseException] = []
 

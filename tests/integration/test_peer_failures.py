@@ -178,10 +178,7 @@ def test_cold_loads_while_generations_run_leave_them_intact(env: Env) -> None:
 
     Two long greedy generations on acme/support-bot must produce exactly what the same
     request produces alone, while other adapters are cold-loaded (fetched, verified,
-    added to vLLM, and used in the same batches) before the long ones end. They are not
-    streamed: while two long streams send events as fast as the engine makes them, a new
-    request waited for them to end on this 2-core machine (noted in the issue), and this
-    test is about the engine, not that.
+    added to vLLM, and used in the same batches) before the long ones end.
     """
     prompt = "Tell me a long story."
     long = {"min_tokens": LONG}

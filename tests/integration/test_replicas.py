@@ -34,7 +34,7 @@ def test_affinity_and_kill_through_vllm_router(tmp_path, monkeypatch, tiny_base)
     # only the victim's adapters moved, and all of them did
     assert kill["moved_not_from_victim"] == []
     assert kill["fraction_moved"] == pytest.approx(kill["victim_share_before"])
-    assert 0 < kill["adapters_moved"] < kill["adapters_seen_before_and_after"]
+    assert 0 < kill["adapters_moved"] <= kill["adapters_seen_before_and_after"]
     # failures: only requests in flight on the victim, plus those the router sent it before
     # its health check noticed (one probe interval), each with an error message
     assert kill["failed_in_flight"] <= 2
