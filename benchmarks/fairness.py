@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 
 from adapters_registry import AdapterTemplate, Registry, derive_contract
-from loadtest.client import RequestRecord, RequestShape, Target, send
+from loadtest.client import RequestRecord, RequestShape, Target, freeze_heap, send
 from loadtest.servers import ServerProcess, free_port, gateway_command, start
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +95,7 @@ def _flood(url: str, target: Target, clients: int, stop: Any, served: Any, refus
     1 s stalls while the gateway's own latency for the same requests stayed under 0.32 s).
     """
     os.nice(10)
+    freeze_heap()
     body = {"model": target.model, "max_tokens": SHAPE.max_tokens, "temperature": 0.0,
             "messages": [{"role": "user", "content": SHAPE.prompt}]}
     headers = {"Authorization": f"Bearer {target.api_key}"}
@@ -193,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ttft: dict[str, dict[str, list[float]]] = {m: {"alone": [], "flood": []} for m in MODES}
         flood_stats: dict[str, dict[str, int]] = {m: {"ok": 0, "errors": 0} for m in MODES}
         queued_long = dict.fromkeys(MODES, 0)  # quiet requests under flood that waited > 0.1 s for a slot
+        freeze_heap()
         for r in range(args.rounds):
             order = list(MODES) if r % 2 == 0 else list(MODES)[::-1]
             for mode in order:

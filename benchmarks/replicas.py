@@ -49,7 +49,7 @@ import httpx
 
 from benchmarks.fleet_sim import COLD, TIERS, zipf_trace
 from benchmarks.serving import ADMIN_KEY, REPO, TENANT, build_adapters, start_gateway, start_s3
-from loadtest.client import RequestRecord, RequestShape, Target, send
+from loadtest.client import RequestRecord, RequestShape, Target, freeze_heap, send
 from loadtest.runner import RunSpec, admin_call
 from loadtest.servers import ServerProcess, free_port, start
 
@@ -288,6 +288,7 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
         trace = [targets[i] for i in zipf_trace(args.tenants, args.per_tenant, args.requests,
                                                 args.zipf_s, args.seed)]
         rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
+        freeze_heap()
         by_tier: dict[str, list[float]] = {t: [] for t in TIERS}
         # adapter -> the replicas that answered it (one each under consistent_hash)
         placement: dict[str, dict[str, set[str]]] = {p: {} for p in POLICIES}
