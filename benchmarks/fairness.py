@@ -90,9 +90,8 @@ async def quiet_requests(url: str, target: Target, n: int, gap_s: float) -> list
 def _flood(url: str, target: Target, clients: int, stop: Any, served: Any, refused: Any) -> None:
     """The flood tenant: ``clients`` non-streamed requests always outstanding, until ``stop``.
 
-    Its process runs at a lower CPU priority: on 2 shared cores the load generator itself
-    would otherwise starve the measuring client (seen: the quiet client's TTFT showing
-    1 s stalls while the gateway's own latency for the same requests stayed under 0.32 s).
+    Its process runs at a lower CPU priority, so that on 2 shared cores the load
+    generator's own work does not delay the measuring client.
     """
     os.nice(10)
     freeze_heap()
