@@ -9,7 +9,7 @@ request's tier is the highest one holding its adapter (``slot_hit``, ``engine_hi
 is one FCFS server: a request occupies it for the hot TTFT plus its tier's swap penalty,
 so TTFT = wait + hot TTFT + penalty and cold loads cost capacity as well as latency. The
 hot TTFT and the penalties are measured: the reproduction uses the replica run's own
-per-tier TTFT medians (same load); the fleet table uses benchmarks.serving's swap
+per-tier TTFT medians (same load, scaled to service times); the fleet table uses benchmarks.serving's swap
 penalties, measured one request at a time (benchmarks/results/bench.json).
 
 Policies: ``round_robin``; ``consistent_hash`` (a ring of 160 virtual nodes per replica,
@@ -235,11 +235,18 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
 
 
 def costs_from_run(run: dict[str, Any]) -> Costs:
-    """Hot TTFT and per-tier penalties from the replica run's per-tier TTFT medians."""
+    """Service times from the replica run's per-tier TTFT medians.
+
+    Those medians are latencies under the run's own load: its closed loop kept
+    ``concurrency`` requests on ``machine_cpus`` shared cores, all busy, so by Little's law
+    a request's latency is ``concurrency / cores`` times its service time. The simulator
+    adds the waiting itself, so it takes the latencies scaled back by that factor (taking
+    them as service times counted the wait twice: simulated TTFTs twice the measured)."""
     by_tier = run["ttft_by_tier_ms"]
+    busy = min(run["machine_cpus"], run["config"]["concurrency"]) / run["config"]["concurrency"]
     hot = by_tier["slot_hit"]["p50"]
-    return Costs(hot / 1000, {t: max(0.0, by_tier[t]["p50"] - hot) / 1000 for t in TIERS
-                              if t in by_tier})
+    return Costs(busy * hot / 1000, {t: busy * max(0.0, by_tier[t]["p50"] - hot) / 1000
+                                     for t in TIERS if t in by_tier})
 
 
 def costs_from_serving(bench: dict[str, Any]) -> Costs:
@@ -322,8 +329,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{k} +{v * 1000:.1f} ms" for k, v in c["penalty_s"].items() if v)
 
     lines = ["# Fleet simulator", "", "## Reproduction of the replica run", "",
-             f"Costs from the run itself ({doc['costs_source']}, per-tier TTFT medians under its "
-             f"load): {costs(doc['costs'])}. Same trace, capacities and closed loop.", "",
+             f"Costs from the run itself ({doc['costs_source']}: per-tier TTFT medians under its "
+             "load, scaled to service times by cores / requests in flight (Little's law, all "
+             f"cores busy)): {costs(doc['costs'])}. Same trace, capacities and closed loop.", "",
              "| policy | cold/req measured (median [min, max]) | simulated | TTFT p50 measured ms "
              "| simulated | within noise |", "|---|---|---|---|---|---|"]
     for policy, r in doc["reproduction"]["rows"].items():
