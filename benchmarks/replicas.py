@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.fleet_sim import COLD, TIERS, zipf_trace
+from benchmarks.fleet_model import COLD, TIERS, zipf_trace
 from benchmarks.serving import ADMIN_KEY, REPO, TENANT, build_adapters, start_gateway, start_s3
 from loadtest.client import RequestRecord, RequestShape, Target, freeze_heap, send
 from loadtest.runner import RunSpec, admin_call

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import fleet_sim
-from benchmarks.fleet_sim import POLICIES, Capacity, Config, Costs, Replica, simulate, zipf_trace
+from benchmarks.fleet_model import POLICIES, Capacity, Config, Costs, Replica, simulate, zipf_trace
 
 COSTS = Costs(0.015, {"engine_hit": 0.003, "disk_hit": 0.004, "remote_fetch": 0.03})
 SMALL = Config(replicas=4, tenants=4, per_tenant=10, cap=Capacity(2, 4, 40), requests=4000,
