@@ -16,6 +16,7 @@ choosing victims, is synchronous code between two awaits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -77,7 +78,7 @@ class AdapterManager:
 
     def __init__(self, registry: Registry, engine: Engine, disk: DiskCache,
                  metrics: GatewayMetrics, *, engine_capacity: int, slot_capacity: int,
-                 load_concurrency: int = 8) -> None:
+                 load_concurrency: int = 8, slot_wait_s: float = 0.0) -> None:
         self._registry = registry
         self._engine = engine
         self._disk = disk
@@ -94,6 +95,8 @@ class AdapterManager:
         self._loads: dict[int, asyncio.Task[Tier]] = {}  # single flight per version
         self._fetches: dict[str, asyncio.Task[Path]] = {}  # single flight per artifact
         self._load_slots = asyncio.Semaphore(load_concurrency)
+        self._slot_wait_s = slot_wait_s
+        self._freed = asyncio.Event()  # set (and replaced) whenever engine capacity may free up
         self._rejected: dict[int, str] = {}  # lora_int_id -> why; a version never changes
         self._update_gauges()
 
@@ -114,6 +117,7 @@ class AdapterManager:
             self._in_use[vid] -= 1
             if self._in_use[vid] <= 0:
                 del self._in_use[vid]
+                self._signal_freed()
 
     async def _make_ready(self, version: AdapterVersion) -> Tier:
         vid = version.lora_int_id
@@ -177,6 +181,7 @@ class AdapterManager:
             return False
         self._pinned.discard(version.lora_int_id)
         self._update_gauges()
+        self._signal_freed()
         logger.info("unpinned %s", version.ref)
         return True
 
@@ -301,7 +306,7 @@ class AdapterManager:
             pending = self._removals.get(vid)
             if pending is not None:  # evicted a moment ago: let vLLM finish removing it first
                 await pending
-            victims = self._reserve(vid)
+            victims = await self._claim(version)
             started = time.perf_counter()
             try:
                 if victims:
@@ -313,12 +318,36 @@ class AdapterManager:
                 raise self._unavailable(version) from exc
             finally:
                 self._loading.discard(vid)
+                self._signal_freed()
             self._in_engine[vid] = None
         self._metrics.cache_loads.labels("engine").inc()
         self._metrics.cache_load_seconds.labels("engine").observe(time.perf_counter() - started)
         self._update_gauges()
         logger.info("engine accepted %s (lora_int_id=%d)", version.ref, vid)
         return tier
+
+    async def _claim(self, version: AdapterVersion) -> list[asyncio.Task[None]]:
+        """``_reserve``, waiting up to ``slot_wait_s`` while every slot serves requests."""
+        deadline = time.monotonic() + self._slot_wait_s
+        waited = False
+        while True:
+            freed = self._freed  # taken before trying: a slot freed in between is not missed
+            try:
+                return self._reserve(version.lora_int_id)
+            except OverloadedError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+            if not waited:
+                waited = True
+                logger.info("every engine slot serves requests: %s waits up to %.1fs for one",
+                            version.ref, left)
+            with contextlib.suppress(TimeoutError):  # then one last try, then the refusal
+                await asyncio.wait_for(freed.wait(), left)
+
+    def _signal_freed(self) -> None:
+        self._freed.set()
+        self._freed = asyncio.Event()
 
     def _reserve(self, vid: int) -> list[asyncio.Task[None]]:
         """Claim one engine slot for ``vid``, starting the removal of LRU victims if full.

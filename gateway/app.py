@@ -180,7 +180,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         adapters = AdapterManager(registry, engine, disk, metrics,
                                   engine_capacity=settings.max_cpu_loras,
                                   slot_capacity=settings.max_loras,
-                                  load_concurrency=settings.adapter_load_concurrency)
+                                  load_concurrency=settings.adapter_load_concurrency,
+                                  slot_wait_s=settings.adapter_slot_wait_seconds)
         openai = OpenAIService(engine, serving, tenants, adapters, base_name=settings.base_name,
                                expose_base=settings.expose_base,
                                tools_supported=settings.tool_call_parser is not None,

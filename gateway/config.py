@@ -72,6 +72,10 @@ class GatewaySettings(BaseSettings):
     adapter_load_concurrency: int = Field(
         default=8, ge=1, description="Cold adapter loads (fetch, verify, add to the engine) run in "
         "parallel up to this many; 1 serialises them.")
+    adapter_slot_wait_seconds: float = Field(
+        default=10.0, ge=0, description="How long a request for an adapter not in engine memory "
+        "waits for a slot while every slot holds an adapter serving requests (none is ever "
+        "evicted from under a request); past it, or at once with 0: 503 with Retry-After.")
     resolve_ttl_seconds: float = Field(
         default=2.0, ge=0, description="How long a name→version resolution or a key is cached."
     )

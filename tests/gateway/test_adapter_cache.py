@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ ADMIN_KEY = "a" * 40
 
 class Env:
     def __init__(self, registry_env, tmp_path: Path, *, engine_capacity: int = 4,
-                 disk_bytes: int = 1 << 30, load_concurrency: int = 8) -> None:
+                 disk_bytes: int = 1 << 30, load_concurrency: int = 8,
+                 slot_wait_s: float = 0.0) -> None:
         self.reg = registry_env.registry
         self.engine = FakeEngine()
         self.engine.capacity = engine_capacity
@@ -59,7 +61,7 @@ class Env:
         contract = registry_env.contract
         self.manager = AdapterManager(self.reg, self.engine, self.disk, self.metrics,
                                       engine_capacity=engine_capacity, slot_capacity=1,
-                                      load_concurrency=load_concurrency)
+                                      load_concurrency=load_concurrency, slot_wait_s=slot_wait_s)
         self.tenants = TenantDirectory(self.reg, served_base=(contract.model_id, contract.revision),
                                        ttl=0)
 
@@ -138,6 +140,45 @@ def test_engine_never_evicts_an_adapter_in_use(registry_env, tmp_path) -> None:
             assert acme.lora_int_id in env.engine.loaded
         assert await tier_of(env.manager, globex) == "disk_hit"  # fetched before the refusal
         assert env.engine.removed == [acme.lora_int_id]
+
+    asyncio.run(main())
+
+
+def test_a_full_engine_makes_a_new_adapter_wait_for_a_slot_not_fail(registry_env, tmp_path) -> None:
+    """With ``slot_wait_s``, a request for an adapter that finds every slot serving
+    requests waits until one is released (then evicts it, idle), instead of a 503; past the
+    wait it is still refused, and nothing in use is ever removed."""
+    env = Env(registry_env, tmp_path, engine_capacity=1, slot_wait_s=5.0)
+    acme, globex = env.version("acme", "support-bot"), env.version("globex", "pirate")
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with env.manager.use(acme):
+                await release.wait()
+                assert env.engine.removed == []  # never from under a request
+
+        holder = asyncio.create_task(hold())
+        while acme.lora_int_id not in env.engine.loaded:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(tier_of(env.manager, globex))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # neither refused nor loaded while acme serves
+        started = time.monotonic()
+        release.set()
+        await holder
+        assert await waiting == "remote_fetch"
+        assert time.monotonic() - started < 1.0  # woken by the release, not by the wait's end
+        assert env.engine.removed == [acme.lora_int_id]
+
+        env.manager._slot_wait_s = 0.2
+        async with env.manager.use(globex):
+            started = time.monotonic()
+            with pytest.raises(OverloadedError, match="adapter slots are serving requests"):
+                await tier_of(env.manager, acme)
+            assert 0.2 <= time.monotonic() - started < 2.0
+            assert globex.lora_int_id in env.engine.loaded
 
     asyncio.run(main())
 

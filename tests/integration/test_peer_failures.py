@@ -163,6 +163,9 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
         tiny_serve_args(root, db_url, tiny_base.path, tiny_contract,
                         "--max-loras", str(BATCH_LORAS), "--max-cpu-loras", str(ENGINE_CAPACITY),
                         "--disk-cache-max-bytes", str(disk_budget),
+                        # A full engine refuses at once here (#14497's test); the wait for a
+                        # slot (the default) is tests/gateway/test_adapter_cache.py's.
+                        "--adapter-slot-wait-seconds", "0",
                         "--metrics-port", str(metrics_port), max_model_len=MAX_MODEL_LEN),
         root / "gateway.log", env={"LGW_ADMIN_API_KEY": ADMIN_KEY})
     e = Env(gateway, registry, keys, variants, root / "cache", disk_budget, size,
