@@ -189,8 +189,10 @@ async def drive(url: str, trace: Sequence[Target], concurrency: int, max_tokens:
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"no request was ever in flight on {victim.name}")
             await asyncio.sleep(0.002)
-        await asyncio.to_thread(victim.kill)
+        # The moment of the signal: a request that starts while the kill is under way was
+        # sent to a dying replica (after the kill), not in flight on it.
         killed = time.perf_counter() - t0
+        await asyncio.to_thread(victim.kill)
 
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
