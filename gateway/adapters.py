@@ -136,7 +136,10 @@ class AdapterManager:
             self._loads[vid] = load
             load.add_done_callback(lambda _t: self._loads.pop(vid, None))
         tier = await asyncio.shield(load)
-        self._touch_slot(vid)
+        if vid in self._slots:  # the load took the slot; a newer adapter may have since
+            self._slots.move_to_end(vid)
+        else:
+            self._touch_slot(vid)
         return tier
 
     def _touch_slot(self, vid: int) -> bool:
@@ -320,6 +323,9 @@ class AdapterManager:
                 self._loading.discard(vid)
                 self._signal_freed()
             self._in_engine[vid] = None
+            # Its waiters are batched next: the slot is theirs from now, so a request that
+            # arrives before they resume is a slot hit, not an engine hit.
+            self._touch_slot(vid)
         self._metrics.cache_loads.labels("engine").inc()
         self._metrics.cache_load_seconds.labels("engine").observe(time.perf_counter() - started)
         self._update_gauges()
