@@ -26,7 +26,9 @@ def free_port() -> int:
 def vllm_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; sysfs under-reports NUMA memory here
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    # VLLM_CPU_NUM_OF_RESERVED_CPU stays vLLM's default (one core for the scheduler and
+    # the server, as `lora-gateway serve` runs): forcing 0 bound the engine's OpenMP threads
+    # to every core, where they spun against the processes feeding them.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.update(extra or {})
