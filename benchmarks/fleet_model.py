@@ -4,18 +4,18 @@ Each replica has the gateway's three adapter tiers (gateway/adapters.py), each a
 batch slots (``max_loras``), engine memory (``max_cpu_loras``) and the local disk; a
 request's tier is the highest one holding its adapter (``slot_hit``, ``engine_hit``,
 ``disk_hit``, else ``remote_fetch``), and the adapter then enters every tier. A replica
-is one FCFS server: a request occupies it for the hot TTFT plus its tier's swap penalty,
-so TTFT = wait + hot TTFT + penalty and cold loads cost capacity as well as latency. The
-hot TTFT and the penalties are measured: the reproduction uses the replica run's own
-per-tier TTFT medians (same load, scaled to service times); the fleet table uses benchmarks.serving's swap
-penalties, measured one request at a time (benchmarks/results/bench.json).
+is one FCFS server: a request occupies it for the hot request's service time plus its
+tier's extra, so cold loads cost capacity as well as latency, and its TTFT is the wait plus
+that service less the part after its first token. The service times are measured: the
+replica run's calibration (benchmarks/replica_traffic.py) fits each tier's core-seconds
+per request to the wall times of one-tier phases.
 
 Policies: ``round_robin``; ``consistent_hash`` (a ring of 160 virtual nodes per replica,
 keyed on tenant/adapter, as vllm-router's); ``bounded_load`` (the same ring, walking on
 past replicas whose in-flight count exceeds ceil((1 + eps) * average): Mirrokni, Thorup and
 Zadimoghaddam, "Consistent Hashing with Bounded Loads", 2018); ``gie`` (the endpoint
-picker's LoRA affinity: among replicas whose queue is below a threshold, prefer one holding
-the adapter in engine memory, least loaded first; else the least loaded replica).
+picker's LoRA affinity: among replicas whose waiting queue is below a threshold, prefer one
+holding the adapter in engine memory, least loaded first; else the least loaded replica).
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def zipf_trace(tenants: int, per_tenant: int, requests: int, s: float, seed: int
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds: a hot request's TTFT, and what each tier adds to it."""
+    """A replica's engine steps and what each tier makes a request wait before its first."""
 
-    hot_s: float
-    penalty_s: dict[str, float]
+    step_s: float  # one engine step (prefill or one decode token) for the whole batch
+    tokens: int  # steps per request (its max_tokens)
+    delay_s: dict[str, float]  # tier -> seconds before the request can join a batch
+    overhead_s: float = 0.0  # every request's time before its engine sees it (HTTP, gateway)
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,17 @@ class Config:
     zipf_s: float = 1.1
     seed: int = 0
     concurrency: int | None = None  # closed loop with this many clients; None: open loop
-    utilization: float = 0.7  # open loop: offered load / fleet capacity at hot TTFT
+    utilization: float = 0.7  # open loop: offered load / fleet capacity (full hot batches)
+    max_batch: int = 8  # requests one engine step serves; more wait on the replica
     warmup: float = 0.0  # fraction of requests not measured (caches filling)
     start_on_disk: bool = False  # every adapter on every replica's disk at the start
     eps: float = 0.25  # bounded_load's slack
-    gie_queue_threshold: int = 8  # gie: replicas with more in flight are not preferred
-    # None: each replica is its own server (a fleet). k: all replicas share k servers, as
-    # the replica run's engines share this machine's CPU cores (caches stay per replica).
+    # gie: replicas with this many requests waiting (not in a batch) are not preferred
+    # (GIE's low-queue filter, DefaultQueueingThresholdLoRA = 128)
+    gie_queue_threshold: int = 128
+    # None: each replica has its own accelerator (a fleet). k: the replicas share k cores,
+    # as the replica run's engines share this machine's: a step takes longer while more than
+    # k replicas are stepping.
     shared_servers: int | None = None
 
     @property
@@ -129,12 +135,32 @@ class Config:
         return self.tenants * self.per_tenant
 
 
+@dataclass
+class _Request:
+    k: int  # index in the trace
+    rep: int
+    arrived: float
+    tier: str
+    done: int = 0  # steps served
+    first: float | None = None
+
+
+@dataclass
+class _Engine:
+    waiting: list[_Request] = field(default_factory=list)  # ready, no room in the batch yet
+    batch: list[_Request] = field(default_factory=list)
+    stepping: bool = False
+
+
 def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = None,
              rr_offset: int = 0, placement: dict[int, int] | None = None) -> dict[str, Any]:
     """Replay ``trace`` (or a fresh Zipf one) under ``policy``: tier rates, TTFT, imbalance.
 
-    ``placement`` (adapter -> replica) replaces the ring of ``consistent_hash`` for the
-    adapters it names (to replay a real router's choices)."""
+    Each replica batches continuously, as vLLM does: a step serves every request in its
+    batch (up to ``max_batch``), a request joins at the next step once its tier's delay is
+    over, its first token comes at the end of its first step and it leaves after
+    ``costs.tokens`` steps. ``placement`` (adapter -> replica) replaces the ring of
+    ``consistent_hash`` for the adapters it names (to replay a real router's choices)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     if trace is None:
@@ -144,75 +170,120 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
     if cfg.start_on_disk:
         for r in reps:
             r.tiers[2].update((a, None) for a in range(cfg.adapters))
+    engines = [_Engine() for _ in range(n)]
     ring = Ring(n) if policy in ("consistent_hash", "bounded_load") else None
     holders: dict[int, set[int]] = {}  # gie: adapter -> replicas holding it in engine memory
     in_flight = np.zeros(n, dtype=np.int64)
-    finishing: list[tuple[float, int]] = []  # (finish time, replica), all requests in flight
-    free_at = np.zeros(cfg.shared_servers or n)
     rng = np.random.default_rng(cfg.seed + 1)
-    mean_service = costs.hot_s
+    adapters = trace.tolist()
+    events: list[tuple[float, int, str, Any]] = []  # (time, sequence, kind, payload)
+    seq = 0
+
+    def push(t: float, kind: str, payload: Any) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, payload))
+
     if cfg.concurrency:
-        clients = [(0.0, c) for c in range(cfg.concurrency)]
-        heapq.heapify(clients)
+        for k in range(min(cfg.concurrency, len(adapters))):
+            push(0.0, "arrive", k)
+        next_k = min(cfg.concurrency, len(adapters))
     else:
-        gaps = rng.exponential(mean_service / (cfg.utilization * n), size=len(trace))
-        arrivals = np.cumsum(gaps)
-    skip = int(len(trace) * cfg.warmup)
+        capacity = n * cfg.max_batch / (costs.tokens * costs.step_s)
+        arrivals = np.cumsum(rng.exponential(1 / (cfg.utilization * capacity), size=len(adapters)))
+        for k, t in enumerate(arrivals.tolist()):
+            push(t, "arrive", k)
+    skip = int(len(adapters) * cfg.warmup)
     tiers_seen: dict[str, int] = dict.fromkeys(TIERS, 0)
-    ttfts = np.empty(len(trace) - skip)
+    ttfts: list[float] = []
+    by_tier: dict[str, list[float]] = {}
     served = np.zeros(n, dtype=np.int64)
-    busy = 0.0  # service seconds of the measured requests
-    first = last = 0.0
-    for k, adapter in enumerate(trace.tolist()):
-        now = heapq.heappop(clients)[0] if cfg.concurrency else float(arrivals[k])
-        while finishing and finishing[0][0] <= now:
-            in_flight[heapq.heappop(finishing)[1]] -= 1
+    stepping = 0
+    first_arrival = last_done = 0.0
+
+    def route(k: int, adapter: int) -> int:
         key = f"{adapter // cfg.per_tenant}/{adapter % cfg.per_tenant}"
         if policy == "round_robin":
-            rep = (k + rr_offset) % n
-        elif policy == "consistent_hash":
+            return (k + rr_offset) % n
+        if policy == "consistent_hash":
             assert ring is not None
-            rep = placement[adapter] if placement and adapter in placement else next(ring.walk(key))
-        elif policy == "bounded_load":
+            return placement[adapter] if placement and adapter in placement else next(ring.walk(key))
+        if policy == "bounded_load":
             assert ring is not None
             bound = math.ceil((1 + cfg.eps) * (in_flight.sum() + 1) / n)
-            rep = next(r for r in ring.walk(key) if in_flight[r] < bound)
-        else:
-            ok = [r for r in holders.get(adapter, ()) if in_flight[r] < cfg.gie_queue_threshold]
-            if ok:
-                rep = min(ok, key=lambda r: in_flight[r])
-            else:
-                rep = int(np.argmin(in_flight + rng.random(n) * 0.5))
-        tier, victim = reps[rep].serve(adapter)
-        if policy == "gie":
-            holders.setdefault(adapter, set()).add(rep)
-            if victim is not None:
-                holders[victim].discard(rep)
-        server = int(np.argmin(free_at)) if cfg.shared_servers else rep
-        start = max(now, float(free_at[server]))
-        service = costs.hot_s + costs.penalty_s.get(tier, 0.0)
-        finish = start + service
-        free_at[server] = finish
-        in_flight[rep] += 1
-        heapq.heappush(finishing, (finish, rep))
-        if cfg.concurrency:
-            heapq.heappush(clients, (finish, 0))
-        if k >= skip:
+            return next(r for r in ring.walk(key) if in_flight[r] < bound)
+        ok = [r for r in holders.get(adapter, ()) if len(engines[r].waiting) < cfg.gie_queue_threshold]
+        if ok:
+            return min(ok, key=lambda r: in_flight[r])
+        return int(np.argmin(in_flight + rng.random(n) * 0.5))
+
+    def start_step(rep: int, now: float) -> None:
+        nonlocal stepping
+        e = engines[rep]
+        while e.waiting and len(e.batch) < cfg.max_batch:
+            e.batch.append(e.waiting.pop(0))
+        if not e.batch:
+            return
+        e.stepping = True
+        stepping += 1
+        slow = max(1.0, stepping / cfg.shared_servers) if cfg.shared_servers else 1.0
+        push(now + costs.step_s * slow, "step", rep)
+
+    while events:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == "arrive":
+            k = payload
+            adapter = adapters[k]
+            rep = route(k, adapter)
+            tier, victim = reps[rep].serve(adapter)
+            if policy == "gie":
+                holders.setdefault(adapter, set()).add(rep)
+                if victim is not None:
+                    holders[victim].discard(rep)
+            in_flight[rep] += 1
             if k == skip:
-                first = now
-            last = now
-            busy += service
-            tiers_seen[tier] += 1
-            ttfts[k - skip] = finish - now
-            served[rep] += 1
-    measured = len(trace) - skip
+                first_arrival = now
+            push(now + costs.overhead_s + costs.delay_s.get(tier, 0.0), "ready",
+                 _Request(k, rep, now, tier))
+        elif kind == "ready":
+            req = payload
+            engines[req.rep].waiting.append(req)
+            if not engines[req.rep].stepping:
+                start_step(req.rep, now)
+        else:  # a step ended
+            rep = payload
+            e = engines[rep]
+            e.stepping = False
+            stepping -= 1
+            still = []
+            for req in e.batch:
+                req.done += 1
+                if req.first is None:
+                    req.first = now
+                if req.done < costs.tokens:
+                    still.append(req)
+                    continue
+                in_flight[rep] -= 1
+                if req.k >= skip:
+                    tiers_seen[req.tier] += 1
+                    ttfts.append(req.first - req.arrived)
+                    by_tier.setdefault(req.tier, []).append(req.first - req.arrived)
+                    served[rep] += 1
+                    last_done = now
+                if cfg.concurrency and next_k < len(adapters):
+                    push(now, "arrive", next_k)
+                    next_k += 1
+            e.batch = still
+            start_step(rep, now)
+    measured = max(1, len(ttfts))
+    ttft_s = np.array(ttfts or [0.0])
     return {
-        "policy": policy, "requests": measured,
+        "policy": policy, "requests": len(ttfts),
         "tier_rates": {t: round(c / measured, 4) for t, c in tiers_seen.items()},
         "cold_per_request": round(sum(tiers_seen[t] for t in COLD) / measured, 4),
-        "ttft_ms": {"p50": round(float(np.percentile(ttfts, 50)) * 1000, 2),
-                    "p99": round(float(np.percentile(ttfts, 99)) * 1000, 2)},
-        "imbalance_max_over_mean": round(float(served.max() / served.mean()), 3),
-        # work offered per replica-second: above 1 the queues grow for as long as the trace runs
-        "offered_utilization": round(busy / (n * max(last - first, 1e-9)), 3),
+        "ttft_ms": {"p50": round(float(np.percentile(ttft_s, 50)) * 1000, 2),
+                    "p99": round(float(np.percentile(ttft_s, 99)) * 1000, 2)},
+        "imbalance_max_over_mean": round(float(served.max() / max(served.mean(), 1e-9)), 3),
+        "ttft_by_tier_ms": {t: round(float(np.median(v)) * 1000, 2) for t, v in by_tier.items()},
+        "wall_s": round(last_done - first_arrival, 4),
     }

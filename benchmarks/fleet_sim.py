@@ -3,11 +3,12 @@ benchmarks.fleet_model).
 
     python -m benchmarks.fleet_sim [--replicas-run benchmarks/results/replicas/replicas.json]
 
-Before the fleet-size table it replays the replica run's own trace and configuration (with
-vllm-router's measured consistent_hash placement, and every replica's engine sharing the
-machine's cores, as they did) and prints its cold loads per request and TTFT side by side
-with the measurement; the table is only written when each policy's simulated cold loads
-fall inside the measured rounds' range (widened by 25%) and the simulated
+Its costs (engine step, per-request overhead, each tier's delay) are fitted to the replica
+run's calibration phases only. Before the fleet-size table it replays the run's rounds (same
+trace and configuration, vllm-router's measured consistent_hash placement, every replica's
+engine sharing the machine's cores) and prints its cold loads per request and TTFT side by
+side with the measurement; the table is only written when each policy's simulated cold
+loads fall inside the measured rounds' range (widened by 25%) and the simulated
 consistent_hash/round_robin TTFT ratios (p50, p99) fall inside the measured rounds' range.
 """
 
@@ -15,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,32 +33,84 @@ from benchmarks.fleet_model import (
     simulate,
     zipf_trace,
 )
+from benchmarks.replica_traffic import calibration_trace
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _phase_config(run: dict[str, Any], phase: str, requests: int) -> Config:
+    c = run["config"]
+    return Config(replicas=c["replicas"], tenants=c["tenants"], per_tenant=c["per_tenant"],
+                  cap=Capacity(c["max_loras"], c["max_cpu_loras"], c["tenants"] * c["per_tenant"]),
+                  requests=requests, concurrency=c["concurrency"], start_on_disk=phase != "remote",
+                  shared_servers=run["machine_cpus"])
+
+
+def _simulate_phase(run: dict[str, Any], phase: str, costs: Costs) -> dict[str, Any]:
+    """One calibration phase through the model (round robin, mean over the router's
+    possible starting offsets): its wall time and each tier's TTFT p50, in seconds."""
+    c, cal = run["config"], run["calibration"]
+    adapters = c["tenants"] * c["per_tenant"]
+    trace = np.array(calibration_trace(phase, list(range(adapters)), c["replicas"], c["max_loras"],
+                                       c["max_cpu_loras"], cal["requests"]))
+    cfg = _phase_config(run, phase, cal["requests"])
+    sims = [simulate(cfg, "round_robin", costs, trace, rr_offset=o) for o in range(c["replicas"])]
+    return {"wall_s": float(np.mean([s["wall_s"] for s in sims])),
+            "ttft_s": {t: float(np.mean([s["ttft_by_tier_ms"].get(t, np.nan) for s in sims])) / 1000
+                       for t in TIERS}}
+
+
+def _solve(f: Any, target: float, lo: float, hi: float, steps: int = 40) -> float:
+    """``x`` in [lo, hi] with ``f(x)`` closest to ``target``, ``f`` non-decreasing (bisection)."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+# The tier each calibration phase is there to measure (its other requests are few).
+PHASE_OF = {"slot_hit": "hot", "engine_hit": "engine", "disk_hit": "cold", "remote_fetch": "remote"}
+
+
 def costs_from_run(run: dict[str, Any]) -> Costs:
-    """Service times from the replica run's per-tier TTFT medians.
+    """The model's step time, overhead and per-tier delays, fitted to the calibration phases.
 
-    Those medians are latencies under the run's own load: its closed loop kept
-    ``concurrency`` requests on ``machine_cpus`` shared cores, all busy, so by Little's law
-    a request's latency is ``concurrency / cores`` times its service time. The simulator
-    adds the waiting itself, so it takes the latencies scaled back by that factor (taking
-    them as service times counted the wait twice: simulated TTFTs twice the measured)."""
-    by_tier = run["ttft_by_tier_ms"]
-    busy = min(run["machine_cpus"], run["config"]["concurrency"]) / run["config"]["concurrency"]
-    hot = by_tier["slot_hit"]["p50"]
-    return Costs(busy * hot / 1000, {t: busy * max(0.0, by_tier[t]["p50"] - hot) / 1000
-                                     for t in TIERS if t in by_tier})
+    Each phase (benchmarks/replica_traffic.py: mostly one tier's requests through round
+    robin at the rounds' own concurrency) is replayed through the model: the step time is
+    the one with which the hot phase takes its measured wall time, the overhead the one
+    with which its slot hits' TTFT p50 is the measured one, and each other tier's delay
+    the one with which that tier's TTFT p50 in its phase is the measured one. The rounds
+    are not used: reproducing them is the test."""
+    phases = run["calibration"]["phases"]
+    wall = float(np.median([f["wall_s"] for f in phases["hot"]]))
 
+    def ttft(tier: str) -> float:
+        return float(np.median([f["ttft_by_tier_ms"][tier] for f in phases[PHASE_OF[tier]]
+                                if tier in f["ttft_by_tier_ms"]])) / 1000
 
-def costs_from_serving(bench: dict[str, Any]) -> Costs:
-    """Hot TTFT and per-tier penalties measured one request at a time (benchmarks.serving)."""
-    pen = bench["swap_penalty_ms"]
-    hot = statistics.median(tier["repeat_ttft_p50_ms"] for probe in pen["detail"].values()
-                            for tier in probe.values())
-    return Costs(hot / 1000, {"engine_hit": pen["warm_engine"] / 1000, "disk_hit": pen["cold_disk"] / 1000,
-                              "remote_fetch": pen["cold_remote"] / 1000})
+    def fit(c: Costs, what_x: str, phase: str, what: str, target: float, hi: float) -> Costs:
+        """``c`` with ``what_x`` (a field, or a tier's delay) set so that the phase's
+        ``what`` (``wall`` or a tier's TTFT p50) is ``target``."""
+        def make(x: float) -> Costs:
+            if what_x == "step_s":
+                return replace(c, step_s=x)
+            if what_x == "overhead_s":
+                return replace(c, overhead_s=x)
+            return replace(c, delay_s={**c.delay_s, what_x: x})
+
+        def measure(x: float) -> float:
+            sim = _simulate_phase(run, phase, make(x))
+            return float(sim["wall_s"] if what == "wall" else sim["ttft_s"][what])
+        return make(_solve(measure, target, 0.0, hi))
+
+    costs = Costs(wall / run["calibration"]["requests"], run["config"]["max_tokens"],
+                  dict.fromkeys(TIERS, 0.0))
+    for _ in range(3):  # each fit moves the others' a little
+        costs = fit(costs, "step_s", "hot", "wall", wall, 10 * costs.step_s)
+        costs = fit(costs, "overhead_s", "hot", "slot_hit", ttft("slot_hit"), 5.0)
+        for tier in ("engine_hit", "disk_hit", "remote_fetch"):
+            costs = fit(costs, tier, PHASE_OF[tier], tier, ttft(tier), 5.0)
+    return costs
 
 
 def reproduce(run: dict[str, Any], costs: Costs) -> dict[str, Any]:
@@ -75,6 +127,10 @@ def reproduce(run: dict[str, Any], costs: Costs) -> dict[str, Any]:
             raise ValueError(f"{label} was answered by {where} under consistent_hash, not one replica")
         placed[int(tenant[1:]) * cfg.per_tenant + int(adapter[1:])] = int(where[0][1:])
     trace = zipf_trace(cfg.tenants, cfg.per_tenant, cfg.requests, cfg.zipf_s, cfg.seed)
+
+    def mean_ttft(sims: list[dict[str, Any]], q: str) -> float:
+        return float(np.mean([s["ttft_ms"][q] for s in sims]))
+
     rows: dict[str, Any] = {}
     sims_by: dict[str, list[dict[str, Any]]] = {}
     for policy in ("round_robin", "consistent_hash"):
@@ -88,22 +144,27 @@ def reproduce(run: dict[str, Any], costs: Costs) -> dict[str, Any]:
             "measured_cold_per_request": measured["cold_per_request"],
             "simulated_cold_per_request": round(float(np.mean(cold)), 4),
             "measured_ttft_p50_ms": measured["ttft_ms"]["p50"]["median"],
-            "simulated_ttft_p50_ms": round(float(np.mean([s["ttft_ms"]["p50"] for s in sims])), 2),
-            "within_noise": lo - slack <= float(np.mean(cold)) <= hi + slack}
+            "simulated_ttft_p50_ms": round(mean_ttft(sims, "p50"), 2),
+            "measured_ttft_p99_ms": measured["ttft_ms"]["p99"]["median"],
+            "simulated_ttft_p99_ms": round(mean_ttft(sims, "p99"), 2),
+            "within_noise": lo - slack <= float(np.mean(cold)) <= hi + slack,
+            # reported, not required: the model has queueing but no outliers (the measured
+            # p99 of a round is one of its slowest few requests)
+            **{f"ttft_{q}_in_measured_range": measured["ttft_ms"][q]["min"] <= mean_ttft(sims, q)
+               <= measured["ttft_ms"][q]["max"] for q in ("p50", "p99")}}
     # TTFT: consistent_hash / round_robin, per measured round (the two ran back to back) and
     # simulated; the simulated ratio must fall inside the measured rounds' range.
-    ttft = {}
+    ratios = {}
     for q in ("p50", "p99"):
         per_round = [c["ttft_ms"][q] / r["ttft_ms"][q] for c, r in zip(
             run["policies"]["consistent_hash"]["rounds"], run["policies"]["round_robin"]["rounds"],
             strict=True)]
-        sim = float(np.mean([s["ttft_ms"][q] for s in sims_by["consistent_hash"]])
-                    / np.mean([s["ttft_ms"][q] for s in sims_by["round_robin"]]))
-        ttft[q] = {"measured_ratio_per_round": [round(x, 3) for x in per_round],
+        sim = mean_ttft(sims_by["consistent_hash"], q) / mean_ttft(sims_by["round_robin"], q)
+        ratios[q] = {"measured_ratio_per_round": [round(x, 3) for x in per_round],
                    "simulated_ratio": round(sim, 3),
                    "within_noise": min(per_round) <= sim <= max(per_round)}
-    return {"rows": rows, "ttft_ch_over_rr": ttft,
-            "reproduced": all(r["within_noise"] for r in [*rows.values(), *ttft.values()])}
+    return {"rows": rows, "ttft_ch_over_rr": ratios,
+            "reproduced": all(r["within_noise"] for r in [*rows.values(), *ratios.values()])}
 
 
 def fleet_table(costs: Costs, sizes: Sequence[tuple[int, int]], cap: Capacity,
@@ -121,52 +182,60 @@ def fleet_table(costs: Costs, sizes: Sequence[tuple[int, int]], cap: Capacity,
             rows.append(row)
             print(f"  N={n:5d} M={cfg.adapters:6d} {policy:15s} cold/req {row['cold_per_request']:.3f} "
                   f"p99 {row['ttft_ms']['p99']:9.1f} ms  imbalance {row['imbalance_max_over_mean']:.2f} "
-                  f"util {row['offered_utilization']:.2f} "
                   f"({row['sim_seconds']}s)", flush=True)
     return rows
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    def costs(c: dict[str, Any]) -> str:
-        return f"hot TTFT {c['hot_s'] * 1000:.1f} ms, penalties " + ", ".join(
-            f"{k} +{v * 1000:.1f} ms" for k, v in c["penalty_s"].items() if v)
-
+    c = doc["costs"]
+    cost_line = (f"engine step {c['step_s'] * 1000:.1f} ms ({c['tokens']} per request), "
+                 f"overhead {c['overhead_s'] * 1000:.1f} ms, delay before the first step "
+                 + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in c["delay_s"].items() if v))
     lines = ["# Fleet simulator", "", "## Reproduction of the replica run", "",
-             f"Costs from the run itself ({doc['costs_source']}: per-tier TTFT medians under its "
-             "load, scaled to service times by cores / requests in flight (Little's law, all "
-             f"cores busy)): {costs(doc['costs'])}. Same trace, capacities and closed loop.", "",
-             "| policy | cold/req measured (median [min, max]) | simulated | TTFT p50 measured ms "
-             "| simulated | within noise |", "|---|---|---|---|---|---|"]
+             f"Costs fitted to the run's calibration phases ({doc['costs_source']}; the hot phase's "
+             "wall time and each tier's TTFT p50 in its phase): " + cost_line + ". "
+             "Same trace, capacities, closed loop and the router's measured placement; every "
+             "replica shares the machine's cores. Simulated figures: mean over round-robin "
+             "starting offsets.", "",
+             "| policy | cold/req measured (median [min, max]) | simulated | cold/req within noise "
+             "| TTFT p50 measured ms (median) | simulated | in the rounds' range "
+             "| TTFT p99 measured ms (median) | simulated | in the rounds' range |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for policy, r in doc["reproduction"]["rows"].items():
         m = r["measured_cold_per_request"]
         lines.append(f"| {policy} | {m['median']} [{m['min']}, {m['max']}] | "
-                     f"{r['simulated_cold_per_request']} | {r['measured_ttft_p50_ms']} | "
-                     f"{r['simulated_ttft_p50_ms']} | {r['within_noise']} |")
+                     f"{r['simulated_cold_per_request']} | {r['within_noise']} | "
+                     f"{r['measured_ttft_p50_ms']} | {r['simulated_ttft_p50_ms']} | "
+                     f"{r['ttft_p50_in_measured_range']} | {r['measured_ttft_p99_ms']} | "
+                     f"{r['simulated_ttft_p99_ms']} | {r['ttft_p99_in_measured_range']} |")
     lines += ["", "TTFT consistent_hash / round_robin: " + "; ".join(
         f"{q} measured per round {v['measured_ratio_per_round']}, simulated {v['simulated_ratio']} "
         f"(within noise: {v['within_noise']})" for q, v in doc["reproduction"]["ttft_ch_over_rr"].items()),
-        "", f"Reproduced: {doc['reproduction']['reproduced']}.", ""]
+        "", f"Reproduced: {doc['reproduction']['reproduced']} (required: each policy's cold loads "
+        "per request, and the consistent_hash / round_robin TTFT ratios, within the measured "
+        "rounds' range; absolute TTFTs are reported, not required: the model queues but has no "
+        "outliers, so its p99 is below a measured one).", ""]
     if not doc.get("table"):
         lines.append("The fleet table is not reported: the reproduction failed.")
         return "\n".join(lines) + "\n"
     cap = doc["fleet_capacity"]
     lines += ["## Fleet sizes", "",
-              f"Costs measured one request at a time ({doc['fleet_costs_source']}): "
-              f"{costs(doc['fleet_costs'])}.", "",
+              "Costs: the calibrated ones above, which reproduced the replica run (this "
+              "machine's CPU and tiny adapters: compare policies, not absolute times; a p99 here "
+              "is queueing alone, without the outliers a real server adds).", "",
               f"Per replica: {cap['slots']} slots, {cap['engine']} adapters "
-              f"in engine memory, {cap['disk']} on disk; open loop at {doc['utilization']:.0%} of "
-              "hot capacity; second half of each trace measured.", "",
-              "Offered utilization above 1: the policy's swaps cost more capacity than the fleet has, "
-              "its queues grow for as long as the trace runs and its TTFT is unbounded.", "",
+              f"in engine memory, {cap['disk']} on disk, batches of up to {doc['max_batch']}; "
+              f"Poisson arrivals at {doc['utilization']:.0%} of the fleet's capacity in full hot "
+              "batches; second half of each trace measured.", "",
               "| N | M | policy | slot | engine | disk | remote | cold/req | TTFT p50 ms | p99 ms "
-              "| imbalance (max/mean) | offered utilization |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| imbalance (max/mean) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["table"]:
         t = r["tier_rates"]
         lines.append(f"| {r['replicas']} | {r['adapters']} | {r['policy']} | {t['slot_hit']} | "
                      f"{t['engine_hit']} | {t['disk_hit']} | {t['remote_fetch']} | "
                      f"{r['cold_per_request']} | {r['ttft_ms']['p50']} | {r['ttft_ms']['p99']} | "
-                     f"{r['imbalance_max_over_mean']} | {r['offered_utilization']} |")
+                     f"{r['imbalance_max_over_mean']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -186,9 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas-run", type=Path,
                         default=REPO / "benchmarks" / "results" / "replicas" / "replicas.json")
-    parser.add_argument("--serving-bench", type=Path,
-                        default=REPO / "benchmarks" / "results" / "bench.json",
-                        help="benchmarks.serving's results: the fleet table's per-tier costs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--sizes", type=parse_sizes,
                         default=parse_sizes("10x1000,100x10000,1000x10000,1000x100000"),
@@ -202,11 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.replicas_run.exists():
         parser.error(f"{args.replicas_run} not found: run `python -m benchmarks.replicas` first "
                      "(the simulator must reproduce it before it reports fleet sizes)")
-    if not args.serving_bench.exists():
-        parser.error(f"{args.serving_bench} not found: run `python -m benchmarks.serving` first")
     run = json.loads(args.replicas_run.read_text())
     costs = costs_from_run(run)
-    fleet_costs = costs_from_serving(json.loads(args.serving_bench.read_text()))
     print("== reproducing the replica run", flush=True)
     repro = reproduce(run, costs)
     for policy, r in repro["rows"].items():
@@ -219,13 +282,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{v['within_noise']}", flush=True)
     cap = Capacity(args.slots, args.engine, args.disk)
     doc: dict[str, Any] = {"costs": asdict(costs), "costs_source": str(args.replicas_run.name),
-                           "fleet_costs": asdict(fleet_costs),
-                           "fleet_costs_source": str(args.serving_bench.name),
                            "reproduction": repro, "fleet_capacity": asdict(cap),
-                           "utilization": Config(1, 1, 1, cap, 1).utilization, "table": []}
+                           "utilization": Config(1, 1, 1, cap, 1).utilization,
+                           "max_batch": Config(1, 1, 1, cap, 1).max_batch, "table": []}
     if repro["reproduced"]:
         print("== fleet sizes", flush=True)
-        doc["table"] = fleet_table(fleet_costs, args.sizes, cap, args.requests_per_replica, args.min_requests)
+        doc["table"] = fleet_table(costs, args.sizes, cap, args.requests_per_replica, args.min_requests)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fleet_sim.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / "fleet_sim.md").write_text(markdown(doc))

@@ -47,15 +47,15 @@ from typing import Any
 
 import httpx
 
-from benchmarks.fleet_model import COLD, TIERS, zipf_trace
+from benchmarks.fleet_model import TIERS, zipf_trace
+from benchmarks.replica_traffic import SESSION_HEADER, Sent, calibrate, drive, figures, spread
 from benchmarks.serving import ADMIN_KEY, REPO, TENANT, build_adapters, start_gateway, start_s3
-from loadtest.client import RequestRecord, RequestShape, Target, freeze_heap, send
+from loadtest.client import Target, freeze_heap
 from loadtest.runner import RunSpec, admin_call
 from loadtest.servers import ServerProcess, free_port, start
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
 ROUTER = Path(sys.executable).with_name("vllm-router")
-SESSION_HEADER = "X-Session-ID"
 POLICIES = ("round_robin", "consistent_hash")
 # Health probes every second, one failure marks a replica down: the window in which a
 # router still sends to a dead replica is about a second (its default is 60 s x 3).
@@ -161,80 +161,6 @@ async def admin_all(replicas: Sequence[Replica], targets: Sequence[Target], op: 
                     await admin_call(client, spec, op, {"adapter": t.label, **body})
 
 
-@dataclass
-class Sent:
-    record: RequestRecord
-    ended: float  # seconds since the phase's start
-
-
-async def drive(url: str, trace: Sequence[Target], concurrency: int, max_tokens: int,
-                kill: tuple[int, Replica] | None = None) -> tuple[list[Sent], float]:
-    """Send ``trace`` in order, ``concurrency`` at a time, with the affinity header.
-
-    ``kill``: (n, replica) kills ``replica`` once ``n`` requests have started and one of
-    them is streaming from it (so a request is in flight on it). Returns the sent requests
-    and the kill's time (seconds since the start; NaN without one).
-    """
-    shape = RequestShape(max_tokens=max_tokens)
-    queue = list(enumerate(trace))[::-1]
-    sent: list[Sent] = []
-    streaming: dict[int, RequestRecord] = {}
-    killed = float("nan")
-    t0 = time.perf_counter()
-
-    async def killer(victim: Replica) -> None:
-        nonlocal killed
-        deadline = time.perf_counter() + 60
-        while not any(r.replica == victim.name and r.status == 200 for r in streaming.values()):
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"no request was ever in flight on {victim.name}")
-            await asyncio.sleep(0.002)
-        # The moment of the signal: a request that starts while the kill is under way was
-        # sent to a dying replica (after the kill), not in flight on it.
-        killed = time.perf_counter() - t0
-        await asyncio.to_thread(victim.kill)
-
-    limits = httpx.Limits(max_connections=concurrency * 2)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        tasks: list[asyncio.Task[None]] = []
-
-        async def worker() -> None:
-            while queue:
-                i, t = queue.pop()
-                if kill is not None and i == kill[0]:
-                    tasks.append(asyncio.create_task(killer(kill[1])))
-                record = RequestRecord(t.label, "trace", time.perf_counter() - t0)
-                streaming[i] = record
-                await send(client, url, t, shape, record, {SESSION_HEADER: t.label})
-                del streaming[i]
-                sent.append(Sent(record, time.perf_counter() - t0))
-
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        await asyncio.gather(*tasks)
-    return sent, killed
-
-
-def figures(sent: Sequence[Sent]) -> dict[str, Any]:
-    ok = [s.record for s in sent if s.record.ok]
-    replicas = sorted({r.replica or "?" for r in ok})
-    ttfts = sorted(r.ttft * 1000 for r in ok if r.ttft is not None)
-    tiers = {t: sum(r.tier == t for r in ok) for t in TIERS}
-
-    def pct(q: float) -> float:
-        return round(ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))], 2) if ttfts else float("nan")
-
-    return {"requests": len(sent), "ok": len(ok), "tiers": tiers,
-            "cold_per_request": round(sum(tiers[t] for t in COLD) / max(1, len(ok)), 4),
-            "ttft_ms": {"p50": pct(0.5), "p99": pct(0.99)},
-            "by_replica": {k: sum(r.replica == k for r in ok) for k in replicas},
-            "errors": sorted({f"{s.record.status} {s.record.error}" for s in sent if not s.record.ok})}
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4)}
-
-
 def kill_figures(sent: Sequence[Sent], killed_at: float, victim: str) -> dict[str, Any]:
     """Who failed and why, when the router stopped using the victim, which adapters moved."""
     failed = [s for s in sent if not s.record.ok]
@@ -291,6 +217,21 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
                                                 args.zipf_s, args.seed)]
         rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
         freeze_heap()
+        cores = os.cpu_count() or 1
+
+        async def reset(remote: bool) -> None:
+            await admin_all(replicas, targets, "evict", **{"from": "all" if remote else "engine"})
+            if not remote:
+                await admin_all(replicas, targets, "prefetch", into="disk")
+
+        print("== calibration: demand per request by tier (round robin)", flush=True)
+        calibration = asyncio.run(calibrate(
+            routers["round_robin"].url, targets, replicas=args.replicas, slots=args.max_loras,
+            engine=args.max_cpu_loras, requests=args.requests, concurrency=args.concurrency,
+            max_tokens=args.max_tokens, rounds=args.calibration_rounds, cores=cores,
+            reset=reset))
+        print(f"  demand by tier (core-seconds): {calibration['demand_s']}", flush=True)
+        asyncio.run(reset(False))
         by_tier: dict[str, list[float]] = {t: [] for t in TIERS}
         # adapter -> the replicas that answered it (one each under consistent_hash)
         placement: dict[str, dict[str, set[str]]] = {p: {} for p in POLICIES}
@@ -327,14 +268,17 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
         kill = kill_figures(sent, killed_at, victim.name)
         print(f"  {kill}", flush=True)
     return {
-        "machine_cpus": os.cpu_count(),
+        "machine_cpus": cores,
+        "calibration": calibration,
         "config": {k: getattr(args, k) for k in ("replicas", "tenants", "per_tenant", "max_loras",
                                                  "max_cpu_loras", "requests", "concurrency",
-                                                 "max_tokens", "zipf_s", "seed", "rounds")},
+                                                 "max_tokens", "zipf_s", "seed", "rounds",
+                                                 "calibration_rounds")},
         "router": {"binary": "vllm-router 0.1.17", "flags": ROUTER_HEALTH,
                    "affinity_key": f"{SESSION_HEADER}: <tenant>/<adapter>"},
         "policies": {p: {"cold_per_request": spread([f["cold_per_request"] for f in rs]),
-                         "ttft_ms": {q: spread([f["ttft_ms"][q] for f in rs]) for q in ("p50", "p99")},
+                         **{m: {q: spread([f[m][q] for f in rs]) for q in ("p50", "p99")}
+                            for m in ("ttft_ms", "e2e_ms")},
                          "rounds": rs, "placement": {a: sorted(r) for a, r in sorted(placement[p].items())}}
                      for p, rs in rounds.items()},
         "ttft_by_tier_ms": {t: {"p50": round(statistics.median(v), 2), "n": len(v)}
@@ -357,8 +301,21 @@ def markdown(doc: dict[str, Any]) -> str:
         cold, p50, p99 = v["cold_per_request"], v["ttft_ms"]["p50"], v["ttft_ms"]["p99"]
         lines.append(f"| {p} | {cold['median']} [{cold['min']}, {cold['max']}] | {p50['median']} "
                      f"[{p50['min']}, {p50['max']}] | {p99['median']} [{p99['min']}, {p99['max']}] |")
+    cal = doc["calibration"]
     lines += ["", "TTFT by tier (all rounds): " + ", ".join(
         f"{t} {v['p50']} ms (n={v['n']})" for t, v in doc["ttft_by_tier_ms"].items()), "",
+        "TTFT p50 by tier, median over rounds: " + "; ".join(
+            f"{p} " + ", ".join(f"{t} {round(statistics.median(by), 2)} ms" for t in TIERS
+                                if (by := [f["ttft_by_tier_ms"][t] for f in v["rounds"]
+                                           if t in f["ttft_by_tier_ms"]]))
+            for p, v in doc["policies"].items()), "",
+        f"Calibration ({cal['rounds']} rounds of {' / '.join(cal['phases'])} phases through round "
+        "robin; benchmarks/replica_traffic.py), per phase (median over rounds): " + "; ".join(
+            f"{ph} wall {statistics.median(f['wall_s'] for f in fs)} s, TTFT p50 "
+            f"{statistics.median(f['ttft_ms']['p50'] for f in fs)} ms" for ph, fs in cal["phases"].items())
+        + ". Core-seconds per request by tier (least squares over the phases' wall times and "
+        "tier mixes): " + ", ".join(f"{t} {v * 1000:.1f} ms" for t, v in cal["demand_s"].items()) + ".",
+        "",
         f"## Kill ({k['victim']}, SIGKILL at {k['killed_at_s']} s)", "",
         f"- failed: {k['failed_in_flight']} in flight at the kill, {k['failed_after_kill']} sent after "
         f"it (the last of those started {k['last_failed_start_after_kill_s']} s after the kill)",
@@ -384,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4, help="rounds per policy")
+    parser.add_argument("--calibration-rounds", type=int, default=3,
+                        help="rounds of the calibration's three phases")
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from benchmarks import fleet_sim
 from benchmarks import replicas as bench_replicas
 from benchmarks import serving as bench_serving
 
@@ -20,13 +21,21 @@ def test_affinity_and_kill_through_vllm_router(tmp_path, monkeypatch, tiny_base)
     rc = bench_replicas.main(["--out", str(out), "--work", str(tmp_path / "work"), "--replicas", "2",
                               "--tenants", "2", "--per-tenant", "4", "--max-loras", "1",
                               "--max-cpu-loras", "2", "--concurrency", "2", "--requests", "24",
-                              "--rounds", "1"])
+                              "--rounds", "1", "--calibration-rounds", "1"])
     assert rc == 0
     doc = json.loads((out / "replicas.json").read_text())
     rr, ch = (doc["policies"][p] for p in ("round_robin", "consistent_hash"))
     assert ch["cold_per_request"]["median"] < rr["cold_per_request"]["median"]
     # round robin spreads requests evenly; consistent hashing keeps each adapter on one replica
     assert all(abs(n - 12) <= 1 for n in rr["rounds"][0]["by_replica"].values())
+
+    # the calibration's phases were served mostly from the tiers they aim at, and the fleet
+    # simulator can fit its costs to them
+    phases = {name: runs[0]["tiers"] for name, runs in doc["calibration"]["phases"].items()}
+    assert phases["hot"]["slot_hit"] >= 16 and phases["cold"]["disk_hit"] >= 16, phases
+    assert phases["remote"]["remote_fetch"] >= 4, phases
+    costs = fleet_sim.costs_from_run(doc)
+    assert costs.step_s > 0 and costs.delay_s["remote_fetch"] > costs.delay_s["slot_hit"] == 0
 
     kill = doc["kill"]
     assert kill["single_replica_per_adapter_before"]
