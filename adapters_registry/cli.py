@@ -45,10 +45,17 @@ EXIT_CODES: tuple[tuple[type[RegistryError], int], ...] = (
 )
 
 
-def add_registry_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", default=os.environ.get("LGW_DATABASE_URL", "sqlite:///lora-gateway.db"),
+def _db_option(p: argparse.ArgumentParser) -> None:
+    # --database-url and --artifacts-dir are `serve`'s names for the same settings
+    p.add_argument("--db", "--database-url", dest="db",
+                   default=os.environ.get("LGW_DATABASE_URL", "sqlite:///lora-gateway.db"),
                    help="SQLAlchemy URL of the registry database (env LGW_DATABASE_URL)")
-    p.add_argument("--artifacts", default=os.environ.get("LGW_ARTIFACTS_DIR", "artifacts"),
+
+
+def add_registry_options(p: argparse.ArgumentParser) -> None:
+    _db_option(p)
+    p.add_argument("--artifacts", "--artifacts-dir", dest="artifacts",
+                   default=os.environ.get("LGW_ARTIFACTS_DIR", "artifacts"),
                    help="artifact folder or s3://bucket/prefix (env LGW_ARTIFACTS_DIR)")
     p.add_argument("--s3-endpoint", default=os.environ.get("LGW_S3_ENDPOINT_URL"),
                    help="S3 endpoint for non-AWS servers (env LGW_S3_ENDPOINT_URL)")
@@ -71,8 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = cmds.add_parser("migrate", help="apply the database migrations, then exit (once per release, "
                         "before the gateways start)")
-    p.add_argument("--db", default=os.environ.get("LGW_DATABASE_URL", "sqlite:///lora-gateway.db"),
-                   help="SQLAlchemy URL of the registry database (env LGW_DATABASE_URL)")
+    _db_option(p)
 
     p = cmds.add_parser("add-base", parents=[common], help="register a base model directory's contract")
     p.add_argument("model_id")

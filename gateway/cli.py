@@ -59,6 +59,8 @@ def _number_type(annotation: object) -> type | None:
 
 
 FLAG_FIELDS = _flag_fields()
+# The registry commands' names for the same settings, so one command line serves both.
+ALIASES = {"database_url": ("--db",), "artifacts_dir": ("--artifacts",)}
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -74,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             p.add_argument(flag.rstrip("s"), dest=name, action="append", metavar="VALUE",
                            help=help_text + "; repeat the flag for several")
         else:
-            p.add_argument(flag, dest=name, metavar=name.upper(), help=help_text,
-                           type=_number_type(field.annotation))
+            p.add_argument(flag, *ALIASES.get(name, ()), dest=name, metavar=name.upper(),
+                           help=help_text, type=_number_type(field.annotation))
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 

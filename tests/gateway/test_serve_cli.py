@@ -17,6 +17,17 @@ def test_every_setting_but_secrets_has_a_flag() -> None:
     assert set(FLAG_FIELDS) == set(GatewaySettings.model_fields) - secrets
 
 
+def test_serve_and_registry_take_each_others_names_for_the_database_and_artifacts() -> None:
+    parser = build_parser()
+    serve = settings_from_args(parser.parse_args(
+        ["serve", *REQUIRED[4:], "--db", "sqlite:///y.db", "--artifacts", "s3://b/p"]))
+    assert (serve.database_url, serve.artifacts_dir) == ("sqlite:///y.db", "s3://b/p")
+    for cmd in (["migrate"], ["list", "acme"]):
+        reg = parser.parse_args(["registry", *cmd, "--database-url", "sqlite:///z.db"])
+        assert reg.db == "sqlite:///z.db"
+    assert parser.parse_args(["registry", "list", "acme", "--artifacts-dir", "a"]).artifacts == "a"
+
+
 def test_flags_become_typed_settings() -> None:
     args = build_parser().parse_args([
         "serve", *REQUIRED, "--max-lora-rank", "32", "--max-loras", "2", "--max-cpu-loras", "4",
