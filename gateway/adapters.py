@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import tempfile
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
@@ -28,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters_registry import REPAIR_COMMAND, Registry
-from adapters_registry.errors import ArtifactError, ChecksumMismatchError, TamperedRecordError
-from adapters_registry.hashing import check_record, sha256_file
+from adapters_registry import Registry
+from adapters_registry.errors import TamperedRecordError
+from adapters_registry.hashing import check_record
 from adapters_registry.records import AdapterVersion
-from gateway.disk_cache import FETCH_PREFIX, DiskCache
+from gateway.disk_cache import DiskCache, download, matches_record
 from gateway.engine import Engine, LoraSpec
 from gateway.errors import (
     AdapterRejectedError,
@@ -43,7 +41,6 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
-STORE_RETRY_AFTER_S = 5  # Retry-After when the artifact store cannot be reached
 Tier = Literal["slot_hit", "engine_hit", "disk_hit", "remote_fetch"]
 CacheName = Literal["engine", "disk"]
 EvictTarget = Literal["engine", "disk", "all"]
@@ -300,7 +297,7 @@ class AdapterManager:
             path, tier = await self._ensure_local(version)
             # A fresh download was verified as it was fetched; a folder found on disk may
             # have changed since (or been tampered with): hash it before vLLM reads it.
-            if tier == "disk_hit" and not await asyncio.to_thread(self._verify_local, version, path):
+            if tier == "disk_hit" and not await asyncio.to_thread(matches_record, version, path):
                 logger.warning("local copy of %s failed verification; fetching again", version.ref)
                 await asyncio.to_thread(self._disk.discard, version.content_sha256)
                 path, _ = await self._ensure_local(version)
@@ -407,7 +404,7 @@ class AdapterManager:
 
     async def _fetch(self, version: AdapterVersion) -> Path:
         started = time.perf_counter()
-        path = await asyncio.to_thread(self._download, version)
+        path = await asyncio.to_thread(download, self._registry, self._disk, version)
         evicted = await asyncio.to_thread(self._disk.admit, version.content_sha256,
                                           self._protected_shas() | {version.content_sha256})
         m = self._metrics
@@ -416,38 +413,6 @@ class AdapterManager:
         m.cache_evictions.labels("disk").inc(len(evicted))
         self._update_gauges()
         return path
-
-    def _download(self, version: AdapterVersion) -> Path:
-        path = self._disk.path(version.content_sha256)
-        tmp = Path(tempfile.mkdtemp(dir=self._disk.root, prefix=FETCH_PREFIX))
-        try:
-            self._registry.fetch(version, tmp)  # verifies every file against its sha256
-            try:
-                tmp.rename(path)
-            except OSError as exc:  # fine if an earlier fetch won; a link was never ours
-                if path.is_symlink() or not path.is_dir():
-                    raise ArtifactError(f"cannot place it in the cache at {path}: {exc}") from exc
-        except ChecksumMismatchError as exc:
-            logger.error("artifact of %s failed verification: %s", version.ref, exc)
-            raise AdapterUnavailableError(
-                f"adapter {version.ref} cannot be served: its stored artifact failed sha256 "
-                f"verification; the operator can repair it with `{REPAIR_COMMAND}`"
-            ) from exc
-        except ArtifactError as exc:  # missing object, store unreachable: may pass on retry
-            logger.error("could not fetch %s: %s", version.ref, exc)
-            raise AdapterUnavailableError(
-                f"adapter {version.ref} could not be fetched from the artifact store; retry shortly",
-                retry_after=STORE_RETRY_AFTER_S) from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("fetched %s into the local cache", version.ref)
-        return path
-
-    def _verify_local(self, version: AdapterVersion, path: Path) -> bool:
-        return all(
-            (path / rel).is_file() and sha256_file(path / rel) == digest
-            for rel, digest in version.files.items()
-        )
 
     def _unavailable(self, version: AdapterVersion) -> AdapterUnavailableError:
         return AdapterUnavailableError(

@@ -5,6 +5,7 @@ versions with identical files). Recency is the folder's mtime, touched on every 
 the LRU order survives a restart: the cache is rebuilt from the folders at start-up.
 Entries the caller protects (in use, pinned) are never evicted; if only protected entries
 remain the cache stays over its budget until they are released, and says so in the log.
+``download`` fills an entry from the registry's store; ``matches_record`` re-checks one.
 """
 
 from __future__ import annotations
@@ -13,17 +14,23 @@ import contextlib
 import logging
 import os
 import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters_registry.hashing import check_digest, is_digest
+from adapters_registry import REPAIR_COMMAND, Registry
+from adapters_registry.errors import ArtifactError, ChecksumMismatchError
+from adapters_registry.hashing import check_digest, is_digest, sha256_file
+from adapters_registry.records import AdapterVersion
+from gateway.errors import AdapterUnavailableError
 
 logger = logging.getLogger(__name__)
 
 FETCH_PREFIX = ".fetch-"  # downloads in progress; never entries
+STORE_RETRY_AFTER_S = 5  # Retry-After when the artifact store cannot be reached
 
 
 @dataclass(frozen=True)
@@ -122,3 +129,42 @@ class DiskCache:
 
 def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def download(registry: Registry, disk: DiskCache, version: AdapterVersion) -> Path:
+    """Fetch ``version``'s files into its cache folder, each verified against its sha256.
+
+    A failed verification or an unreachable store is an ``AdapterUnavailableError`` that
+    tells the caller what to do (repair, or retry); nothing half-written stays behind."""
+    path = disk.path(version.content_sha256)
+    tmp = Path(tempfile.mkdtemp(dir=disk.root, prefix=FETCH_PREFIX))
+    try:
+        registry.fetch(version, tmp)  # verifies every file against its sha256
+        try:
+            tmp.rename(path)
+        except OSError as exc:  # fine if an earlier fetch won; a link was never ours
+            if path.is_symlink() or not path.is_dir():
+                raise ArtifactError(f"cannot place it in the cache at {path}: {exc}") from exc
+    except ChecksumMismatchError as exc:
+        logger.error("artifact of %s failed verification: %s", version.ref, exc)
+        raise AdapterUnavailableError(
+            f"adapter {version.ref} cannot be served: its stored artifact failed sha256 "
+            f"verification; the operator can repair it with `{REPAIR_COMMAND}`"
+        ) from exc
+    except ArtifactError as exc:  # missing object, store unreachable: may pass on retry
+        logger.error("could not fetch %s: %s", version.ref, exc)
+        raise AdapterUnavailableError(
+            f"adapter {version.ref} could not be fetched from the artifact store; retry shortly",
+            retry_after=STORE_RETRY_AFTER_S) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("fetched %s into the local cache", version.ref)
+    return path
+
+
+def matches_record(version: AdapterVersion, path: Path) -> bool:
+    """Whether the folder holds every file of ``version`` with its recorded sha256."""
+    return all(
+        (path / rel).is_file() and sha256_file(path / rel) == digest
+        for rel, digest in version.files.items()
+    )
