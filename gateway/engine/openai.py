@@ -159,17 +159,28 @@ class _MeteredClient:
         # A plain function: the route is read now, inside the request's context, not
         # whenever the stream happens to be iterated.
         meter = _route.get().meter
-        cumulative = getattr(sampling_params, "output_kind", None) != RequestOutputKind.DELTA
+        kind = getattr(sampling_params, "output_kind", None)
+        final_only = kind == RequestOutputKind.FINAL_ONLY
+        if final_only:
+            # A non-streamed answer: the engine reports its tokens as they are generated, so
+            # one whose client leaves is charged what it produced; only the final output
+            # goes on to the serving class, as it asked.
+            sampling_params = sampling_params.clone()
+            sampling_params.output_kind = RequestOutputKind.CUMULATIVE
         try:
             prompt_len: int | None = extract_prompt_len(self._engine.model_config, prompt)
         except Exception:  # an input kind without a length: charged from its first output
             prompt_len = None
         return _metered(self._engine.generate(prompt, sampling_params, request_id, **kwargs),
-                        meter, cumulative, prompt_len, request_id)
+                        meter, kind != RequestOutputKind.DELTA, prompt_len, request_id, final_only)
 
 
 async def _metered(outputs: AsyncGenerator[RequestOutput, None], meter: Meter, cumulative: bool,
-                   prompt_len: int | None, request_id: str) -> AsyncGenerator[RequestOutput, None]:
+                   prompt_len: int | None, request_id: str,
+                   final_only: bool = False) -> AsyncGenerator[RequestOutput, None]:
+    """``outputs``, metered. ``final_only``: they are cumulative but the caller wants only the
+    finished one, with every choice (each cumulative output carries the choice that moved)."""
+    latest: dict[int, Any] = {}  # choice index -> its newest output
     try:
         if prompt_len is not None:
             if meter.on_prompt is not None:
@@ -192,6 +203,11 @@ async def _metered(outputs: AsyncGenerator[RequestOutput, None], meter: Meter, c
                     meter.on_completion(total - before)
                 if n and meter.first_token_at is None:
                     meter.first_token_at = time.perf_counter()
+            if final_only:
+                latest.update((seq.index, seq) for seq in out.outputs)
+                if not out.finished:
+                    continue
+                out.outputs = [latest[i] for i in sorted(latest)]
             yield out
     finally:
         await outputs.aclose()  # a cancelled request is aborted in the engine

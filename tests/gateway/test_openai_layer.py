@@ -30,9 +30,11 @@ def test_runtime_lora_loading_by_name_refuses_to_start(monkeypatch) -> None:
         check_vllm_layer()
 
 
-def _output(request_id: str, prompt: int, seqs: list[tuple[int, int]]) -> SimpleNamespace:
+def _output(request_id: str, prompt: int, seqs: list[tuple[int, int]],
+            finished: bool = False) -> SimpleNamespace:
     return SimpleNamespace(request_id=request_id, prompt_token_ids=list(range(prompt)),
-                           outputs=[SimpleNamespace(index=i, token_ids=list(range(n))) for i, n in seqs])
+                           outputs=[SimpleNamespace(index=i, token_ids=list(range(n))) for i, n in seqs],
+                           finished=finished)
 
 
 @pytest.mark.parametrize("cumulative, steps, expected", [
@@ -57,6 +59,58 @@ def test_meter_counts_every_choice(cumulative: bool, steps: list, expected: dict
     assert meter.first_token_at is not None
 
 
+# vLLM's cumulative outputs for n=2: each step reports the choice that moved.
+TWO_CHOICES = [([(0, 1)], False), ([(1, 1)], False), ([(0, 2)], False), ([(1, 3)], True)]
+
+
+def test_a_non_streamed_answer_is_metered_as_generated_and_passed_on_whole() -> None:
+    """The serving class asked for the final output only: it gets one, with both choices,
+    while the meter saw every token as it came."""
+    from gateway.engine.openai import _metered
+
+    async def outputs():
+        for seqs, finished in TWO_CHOICES:
+            yield _output("r1", 5, seqs, finished)
+
+    async def collect(meter: Meter) -> list:
+        return [out async for out in _metered(outputs(), meter, True, None, "r1", final_only=True)]
+
+    meter = Meter()
+    passed = asyncio.run(collect(meter))
+    assert len(passed) == 1 and passed[0].finished
+    assert [(seq.index, len(seq.token_ids)) for seq in passed[0].outputs] == [(0, 2), (1, 3)]
+    assert {i: n for (_, i), n in meter.completion_tokens.items()} == {0: 2, 1: 3}
+
+
+def test_a_non_streamed_answer_left_mid_way_is_charged_what_was_generated() -> None:
+    from gateway.engine.openai import _metered
+
+    charged: list[int] = []
+    closed = asyncio.Event()
+
+    async def outputs():
+        try:
+            for seqs, finished in TWO_CHOICES:
+                yield _output("r1", 5, seqs, finished)
+                if not finished and seqs[0] == (0, 2):
+                    await asyncio.sleep(3600)  # still generating when the client leaves
+        finally:
+            closed.set()  # the engine request is aborted
+
+    async def leave() -> None:
+        meter = Meter(on_completion=charged.append)
+        task = asyncio.create_task(anext(_metered(outputs(), meter, True, None, "r1", final_only=True)))
+        while sum(charged) < 3:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert closed.is_set()
+
+    asyncio.run(leave())
+    assert sum(charged) == 3  # 2 tokens of choice 0 and 1 of choice 1, none of them answered
+
+
 @pytest.fixture(scope="module")
 def vllm_layer(tiny_base):
     """vLLM's real serving classes on a stand-in engine client: no engine process."""
@@ -75,17 +129,28 @@ def vllm_layer(tiny_base):
     calls: list[tuple] = []
 
     async def generate(prompt, params, request_id, lora_request=None, **_kw):
-        calls.append((request_id, lora_request))
+        """Three tokens per choice, reported as vLLM's output kinds report them: DELTA and
+        CUMULATIVE one output per choice that moved (a choice per output once n > 1),
+        FINAL_ONLY one output with every choice at the end."""
+        calls.append((request_id, lora_request, params.output_kind))
         delta = params.output_kind == RequestOutputKind.DELTA
+        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
+
+        def seq(i: int, k: int) -> CompletionOutput:
+            return CompletionOutput(index=i, text="x" * (1 if delta else k),
+                                    token_ids=[40 + k] if delta else [41, 42, 43][:k],
+                                    cumulative_logprob=None, logprobs=None,
+                                    finish_reason="length" if k == 3 else None)
+
         for k in (1, 2, 3):
-            if not delta and k < 3:
+            if final_only and k < 3:
                 continue
-            seqs = [CompletionOutput(index=i, text="x", token_ids=[40 + k] if delta else [41, 42, 43][:k],
-                                     cumulative_logprob=None, logprobs=None,
-                                     finish_reason="length" if k == 3 else None)
-                    for i in range(params.n)]
-            yield RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[1, 2],
-                                prompt_logprobs=None, outputs=seqs, finished=k == 3)
+            n = params.n
+            groups = [list(range(n))] if final_only or n == 1 else [[i] for i in range(n)]
+            for g, group in enumerate(groups):
+                yield RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[1, 2],
+                                    prompt_logprobs=None, outputs=[seq(i, k) for i in group],
+                                    finished=k == 3 and g == len(groups) - 1)
 
     client = SimpleNamespace(model_config=config.model_config, renderer=renderer, vllm_config=config,
                              input_processor=InputProcessor(config, renderer), errored=False,
@@ -115,6 +180,10 @@ def test_vllm_serving_classes_serve_the_gateways_adapter_under_the_callers_name(
         body = await layer.chat(chat, Route("support-bot", lora, meter, "r1"))
         assert body["id"] == "chatcmpl-r1" and body["model"] == "support-bot"
         assert calls[-1][1] == lora_request(lora)  # the very adapter add_lora accepted
+        # not streamed: asked of the engine token by token (metered as generated, so a
+        # client that leaves is charged), answered whole with both choices
+        assert calls[-1][2] == RequestOutputKind.CUMULATIVE
+        assert [c["message"]["content"] for c in body["choices"]] == ["xxx", "xxx"]
         assert meter.total_completion_tokens == body["usage"]["completion_tokens"] == 6
         stream = CompletionRequest.model_validate(
             {"model": "support-bot", "prompt": ["a", "b c"], "stream": True})
@@ -127,6 +196,8 @@ def test_vllm_serving_classes_serve_the_gateways_adapter_under_the_callers_name(
             {"model": "support-bot", "messages": [{"role": "user", "content": "hello " * 600}]})
         with pytest.raises(InvalidRequestError, match="context length"):
             await layer.chat(too_long, Route("support-bot", None, Meter(), "r3"))
+
+    from vllm.sampling_params import RequestOutputKind
 
     from gateway.errors import InvalidRequestError
 

@@ -184,6 +184,8 @@ def test_a_client_that_leaves_aborts_its_engine_request(inproc: InProcess, env: 
     assert delta["lgw_completion_tokens_total"] < LONG
     if stream:  # at least every token the client received (one per content event)
         assert delta["lgw_completion_tokens_total"] >= received.count(b'"content":"') - 1
+    else:  # nothing reached the client, but the engine had been generating for 0.5 s
+        assert delta["lgw_completion_tokens_total"] > 0
     print(f"{'streamed' if stream else 'non-streamed'}: engine dropped the request "
           f"{aborted_in:.2f}s after the disconnect; completion tokens charged "
           f"{delta['lgw_completion_tokens_total']:.0f} of {LONG}")
