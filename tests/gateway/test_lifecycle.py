@@ -250,3 +250,14 @@ def test_artifact_store_down_spares_resident_adapters(tmp_path, monkeypatch, db_
         registry.close()
     finally:
         s3.stop()
+
+
+def test_the_start_up_heap_is_frozen_while_serving_and_released_after(registry_env, tmp_path) -> None:
+    """As vLLM's server does: the collector skips the start-up heap while the app serves."""
+    import gc
+
+    gc.unfreeze()  # whatever an earlier test froze
+    app = create_app(make_settings(registry_env, tmp_path), engine_factory=lambda _s: FakeEngine())
+    with TestClient(app):
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
