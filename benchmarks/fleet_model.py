@@ -4,11 +4,12 @@ Each replica has the gateway's three adapter tiers (gateway/adapters.py), each a
 batch slots (``max_loras``), engine memory (``max_cpu_loras``) and the local disk; a
 request's tier is the highest one holding its adapter (``slot_hit``, ``engine_hit``,
 ``disk_hit``, else ``remote_fetch``), and the adapter then enters every tier. A replica
-is one FCFS server: a request occupies it for the hot request's service time plus its
-tier's extra, so cold loads cost capacity as well as latency, and its TTFT is the wait plus
-that service less the part after its first token. The service times are measured: the
-replica run's calibration (benchmarks/replica_traffic.py) fits each tier's core-seconds
-per request to the wall times of one-tier phases.
+batches continuously, as vLLM does: an engine step serves its whole batch; a request joins
+at the next step once its overhead and its tier's delay (fetching, verifying, loading its
+adapter) are over, gets its first token at the end of that step and leaves after
+``tokens`` steps; a load also lengthens its replica's next step (``block_s``: add_lora runs
+between steps), and replicas sharing cores slow each other's steps. The costs are fitted
+to the replica run's calibration (benchmarks.fleet_sim.costs_from_run).
 
 Policies: ``round_robin``; ``consistent_hash`` (a ring of 160 virtual nodes per replica,
 keyed on tenant/adapter, as vllm-router's); ``bounded_load`` (the same ring, walking on
@@ -58,6 +59,9 @@ class Costs:
     tokens: int  # steps per request (its max_tokens)
     delay_s: dict[str, float]  # tier -> seconds before the request can join a batch
     overhead_s: float = 0.0  # every request's time before its engine sees it (HTTP, gateway)
+    # tier -> engine time its load takes from every request on the replica (add_lora runs
+    # between the engine's steps): the next step is this much longer
+    block_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ class _Engine:
     waiting: list[_Request] = field(default_factory=list)  # ready, no room in the batch yet
     batch: list[_Request] = field(default_factory=list)
     stepping: bool = False
+    blocked_s: float = 0.0  # loads the next step waits for
 
 
 def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = None,
@@ -227,7 +232,8 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
         e.stepping = True
         stepping += 1
         slow = max(1.0, stepping / cfg.shared_servers) if cfg.shared_servers else 1.0
-        push(now + costs.step_s * slow, "step", rep)
+        push(now + (costs.step_s + e.blocked_s) * slow, "step", rep)
+        e.blocked_s = 0.0
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -247,6 +253,7 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
                  _Request(k, rep, now, tier))
         elif kind == "ready":
             req = payload
+            engines[req.rep].blocked_s += costs.block_s.get(req.tier, 0.0)
             engines[req.rep].waiting.append(req)
             if not engines[req.rep].stepping:
                 start_step(req.rep, now)

@@ -79,8 +79,10 @@ def costs_from_run(run: dict[str, Any]) -> Costs:
     robin at the rounds' own concurrency) is replayed through the model: the step time is
     the one with which the hot phase takes its measured wall time, the overhead the one
     with which its slot hits' TTFT p50 is the measured one, and each other tier's delay
-    the one with which that tier's TTFT p50 in its phase is the measured one. The rounds
-    are not used: reproducing them is the test."""
+    the one with which that tier's TTFT p50 in its phase is the measured one. What a load
+    takes from the other requests on its replica (``block_s``) is its measured capacity
+    cost: the calibration's core-seconds per request above a hot one, over the cores. The
+    rounds are not used: reproducing them is the test."""
     phases = run["calibration"]["phases"]
     wall = float(np.median([f["wall_s"] for f in phases["hot"]]))
 
@@ -103,8 +105,13 @@ def costs_from_run(run: dict[str, Any]) -> Costs:
             return float(sim["wall_s"] if what == "wall" else sim["ttft_s"][what])
         return make(_solve(measure, target, 0.0, hi))
 
+    # What a load costs everyone on its replica: its capacity cost per request, measured by
+    # the calibration's least-squares fit (core-seconds) over the cores the replicas share.
+    demand = run["calibration"]["demand_s"]
+    block = {t: max(0.0, demand[t] - demand["slot_hit"]) / run["machine_cpus"]
+             for t in TIERS if t != "slot_hit"}
     costs = Costs(wall / run["calibration"]["requests"], run["config"]["max_tokens"],
-                  dict.fromkeys(TIERS, 0.0))
+                  dict.fromkeys(TIERS, 0.0), block_s=block)
     for _ in range(3):  # each fit moves the others' a little
         costs = fit(costs, "step_s", "hot", "wall", wall, 10 * costs.step_s)
         costs = fit(costs, "overhead_s", "hot", "slot_hit", ttft("slot_hit"), 5.0)
@@ -190,7 +197,9 @@ def markdown(doc: dict[str, Any]) -> str:
     c = doc["costs"]
     cost_line = (f"engine step {c['step_s'] * 1000:.1f} ms ({c['tokens']} per request), "
                  f"overhead {c['overhead_s'] * 1000:.1f} ms, delay before the first step "
-                 + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in c["delay_s"].items() if v))
+                 + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in c["delay_s"].items() if v)
+                 + ", engine time a load takes from its replica "
+                 + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in c["block_s"].items() if v))
     lines = ["# Fleet simulator", "", "## Reproduction of the replica run", "",
              f"Costs fitted to the run's calibration phases ({doc['costs_source']}; the hot phase's "
              "wall time and each tier's TTFT p50 in its phase): " + cost_line + ". "

@@ -84,7 +84,8 @@ def _made_up_run(costs: Costs) -> dict:
                                      for q, v in (("p50", 20.0), ("p99", 30.0))},
                          "rounds": [{"ttft_ms": {"p50": 20.0, "p99": 30.0}}], "placement": {}}
                      for p in ("round_robin", "consistent_hash")},
-        "calibration": {"requests": 48}}
+        "calibration": {"requests": 48, "demand_s": {  # whose differences give costs.block_s
+            t: 0.1 + 2 * costs.block_s.get(t, 0.0) for t in TIERS}}}
     run["calibration"]["phases"] = {
         phase: [{"wall_s": sim["wall_s"],
                  "ttft_by_tier_ms": {t: v * 1000 for t, v in sim["ttft_s"].items() if v == v}}]
@@ -96,8 +97,9 @@ def _made_up_run(costs: Costs) -> dict:
 def test_the_calibration_fit_recovers_the_costs_that_made_the_phases() -> None:
     truth = Costs(step_s=0.02, tokens=4, delay_s={"slot_hit": 0.0, "engine_hit": 0.01,
                                                   "disk_hit": 0.05, "remote_fetch": 0.3},
-                  overhead_s=0.015)
+                  overhead_s=0.015, block_s={"disk_hit": 0.004, "remote_fetch": 0.01})
     fitted = fleet_sim.costs_from_run(_made_up_run(truth))
+    assert fitted.block_s == pytest.approx({"engine_hit": 0.0, **truth.block_s})
     assert fitted.step_s == pytest.approx(truth.step_s, rel=0.05)
     assert fitted.overhead_s == pytest.approx(truth.overhead_s, abs=0.005)
     for tier in ("disk_hit", "remote_fetch"):
@@ -162,3 +164,16 @@ def test_calibration_traces_give_each_replica_the_adapters_its_phase_needs() -> 
     assert [len(s) for s in per_replica("remote")] == [8, 8, 8]
     with pytest.raises(ValueError, match="needs 30 adapters"):
         replica_traffic.calibration_trace("cold", targets, 3, slots=2, engine=9, requests=64)
+
+
+def test_a_load_that_blocks_the_engine_delays_every_request_on_the_replica() -> None:
+    """``block_s``: add_lora runs between the engine's steps, so the hot requests sharing
+    the replica wait for it too; without it only the loading request is delayed."""
+    cfg = Config(replicas=1, tenants=1, per_tenant=8, cap=Capacity(1, 1, 8), requests=2000,
+                 concurrency=4, start_on_disk=True, seed=3)
+    free = simulate(cfg, "round_robin", COSTS)
+    blocking = simulate(cfg, "round_robin", Costs(COSTS.step_s, COSTS.tokens, COSTS.delay_s,
+                                                  block_s={"disk_hit": 0.02}))
+    assert free["tier_rates"] == blocking["tier_rates"] and free["tier_rates"]["slot_hit"] > 0
+    assert blocking["ttft_by_tier_ms"]["slot_hit"] > free["ttft_by_tier_ms"]["slot_hit"]
+    assert blocking["wall_s"] > free["wall_s"]
