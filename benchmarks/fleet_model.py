@@ -4,12 +4,20 @@ Each replica has the gateway's three adapter tiers (gateway/adapters.py), each a
 batch slots (``max_loras``), engine memory (``max_cpu_loras``) and the local disk; a
 request's tier is the highest one holding its adapter (``slot_hit``, ``engine_hit``,
 ``disk_hit``, else ``remote_fetch``), and the adapter then enters every tier. A replica
-batches continuously, as vLLM does: an engine step serves its whole batch; a request joins
-at the next step once its overhead and its tier's delay (fetching, verifying, loading its
-adapter) are over, gets its first token at the end of that step and leaves after
-``tokens`` steps; a load also lengthens its replica's next step (``block_s``: add_lora runs
-between steps), and replicas sharing cores slow each other's steps. The costs are fitted
-to the replica run's calibration (benchmarks.fleet_sim.costs_from_run).
+batches continuously, as vLLM does:
+
+- an engine step serves its whole batch, whose requests use at most ``max_loras`` adapters
+  (vLLM's scheduler skips a waiting request that would add one more);
+- a request joins at the next step once its overhead and its tier's delay (fetching,
+  verifying, loading its adapter) are over, each drawn with the spread measured for its
+  tier; it gets its first token at the end of that step and leaves after ``tokens`` steps;
+- a request whose adapter is still loading for an earlier one waits for that load and
+  reports its tier (the gateway loads an adapter once);
+- a load lengthens its replica's next step (``block_s``: add_lora runs between steps);
+- replicas that share cores (the replica run: every engine on this machine's unreserved
+  core) share them by processor sharing, so a step lasts longer while other steps run.
+
+The costs are fitted to the replica run's calibration (benchmarks.fleet_sim.costs_from_run).
 
 Policies: ``round_robin``; ``consistent_hash`` (a ring of 160 virtual nodes per replica,
 keyed on tenant/adapter, as vllm-router's); ``bounded_load`` (the same ring, walking on
@@ -62,6 +70,11 @@ class Costs:
     # tier -> engine time its load takes from every request on the replica (add_lora runs
     # between the engine's steps): the next step is this much longer
     block_s: dict[str, float] = field(default_factory=dict)
+    # tier -> measured deviations of single requests from their tier's median TTFT (seconds):
+    # each request draws one and waits that much longer (or shorter) before its engine
+    # sees it. Without them every request of a tier is alike, and a percentile that falls
+    # between two tiers' requests jumps from one tier's latency to the other's.
+    jitter_s: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -130,8 +143,8 @@ class Config:
     # (GIE's low-queue filter, DefaultQueueingThresholdLoRA = 128)
     gie_queue_threshold: int = 128
     # None: each replica has its own accelerator (a fleet). k: the replicas share k cores,
-    # as the replica run's engines share this machine's: a step takes longer while more than
-    # k replicas are stepping.
+    # as the replica run's engines share this machine's (processor sharing: a step takes
+    # longer while more than k replicas are stepping).
     shared_servers: int | None = None
 
     @property
@@ -143,8 +156,10 @@ class Config:
 class _Request:
     k: int  # index in the trace
     rep: int
+    adapter: int
     arrived: float
     tier: str
+    loads: bool  # it loads its adapter (others may wait for that load)
     done: int = 0  # steps served
     first: float | None = None
 
@@ -155,17 +170,58 @@ class _Engine:
     batch: list[_Request] = field(default_factory=list)
     stepping: bool = False
     blocked_s: float = 0.0  # loads the next step waits for
+    loading: dict[int, tuple[float, str]] = field(default_factory=dict)  # adapter -> (done, tier)
+
+
+class _SharedCores:
+    """``k`` cores the replicas' engines share (processor sharing): while ``n`` steps run, each
+    advances at ``min(1, k / n)`` of a core, so a step's length depends on every other step
+    and load that overlaps it."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.left: dict[int, float] = {}  # replica -> core-seconds its running step still needs
+        self.t = 0.0
+        self.version = 0  # changes whenever the running set does: older end events are stale
+
+    def _advance(self, now: float) -> None:
+        if self.left:
+            done = (now - self.t) * min(1.0, self.k / len(self.left))
+            for rep in self.left:
+                self.left[rep] -= done
+        self.t = now
+
+    def start(self, now: float, rep: int, work: float) -> None:
+        self._advance(now)
+        self.left[rep] = work
+        self.version += 1
+
+    def end(self, now: float, rep: int) -> None:
+        self._advance(now)
+        del self.left[rep]
+        self.version += 1
+
+    def next_end(self) -> tuple[float, int] | None:
+        """(time, replica) of the next step to end, if any runs."""
+        if not self.left:
+            return None
+        rep = min(self.left, key=self.left.__getitem__)
+        rate = min(1.0, self.k / len(self.left))
+        return self.t + max(0.0, self.left[rep]) / rate, rep
 
 
 def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = None,
-             rr_offset: int = 0, placement: dict[int, int] | None = None) -> dict[str, Any]:
+             rr_offset: int = 0, placement: dict[int, int] | None = None,
+             jitter_seed: int = 0) -> dict[str, Any]:
     """Replay ``trace`` (or a fresh Zipf one) under ``policy``: tier rates, TTFT, imbalance.
 
     Each replica batches continuously, as vLLM does: a step serves every request in its
     batch (up to ``max_batch``), a request joins at the next step once its tier's delay is
     over, its first token comes at the end of its first step and it leaves after
-    ``costs.tokens`` steps. ``placement`` (adapter -> replica) replaces the ring of
-    ``consistent_hash`` for the adapters it names (to replay a real router's choices)."""
+    ``costs.tokens`` steps; a request's wait before it joins varies by a draw from its
+    tier's ``costs.jitter_s`` (seeded by ``jitter_seed``). ``placement`` (adapter ->
+    replica) replaces the ring of ``consistent_hash`` for the adapters it names (to replay a
+    real router's choices)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     if trace is None:
@@ -180,6 +236,7 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
     holders: dict[int, set[int]] = {}  # gie: adapter -> replicas holding it in engine memory
     in_flight = np.zeros(n, dtype=np.int64)
     rng = np.random.default_rng(cfg.seed + 1)
+    jitter_rng = np.random.default_rng(cfg.seed + 2 + jitter_seed)
     adapters = trace.tolist()
     events: list[tuple[float, int, str, Any]] = []  # (time, sequence, kind, payload)
     seq = 0
@@ -189,6 +246,7 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
         seq += 1
         heapq.heappush(events, (t, seq, kind, payload))
 
+    window = (math.inf, -math.inf)
     if cfg.concurrency:
         for k in range(min(cfg.concurrency, len(adapters))):
             push(0.0, "arrive", k)
@@ -196,14 +254,20 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
     else:
         capacity = n * cfg.max_batch / (costs.tokens * costs.step_s)
         arrivals = np.cumsum(rng.exponential(1 / (cfg.utilization * capacity), size=len(adapters)))
+        window = (float(arrivals[int(len(adapters) * cfg.warmup)]), float(arrivals[-1]))
         for k, t in enumerate(arrivals.tolist()):
             push(t, "arrive", k)
     skip = int(len(adapters) * cfg.warmup)
     tiers_seen: dict[str, int] = dict.fromkeys(TIERS, 0)
     ttfts: list[float] = []
+    decodes: list[float] = []  # seconds per token after the first
+    # open loop: requests each replica received and finished while the measured requests
+    # arrived (``window``)
+    arrived_in_window = np.zeros(n, dtype=np.int64)
+    done_in_window = np.zeros(n, dtype=np.int64)
     by_tier: dict[str, list[float]] = {}
     served = np.zeros(n, dtype=np.int64)
-    stepping = 0
+    cores = _SharedCores(cfg.shared_servers) if cfg.shared_servers else None
     first_arrival = last_done = 0.0
 
     def route(k: int, adapter: int) -> int:
@@ -222,18 +286,34 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
             return min(ok, key=lambda r: in_flight[r])
         return int(np.argmin(in_flight + rng.random(n) * 0.5))
 
+    def next_step_end() -> None:
+        assert cores is not None
+        if (end := cores.next_end()) is not None:
+            push(end[0], "step", (end[1], cores.version))
+
     def start_step(rep: int, now: float) -> None:
-        nonlocal stepping
         e = engines[rep]
+        # vLLM's scheduler: a waiting request whose adapter would be one more than max_loras
+        # in the batch is skipped for this step, and the next one considered
+        loras = {r.adapter for r in e.batch}
+        skipped = []
         while e.waiting and len(e.batch) < cfg.max_batch:
-            e.batch.append(e.waiting.pop(0))
+            req = e.waiting.pop(0)
+            if req.adapter not in loras and len(loras) >= cfg.cap.slots:
+                skipped.append(req)
+                continue
+            loras.add(req.adapter)
+            e.batch.append(req)
+        e.waiting[:0] = skipped
         if not e.batch:
             return
         e.stepping = True
-        stepping += 1
-        slow = max(1.0, stepping / cfg.shared_servers) if cfg.shared_servers else 1.0
-        push(now + (costs.step_s + e.blocked_s) * slow, "step", rep)
-        e.blocked_s = 0.0
+        work, e.blocked_s = costs.step_s + e.blocked_s, 0.0
+        if cores is None:
+            push(now + work, "step", (rep, None))
+        else:
+            cores.start(now, rep, work)
+            next_step_end()
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -247,21 +327,37 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
                 if victim is not None:
                     holders[victim].discard(rep)
             in_flight[rep] += 1
+            if window[0] <= now <= window[1]:
+                arrived_in_window[rep] += 1
             if k == skip:
                 first_arrival = now
-            push(now + costs.overhead_s + costs.delay_s.get(tier, 0.0), "ready",
-                 _Request(k, rep, now, tier))
+            wait = costs.overhead_s + costs.delay_s.get(tier, 0.0)
+            if costs.jitter_s.get(tier):
+                wait = max(0.0, wait + float(jitter_rng.choice(costs.jitter_s[tier])))
+            ready, loads = now + wait, tier in COLD
+            pending = engines[rep].loading.get(adapter)
+            if loads:
+                engines[rep].loading[adapter] = (ready, tier)
+            elif pending and pending[0] > now:
+                # its adapter is still loading for an earlier request: it waits for that load
+                # (the gateway loads an adapter once) and reports that load's tier
+                ready, tier = max(ready, pending[0]), pending[1]
+            push(ready, "ready", _Request(k, rep, adapter, now, tier, loads))
         elif kind == "ready":
             req = payload
-            engines[req.rep].blocked_s += costs.block_s.get(req.tier, 0.0)
+            if req.loads:
+                engines[req.rep].blocked_s += costs.block_s.get(req.tier, 0.0)
             engines[req.rep].waiting.append(req)
             if not engines[req.rep].stepping:
                 start_step(req.rep, now)
         else:  # a step ended
-            rep = payload
+            rep, version = payload
+            if cores is not None:
+                if version != cores.version:
+                    continue  # the running set changed since: a later event has its end
+                cores.end(now, rep)
             e = engines[rep]
             e.stepping = False
-            stepping -= 1
             still = []
             for req in e.batch:
                 req.done += 1
@@ -271,9 +367,13 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
                     still.append(req)
                     continue
                 in_flight[rep] -= 1
+                if window[0] <= now <= window[1]:
+                    done_in_window[rep] += 1
                 if req.k >= skip:
                     tiers_seen[req.tier] += 1
                     ttfts.append(req.first - req.arrived)
+                    if costs.tokens > 1:
+                        decodes.append((now - req.first) / (costs.tokens - 1))
                     by_tier.setdefault(req.tier, []).append(req.first - req.arrived)
                     served[rep] += 1
                     last_done = now
@@ -282,6 +382,8 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
                     next_k += 1
             e.batch = still
             start_step(rep, now)
+            if cores is not None and not e.stepping:
+                next_step_end()  # the others' steps now have its share
     measured = max(1, len(ttfts))
     ttft_s = np.array(ttfts or [0.0])
     return {
@@ -293,4 +395,12 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
         "imbalance_max_over_mean": round(float(served.max() / max(served.mean(), 1e-9)), 3),
         "ttft_by_tier_ms": {t: round(float(np.median(v)) * 1000, 2) for t, v in by_tier.items()},
         "wall_s": round(last_done - first_arrival, 4),
+        "decode_ms_per_token_mean": round(float(np.mean(decodes)) * 1000, 3) if decodes else None,
+        # open loop: the lowest share of its requests a replica finished while the measured
+        # ones arrived; about 1 when every replica keeps up, falling when one's queue grows
+        # with the trace (and its p99 with it)
+        "kept_up": None if cfg.concurrency else round(float(min(
+            (d / a for d, a in zip(done_in_window, arrived_in_window, strict=True) if a >= 20),
+            default=1.0)), 3),
     }
+

@@ -15,6 +15,7 @@ consistent_hash/round_robin TTFT ratios (p50, p99) fall inside the measured roun
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.fleet_model import (
+    COLD,
     POLICIES,
     TIERS,
     Capacity,
@@ -53,16 +55,23 @@ def _phase_config(run: dict[str, Any], phase: str, requests: int) -> Config:
                   shared_servers=engine_cores(run))
 
 
+# below this, a fleet-size row is overloaded (benchmarks.fleet_model's "kept_up")
+KEPT_UP = 0.9
+# Replays per figure, each with its own draws of the requests' jitter (the mean is reported).
+DRAWS = 5
+
+
 def _simulate_phase(run: dict[str, Any], phase: str, costs: Costs) -> dict[str, Any]:
-    """One calibration phase through the model (round robin, mean over the router's
-    possible starting offsets): its wall time and each tier's TTFT p50, in seconds."""
+    """One calibration phase through the model (round robin, mean over ``DRAWS`` replays):
+    its wall time and each tier's TTFT p50, in seconds."""
     c, cal = run["config"], run["calibration"]
     adapters = c["tenants"] * c["per_tenant"]
     trace = np.array(calibration_trace(phase, list(range(adapters)), c["replicas"], c["max_loras"],
                                        c["max_cpu_loras"], cal["requests"]))
     cfg = _phase_config(run, phase, cal["requests"])
-    sims = [simulate(cfg, "round_robin", costs, trace, rr_offset=o) for o in range(c["replicas"])]
+    sims = [simulate(cfg, "round_robin", costs, trace, jitter_seed=d) for d in range(DRAWS)]
     return {"wall_s": float(np.mean([s["wall_s"] for s in sims])),
+            "decode_s": float(np.mean([s["decode_ms_per_token_mean"] for s in sims])) / 1000,
             "ttft_s": {t: float(np.mean([s["ttft_by_tier_ms"].get(t, np.nan) for s in sims])) / 1000
                        for t in TIERS}}
 
@@ -79,51 +88,95 @@ def _solve(f: Any, target: float, lo: float, hi: float, steps: int = 40) -> floa
 PHASE_OF = {"slot_hit": "hot", "engine_hit": "engine", "disk_hit": "cold", "remote_fetch": "remote"}
 
 
+def jitter_from_run(run: dict[str, Any]) -> dict[str, tuple[float, ...]]:
+    """Each tier's spread, as measured: its requests' TTFTs in its calibration phase, less
+    their round's median (seconds), pooled over rounds. Runs that did not record single
+    requests give none."""
+    jitter: dict[str, tuple[float, ...]] = {}
+    for tier, phase in PHASE_OF.items():
+        deviations: list[float] = []
+        for f in run["calibration"]["phases"][phase]:
+            ttfts = [r[3] for r in f.get("requests_seen", ()) if r[0] == tier]
+            if len(ttfts) >= 8:  # a phase's stray requests of other tiers say little
+                mid = float(np.median(ttfts))
+                deviations += [(x - mid) / 1000 for x in ttfts]
+        if deviations:
+            jitter[tier] = tuple(round(d, 6) for d in deviations)
+    return jitter
+
+
+def decode_per_token(run: dict[str, Any], phase: str) -> float:
+    """The phase's mean time per token after the first (seconds; median over its rounds),
+    from the single requests the run recorded."""
+    tokens = run["config"]["max_tokens"]
+    per_round = []
+    for f in run["calibration"]["phases"][phase]:
+        if not f.get("requests_seen"):
+            raise ValueError(f"the run's {phase} calibration phase recorded no single requests: "
+                             "re-run `python -m benchmarks.replicas`")
+        per_round.append(np.mean([(e2e - ttft) / (tokens - 1)
+                                  for _, _, _, ttft, e2e in f["requests_seen"]]))
+    return float(np.median(per_round)) / 1000
+
+
 def costs_from_run(run: dict[str, Any]) -> Costs:
-    """The model's step time, overhead and per-tier delays, fitted to the calibration phases.
+    """The model's costs, fitted to the calibration phases.
 
     Each phase (benchmarks/replica_traffic.py: mostly one tier's requests through round
     robin at the rounds' own concurrency) is replayed through the model: the step time is
-    the one with which the hot phase takes its measured wall time, the overhead the one
-    with which its slot hits' TTFT p50 is the measured one, and each other tier's delay
-    the one with which that tier's TTFT p50 in its phase is the measured one. What a load
-    takes from the other requests on its replica (``block_s``) is its measured capacity
-    cost: the calibration's core-seconds per request above a hot one, over the cores. The
-    rounds are not used: reproducing them is the test."""
+    the one with which the hot phase takes its measured wall time and the overhead the one
+    with which its slot hits' TTFT p50 is the measured one; what a load takes from its
+    replica's engine (``block_s``) is the one with which the cold phase's requests take
+    their measured mean time per token after the first (a load lengthens the steps running
+    beside it; a remote fetch's load is a disk load's, an engine hit has none), and each
+    tier's delay the one with which its TTFT p50 in its phase is the measured one. (A
+    phase's wall time cannot tell the two apart: in a closed loop a load's latency
+    lengthens it as much as its engine time does.) Each tier's jitter is its measured
+    spread (``jitter_from_run``). The rounds are not used: reproducing them is the test."""
     phases = run["calibration"]["phases"]
-    wall = float(np.median([f["wall_s"] for f in phases["hot"]]))
 
     def ttft(tier: str) -> float:
         return float(np.median([f["ttft_by_tier_ms"][tier] for f in phases[PHASE_OF[tier]]
                                 if tier in f["ttft_by_tier_ms"]])) / 1000
 
     def fit(c: Costs, what_x: str, phase: str, what: str, target: float, hi: float) -> Costs:
-        """``c`` with ``what_x`` (a field, or a tier's delay) set so that the phase's
-        ``what`` (``wall`` or a tier's TTFT p50) is ``target``."""
+        """``c`` with ``what_x`` (``step_s``, ``overhead_s``, or ``delay:``/``block:`` and a
+        tier) set so that the phase's ``what`` (``wall`` or a tier's TTFT p50) is ``target``."""
         def make(x: float) -> Costs:
             if what_x == "step_s":
                 return replace(c, step_s=x)
             if what_x == "overhead_s":
                 return replace(c, overhead_s=x)
-            return replace(c, delay_s={**c.delay_s, what_x: x})
+            kind, tier = what_x.split(":")
+            if kind == "block":
+                return replace(c, block_s={**c.block_s, tier: x})
+            return replace(c, delay_s={**c.delay_s, tier: x})
 
         def measure(x: float) -> float:
             sim = _simulate_phase(run, phase, make(x))
-            return float(sim["wall_s"] if what == "wall" else sim["ttft_s"][what])
+            return float(sim[f"{what}_s"] if what in ("wall", "decode") else sim["ttft_s"][what])
         return make(_solve(measure, target, 0.0, hi))
 
-    # What a load costs everyone on its replica: its capacity cost per request, measured by
-    # the calibration's least-squares fit (core-seconds) over the cores the replicas share.
-    demand = run["calibration"]["demand_s"]
-    block = {t: max(0.0, demand[t] - demand["slot_hit"]) / run["machine_cpus"]
-             for t in TIERS if t != "slot_hit"}
-    costs = Costs(wall / run["calibration"]["requests"], run["config"]["max_tokens"],
-                  dict.fromkeys(TIERS, 0.0), block_s=block)
+    def wall(phase: str) -> float:
+        return float(np.median([f["wall_s"] for f in phases[phase]]))
+
+    costs = Costs(wall("hot") / run["calibration"]["requests"], run["config"]["max_tokens"],
+                  dict.fromkeys(TIERS, 0.0), block_s=dict.fromkeys(COLD, 0.0),
+                  jitter_s=jitter_from_run(run))
     for _ in range(3):  # each fit moves the others' a little
-        costs = fit(costs, "step_s", "hot", "wall", wall, 10 * costs.step_s)
+        costs = fit(costs, "step_s", "hot", "wall", wall("hot"), 10 * costs.step_s)
         costs = fit(costs, "overhead_s", "hot", "slot_hit", ttft("slot_hit"), 5.0)
-        for tier in ("engine_hit", "disk_hit", "remote_fetch"):
-            costs = fit(costs, tier, PHASE_OF[tier], tier, ttft(tier), 5.0)
+        # What a load takes from the engines shows in the steps of the requests running beside
+        # it: the phase's mean time per token after the first; it cannot be more than the
+        # load adds to its own request's TTFT. A remote fetch's load into the engine is a disk
+        # load's (the fetch itself runs in the gateway), so the cold phase, nothing but loads,
+        # measures both. An engine hit loads nothing (vLLM activates an adapter it holds
+        # within the step).
+        most = max(1e-3, ttft("disk_hit") - ttft("slot_hit"))
+        costs = fit(costs, "block:disk_hit", "cold", "decode", decode_per_token(run, "cold"), most)
+        costs = replace(costs, block_s={**costs.block_s, "remote_fetch": costs.block_s["disk_hit"]})
+        for tier in TIERS[1:]:  # what it adds before its own first step: the tier's TTFT
+            costs = fit(costs, f"delay:{tier}", PHASE_OF[tier], tier, ttft(tier), 5.0)
     return costs
 
 
@@ -149,8 +202,8 @@ def reproduce(run: dict[str, Any], costs: Costs) -> dict[str, Any]:
     sims_by: dict[str, list[dict[str, Any]]] = {}
     for policy in ("round_robin", "consistent_hash"):
         measured = run["policies"][policy]
-        sims = sims_by[policy] = [simulate(cfg, policy, costs, trace, rr_offset=o, placement=placed)
-                                  for o in range(cfg.replicas)]
+        sims = sims_by[policy] = [simulate(cfg, policy, costs, trace, placement=placed, jitter_seed=d)
+                                  for d in range(DRAWS)]
         cold = [s["cold_per_request"] for s in sims]
         lo, hi = measured["cold_per_request"]["min"], measured["cold_per_request"]["max"]
         slack = 0.25 * max(hi, 1e-9)
@@ -182,22 +235,30 @@ def reproduce(run: dict[str, Any], costs: Costs) -> dict[str, Any]:
 
 
 def fleet_table(costs: Costs, sizes: Sequence[tuple[int, int]], cap: Capacity,
-                requests_per_replica: int, min_requests: int) -> list[dict[str, Any]]:
+                requests_per_replica: int, min_requests: int,
+                utilizations: Sequence[float] = (0.7,)) -> list[dict[str, Any]]:
     rows = []
-    for n, m in sizes:
+    for (n, m), utilization in itertools.product(sizes, utilizations):
         tenants = max(1, m // 100)
         cfg = Config(replicas=n, tenants=tenants, per_tenant=m // tenants, cap=cap,
-                     requests=max(min_requests, requests_per_replica * n), warmup=0.5)
+                     requests=max(min_requests, requests_per_replica * n), warmup=0.5,
+                     utilization=utilization)
         trace = zipf_trace(cfg.tenants, cfg.per_tenant, cfg.requests, cfg.zipf_s, cfg.seed)
         for policy in POLICIES:
             t0 = time.perf_counter()
-            row = {"replicas": n, "adapters": cfg.adapters, **simulate(cfg, policy, costs, trace)}
+            row = {"replicas": n, "adapters": cfg.adapters, "utilization": utilization,
+                   **simulate(cfg, policy, costs, trace)}
             row["sim_seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
-            print(f"  N={n:5d} M={cfg.adapters:6d} {policy:15s} cold/req {row['cold_per_request']:.3f} "
+            print(f"  N={n:5d} M={cfg.adapters:6d} load {utilization:.0%} {policy:15s} "
+                  f"cold/req {row['cold_per_request']:.3f} "
                   f"p99 {row['ttft_ms']['p99']:9.1f} ms  imbalance {row['imbalance_max_over_mean']:.2f} "
-                  f"({row['sim_seconds']}s)", flush=True)
+                  f"kept up {row['kept_up']:.2f} ({row['sim_seconds']}s)", flush=True)
     return rows
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:+.1f}"
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -206,13 +267,19 @@ def markdown(doc: dict[str, Any]) -> str:
                  f"overhead {c['overhead_s'] * 1000:.1f} ms, delay before the first step "
                  + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in c["delay_s"].items() if v)
                  + ", engine time a load takes from its replica "
-                 + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in c["block_s"].items() if v))
+                 + (", ".join(f"{k} {v * 1000:.1f} ms" for k, v in c["block_s"].items() if v) or "none")
+                 + "; each request's jitter drawn from its tier's measured deviations from the "
+                 "median (p10 / p90) "
+                 + (", ".join(f"{k} {_ms(np.percentile(v, 10))} / {_ms(np.percentile(v, 90))} ms"
+                              for k, v in c["jitter_s"].items())
+                    or "none (the run recorded no single requests)"))
     lines = ["# Fleet simulator", "", "## Reproduction of the replica run", "",
              f"Costs fitted to the run's calibration phases ({doc['costs_source']}; the hot phase's "
              "wall time and each tier's TTFT p50 in its phase): " + cost_line + ". "
              "Same trace, capacities, closed loop and the router's measured placement; every "
              "replica's engine computes on the cores vLLM leaves unreserved (one here). "
-             "Simulated figures: mean over round-robin starting offsets.", "",
+             f"Simulated figures: mean over {DRAWS} replays, each drawing its requests' "
+             "jitter from the calibration's measured spread.", "",
              "| policy | cold/req measured (median [min, max]) | simulated | cold/req within noise "
              "| TTFT p50 measured ms (median) | simulated | in the rounds' range "
              "| TTFT p99 measured ms (median) | simulated | in the rounds' range |",
@@ -237,21 +304,28 @@ def markdown(doc: dict[str, Any]) -> str:
     cap = doc["fleet_capacity"]
     lines += ["## Fleet sizes", "",
               "Costs: the calibrated ones above, which reproduced the replica run (this "
-              "machine's CPU and tiny adapters: compare policies, not absolute times; a p99 here "
-              "is queueing alone, without the outliers a real server adds).", "",
+              "machine's CPU and tiny adapters: compare policies, not absolute times).", "",
               f"Per replica: {cap['slots']} slots, {cap['engine']} adapters "
               f"in engine memory, {cap['disk']} on disk, batches of up to {doc['max_batch']}; "
-              f"Poisson arrivals at {doc['utilization']:.0%} of the fleet's capacity in full hot "
+              "Poisson arrivals at the given load: a fraction of the fleet's capacity in full hot "
               "batches; second half of each trace measured.", "",
-              "| N | M | policy | slot | engine | disk | remote | cold/req | TTFT p50 ms | p99 ms "
-              "| imbalance (max/mean) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| N | M | load | policy | slot | engine | disk | remote | cold/req | TTFT p50 ms "
+              "| p99 ms | imbalance (max/mean) | kept up |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["table"]:
         t = r["tier_rates"]
-        lines.append(f"| {r['replicas']} | {r['adapters']} | {r['policy']} | {t['slot_hit']} | "
+        # a fleet that does not keep up has no steady p99: its queues grow with the trace
+        p50, p99 = ((r["ttft_ms"]["p50"], r["ttft_ms"]["p99"]) if r["kept_up"] >= KEPT_UP
+                    else ("overloaded", "overloaded"))
+        lines.append(f"| {r['replicas']} | {r['adapters']} | {r['utilization']:.0%} | {r['policy']} | "
+                     f"{t['slot_hit']} | "
                      f"{t['engine_hit']} | {t['disk_hit']} | {t['remote_fetch']} | "
-                     f"{r['cold_per_request']} | {r['ttft_ms']['p50']} | {r['ttft_ms']['p99']} | "
-                     f"{r['imbalance_max_over_mean']} |")
+                     f"{r['cold_per_request']} | {p50} | {p99} | "
+                     f"{r['imbalance_max_over_mean']} | {r['kept_up']} |")
+    lines += ["", "kept up: the lowest share of its requests a replica finished while the "
+              f"measured requests arrived; below {KEPT_UP} a replica's queue grows with the trace "
+              "at this load (hot spots, the batches' adapter limit and loads take the capacity), "
+              "so the row has no steady TTFT and none is given."]
     return "\n".join(lines) + "\n"
 
 
@@ -267,6 +341,18 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def parse_loads(text: str) -> list[float]:
+    """``0.35,0.7`` -> [0.35, 0.7] (for argparse)."""
+    try:
+        loads = [float(part) for part in text.split(",")]
+    except ValueError:
+        loads = []
+    if not loads or not all(0 < x < 2 for x in loads):
+        raise argparse.ArgumentTypeError(f"loads {text!r} are not fractions of capacity in (0, 2), "
+                                         "comma separated (e.g. 0.35,0.7)")
+    return loads
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas-run", type=Path,
@@ -275,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=parse_sizes,
                         default=parse_sizes("10x1000,100x10000,1000x10000,1000x100000"),
                         help="NxM pairs (replicas x adapters), comma separated")
-    parser.add_argument("--requests-per-replica", type=int, default=100)
+    parser.add_argument("--loads", type=parse_loads, default=parse_loads("0.35,0.7"),
+                        help="offered loads, fractions of the fleet's capacity in full hot batches")
+    parser.add_argument("--requests-per-replica", type=int, default=500)
     parser.add_argument("--min-requests", type=int, default=40_000)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--engine", type=int, default=16)
@@ -299,11 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     cap = Capacity(args.slots, args.engine, args.disk)
     doc: dict[str, Any] = {"costs": asdict(costs), "costs_source": str(args.replicas_run.name),
                            "reproduction": repro, "fleet_capacity": asdict(cap),
-                           "utilization": Config(1, 1, 1, cap, 1).utilization,
+                           "utilizations": args.loads,
                            "max_batch": Config(1, 1, 1, cap, 1).max_batch, "table": []}
     if repro["reproduced"]:
         print("== fleet sizes", flush=True)
-        doc["table"] = fleet_table(costs, args.sizes, cap, args.requests_per_replica, args.min_requests)
+        doc["table"] = fleet_table(costs, args.sizes, cap, args.requests_per_replica, args.min_requests,
+                                   args.loads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fleet_sim.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / "fleet_sim.md").write_text(markdown(doc))

@@ -1,16 +1,13 @@
 """Traffic for benchmarks.replicas: a closed-loop driver, its figures, and the calibration.
 
 The calibration measures what the fleet simulator (benchmarks.fleet_model) needs and the
-rounds cannot give: how much of the machine a request costs by tier. Cold loads cost more
-capacity than their own extra latency shows (the load's hashing and ``add_lora`` run on
-cores every other request needs), so per-tier latencies under load understate it.
-Four phases go through the round-robin router in a closed loop, the same shape as the
-rounds: ``hot`` (one adapter per replica: slot hits), ``engine`` (more adapters per replica
-than its batch slots: engine hits), ``cold`` (more than its engine holds: disk loads) and
-``remote`` (every adapter, with every disk emptied first: remote fetches, then disk loads),
-alternating. Each phase's wall time gives its demand per request in core-seconds
-(``cores x wall / requests``: the cores are the servers, all busy), and a least-squares fit
-over the phases' measured tier mixes gives each tier's demand.
+rounds must not give (reproducing them is its test): what each tier costs. Four phases go
+through the round-robin router in a closed loop, the same shape as the rounds: ``hot``
+(one adapter per replica: slot hits), ``engine`` (more adapters per replica than its batch
+slots: engine hits), ``cold`` (more than its engine holds: disk loads) and ``remote``
+(every adapter, with every disk emptied first: remote fetches, then disk loads),
+alternating. Each phase's wall time, each tier's TTFT and every single request are kept;
+benchmarks.fleet_sim fits the model's costs to them.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import httpx
-import numpy as np
 
 from benchmarks.fleet_model import COLD, TIERS
 from loadtest.client import RequestRecord, RequestShape, Target, send
@@ -113,6 +109,10 @@ def figures(sent: Sequence[Sent]) -> dict[str, Any]:
                                               and r.ttft is not None), 0.5)
                                 for t in TIERS if tiers[t]},
             "by_replica": {k: sum(r.replica == k for r in ok) for k in replicas},
+            # every answered request in the order sent: [tier, replica, start s, TTFT ms, e2e ms]
+            "requests_seen": [[r.tier, r.replica, round(r.started, 4), round(r.ttft * 1000, 2),
+                               round((r.e2e or 0.0) * 1000, 2)]
+                              for r in sorted(ok, key=lambda r: r.started) if r.ttft is not None],
             "errors": sorted({f"{s.record.status} {s.record.error}" for s in sent if not s.record.ok})}
 
 
@@ -137,22 +137,10 @@ def calibration_trace(phase: str, targets: Sequence[T], replicas: int, slots: in
     return [targets[i % k] for i in range(requests)]
 
 
-def fit_tier_demands(phases: Sequence[dict[str, Any]], cores: int) -> dict[str, float]:
-    """Core-seconds per request by tier: least squares of each phase's demand per request
-    (``cores x wall / requests``) on its tier fractions (``slot_hit`` is the hot request's)."""
-    rows, demand = [], []
-    for f in phases:
-        n = max(1, f["ok"])
-        rows.append([f["tiers"][t] / n for t in TIERS])
-        demand.append(cores * f["wall_s"] / n)
-    solution, *_ = np.linalg.lstsq(np.array(rows), np.array(demand), rcond=None)
-    return {t: float(x) for t, x in zip(TIERS, solution, strict=True)}
-
-
 async def calibrate(url: str, targets: Sequence[Target], *, replicas: int, slots: int, engine: int,
-                    requests: int, concurrency: int, max_tokens: int, rounds: int, cores: int,
+                    requests: int, concurrency: int, max_tokens: int, rounds: int,
                     reset: Any) -> dict[str, Any]:
-    """The phases, ``rounds`` times each in alternating order, then the fit.
+    """The phases, ``rounds`` times each in alternating order.
 
     ``reset(remote)``: an async callable run before each phase; it empties every replica's
     engine, and then either puts every adapter on every disk or (``remote``) empties the
@@ -169,9 +157,4 @@ async def calibrate(url: str, targets: Sequence[Target], *, replicas: int, slots
             measured[phase].append(f)
             print(f"  calibration {phase:6s} {f['tiers']} wall {f['wall_s']} s "
                   f"ttft p50 {f['ttft_ms']['p50']} ms", flush=True)
-    every = [f for fs in measured.values() for f in fs]
-    return {
-        "cores": cores, "requests": requests, "rounds": rounds,
-        "phases": measured,
-        "demand_s": {t: round(v, 5) for t, v in fit_tier_demands(every, cores).items()},
-    }
+    return {"requests": requests, "rounds": rounds, "phases": measured}

@@ -224,13 +224,11 @@ def run(args: argparse.Namespace, servers: list[Any]) -> dict[str, Any]:
             if not remote:
                 await admin_all(replicas, targets, "prefetch", into="disk")
 
-        print("== calibration: demand per request by tier (round robin)", flush=True)
+        print("== calibration: each tier's cost, one phase per tier (round robin)", flush=True)
         calibration = asyncio.run(calibrate(
             routers["round_robin"].url, targets, replicas=args.replicas, slots=args.max_loras,
             engine=args.max_cpu_loras, requests=args.requests, concurrency=args.concurrency,
-            max_tokens=args.max_tokens, rounds=args.calibration_rounds, cores=cores,
-            reset=reset))
-        print(f"  demand by tier (core-seconds): {calibration['demand_s']}", flush=True)
+            max_tokens=args.max_tokens, rounds=args.calibration_rounds, reset=reset))
         asyncio.run(reset(False))
         by_tier: dict[str, list[float]] = {t: [] for t in TIERS}
         # adapter -> the replicas that answered it (one each under consistent_hash)
@@ -313,9 +311,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "robin; benchmarks/replica_traffic.py), per phase (median over rounds): " + "; ".join(
             f"{ph} wall {statistics.median(f['wall_s'] for f in fs)} s, TTFT p50 "
             f"{statistics.median(f['ttft_ms']['p50'] for f in fs)} ms" for ph, fs in cal["phases"].items())
-        + ". Core-seconds per request by tier (least squares over the phases' wall times and "
-        "tier mixes): " + ", ".join(f"{t} {v * 1000:.1f} ms" for t, v in cal["demand_s"].items()) + ".",
-        "",
+        + ".", "",
         f"## Kill ({k['victim']}, SIGKILL at {k['killed_at_s']} s)", "",
         f"- failed: {k['failed_in_flight']} in flight at the kill, {k['failed_after_kill']} sent after "
         f"it (the last of those started {k['last_failed_start_after_kill_s']} s after the kill)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ import pytest
 from benchmarks import fleet_sim, replica_traffic
 from benchmarks.fleet_model import (
     POLICIES,
-    TIERS,
     Capacity,
     Config,
     Costs,
@@ -76,30 +76,35 @@ def test_unknown_policy_and_bad_sizes_are_refused() -> None:
 def _made_up_run(costs: Costs) -> dict:
     """A replica run whose calibration phases are what the model gives with ``costs``, and
     whose rounds no model could give (next to no cold loads under round robin)."""
-    run: dict = {"machine_cpus": 2, "config": {
-        "replicas": 2, "tenants": 2, "per_tenant": 4, "max_loras": 1, "max_cpu_loras": 2,
-        "requests": 200, "zipf_s": 1.1, "seed": 0, "concurrency": 2, "max_tokens": costs.tokens},
+    run: dict = {"machine_cpus": 2, "config": {  # the replica run's shape
+        "replicas": 3, "tenants": 3, "per_tenant": 8, "max_loras": 2, "max_cpu_loras": 4,
+        "requests": 64, "zipf_s": 1.1, "seed": 0, "concurrency": 4, "max_tokens": costs.tokens},
         "policies": {p: {"cold_per_request": {"median": 0.001, "min": 0.0, "max": 0.002},
                          "ttft_ms": {q: {"median": v, "min": v, "max": v}
                                      for q, v in (("p50", 20.0), ("p99", 30.0))},
                          "rounds": [{"ttft_ms": {"p50": 20.0, "p99": 30.0}}], "placement": {}}
                      for p in ("round_robin", "consistent_hash")},
-        "calibration": {"requests": 48, "demand_s": {  # whose differences give costs.block_s
-            t: 0.1 + 2 * costs.block_s.get(t, 0.0) for t in TIERS}}}
+        "calibration": {"requests": 64}}
     run["calibration"]["phases"] = {
         phase: [{"wall_s": sim["wall_s"],
-                 "ttft_by_tier_ms": {t: v * 1000 for t, v in sim["ttft_s"].items() if v == v}}]
+                 "ttft_by_tier_ms": {t: v * 1000 for t, v in sim["ttft_s"].items() if v == v},
+                 # one request whose time per token after the first is the phase's mean
+                 "requests_seen": [["slot_hit", "r0", 0.0, 0.0,
+                                    sim["decode_s"] * 1000 * (costs.tokens - 1)]]}]
         for phase in replica_traffic.CALIBRATION_PHASES
         for sim in [fleet_sim._simulate_phase(run, phase, costs)]}
     return run
 
 
 def test_the_calibration_fit_recovers_the_costs_that_made_the_phases() -> None:
-    truth = Costs(step_s=0.02, tokens=4, delay_s={"slot_hit": 0.0, "engine_hit": 0.01,
-                                                  "disk_hit": 0.05, "remote_fetch": 0.3},
-                  overhead_s=0.015, block_s={"disk_hit": 0.004, "remote_fetch": 0.01})
+    truth = Costs(step_s=0.007, tokens=8, delay_s={"slot_hit": 0.0, "engine_hit": 0.005,
+                                                   "disk_hit": 0.03, "remote_fetch": 0.1},
+                  overhead_s=0.03, block_s={"disk_hit": 0.01, "remote_fetch": 0.01})
     fitted = fleet_sim.costs_from_run(_made_up_run(truth))
-    assert fitted.block_s == pytest.approx({"engine_hit": 0.0, **truth.block_s})
+    # a load's engine time shows only in the steps of the requests running beside it
+    assert "engine_hit" not in fitted.block_s
+    for tier in ("disk_hit", "remote_fetch"):
+        assert fitted.block_s[tier] == pytest.approx(truth.block_s[tier], rel=0.2), tier
     assert fitted.step_s == pytest.approx(truth.step_s, rel=0.05)
     assert fitted.overhead_s == pytest.approx(truth.overhead_s, abs=0.005)
     for tier in ("disk_hit", "remote_fetch"):
@@ -140,17 +145,6 @@ def test_a_replica_batches_the_requests_it_holds() -> None:
     assert solo["wall_s"] / 4 <= batched["wall_s"] < solo["wall_s"] / 3
 
 
-def test_calibration_fit_recovers_each_tiers_demand() -> None:
-    """Phases of known tier mixes whose wall times follow known demands: the fit returns them."""
-    demand = dict(zip(TIERS, (0.05, 0.08, 0.2, 0.5), strict=True))
-    mixes = [(60, 4, 0, 0), (10, 50, 4, 0), (2, 6, 56, 0), (1, 3, 36, 24), (58, 6, 0, 0)]
-    phases = [{"ok": 64, "tiers": dict(zip(TIERS, mix, strict=True)),
-               "wall_s": sum(n * demand[t] for t, n in zip(TIERS, mix, strict=True)) / 2}
-              for mix in mixes]
-    fitted = replica_traffic.fit_tier_demands(phases, cores=2)
-    assert fitted == pytest.approx(demand, rel=1e-6)
-
-
 def test_calibration_traces_give_each_replica_the_adapters_its_phase_needs() -> None:
     targets = [Target("t0", f"a{i:02d}", "k") for i in range(24)]
 
@@ -177,3 +171,92 @@ def test_a_load_that_blocks_the_engine_delays_every_request_on_the_replica() -> 
     assert free["tier_rates"] == blocking["tier_rates"] and free["tier_rates"]["slot_hit"] > 0
     assert blocking["ttft_by_tier_ms"]["slot_hit"] > free["ttft_by_tier_ms"]["slot_hit"]
     assert blocking["wall_s"] > free["wall_s"]
+
+
+def _one_replica(**kw: object) -> Config:
+    base = dict(replicas=1, tenants=1, per_tenant=2, cap=Capacity(2, 2, 2), requests=400,
+                concurrency=2, start_on_disk=True)
+    return Config(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_a_batch_holds_at_most_max_loras_adapters() -> None:
+    """Two clients on two adapters: with two batch slots their requests share steps (each
+    joins one step after the other's: 5 steps a request, two at a time), with one slot
+    (vLLM skips the request that would add a second adapter) they take turns, as slowly as
+    one client alone."""
+    costs = Costs(step_s=0.005, tokens=4, delay_s={})
+    trace = np.array([0, 1] * 200)
+    two = simulate(_one_replica(), "round_robin", costs, trace)
+    one = simulate(_one_replica(cap=Capacity(1, 2, 2)), "round_robin", costs, trace)
+    alone = simulate(_one_replica(concurrency=1), "round_robin", costs, trace)
+    assert two["wall_s"] == pytest.approx(400 * 5 * 0.005 / 2)
+    assert one["wall_s"] == pytest.approx(alone["wall_s"]) == pytest.approx(400 * 4 * 0.005)
+
+
+def test_requests_for_an_adapter_being_loaded_wait_for_that_one_load() -> None:
+    """Four clients ask for the same adapter at once: one remote fetch, the other three wait
+    for it and report its tier (the gateway's single-flight load); its engine time is taken
+    once."""
+    costs = Costs(step_s=0.005, tokens=2, delay_s={"remote_fetch": 0.1},
+                  block_s={"remote_fetch": 0.05})
+    cfg = Config(replicas=1, tenants=1, per_tenant=1, cap=Capacity(1, 1, 1), requests=4,
+                 concurrency=4)
+    r = simulate(cfg, "round_robin", costs)
+    assert r["tier_rates"]["remote_fetch"] == 1.0
+    # the load's request steps alone (its block, once); the three that waited share the next
+    assert r["ttft_ms"]["p50"] == pytest.approx(100 + 50 + 5 + 5)
+    assert r["ttft_ms"]["p99"] < 100 + 2 * 50
+    after = simulate(Config(**{**cfg.__dict__, "requests": 8}), "round_robin", costs)
+    assert after["tier_rates"] == {"slot_hit": 0.5, "engine_hit": 0.0, "disk_hit": 0.0,
+                                   "remote_fetch": 0.5}
+
+
+def test_shared_cores_are_processor_shared() -> None:
+    """Two replicas stepping on two cores run as if alone; on one core each step takes twice
+    as long while the other runs, so the same trace takes twice as long."""
+    cfg = Config(replicas=2, tenants=1, per_tenant=2, cap=Capacity(1, 1, 2), requests=400,
+                 concurrency=2, start_on_disk=True)
+    costs = Costs(step_s=0.005, tokens=4, delay_s={})
+    trace = np.array([0, 1] * 200)  # round robin: adapter 0 on replica 0, 1 on 1
+    alone = simulate(cfg, "round_robin", costs, trace)
+    two_cores = simulate(Config(**{**cfg.__dict__, "shared_servers": 2}), "round_robin", costs, trace)
+    one_core = simulate(Config(**{**cfg.__dict__, "shared_servers": 1}), "round_robin", costs, trace)
+    assert two_cores["wall_s"] == pytest.approx(alone["wall_s"])
+    assert one_core["wall_s"] == pytest.approx(2 * alone["wall_s"], rel=0.01)
+
+
+def test_jitter_spreads_a_tiers_ttft_by_its_measured_deviations() -> None:
+    cfg = _one_replica(per_tenant=1, cap=Capacity(1, 1, 1), concurrency=1, requests=2000)
+    costs = Costs(step_s=0.005, tokens=1, delay_s={}, overhead_s=0.02)
+    steady = simulate(cfg, "round_robin", costs)
+    jittery = replace(costs, jitter_s={"slot_hit": (-0.01, 0.0, 0.03)})
+    a, b = (simulate(cfg, "round_robin", jittery, jitter_seed=s) for s in (0, 1))
+    assert steady["ttft_ms"]["p50"] == steady["ttft_ms"]["p99"] == pytest.approx(25.0)
+    assert a["ttft_ms"]["p50"] == pytest.approx(25.0) and a["ttft_ms"]["p99"] == pytest.approx(55.0)
+    assert a == simulate(cfg, "round_robin", jittery, jitter_seed=0) and a != b
+
+
+def test_jitter_is_taken_from_each_tiers_own_phase() -> None:
+    def phase(tier: str, ttfts: list[float]) -> dict:
+        return {"requests_seen": [[tier, "r0", 0.0, t, t + 50] for t in ttfts]
+                + [["disk_hit", "r0", 0.0, 500.0, 550.0]]}  # a stray of another tier
+    run = {"calibration": {"phases": {
+        "hot": [phase("slot_hit", [10, 20, 30, 40, 50, 60, 70, 80, 90])],
+        "engine": [phase("engine_hit", [100] * 8), phase("engine_hit", [200] * 8)],
+        "cold": [phase("disk_hit", [5] * 3)],  # too few to say
+        "remote": [{}]}}}  # a run that recorded no single requests
+    jitter = fleet_sim.jitter_from_run(run)
+    assert sorted(jitter) == ["engine_hit", "slot_hit"]
+    assert jitter["slot_hit"] == pytest.approx([x / 1000 for x in range(-40, 41, 10)])
+    assert jitter["engine_hit"] == pytest.approx([0.0] * 16)  # each round around its own median
+
+
+def test_a_fleet_or_one_replica_that_cannot_keep_up_is_told() -> None:
+    light = simulate(Config(**{**SMALL.__dict__, "utilization": 0.3}), "round_robin", COSTS)
+    heavy = simulate(Config(**{**SMALL.__dict__, "utilization": 3.0}), "round_robin", COSTS)
+    assert light["kept_up"] > 0.97 and heavy["kept_up"] < fleet_sim.KEPT_UP
+    # one hot spot is enough: every request on one replica of four, at a load the fleet
+    # could carry spread evenly
+    spot = simulate(Config(**{**SMALL.__dict__, "utilization": 0.5}), "consistent_hash", COSTS,
+                    placement=dict.fromkeys(range(SMALL.adapters), 0))
+    assert spot["kept_up"] < fleet_sim.KEPT_UP
