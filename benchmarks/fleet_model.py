@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.processor_sharing import SharedCores
+
 TIERS = ("slot_hit", "engine_hit", "disk_hit", "remote_fetch")
 COLD = ("disk_hit", "remote_fetch")  # the adapter was not in engine memory: a load
 POLICIES = ("round_robin", "consistent_hash", "bounded_load", "gie")
@@ -173,43 +175,6 @@ class _Engine:
     loading: dict[int, tuple[float, str]] = field(default_factory=dict)  # adapter -> (done, tier)
 
 
-class _SharedCores:
-    """``k`` cores the replicas' engines share (processor sharing): while ``n`` steps run, each
-    advances at ``min(1, k / n)`` of a core, so a step's length depends on every other step
-    and load that overlaps it."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.left: dict[int, float] = {}  # replica -> core-seconds its running step still needs
-        self.t = 0.0
-        self.version = 0  # changes whenever the running set does: older end events are stale
-
-    def _advance(self, now: float) -> None:
-        if self.left:
-            done = (now - self.t) * min(1.0, self.k / len(self.left))
-            for rep in self.left:
-                self.left[rep] -= done
-        self.t = now
-
-    def start(self, now: float, rep: int, work: float) -> None:
-        self._advance(now)
-        self.left[rep] = work
-        self.version += 1
-
-    def end(self, now: float, rep: int) -> None:
-        self._advance(now)
-        del self.left[rep]
-        self.version += 1
-
-    def next_end(self) -> tuple[float, int] | None:
-        """(time, replica) of the next step to end, if any runs."""
-        if not self.left:
-            return None
-        rep = min(self.left, key=self.left.__getitem__)
-        rate = min(1.0, self.k / len(self.left))
-        return self.t + max(0.0, self.left[rep]) / rate, rep
-
-
 def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = None,
              rr_offset: int = 0, placement: dict[int, int] | None = None,
              jitter_seed: int = 0) -> dict[str, Any]:
@@ -246,7 +211,6 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
         seq += 1
         heapq.heappush(events, (t, seq, kind, payload))
 
-    window = (math.inf, -math.inf)
     if cfg.concurrency:
         for k in range(min(cfg.concurrency, len(adapters))):
             push(0.0, "arrive", k)
@@ -254,20 +218,19 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
     else:
         capacity = n * cfg.max_batch / (costs.tokens * costs.step_s)
         arrivals = np.cumsum(rng.exponential(1 / (cfg.utilization * capacity), size=len(adapters)))
-        window = (float(arrivals[int(len(adapters) * cfg.warmup)]), float(arrivals[-1]))
         for k, t in enumerate(arrivals.tolist()):
             push(t, "arrive", k)
     skip = int(len(adapters) * cfg.warmup)
     tiers_seen: dict[str, int] = dict.fromkeys(TIERS, 0)
     ttfts: list[float] = []
     decodes: list[float] = []  # seconds per token after the first
-    # open loop: requests each replica received and finished while the measured requests
-    # arrived (``window``)
-    arrived_in_window = np.zeros(n, dtype=np.int64)
-    done_in_window = np.zeros(n, dtype=np.int64)
+    # open loop: each replica's requests in flight when the first measured request arrived
+    # and when the last did, and the measured requests it received
+    in_flight_at_start = in_flight_at_end = np.zeros(n, dtype=np.int64)
+    arrived_measured = np.zeros(n, dtype=np.int64)
     by_tier: dict[str, list[float]] = {}
     served = np.zeros(n, dtype=np.int64)
-    cores = _SharedCores(cfg.shared_servers) if cfg.shared_servers else None
+    cores = SharedCores(cfg.shared_servers) if cfg.shared_servers else None
     first_arrival = last_done = 0.0
 
     def route(k: int, adapter: int) -> int:
@@ -327,8 +290,12 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
                 if victim is not None:
                     holders[victim].discard(rep)
             in_flight[rep] += 1
-            if window[0] <= now <= window[1]:
-                arrived_in_window[rep] += 1
+            if k == skip:
+                in_flight_at_start = in_flight.copy()
+            if k >= skip:
+                arrived_measured[rep] += 1
+            if k == len(adapters) - 1:
+                in_flight_at_end = in_flight.copy()
             if k == skip:
                 first_arrival = now
             wait = costs.overhead_s + costs.delay_s.get(tier, 0.0)
@@ -367,8 +334,6 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
                     still.append(req)
                     continue
                 in_flight[rep] -= 1
-                if window[0] <= now <= window[1]:
-                    done_in_window[rep] += 1
                 if req.k >= skip:
                     tiers_seen[req.tier] += 1
                     ttfts.append(req.first - req.arrived)
@@ -396,11 +361,11 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
         "ttft_by_tier_ms": {t: round(float(np.median(v)) * 1000, 2) for t, v in by_tier.items()},
         "wall_s": round(last_done - first_arrival, 4),
         "decode_ms_per_token_mean": round(float(np.mean(decodes)) * 1000, 3) if decodes else None,
-        # open loop: the lowest share of its requests a replica finished while the measured
-        # ones arrived; about 1 when every replica keeps up, falling when one's queue grows
-        # with the trace (and its p99 with it)
-        "kept_up": None if cfg.concurrency else round(float(min(
-            (d / a for d, a in zip(done_in_window, arrived_in_window, strict=True) if a >= 20),
-            default=1.0)), 3),
+        # open loop: 1 less the largest growth of a replica's requests in flight while the
+        # measured ones arrived, as a share of those it received; about 1 when every replica
+        # keeps up, falling when one's queue grows with the trace (and its p99 with it)
+        "kept_up": None if cfg.concurrency else round(1 - float(max(
+            ((e - b) / a for b, e, a in zip(in_flight_at_start, in_flight_at_end, arrived_measured,
+                                            strict=True) if a >= 20), default=0.0)), 3),
     }
 
