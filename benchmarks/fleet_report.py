@@ -28,7 +28,8 @@ def markdown(doc: dict[str, Any]) -> str:
                     or "none (the run recorded no single requests)"))
     lines = ["# Fleet simulator", "", "## Reproduction of the replica run", "",
              f"Costs fitted to the run's calibration phases ({doc['costs_source']}; the hot phase's "
-             "wall time and each tier's TTFT p50 in its phase): " + cost_line + ". "
+             "wall time, the cold phase's time per token after the first and each tier's TTFT p50 in its "
+             "phase): " + cost_line + ". "
              "Same trace, capacities, closed loop and the router's measured placement; every "
              "replica's engine computes on the cores vLLM leaves unreserved (one here). "
              f"Simulated figures: mean over {doc['draws']} replays, each drawing its requests' "
