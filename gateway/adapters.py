@@ -291,7 +291,12 @@ class AdapterManager:
         m.pinned.set(len(self._pinned))
 
     async def _load(self, version: AdapterVersion) -> Tier:
-        """Make a verified local copy, reserve engine capacity, hand it to the engine."""
+        """Make a verified local copy, reserve engine capacity, hand it to the engine.
+
+        A load permit (``load_concurrency``) is held to fetch and verify, and again to add
+        to the engine, but not while waiting for an engine slot: a load that waits for a
+        request to release one must not hold up other adapters' downloads.
+        """
         vid = version.lora_int_id
         async with self._load_slots:
             path, tier = await self._ensure_local(version)
@@ -301,28 +306,29 @@ class AdapterManager:
                 logger.warning("local copy of %s failed verification; fetching again", version.ref)
                 await asyncio.to_thread(self._disk.discard, version.content_sha256)
                 path, _ = await self._ensure_local(version)
-            if vid in self._rejected:
-                raise self._unavailable(version)
-            pending = self._removals.get(vid)
-            if pending is not None:  # evicted a moment ago: let vLLM finish removing it first
-                await pending
-            victims = await self._claim(version)
-            started = time.perf_counter()
-            try:
+        if vid in self._rejected:
+            raise self._unavailable(version)
+        pending = self._removals.get(vid)
+        if pending is not None:  # evicted a moment ago: let vLLM finish removing it first
+            await pending
+        victims = await self._claim(version)
+        try:
+            async with self._load_slots:
+                started = time.perf_counter()
                 if victims:
                     await asyncio.gather(*victims)
                 await self._engine.add_lora(self._spec(version, path))
-            except AdapterRejectedError as exc:
-                logger.error("engine rejected %s: %s", version.ref, exc)
-                self._rejected[vid] = str(exc)
-                raise self._unavailable(version) from exc
-            finally:
-                self._loading.discard(vid)
-                self._signal_freed()
-            self._in_engine[vid] = None
-            # Its waiters are batched next: the slot is theirs from now, so a request that
-            # arrives before they resume is a slot hit, not an engine hit.
-            self._touch_slot(vid)
+        except AdapterRejectedError as exc:
+            logger.error("engine rejected %s: %s", version.ref, exc)
+            self._rejected[vid] = str(exc)
+            raise self._unavailable(version) from exc
+        finally:
+            self._loading.discard(vid)
+            self._signal_freed()
+        self._in_engine[vid] = None
+        # Its waiters are batched next: the slot is theirs from now, so a request that
+        # arrives before they resume is a slot hit, not an engine hit.
+        self._touch_slot(vid)
         self._metrics.cache_loads.labels("engine").inc()
         self._metrics.cache_load_seconds.labels("engine").observe(time.perf_counter() - started)
         self._update_gauges()

@@ -71,7 +71,8 @@ class GatewaySettings(BaseSettings):
         default_factory=list, description="Refs loaded into engine memory at start (evictable).")
     adapter_load_concurrency: int = Field(
         default=8, ge=1, description="Cold adapter loads (fetch, verify, add to the engine) run in "
-        "parallel up to this many; 1 serialises them.")
+        "parallel up to this many; 1 serialises them. A load waiting for an engine slot does not "
+        "count.")
     adapter_slot_wait_seconds: float = Field(
         default=10.0, ge=0, description="How long a request for an adapter not in engine memory "
         "waits for a slot while every slot holds an adapter serving requests (none is ever "

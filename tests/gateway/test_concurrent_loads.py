@@ -10,6 +10,7 @@ import asyncio
 import threading
 
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from gateway.errors import OverloadedError
 from tests.conftest import copy_adapter
@@ -123,3 +124,44 @@ def test_a_request_arriving_as_a_load_ends_is_a_slot_hit(env: Env) -> None:
 
     assert asyncio.run(main()) == ["remote_fetch", "slot_hit"]
     assert env.metric("lgw_adapter_cache_loads_total", cache="slot") == 1
+
+
+def test_a_load_waiting_for_a_slot_lets_other_adapters_download(registry_env, trained_adapters,
+                                                                  tmp_path) -> None:
+    """One load permit, one engine slot, held by a request: the next adapter's load waits
+    for the slot without holding the permit, so a third adapter still downloads meanwhile
+    (with the permit held through the wait, its download waited for the release)."""
+    env = Env(registry_env, tmp_path, engine_capacity=1, load_concurrency=1, slot_wait_s=10.0)
+    acme, globex = _two_versions(env)
+    folder = copy_adapter(trained_adapters["globex"], tmp_path / "other")
+    weights = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v * 0.5 for k, v in weights.items()}, folder / "adapter_model.safetensors",
+              metadata={"format": "pt"})  # other bytes: its own download
+    other = registry_env.registry.push("acme", "other", folder)
+    assert other.content_sha256 != globex.content_sha256
+
+    async def main() -> list[str]:
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with env.manager.use(acme):
+                await release.wait()
+
+        holder = asyncio.create_task(hold())
+        while acme.lora_int_id not in env.engine.loaded:
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(tier_of(env.manager, v)) for v in (globex, other)]
+        for _ in range(500):  # both downloads done while acme still holds the only slot
+            if all(env.disk.lookup(v.content_sha256) for v in (globex, other)):
+                break
+            await asyncio.sleep(0.01)
+        on_disk = [bool(env.disk.lookup(v.content_sha256)) for v in (globex, other)]
+        assert not any(w.done() for w in waiting)  # neither loaded nor refused yet
+        release.set()
+        await holder
+        tiers = [await w for w in waiting[:1]]  # the first waiter takes the slot ...
+        waiting[1].cancel()  # ... the second would wait for it in turn
+        assert on_disk == [True, True], on_disk
+        return tiers
+
+    assert asyncio.run(main()) == ["remote_fetch"]
