@@ -176,8 +176,7 @@ class _Engine:
 
 
 def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = None,
-             rr_offset: int = 0, placement: dict[int, int] | None = None,
-             jitter_seed: int = 0) -> dict[str, Any]:
+             placement: dict[int, int] | None = None, jitter_seed: int = 0) -> dict[str, Any]:
     """Replay ``trace`` (or a fresh Zipf one) under ``policy``: tier rates, TTFT, imbalance.
 
     Each replica batches continuously, as vLLM does: a step serves every request in its
@@ -236,7 +235,7 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
     def route(k: int, adapter: int) -> int:
         key = f"{adapter // cfg.per_tenant}/{adapter % cfg.per_tenant}"
         if policy == "round_robin":
-            return (k + rr_offset) % n
+            return k % n
         if policy == "consistent_hash":
             assert ring is not None
             return placement[adapter] if placement and adapter in placement else next(ring.walk(key))
