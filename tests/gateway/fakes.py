@@ -96,6 +96,8 @@ class FakeServing:
         self.options = options
         self.requests: list[Any] = []  # every request as the layer received it
         self.die_mid_stream = False
+        # Awaited after a stream's first content event is handed on, before the next is made.
+        self.after_first_content: Callable[[], Awaitable[None]] | None = None
 
     async def chat(self, request: Any, route: Route) -> ServingResult:
         prompt = sum(len(str(m.get("content", "")).split()) + 4 for m in request.messages)
@@ -175,6 +177,8 @@ class FakeServing:
                     self.engine.dead = True
                     raise EngineDeadError("fake engine died mid-stream")
                 yield event(index, (" " if k else "") + word, None)
+                if k == 0 and index == 0 and self.after_first_content is not None:
+                    await self.after_first_content()
             yield event(index, None if chat else "", finish)
         if usage is not None:
             yield _sse({**head, "object": kind, "choices": [], "usage": usage})
