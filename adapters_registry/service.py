@@ -49,10 +49,11 @@ from adapters_registry.errors import (
 )
 from adapters_registry.hashing import check_record, sha256_file, sha256_tree
 from adapters_registry.intake import stage, staging_folder
+from adapters_registry.locations import open_store
 from adapters_registry.manifest import MANIFEST_FILE, AdapterManifest
 from adapters_registry.names import ModelRef, shown, validate_name
 from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
-from adapters_registry.store import ArtifactStore, open_store
+from adapters_registry.store import ArtifactStore
 from adapters_registry.template import AdapterTemplate
 
 logger = logging.getLogger(__name__)
@@ -322,11 +323,11 @@ class Registry(TenancyMixin, IntegrityMixin):
             raise NotFoundError(f"{tenant.name}/{name}@v{version} does not exist")
         return adapter, row
 
-    def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
+    def resolve(self, tenant: Tenant, model: str | ModelRef) -> AdapterVersion:
         """The version a tenant's ``model`` names; NotFoundError for anything else."""
-        ref = ModelRef.parse(model)
+        ref = model if isinstance(model, ModelRef) else ModelRef.parse(model)
         with Session(self.db) as s:
-            adapter = self._adapter_row(s, tenant, ref.name, shown_as=model)
+            adapter = self._adapter_row(s, tenant, ref.name, shown_as=str(model))
             if ref.version is not None:
                 row = s.scalar(select(AdapterVersionRow).filter_by(
                     adapter_id=adapter.id, version=ref.version))
@@ -334,7 +335,7 @@ class Registry(TenancyMixin, IntegrityMixin):
                 alias = s.get(AliasRow, (adapter.id, ref.alias or adapter.default_alias))
                 row = s.get(AdapterVersionRow, alias.version_id) if alias else None
             if row is None or row.state == "deleted":
-                raise NotFoundError(f"model {model!r} does not exist")
+                raise NotFoundError(f"model {str(model)!r} does not exist")
             template = AdapterTemplate.from_dict(s.get(TemplateRow, adapter.template_id).fields)  # type: ignore[union-attr]
             return _to_version(row, tenant.name, adapter.name, template)
 

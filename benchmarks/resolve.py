@@ -63,15 +63,15 @@ async def measure(directory: TenantDirectory, names: list[tuple[Tenant, str]], l
     cold = []
     for tenant, model in rng.sample(names, cold_sample):
         t = time.perf_counter_ns()
-        await directory.resolve(tenant, model)
+        await directory.resolve(tenant, directory.parse(tenant, model))
         cold.append(time.perf_counter_ns() - t)
     for tenant, model in names:  # warm every name once
-        await directory.resolve(tenant, model)
+        await directory.resolve(tenant, directory.parse(tenant, model))
     hot = []
     for _ in range(lookups):
         tenant, model = names[rng.randrange(len(names))]
         t = time.perf_counter_ns()
-        await directory.resolve(tenant, model)
+        await directory.resolve(tenant, directory.parse(tenant, model))
         hot.append(time.perf_counter_ns() - t)
     return {"cold_through_database": percentiles(cold), "cached": percentiles(hot)}
 

@@ -31,7 +31,6 @@ from adapters_registry.errors import (
     RegistryError,
     ValidationError,
 )
-from gateway.accounting import RequestAccounting
 from gateway.adapters import AdapterManager
 from gateway.admission import FairAdmission
 from gateway.api.admin import is_upload_path
@@ -44,11 +43,11 @@ from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
 from gateway.errors import BaseMismatchError, GatewayError, error_body
 from gateway.invalidation import start_listener
-from gateway.logs import RequestContext
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import METRICS_PATH, BodySizeLimit, MetricsPortSplit
 from gateway.msp import ModelServerProtocol
 from gateway.quotas import Limits, LocalQuotaStore, Quotas, QuotaStore
+from gateway.request import RequestEdge
 from gateway.serving import OpenAIService
 from gateway.tenancy import TenantDirectory
 
@@ -177,14 +176,14 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
 
         disk = await asyncio.to_thread(DiskCache, settings.cache_dir, settings.disk_cache_max_bytes)
         tenants = TenantDirectory(registry, served_base=(contract.model_id, contract.revision),
-                                  ttl=settings.resolve_ttl_seconds)
+                                  ttl=settings.resolve_ttl_seconds,
+                                  base_name=settings.base_name if settings.expose_base else None)
         adapters = AdapterManager(registry, engine, disk, metrics,
                                   engine_capacity=settings.max_cpu_loras,
                                   slot_capacity=settings.max_loras,
                                   load_concurrency=settings.adapter_load_concurrency,
                                   slot_wait_s=settings.adapter_slot_wait_seconds)
-        openai = OpenAIService(engine, serving, tenants, adapters, base_name=settings.base_name,
-                               expose_base=settings.expose_base,
+        openai = OpenAIService(engine, serving, tenants, adapters,
                                tools_supported=settings.tool_call_parser is not None,
                                metrics=metrics, on_engine_dead=engine_died)
         admin = Registry(registry.db, registry.store, actor="admin")
@@ -231,10 +230,10 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, exempt=is_upload_path)
-    app.add_middleware(RequestAccounting, metrics=metrics, counted=is_inference_path)
     if settings.metrics_port is not None:
         app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
-    app.add_middleware(RequestContext, replica=settings.replica_name)
+    app.add_middleware(RequestEdge, metrics=metrics, counted=is_inference_path,
+                       replica=settings.replica_name)
     return app
 
 

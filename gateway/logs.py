@@ -1,9 +1,14 @@
-"""Request id and tenant on every log line of a request (contextvars + a logging filter).
+"""Request id and tenant on every log line of a request (one context variable + a logging filter).
 
 Logs are text (``FORMAT``) or, with ``log_format = "json"``, one JSON object per line whose
 keys are always the same: time, level, logger, message, ``request_id``, ``tenant`` and
 ``REQUEST_FIELDS`` (null until the request knows them), plus ``exception`` when there is one.
 Nothing here logs an API key or a prompt; the services bind only names, counts and statuses.
+
+A request's ``RequestLog`` is part of its ``gateway.request.RequestScope``, which the code
+serving it passes as an argument. The logging module leaves no such parameter (a record
+from vLLM, uvicorn or any library is stamped too), so the log alone is also found through
+one context variable, ``_current``, set by the edge for the request's whole life.
 """
 
 from __future__ import annotations
@@ -13,38 +18,50 @@ import json
 import logging
 import os
 import re
-import uuid
 import warnings
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
-tenant_var: ContextVar[str] = ContextVar("tenant", default="-")
-# One dict per request, shared by the tasks serving it (a stream's runs in a child task).
-_request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
-REQUEST_ID_HEADER = "x-request-id"
-REPLICA_HEADER = "x-lora-gateway-replica"
 FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s tenant=%(tenant)s] %(message)s"
 REQUEST_FIELDS = ("adapter_version", "adapter_tier", "status", "prompt_tokens", "completion_tokens")
 LogFormat = Literal["text", "json"]
 
 
-def bind(**fields: Any) -> None:
-    """Fields (of ``REQUEST_FIELDS``) of the current request, on its every later log line."""
-    current = _request_fields.get()
-    if current is not None:
-        current.update(fields)
+@dataclass
+class RequestLog:
+    """What a request's log lines carry: its id, its tenant, and ``REQUEST_FIELDS`` once known."""
+
+    request_id: str
+    tenant: str = "-"
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def bind(self, **fields: Any) -> None:
+        """Fields (of ``REQUEST_FIELDS``) on every later line of the request."""
+        self.fields.update(fields)
+
+
+# The logging module leaves no parameter for it: see the module docstring.
+_current: ContextVar[RequestLog | None] = ContextVar("lgw_request_log", default=None)
+
+
+def enter(log: RequestLog) -> Token[RequestLog | None]:
+    """From here on (this task and those it starts), records carry ``log``'s fields."""
+    return _current.set(log)
+
+
+def leave(token: Token[RequestLog | None]) -> None:
+    _current.reset(token)
 
 
 class RequestContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        record.tenant = tenant_var.get()
-        bound = _request_fields.get() or {}
+        log = _current.get()
+        record.request_id = log.request_id if log is not None else "-"
+        record.tenant = log.tenant if log is not None else "-"
+        bound = log.fields if log is not None else {}
         for name in REQUEST_FIELDS:
             if not hasattr(record, name):  # a line's own ``extra`` wins (e.g. its final status)
                 setattr(record, name, bound.get(name))
@@ -134,37 +151,3 @@ def quiet_known_harmless(config_dir: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
-
-
-class RequestContext:
-    """Gives each request an id (the caller's ``x-request-id`` if sane) and echoes it back,
-    with the name of the replica that answered (``x-lora-gateway-replica``)."""
-
-    def __init__(self, app: ASGIApp, replica: str | None = None) -> None:
-        self.app = app
-        self._replica = [(REPLICA_HEADER.encode(), replica.encode())] if replica else []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope.get("headers", ())).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
-        token = request_id_var.set(rid)
-        tenant_token = tenant_var.set("-")
-        fields_token = _request_fields.set({})
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = message.setdefault("headers", [])
-                headers.append((REQUEST_ID_HEADER.encode(), rid.encode()))
-                headers.extend(self._replica)
-                bind(status=str(message["status"]))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
-            tenant_var.reset(tenant_token)
-            _request_fields.reset(fields_token)

@@ -1,14 +1,12 @@
 """The OpenAI endpoints for tenants: one service method per endpoint.
 
-Each method resolves the caller's ``model`` in the tenant's namespace, holds the
-adapter (accepted by the engine) until the answer is complete, and hands the request to
-the engine's OpenAI layer (vLLM's own serving classes, ``gateway.engine.openai``). It
-returns a finished body or an SSE iterator; errors before the first byte are raised,
-errors after it end the stream with an error event and ``[DONE]``.
-
-Every prompt's and every choice's tokens are counted into a ``Meter``; ``on_usage`` (if
-given) receives it once per request, finished or not, so quotas and fair admission can
-charge what the engine really produced.
+Each method takes the request's scope (``gateway.request``: tenant, parsed ``model``, quota
+meter), resolves the adapter version, holds the adapter (accepted by the engine) until the
+answer is complete, and hands the request to the engine's OpenAI layer (vLLM's own serving
+classes, ``gateway.engine.openai``). It returns a finished body or an SSE iterator; errors
+before the first byte are raised, errors after it end the stream with an error event and
+``[DONE]``. Every prompt's and every choice's tokens are counted into the engine seam's
+``Meter``, which charges them to the scope's quota meter as they come.
 """
 
 from __future__ import annotations
@@ -22,8 +20,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_registry.records import AdapterVersion, Tenant
-from gateway.accounting import current_ticket
+from adapters_registry.records import AdapterVersion
 from gateway.adapters import AdapterManager
 from gateway.engine import Engine, LoraSpec
 from gateway.engine.base import Meter, OpenAIServing, Route, ServingResult
@@ -34,14 +31,12 @@ from gateway.errors import (
     InvalidRequestError,
     OverloadedError,
 )
-from gateway.logs import bind
 from gateway.metrics import GatewayMetrics
+from gateway.request import RequestScope
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.tenancy import TenantDirectory
-from gateway.usage import charge_completion, charge_prompt
 
 logger = logging.getLogger(__name__)
-UsageCallback = Callable[[Tenant, str, Meter], None]
 _DONE = "data: [DONE]\n\n"
 
 
@@ -55,41 +50,36 @@ class Answer:
 
 @dataclass
 class _Call:
-    tenant: Tenant
-    label: str  # tenant/adapter, or the base name
+    scope: RequestScope
     route: Route
-    started: float
+    started: float  # when the service took the request (after admission)
     tier: str
 
 
 class OpenAIService:
     def __init__(self, engine: Engine, serving: OpenAIServing, tenants: TenantDirectory,
-                 adapters: AdapterManager, *, base_name: str, expose_base: bool,
-                 tools_supported: bool, metrics: GatewayMetrics,
-                 on_engine_dead: Callable[[], None], on_usage: UsageCallback | None = None) -> None:
+                 adapters: AdapterManager, *, tools_supported: bool, metrics: GatewayMetrics,
+                 on_engine_dead: Callable[[], None]) -> None:
         self._engine = engine
         self._serving = serving
         self._tenants = tenants
         self._adapters = adapters
-        self._base_name = base_name
-        self._expose_base = expose_base
         self._tools_supported = tools_supported
         self._metrics = metrics
         self._on_engine_dead = on_engine_dead
-        self.on_usage = on_usage
         self._cutting_streams = False
 
-    async def chat(self, tenant: Tenant, req: ChatCompletionRequest) -> Answer:
+    async def chat(self, scope: RequestScope, req: ChatCompletionRequest) -> Answer:
         """``/v1/chat/completions``."""
         if req.tools is not None and not self._tools_supported:
             raise InvalidRequestError(
                 "this model's chat template does not support tools (no tool call parser is "
                 "configured for its base)", param="tools")
-        return await self._serve(tenant, req, self._serving.chat)
+        return await self._serve(scope, req, self._serving.chat)
 
-    async def completion(self, tenant: Tenant, req: CompletionRequest) -> Answer:
+    async def completion(self, scope: RequestScope, req: CompletionRequest) -> Answer:
         """``/v1/completions``."""
-        return await self._serve(tenant, req, self._serving.completion)
+        return await self._serve(scope, req, self._serving.completion)
 
     def cut_streams(self) -> None:
         """End every stream at its next event with an error event and ``[DONE]``: the
@@ -103,16 +93,16 @@ class OpenAIService:
             return False
         return True
 
-    async def _serve(self, tenant: Tenant, req: Any,
+    async def _serve(self, scope: RequestScope, req: Any,
                      serve: Callable[[Any, Route], Awaitable[ServingResult]]) -> Answer:
         if not self.engine_alive():
             raise EngineUnavailableError("the inference engine is not running")
+        tenant, model = scope.tenant, scope.model
+        assert tenant is not None and model is not None, "the guard parsed the request first"
         version: AdapterVersion | None = None
-        if req.model == self._base_name and self._expose_base:
-            label = self._base_name
-        else:
-            version = await self._tenants.resolve(tenant, req.model)
-            label = f"{version.tenant}/{version.adapter}"
+        if model.ref is not None:
+            scope.version = version = await self._tenants.resolve(tenant, model)
+            scope.label = f"{version.tenant}/{version.adapter}"
         request_id = uuid.uuid4().hex
         req.request_id = request_id  # the response id derives from it; never the caller's
         # Prefix-cache entries are per tenant: no cross-tenant timing side channel.
@@ -123,10 +113,11 @@ class OpenAIService:
         except BaseException:
             await stack.aclose()
             raise
-        bind(adapter_version=version.ref if version else None, adapter_tier=tier)  # on every later line
-        meter = Meter(on_prompt=charge_prompt, on_completion=charge_completion)  # quotas
-        call = _Call(tenant, label, Route(req.model, lora, meter, request_id),
-                     time.perf_counter(), tier)
+        scope.log.bind(adapter_version=version.ref if version else None, adapter_tier=tier)
+        usage = scope.usage
+        meter = Meter() if usage is None else Meter(on_prompt=usage.prompt,
+                                                    on_completion=usage.completion)
+        call = _Call(scope, Route(model.text, lora, meter, request_id), time.perf_counter(), tier)
         self._metrics.in_flight.inc()
         first: str | None = None
         try:
@@ -164,9 +155,7 @@ class OpenAIService:
             except Exception as exc:
                 error = self._error(call, exc)
                 status = _status(error)
-                ticket = current_ticket.get()
-                if ticket is not None:  # counted as the error it is, not the 200 already sent
-                    ticket.stream_error_status = status
+                call.scope.stream_error_status = status  # counted as the error, not the 200 sent
                 # Headers are gone: the error travels as the last event, then [DONE].
                 body = error.body() if isinstance(error, GatewayError) else {}
                 yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
@@ -204,7 +193,8 @@ class OpenAIService:
 
     def _finished(self, call: _Call, status: str) -> None:
         m = self._metrics
-        labels = (call.tenant.name, call.label)
+        tenant = call.scope.tenant
+        labels = (tenant.name if tenant is not None else "-", call.scope.label)
         m.in_flight.dec()  # (answers are counted by status in gateway.accounting, once)
         meter = call.route.meter
         e2e = time.perf_counter() - call.started
@@ -217,14 +207,10 @@ class OpenAIService:
         m.completion_tokens.labels(*labels).inc(completion)
         # One access record per request: which tier served its adapter, and how fast.
         logger.info("served model=%s status=%s adapter_tier=%s prompt_tokens=%d "
-                    "completion_tokens=%d latency_ms=%.1f", call.label, status, call.tier, prompt,
-                    completion, e2e * 1000, extra={"status": status, "prompt_tokens": prompt,
-                                                     "completion_tokens": completion})
-        if self.on_usage is not None:
-            try:
-                self.on_usage(call.tenant, call.label, meter)
-            except Exception:
-                logger.exception("usage callback failed for %s", call.route.request_id)
+                    "completion_tokens=%d latency_ms=%.1f", call.scope.label, status, call.tier,
+                    prompt, completion, e2e * 1000,
+                    extra={"status": status, "prompt_tokens": prompt,
+                           "completion_tokens": completion})
 
 
 def _status(error: BaseException) -> str:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -22,9 +23,8 @@ from adapters_registry import Registry
 from adapters_registry.changes import ADAPTER_KINDS, Change
 from adapters_registry.errors import AuthenticationError, NotFoundError, ValidationError
 from adapters_registry.keys import key_hash
-from adapters_registry.names import parse_qualified_model
+from adapters_registry.names import ModelRef, parse_qualified_model
 from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
-from gateway.accounting import note_adapter
 from gateway.errors import (
     AuthenticationFailedError,
     GatewayError,
@@ -129,17 +129,27 @@ def _consume_exception(future: asyncio.Future[Any]) -> None:
         logger.warning("background refresh failed: %s", exc)
 
 
-def _own_model(tenant: Tenant, model: str) -> str:
-    """``model`` in ``tenant``'s own namespace; ModelNotFoundError for anyone else's."""
-    if "/" not in model:
-        return model
+@dataclass(frozen=True)
+class RequestedModel:
+    """A request's ``model``, parsed once: the bare base (``ref`` None) or one of the caller's
+    own adapters, by name, alias or version."""
+
+    text: str  # as the caller wrote it: echoed back as the answer's ``model``
+    ref: ModelRef | None
+
+
+def _own_model(tenant: Tenant, model: str) -> ModelRef:
+    """``model`` in ``tenant``'s own namespace; ModelNotFoundError for anyone else's, and for
+    anything malformed (it reads like an unknown name: 404)."""
     try:
+        if "/" not in model:
+            return ModelRef.parse(model)
         owner, ref = parse_qualified_model(model)
     except (ValidationError, NotFoundError):
-        raise ModelNotFoundError(model) from None  # malformed reads like unknown: 404
+        raise ModelNotFoundError(model) from None
     if owner != tenant.name:
         raise ModelNotFoundError(model)
-    return str(ref)
+    return ref
 
 
 class _AffinityKeys:
@@ -182,11 +192,13 @@ class _AffinityKeys:
 class TenantDirectory:
     """Keys to tenants, and a tenant's ``model`` to the adapter version it names."""
 
-    def __init__(self, registry: Registry, *, served_base: tuple[str, str], ttl: float) -> None:
+    def __init__(self, registry: Registry, *, served_base: tuple[str, str], ttl: float,
+                 base_name: str | None = None) -> None:
         self._registry = registry
         self._served_base = served_base  # (model_id, revision)
+        self._base_name = base_name  # the bare base's public name, if it is served
         self._keys: TtlCache[str, tuple[Tenant, datetime | None]] = TtlCache(ttl)
-        self._models: TtlCache[tuple[int, str], AdapterVersion] = TtlCache(ttl)
+        self._models: TtlCache[tuple[int, ModelRef], AdapterVersion] = TtlCache(ttl)
         self._affinity = _AffinityKeys()
 
     async def authenticate(self, api_key: str) -> Tenant:
@@ -204,30 +216,36 @@ class TenantDirectory:
             tenant, _ = await self._keys.get_or_load(digest, load)  # the registry refuses it now
         return tenant
 
-    async def resolve(self, tenant: Tenant, model: str) -> AdapterVersion:
-        """The version ``model`` names for ``tenant``, built for the served base.
+    def parse(self, tenant: Tenant, model: str) -> RequestedModel:
+        """A request's ``model``, the one place it is read: the bare base's name (where the
+        base is served), else a name in the caller's namespace (``name``, ``name:alias``,
+        ``name@vN``) or qualified with the caller's own tenant (``acme/name…``, the affinity
+        key routers see). Another tenant's qualified name is refused before any lookup, with
+        the very 404 a nonexistent name gets: nothing about other tenants can be learned."""
+        if model == self._base_name:
+            return RequestedModel(model, None)
+        return RequestedModel(model, _own_model(tenant, model))
 
-        ``model`` is in the caller's namespace (``name``, ``name:alias``, ``name@vN``) or
-        qualified with the caller's own tenant (``acme/name…``, the affinity key routers
-        see). Another tenant's qualified name is refused before any lookup, with the very
-        404 a nonexistent name gets: nothing about other tenants can be learned from it.
-        """
-        local = _own_model(tenant, model)
+    async def resolve(self, tenant: Tenant, model: RequestedModel) -> AdapterVersion:
+        """The version an adapter's ``model`` (parsed by ``parse``) names, built for the served
+        base; ModelNotFoundError otherwise."""
+        ref = model.ref
+        if ref is None:
+            raise ModelNotFoundError(model.text)
 
         async def load() -> AdapterVersion:
             try:
-                version = await asyncio.to_thread(self._registry.resolve, tenant, local)
+                version = await asyncio.to_thread(self._registry.resolve, tenant, ref)
             except NotFoundError:
-                raise ModelNotFoundError(model) from None
+                raise ModelNotFoundError(model.text) from None
             if (version.base_model_id, version.base_revision) != self._served_base:
                 # Built for another base (or revision): its shapes were never checked
                 # against this one, and vLLM may serve garbage silently. Not ours to serve.
-                raise ModelNotFoundError(model)
+                raise ModelNotFoundError(model.text)
             return version
 
-        version = await self._models.get_or_load((tenant.id, local), load)
-        note_adapter(f"{version.tenant}/{version.adapter}")
-        self._affinity.note(f"{tenant.name}/{local}", version.ref)
+        version = await self._models.get_or_load((tenant.id, ref), load)
+        self._affinity.note(f"{tenant.name}/{ref}", version.ref)
         return version
 
     def affinity_keys(self, ref: str) -> list[str]:
@@ -245,7 +263,7 @@ class TenantDirectory:
             raise ModelNotFoundError(ref) from None
         try:
             tenant = await asyncio.to_thread(self._registry.get_tenant, tenant_name)
-            return await self.resolve(tenant, str(model))
+            return await self.resolve(tenant, RequestedModel(ref, model))
         except (NotFoundError, ModelNotFoundError):
             raise ModelNotFoundError(ref) from None
 

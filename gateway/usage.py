@@ -1,8 +1,9 @@
-"""One request's use of its tenant's quotas, and the hooks vLLM's serving classes call.
+"""One request's use of its tenant's quotas.
 
 :class:`UsageMeter` takes the request (and an in-flight lease) from ``gateway.quotas``, checks
 the prompt against the tenant's ceiling and token budget before generation, charges completion
-tokens as they are generated, and keeps the ``x-ratelimit-*`` headers of the answer.
+tokens as they are generated, and keeps the ``x-ratelimit-*`` headers of the answer. The
+request's scope holds it; the engine seam's ``Meter`` calls ``prompt`` and ``completion``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import uuid
 from typing import TypeVar
 
 from adapters_registry.records import Tenant
-from gateway.accounting import current_ticket
 from gateway.errors import ContextLengthError, InvalidRequestError, RateLimitError
 from gateway.quotas import FLUSH_TOKENS, Limits, Quotas, Verdict
 
@@ -165,26 +165,3 @@ def apply_ceilings(body: B, limits: Limits) -> B:
         raise InvalidRequestError(f"max_tokens is {asked}; this key allows at most {ceiling}",
                                   param="max_tokens")
     return body
-
-
-# -- the services' hooks ---------------------------------------------------------------------
-
-def current_meter() -> UsageMeter | None:
-    ticket = current_ticket.get()
-    meter = ticket.meter if ticket is not None else None
-    return meter if isinstance(meter, UsageMeter) else None
-
-
-async def charge_prompt(tokens: int) -> None:
-    """Call once per prompt before generating it: its ceiling and the token budget (429/400)."""
-    meter = current_meter()
-    if meter is not None:
-        await meter.prompt(tokens)
-
-
-def charge_completion(tokens: int) -> None:
-    """Call with each chunk's new completion tokens (every choice, every prompt of a batch)."""
-    meter = current_meter()
-    if meter is not None:
-        meter.completion(tokens)
-

@@ -13,9 +13,9 @@ from gateway.adapters import AdapterManager
 from gateway.admission import FairAdmission
 from gateway.config import GatewaySettings
 from gateway.errors import AuthenticationFailedError
-from gateway.logs import tenant_var
 from gateway.metrics import GatewayMetrics
 from gateway.quotas import Quotas
+from gateway.request import ScopeDep
 from gateway.serving import OpenAIService
 from gateway.tenancy import TenantDirectory
 
@@ -45,14 +45,14 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def authenticate(request: Request, services: ServicesDep) -> Tenant:
+async def authenticate(request: Request, scope: ScopeDep, services: ServicesDep) -> Tenant:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise AuthenticationFailedError(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
     tenant = await services.tenants.authenticate(key.strip())
-    tenant_var.set(tenant.name)
+    scope.identify(tenant)
     return tenant
 
 

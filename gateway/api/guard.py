@@ -2,54 +2,58 @@
 
 The wiring is three lines in a route::
 
-    async def chat_completions(body: ..., tenant: TenantDep, services: ServicesDep,
+    async def chat_completions(body: ..., scope: ScopeDep, services: ServicesDep,
                                guard: GuardDep) -> Response:
-        body = guard.check(body)   # the tenant's max_tokens ceiling (400), default max_tokens
+        body = guard.check(body)   # ceilings (400), default max_tokens, ``model`` parsed once
         await guard.admit()        # an engine slot, by weight (429/503 with Retry-After)
-        answer = await guard.serve(services.openai.chat(tenant, body))  # the service call
+        answer = await guard.serve(services.openai.chat(scope, body))  # the service call
 
 ``GuardDep`` itself refuses new work while the gateway drains (503) and takes the quota
 lease (429 over a limit). A client that disconnects while queued, or before its answer
 starts, is let go: the service call is cancelled, which aborts its engine request (a
 started stream is watched by the streaming response itself). Lease and slot are released
-by ``gateway.accounting`` once the answer is complete; the service charges tokens through
-``gateway.usage.charge_prompt`` / ``charge_completion``.
+by the request's scope (``gateway.request``) once the answer is complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Depends, Request
 
 from adapters_registry.records import Tenant
-from gateway.accounting import Ticket, current_ticket
 from gateway.api.deps import ServicesDep, TenantDep
-from gateway.config import GatewaySettings
 from gateway.errors import ClientGoneError, OverloadedError
+from gateway.request import RequestScope, ScopeDep
 from gateway.usage import UsageMeter, apply_ceilings
 
-B = TypeVar("B")
+
+class _Body(Protocol):
+    model: str
+
+
+B = TypeVar("B", bound=_Body)
 T = TypeVar("T")
 
 
 class Guard:
-    def __init__(self, services: ServicesDep, tenant: Tenant, request: Request, ticket: Ticket,
-                 meter: UsageMeter) -> None:
+    def __init__(self, services: ServicesDep, tenant: Tenant, request: Request,
+                 scope: RequestScope, meter: UsageMeter) -> None:
         self._services = services
         self._tenant = tenant
         self._request = request
-        self._ticket = ticket
+        self._scope = scope
         self.meter = meter
 
     def check(self, body: B) -> B:
-        """The tenant's ceilings on the body; a request for the bare base is labelled as such."""
-        settings: GatewaySettings = self._services.settings
-        if getattr(body, "model", None) == settings.base_name:
-            self._ticket.adapter = settings.base_name
-        return apply_ceilings(body, self.meter.limits)
+        """The tenant's ceilings on the body, and its ``model`` parsed into the scope."""
+        body = apply_ceilings(body, self.meter.limits)
+        self._scope.model = model = self._services.tenants.parse(self._tenant, body.model)
+        if model.ref is None:
+            self._scope.label = model.text  # the bare base
+        return body
 
     async def admit(self) -> None:
         """Wait for an engine slot, held until the answer is complete."""
@@ -58,7 +62,7 @@ class Guard:
                 self._tenant.name, self.meter.limits.weight, self._request.is_disconnected)
         except ClientGoneError:
             raise self._client_gone("while waiting") from None
-        self._ticket.on_close(slot.release)
+        self._scope.on_close(slot.release)
 
     async def serve(self, call: Awaitable[T]) -> T:
         """``call``'s result, unless the client disconnects first: then ``call`` is cancelled
@@ -78,22 +82,20 @@ class Guard:
         return work.result()  # a result that raced the disconnect is still the answer
 
     def _client_gone(self, when: str) -> OverloadedError:
-        self._ticket.aborted = True
+        self._scope.aborted = True
         return OverloadedError(f"the client disconnected {when}")  # sent to nobody
 
 
-async def guard(request: Request, tenant: TenantDep, services: ServicesDep) -> Guard:
-    ticket = current_ticket.get()
-    assert ticket is not None, "gateway.accounting.RequestAccounting must serve this route"
-    ticket.tenant = tenant.name
+async def guard(request: Request, scope: ScopeDep, tenant: TenantDep,
+                services: ServicesDep) -> Guard:
     if services.draining:
         raise OverloadedError("this gateway is shutting down and takes no new requests; "
                               "retry (another replica will answer)", retry_after=1)
     meter = await UsageMeter.open(services.quotas, tenant)
-    ticket.meter = meter  # before admit: a 429 carries the x-ratelimit headers too
-    ticket.on_close(meter.close)
+    scope.usage = meter  # before admit: a 429 carries the x-ratelimit headers too
+    scope.on_close(meter.close)
     await meter.admit()
-    return Guard(services, tenant, request, ticket, meter)
+    return Guard(services, tenant, request, scope, meter)
 
 
 async def _disconnect(request: Request) -> None:

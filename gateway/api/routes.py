@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.api.deps import ServicesDep, TenantDep
 from gateway.api.guard import GuardDep
 from gateway.errors import documented
+from gateway.request import ScopeDep
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from gateway.serving import Answer
 
@@ -34,19 +35,19 @@ _PROBE: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_ANSWERS)
-async def chat_completions(body: ChatCompletionRequest, tenant: TenantDep,
+async def chat_completions(body: ChatCompletionRequest, scope: ScopeDep,
                            services: ServicesDep, guard: GuardDep) -> Response:
     body = guard.check(body)
     await guard.admit()
-    return _respond(await guard.serve(services.openai.chat(tenant, body)))
+    return _respond(await guard.serve(services.openai.chat(scope, body)))
 
 
 @router.post("/v1/completions", response_model=None, responses=_ANSWERS)
-async def completions(body: CompletionRequest, tenant: TenantDep, services: ServicesDep,
+async def completions(body: CompletionRequest, scope: ScopeDep, services: ServicesDep,
                       guard: GuardDep) -> Response:
     body = guard.check(body)
     await guard.admit()
-    return _respond(await guard.serve(services.openai.completion(tenant, body)))
+    return _respond(await guard.serve(services.openai.completion(scope, body)))
 
 
 def _respond(answer: Answer) -> Response:

@@ -7,8 +7,9 @@ import contextlib
 from typing import Any
 
 from adapters_registry import TenantLimits
-from gateway.accounting import RequestAccounting, current_ticket
+from adapters_registry.records import Tenant
 from gateway.metrics import GatewayMetrics
+from gateway.request import RequestEdge, RequestScope
 from tests.gateway.conftest import Gateway
 from tests.gateway.test_quotas import metric
 
@@ -41,10 +42,10 @@ async def _run(app: Any, messages: list[dict[str, Any]]) -> tuple[GatewayMetrics
     released: list[str] = []
 
     async def inner(scope, receive, send) -> None:
-        ticket = current_ticket.get()
-        assert ticket is not None
-        ticket.tenant, ticket.adapter = "acme", "acme/bot"
-        ticket.on_close(lambda: released.append("slot"))
+        req: RequestScope = scope["lgw.request"]
+        req.identify(Tenant(1, "acme"))
+        req.label = "acme/bot"
+        req.on_close(lambda: released.append("slot"))
         await app(scope, receive, send)
 
     async def receive() -> dict[str, Any]:
@@ -55,7 +56,7 @@ async def _run(app: Any, messages: list[dict[str, Any]]) -> tuple[GatewayMetrics
 
     scope = {"type": "http", "path": "/v1/chat/completions", "headers": []}
     with contextlib.suppress(RuntimeError):  # the crashing app's error reaches the server
-        await RequestAccounting(inner, metrics, lambda p: p.startswith("/v1/"))(scope, receive, send)
+        await RequestEdge(inner, metrics, lambda p: p.startswith("/v1/"))(scope, receive, send)
     return metrics, released
 
 

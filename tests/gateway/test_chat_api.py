@@ -283,16 +283,19 @@ def test_completions_serve_tenants_adapters_batches_and_streams(gw: Gateway) -> 
     assert assert_envelope(bad, 400, "invalid_request_error")["param"] == "logprobs"
 
 
-def test_every_choice_and_prompt_is_metered(gw: Gateway) -> None:
-    seen = []
-    gw.client.app.state.services.openai.on_usage = lambda tenant, label, meter: seen.append(
-        (tenant.name, label, meter.total_prompt_tokens, meter.total_completion_tokens,
-         len(meter.completion_tokens)))
-    assert gw.chat("acme", "support-bot", n=3).status_code == 200
-    body = {"model": "support-bot", "prompt": ["a b", "c d e"], "n": 2, "stream": True}
-    gw.client.post("/v1/completions", json=body, headers=gw.headers("acme"))
-    assert seen[0][1:] == ("acme/support-bot", seen[0][2], 12, 3)  # 3 choices x 4 tokens
-    assert seen[1] == ("acme", "acme/support-bot", 5, 16, 4)  # 2 prompts x 2 choices
+def test_every_choice_and_prompt_is_metered(gw: Gateway, caplog) -> None:
+    import logging
+
+    def served() -> list[tuple[str, int, int]]:
+        return [(r.status, r.prompt_tokens, r.completion_tokens) for r in caplog.records
+                if r.getMessage().startswith("served model=acme/support-bot")]
+
+    with caplog.at_level(logging.INFO, logger="gateway.serving"):
+        assert gw.chat("acme", "support-bot", n=3).status_code == 200
+        assert served()[0][0] == "200" and served()[0][2] == 12  # 3 choices x 4 tokens
+        body = {"model": "support-bot", "prompt": ["a b", "c d e"], "n": 2, "stream": True}
+        gw.client.post("/v1/completions", json=body, headers=gw.headers("acme"))
+        assert served()[1] == ("200", 5, 16)  # 2 prompts x 2 choices
     text = gw.client.get("/metrics").text
     assert 'lgw_completion_tokens_total{adapter="acme/support-bot",tenant="acme"} 28.0' in text
 
