@@ -10,16 +10,18 @@ nothing can be written anywhere else.
 
 from __future__ import annotations
 
+import os
 import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from adapters_registry.errors import SourceError
 from adapters_registry.names import shown
+from adapters_registry.store import describe_os_error
 from adapters_registry.violations import Limits, Violation
 
 _CHUNK = 1 << 20
@@ -104,8 +106,6 @@ class _Extraction:
         return self.wrapper == parts[0]
 
     def write(self, name: str, member: str, stream: IO[bytes]) -> None:
-        from adapters_registry.intake import copy_capped
-
         budget = min(self.limits.max_file_bytes, self.limits.max_total_bytes - self.total)
         written = copy_capped(_chunks(stream), self.dest / name, budget)
         if written is None:
@@ -189,3 +189,25 @@ def _extract_zip(archive: Path, job: _Extraction) -> None:
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
     while chunk := stream.read(_CHUNK):
         yield chunk
+
+
+def copy_capped(chunks: Iterable[bytes], dest: Path, cap: int) -> int | None:
+    """Write ``chunks`` to the new file ``dest`` (never an existing one or a link); the
+    bytes written, or None (and no file) past ``cap`` bytes. A full disk is a SourceError."""
+    written = 0
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                written += len(chunk)
+                if written > cap:
+                    break
+                out.write(chunk)
+        if written > cap:
+            dest.unlink()
+            return None
+    except FileExistsError:
+        raise SourceError(f"{dest.name} appears twice in the adapter") from None
+    except OSError as exc:
+        raise SourceError(f"cannot stage {dest.name} in {dest.parent}: {describe_os_error(exc)}") from None
+    return written

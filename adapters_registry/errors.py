@@ -28,10 +28,8 @@ gateway; none is ever told apart by its text.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from adapters_registry.compat import Violation
+from adapters_registry.violations import Violation
 
 
 class RegistryError(Exception):

@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters_registry._archives import archive_kind, extract
+from adapters_registry._archives import archive_kind, copy_capped, extract
 from adapters_registry.errors import SourceError
 from adapters_registry.names import shown
 from adapters_registry.store import describe_os_error
@@ -167,28 +167,6 @@ def _copy_entry(path: Path, staged: Staged, limits: Limits) -> None:
             staged.refused.append(Violation(
                 "file_too_large", f"{path.name} grew past the {limits.max_file_bytes}-byte "
                 "per-file limit while being copied", path.name))
-
-
-def copy_capped(chunks: Iterable[bytes], dest: Path, cap: int) -> int | None:
-    """Write ``chunks`` to the new file ``dest`` (never an existing one or a link); the
-    bytes written, or None (and no file) past ``cap`` bytes. A full disk is a SourceError."""
-    written = 0
-    try:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                written += len(chunk)
-                if written > cap:
-                    break
-                out.write(chunk)
-        if written > cap:
-            dest.unlink()
-            return None
-    except FileExistsError:
-        raise SourceError(f"{dest.name} appears twice in the adapter") from None
-    except OSError as exc:
-        raise SourceError(f"cannot stage {dest.name} in {dest.parent}: {describe_os_error(exc)}") from None
-    return written
 
 
 def _unreadable(path: Path, exc: OSError) -> SourceError:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
-from adapters_registry.errors import ArtifactError, ValidationError
+from adapters_registry.errors import ArtifactError
 from adapters_registry.hashing import check_digest, file_chunks, sha256_file, write_verified
 
 BlobState = Literal["ok", "missing", "corrupt"]
@@ -118,22 +118,3 @@ def describe_os_error(exc: OSError) -> str:
     }.get(exc.errno or 0, exc.strerror or type(exc).__name__)
     where = f" ({exc.filename})" if exc.filename else ""
     return f"{hint}{where}"
-
-
-def open_store(location: str | Path, *, s3_endpoint_url: str | None = None,
-               s3_region: str = "us-east-1") -> ArtifactStore:
-    """A store from a location: a folder, or ``s3://bucket/prefix`` (boto3's credential chain)."""
-    text = str(location)
-    if text.startswith("s3://"):
-        from adapters_registry.s3 import S3Config, S3Store
-
-        bucket, _, prefix = text.removeprefix("s3://").partition("/")
-        if not bucket:
-            raise ValidationError(f"artifact location {text!r} names no bucket")
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        return S3Store(S3Config(bucket=bucket, prefix=prefix, endpoint_url=s3_endpoint_url,
-                                region=s3_region))
-    if "://" in text:
-        raise ValidationError(f"artifact location {text!r}: use a folder or s3://bucket/prefix")
-    return FilesystemStore(Path(text))

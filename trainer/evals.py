@@ -38,6 +38,7 @@ from adapters_registry.prompts import prompt_ids
 from trainer.config import RunConfig
 from trainer.data import Message, parse_json_object, validate_messages
 from trainer.errors import DatasetError, LineProblem
+from trainer.gate_result import GateResult
 
 MATCH_KINDS = ("exact", "prefix", "contains")
 _GOLDEN_KEYS = frozenset({"messages", "expected", "match"})
@@ -290,22 +291,6 @@ def _answer_kl(model: Any, tokenizer: Any, messages: Sequence[Message], answer: 
 
 
 # -- gates ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GateResult:
-    name: str
-    measured: float
-    threshold: float
-    comparison: str  # ">=", "<=" or ">": how measured must relate to threshold
-    passed: bool
-
-    def __str__(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        return (
-            f"{self.name}: {verdict}, measured {self.measured:.4g}, "
-            f"required {self.comparison} {self.threshold:g}"
-        )
 
 
 def _gate(name: str, measured: float, threshold: float, comparison: str) -> GateResult:

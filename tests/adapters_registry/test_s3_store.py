@@ -121,7 +121,7 @@ def test_registry_on_s3(s3_registry: Registry, tmp_path: Path, trained_adapters)
 
 def test_registry_opens_an_s3_location(s3_endpoint, tmp_path, monkeypatch, tiny_contract) -> None:
     from adapters_registry.errors import ValidationError
-    from adapters_registry.store import open_store
+    from adapters_registry.locations import open_store
 
     # No keys in the config: boto3's own credential chain applies (here, the environment).
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
