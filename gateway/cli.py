@@ -8,7 +8,6 @@ Flags win over the environment; pydantic validates both the same way.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import socket
@@ -126,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lora-gateway serve: cannot listen: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(app, _draining_server(config, app, settings.drain_grace_seconds),
-                           sockets))
+        serve(app, _draining_server(config, app, settings.drain_grace_seconds), sockets)
     except (BaseMismatchError, RegistryError) as exc:
         logging.getLogger(__name__).critical("cannot start: %s", exc)
         return 2
@@ -180,6 +178,17 @@ def _draining_server(config: uvicorn.Config, app: FastAPI, grace_s: float) -> uv
             return await super().on_tick(counter)
 
     return DrainingServer(config)
+
+
+def serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+    """Run ``app``'s lifespan and ``server`` on ``sockets`` until it stops.
+
+    On uvloop, as vLLM's own server runs: its event loop costs less per request and per
+    stream event than asyncio's, and it sets TCP_NODELAY on every TCP connection itself.
+    """
+    import uvloop
+
+    uvloop.run(_serve(app, server, sockets))
 
 
 async def _serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket]) -> None:

@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 from gateway.app import create_app
-from gateway.cli import _draining_server, _serve, listen
+from gateway.cli import _draining_server, listen, serve
 from loadtest.servers import free_port
 from tests.gateway.conftest import make_settings
 from tests.gateway.fakes import FakeEngine
@@ -50,7 +50,7 @@ def served_as_in_production(registry_env, tmp_path) -> Iterator[Served]:
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
     server = _draining_server(config, app, grace_s=5)
     sockets = listen(settings)
-    thread = threading.Thread(target=asyncio.run, args=(_serve(app, server, sockets),), daemon=True)
+    thread = threading.Thread(target=serve, args=(app, server, sockets), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
