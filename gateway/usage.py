@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from adapters_registry.records import Tenant
 from gateway.errors import ContextLengthError, InvalidRequestError, RateLimitError
-from gateway.quotas import FLUSH_TOKENS, Limits, Quotas, Verdict
+from gateway.quotas import FLUSH_TOKENS, Limits, Quotas, Verdict, bucket
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class UsageMeter:
         self._pending = 0
         self._flushing: asyncio.Task[None] | None = None
         self._closed = False
+        # The token bucket's level as the store last reported it, less what this request
+        # charged since: a prompt within it fits for sure (see ``prompt``).
+        self._tokens_left = 0.0
 
     async def admit(self) -> None:
         """Take a request (and an in-flight lease); RateLimitError (429) over a limit."""
@@ -72,6 +75,8 @@ class UsageMeter:
             q.metrics.quota_rejections.labels(self.tenant.name, verdict.refused).inc()
             raise _refusal(verdict, self.limits)
         self.holds_lease = self.limits.concurrency is not None
+        if verdict.tokens is not None:
+            self._tokens_left = verdict.tokens.remaining
 
     def note(self, verdict: Verdict) -> None:
         """Remember the buckets for the ``x-ratelimit-*`` headers."""
@@ -90,6 +95,16 @@ class UsageMeter:
         self.prompt_tokens += tokens
         if not self.metered or self.limits.tpm is None:
             return
+        if tokens <= self._tokens_left:
+            # It fits the budget the admission just read: no round trip before the first
+            # token. The charge goes to the store in the background, as completion tokens
+            # do; concurrent requests can take the bucket into debt by at most their
+            # prompts, which later requests wait out, as with completion tokens.
+            self._tokens_left -= tokens
+            self.note(Verdict(tokens=bucket(self._tokens_left, self.limits.tpm)))
+            self._pending += tokens
+            self._flush_in_background()
+            return
         q = self._quotas
         verdict = await q.call(q.store.charge(self.tenant.id, self.limits, self.lease, tokens,
                                               check=True))
@@ -103,6 +118,8 @@ class UsageMeter:
                                      f"key's limit of {self.limits.tpm} tokens per minute.",
                                      kind="tokens")
             raise _refusal(verdict, self.limits)
+        if verdict.tokens is not None:
+            self._tokens_left = verdict.tokens.remaining
 
     def completion(self, tokens: int) -> None:
         """``tokens`` more were generated (any choice, any prompt of a batch); charged in batches."""
@@ -110,7 +127,11 @@ class UsageMeter:
         if not self.metered or self.limits.tpm is None or tokens <= 0:
             return
         self._pending += tokens
-        if self._pending >= FLUSH_TOKENS and (self._flushing is None or self._flushing.done()):
+        if self._pending >= FLUSH_TOKENS:
+            self._flush_in_background()
+
+    def _flush_in_background(self) -> None:
+        if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.ensure_future(self._flush())
 
     async def close(self) -> None:

@@ -3,6 +3,7 @@ Redis shared by two replicas, and what happens when Redis fails."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -156,3 +157,63 @@ def test_admin_api_sets_and_reads_limits(gateway_factory) -> None:
     assert gw.client.put(path, headers=admin, json={"rpm": "5"}).status_code == 400
     assert gw.client.put("/admin/v1/tenants/nobody/limits", headers=admin, json={}).status_code == 404
     assert gw.client.get(path).status_code == 401
+
+
+class CountingStore:
+    """The configured store; writes down each call once it is answered. A charge that does not
+    check (the background kind) is answered only once ``gate`` opens."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+        self.gate: asyncio.Event | None = None
+
+    def __getattr__(self, name: str):
+        op = getattr(self.inner, name)
+
+        async def counted(*args, **kwargs):
+            if name == "charge" and not kwargs["check"] and self.gate is not None:
+                # Never opens if the request waits for this call before its first token.
+                await asyncio.wait_for(self.gate.wait(), 30)
+            result = await op(*args, **kwargs)
+            self.calls.append(name if name != "charge" else f"charge(check={kwargs['check']})")
+            return result
+        return counted
+
+
+@pytest.mark.parametrize("redis_url", [None, REDIS], ids=["in-process", "redis"])
+def test_a_request_under_quota_waits_for_one_store_call_before_its_first_token(
+        gateway_factory, redis_url) -> None:
+    gw = gateway_factory(redis_url=redis_url)
+    limit(gw, "acme", rpm=100, tpm=10_000, concurrency=4)
+    store = gw.client.app.state.services.quotas.store = CountingStore(
+        gw.client.app.state.services.quotas.store)
+    before_first_token: list[list[str]] = []
+
+    async def first_token() -> None:
+        before_first_token.append(list(store.calls))
+        assert store.gate is not None
+        store.gate.set()
+
+    async def install_gate() -> None:
+        store.gate = asyncio.Event()
+
+    gw.client.portal.call(install_gate)  # an event of the app's own loop
+    gw.engine.serving.after_first_content = first_token
+    r = gw.chat("acme", "support-bot", stream=True)
+    assert r.status_code == 200 and "error" not in r.text
+    # The admission (rpm, concurrency lease, tokens not in debt) is awaited; the prompt fits the
+    # bucket the admission read, so its charge goes in the background, never before the token.
+    assert before_first_token == [["admit"]], before_first_token
+    assert "charge(check=True)" not in store.calls
+    assert "release" in store.calls and "charge(check=False)" in store.calls
+    gw.engine.serving.after_first_content = None
+    store.gate = None
+    usage = gw.chat("acme", "support-bot").json()["usage"]
+    assert r.headers["x-ratelimit-remaining-tokens"] == str(10_000 - usage["prompt_tokens"])
+    # A prompt that may not fit what the admission read is checked before generation: there
+    # the protection acts (here it refuses: the prompt is larger than the whole minute's budget).
+    limit(gw, "globex", rpm=100, tpm=usage["prompt_tokens"] - 1)  # a tenant with a full bucket
+    store.calls.clear()
+    assert_429(gw.chat("globex", "pirate"), "tokens", retry=False)
+    assert store.calls[:2] == ["admit", "charge(check=True)"], store.calls
