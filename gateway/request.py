@@ -77,7 +77,7 @@ class RequestScope:
                 logger.exception("releasing a request's resources failed")
 
 
-def request_scope(request: Request) -> RequestScope:
+async def request_scope(request: Request) -> RequestScope:
     scope: RequestScope = request.scope[_KEY]
     return scope
 

@@ -39,7 +39,7 @@ _INPUT = documented(400, 413)  # a body, path or query parameter to validate
 _CHANGE = documented(400, 409, 413)  # ... that may also conflict with the registry's state
 
 
-def require_admin(request: Request, services: ServicesDep) -> Services:
+async def require_admin(request: Request, services: ServicesDep) -> Services:
     expected = services.settings.admin_api_key
     if expected is None:
         raise RouteNotFoundError("Not Found")

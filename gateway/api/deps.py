@@ -37,7 +37,7 @@ class Services:
     warmup_errors: dict[str, str] = field(default_factory=dict)  # ref -> why
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 

@@ -12,6 +12,7 @@ only once the client has received the first.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import socket
 import threading
@@ -120,3 +121,21 @@ def test_the_first_content_event_reaches_the_client_before_the_second_is_made(
         events = _stream(client if connection == "kept_alive" else httpx.Client(), s, received)
         assert received.is_set()
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events
+
+
+def test_nothing_on_the_inference_path_hops_to_a_worker_thread(gw) -> None:
+    """FastAPI runs a plain ``def`` endpoint or dependency in its thread pool: a thread hop
+    (half a millisecond and more under load) before the request even reaches the engine."""
+    from fastapi.routing import APIRoute
+
+    def sync_calls(dependant, where: str) -> list[str]:
+        found = [] if inspect.iscoroutinefunction(dependant.call) else [f"{where}: {dependant.call}"]
+        for sub in dependant.dependencies:
+            found += sync_calls(sub, where)
+        return found
+
+    routes = [r for r in gw.client.app.routes if isinstance(r, APIRoute)
+              and r.path in ("/v1/chat/completions", "/v1/completions", "/v1/models")]
+    assert len(routes) == 3
+    offenders = [call for r in routes for call in sync_calls(r.dependant, r.path)]
+    assert not offenders, offenders
