@@ -135,27 +135,41 @@ def start_gateway(work: Path, base: Any, s3_url: str, tree: Path = REPO,
     """The gateway, run from ``tree`` (another checkout measures an older gateway the same way);
     its registry is ``work``'s SQLite file unless ``database_url`` is given."""
     port = free_port()
-    args = ["--database-url", database_url or f"sqlite:///{work / 'registry.db'}", "--artifacts-dir",
+    return start(gateway_command(port, [*gateway_args(work, base, s3_url, database_url), *extra]),
+                 work / "gateway.log", cwd=tree, port=port, env=gateway_env(tree))
+
+
+def gateway_args(work: Path, base: Any, s3_url: str, database_url: str | None = None) -> list[str]:
+    """`lora-gateway serve`'s flags for the bench: ``work``'s registry, the bench's S3 bucket,
+    the engine settings vLLM's server gets too."""
+    return ["--database-url", database_url or f"sqlite:///{work / 'registry.db'}", "--artifacts-dir",
             f"s3://{BUCKET}/artifacts", "--s3-endpoint-url", s3_url, "--cache-dir",
             str(work / "gateway-cache"), "--base-model-id", base.model_id, "--base-model-dir",
-            str(base.path), *engine_flags(), *extra]
-    return start(gateway_command(port, args), work / "gateway.log", cwd=tree, port=port,
-                 env={"LGW_ADMIN_API_KEY": ADMIN_KEY, "LGW_DISK_CACHE_MAX_BYTES": str(4 << 30),
-                      "PYTHONPATH": str(tree), **S3_ENV})
+            str(base.path), *engine_flags()]
+
+
+def gateway_env(tree: Path) -> dict[str, str]:
+    return {"LGW_ADMIN_API_KEY": ADMIN_KEY, "LGW_DISK_CACHE_MAX_BYTES": str(4 << 30),
+            "PYTHONPATH": str(tree), **S3_ENV}
 
 
 def start_vllm(work: Path, base: Any, registry: Registry, names: list[str]) -> ServerProcess:
     """vLLM's own OpenAI server with ``names`` as static LoRA modules (same engine settings)."""
+    port = free_port()
+    return start(vllm_server_command(port, vllm_args(work, base, registry, names)),
+                 work / "vllm.log", cwd=REPO, port=port)
+
+
+def vllm_args(work: Path, base: Any, registry: Registry, names: list[str]) -> list[str]:
+    """vLLM's server flags: ``names`` fetched from the registry as static LoRA modules."""
     modules = []
     for name in names:
         local = work / "direct" / name
         if not local.exists():
             registry.fetch(registry.resolve(registry.get_tenant(TENANT), name), local)
         modules.append(f"{name}={local}")
-    port = free_port()
-    args = ["--model", str(base.path), "--served-model-name", "base", "--enable-lora",
+    return ["--model", str(base.path), "--served-model-name", "base", "--enable-lora",
             "--lora-modules", *modules, *engine_flags()]
-    return start(vllm_server_command(port, args), work / "vllm.log", cwd=REPO, port=port)
 
 
 def phase(url: str, targets: list[Target], scenario: str, name: str, **kw: Any) -> PhaseResult:
