@@ -102,7 +102,8 @@ class Cell:
     new_connection: bool = False
 
     def num_prompts(self, factor: int) -> int:
-        return max(16, factor * self.concurrency)
+        # One at a time, a request is short: 6x the factor gives c=1 a median worth reading.
+        return max(16, factor * self.concurrency * (6 if self.concurrency == 1 else 1))
 
 
 def matrix(cells: Sequence[str], adapters: Sequence[int]) -> list[Cell]:
@@ -270,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 16, 64],
                    help="adapter counts of the c8 and c32 cells")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--num-prompts-factor", type=int, default=4,
+    p.add_argument("--num-prompts-factor", type=int, default=8,
                    help="prompts per run: this times the concurrency, at least 16")
     p.add_argument("--variants", nargs="+", default=["plain"], choices=list(VARIANTS),
                    help="gateway configurations, each its own server run (default: plain only)")

@@ -24,7 +24,8 @@ def test_matrix_expands_c1_to_both_connection_modes_and_the_others_per_adapter_c
     assert (c1.concurrency, c1.input_len, c1.output_len, c1.adapters) == (1, 128, 16, 1)
     assert newconn.new_connection and not c1.new_connection
     assert (c32.concurrency, c32.output_len, c32.adapters) == (32, 64, 64)
-    assert c1.num_prompts(4) == 16 and c32.num_prompts(4) == 128  # at least 16
+    assert c1.num_prompts(8) == 48 and c1.num_prompts(1) == 16  # one at a time: 6x, at least 16
+    assert c32.num_prompts(4) == 128
     assert [c.name for c in matrix(["c1-newconn", "c1"], [8])] == ["c1-newconn", "c1-keepalive"]
     with pytest.raises(ValueError):
         matrix(["c4"], [1])
