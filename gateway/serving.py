@@ -138,18 +138,20 @@ class OpenAIService:
             await stack.aclose()
             self._finished(call, "200")
             return Answer(result, tier)
-        return Answer(self._stream(call, _prepend(first, result), stack), tier)
+        return Answer(self._stream(call, first, result, stack), tier)
 
-    async def _stream(self, call: _Call, events: AsyncIterator[str],
+    async def _stream(self, call: _Call, first: str | None, events: AsyncIterator[str],
                       stack: AsyncExitStack) -> AsyncIterator[str]:
-        """The engine's events; the adapter stays held until the last one is sent."""
+        """``first``, then the engine's other events; the adapter stays held until the last
+        one is sent. (One generator per token between the engine and the socket, no more.)"""
         status = "499"  # unless it ends: the client went away
         async with stack:
             try:
+                if first is not None:
+                    self._refuse_if_cut()
+                    yield first
                 async for line in events:
-                    if self._cutting_streams:
-                        raise OverloadedError("the gateway stopped before this answer was "
-                                              "complete (its drain grace was over); retry")
+                    self._refuse_if_cut()
                     yield line
                 status = "200"
             except Exception as exc:
@@ -165,6 +167,11 @@ class OpenAIService:
                 if aclose is not None:
                     await aclose()  # stops the engine's work for a client that left
                 self._finished(call, status)
+
+    def _refuse_if_cut(self) -> None:
+        if self._cutting_streams:
+            raise OverloadedError("the gateway stopped before this answer was complete (its "
+                                  "drain grace was over); retry")
 
     async def _acquire(self, version: AdapterVersion | None,
                        stack: AsyncExitStack) -> tuple[LoraSpec | None, str]:
@@ -215,15 +222,3 @@ class OpenAIService:
 
 def _status(error: BaseException) -> str:
     return str(error.status) if isinstance(error, GatewayError) else "499"
-
-
-async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    try:
-        if first is not None:
-            yield first
-        async for line in rest:
-            yield line
-    finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            await aclose()

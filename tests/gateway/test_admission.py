@@ -145,6 +145,7 @@ async def test_a_cancelled_waiter_hands_its_slot_on() -> None:
 
 async def test_reserved_slots_start_a_quiet_tenant_at_once() -> None:
     adm = FairAdmission(4, reserve=1)
+    (await adm.acquire("quiet")).release()  # a neighbour: from now on the reserve holds
     flood = [await adm.acquire("flood") for _ in range(3)]
     queued = asyncio.create_task(adm.acquire("flood"))
     await asyncio.sleep(0)
@@ -156,5 +157,26 @@ async def test_reserved_slots_start_a_quiet_tenant_at_once() -> None:
     flood.pop().release()
     (await asyncio.wait_for(queued, 1)).release()
     for slot in flood:
+        slot.release()
+    assert adm.in_flight == 0 and adm.queued() == 0
+
+
+async def test_a_tenant_alone_gets_every_slot_and_the_reserve_holds_once_it_has_a_neighbour(
+        ) -> None:
+    adm = FairAdmission(4, reserve=1, reserve_window_s=0.2)
+    alone = [await asyncio.wait_for(adm.acquire("flood"), 1) for _ in range(4)]
+    assert adm.in_flight == 4  # nobody to keep the reserve for
+    quiet = asyncio.create_task(adm.acquire("quiet"))  # the first neighbour waits for a slot
+    alone.pop().release()
+    (await asyncio.wait_for(quiet, 1)).release()
+    queued = asyncio.create_task(adm.acquire("flood"))
+    await asyncio.sleep(0)
+    assert not queued.done() and adm.in_flight == 3  # the reserve holds for the neighbour
+    await asyncio.sleep(0.3)  # the neighbour has been idle longer than the window
+    alone.pop().release()  # a release dispatches: the flood may take every slot again
+    alone.append(await asyncio.wait_for(queued, 1))
+    alone.append(await asyncio.wait_for(adm.acquire("flood"), 1))
+    assert adm.in_flight == 4
+    for slot in alone:
         slot.release()
     assert adm.in_flight == 0 and adm.queued() == 0
