@@ -8,12 +8,14 @@ Flags win over the environment; pydantic validates both the same way.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import socket
 import sys
 import time
 import typing
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -97,10 +99,6 @@ def settings_problems(exc: ValidationError) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn  # the server's imports only where it runs
-
-    from gateway.app import create_app
-
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
@@ -108,8 +106,27 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_level, settings.log_format)
     quiet_known_harmless(settings.cache_dir)
-    app = create_app(settings)
+    return serve_settings(settings, args.log_level, command="lora-gateway serve")
 
+
+def serve_settings(settings: GatewaySettings, log_level: str, *, command: str,
+                   on_started: Callable[[], None] | None = None) -> int:
+    """Listen, start the engine, serve until stopped; the exit code (2: cannot start).
+
+    The ports are bound first: a port that is taken is said in one line at once, and nothing
+    the engine opens while it starts (vLLM picks free ports of its own) can take ours.
+    ``on_started`` runs once the server accepts requests.
+    """
+    import uvicorn  # the server's imports only where it runs
+
+    from gateway.app import create_app
+
+    try:
+        sockets = listen(settings)
+    except OSError as exc:
+        print(f"{command}: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
     # The lifespan runs here rather than inside uvicorn, so a gateway that cannot start
     # (base not registered, schema not migrated, database unreachable) says why in one
     # line and exits 2 instead of printing uvicorn's traceback.
@@ -117,18 +134,17 @@ def run(args: argparse.Namespace) -> int:
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     # The drain itself happens before uvicorn's shutdown (DrainingServer); what is still
     # running when uvicorn stops gets this long more, then it is cancelled.
-    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off", log_config=log_config,
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", log_config=log_config,
                             timeout_graceful_shutdown=_CUT_AFTER_S)
     try:
-        sockets = listen(settings)
-    except OSError as exc:
-        print(f"lora-gateway serve: cannot listen: {exc}", file=sys.stderr)
-        return 2
-    try:
-        serve(app, _draining_server(config, app, settings.drain_grace_seconds), sockets)
+        serve(app, _draining_server(config, app, settings.drain_grace_seconds), sockets,
+              on_started)
     except (BaseMismatchError, RegistryError) as exc:
         logging.getLogger(__name__).critical("cannot start: %s", exc)
         return 2
+    finally:
+        for sock in sockets:
+            sock.close()
     services = getattr(app.state, "services", None)
     if services is not None and not services.ready:
         logging.getLogger(__name__).critical("exiting because the inference engine died")
@@ -180,7 +196,8 @@ def _draining_server(config: uvicorn.Config, app: FastAPI, grace_s: float) -> uv
     return DrainingServer(config)
 
 
-def serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+def serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket],
+          on_started: Callable[[], None] | None = None) -> None:
     """Run ``app``'s lifespan and ``server`` on ``sockets`` until it stops.
 
     On uvloop, as vLLM's own server runs: its event loop costs less per request and per
@@ -188,14 +205,20 @@ def serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket]) ->
     """
     import uvloop
 
-    uvloop.run(_serve(app, server, sockets))
+    uvloop.run(_serve(app, server, sockets, on_started))
 
 
-async def _serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+async def _serve(app: FastAPI, server: uvicorn.Server, sockets: list[socket.socket],
+                 on_started: Callable[[], None] | None = None) -> None:
     lifespan = app.router.lifespan_context(app)
     await lifespan.__aenter__()  # startup errors propagate to run(), nothing to undo
     try:
-        await server.serve(sockets=sockets)
+        serving = asyncio.ensure_future(server.serve(sockets=sockets))
+        while on_started is not None and not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if on_started is not None and server.started:
+            on_started()
+        await serving
     finally:
         await lifespan.__aexit__(None, None, None)
 

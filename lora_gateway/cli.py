@@ -7,7 +7,6 @@ strings all three together, lives here.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import create_app
+    from gateway.cli import serve_settings
     from gateway.config import GatewaySettings
     from gateway.logs import configure_logging, quiet_known_harmless
     from lora_gateway.demo import ENGINE_START_SECONDS, banner, prepare
@@ -74,21 +71,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         cache_dir=home / "gateway-cache", base_model_id=setup.base_model_id,
         base_model_dir=setup.base_model_dir, host=args.host, port=args.port,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port,
-                                           log_level="info", timeout_graceful_shutdown=10))
     _say(f"starting the gateway: vLLM loads {args.base} "
          f"(≈{ENGINE_START_SECONDS.get(args.base, 60)} s)")
-
-    async def serve() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.2)
-        if server.started:
-            print(banner(setup, args.host, args.port), flush=True)
-        await task
-
-    asyncio.run(serve())
-    return 0
+    # As `lora-gateway serve` runs: the port bound first, then the engine, then uvicorn.
+    return serve_settings(settings, "info", command="lora-gateway demo",
+                          on_started=lambda: print(banner(setup, args.host, args.port), flush=True))
 
 
 def _say(line: str) -> None:
