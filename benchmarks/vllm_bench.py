@@ -15,7 +15,8 @@ settings (benchmarks.serving.ENGINE, tiny-llama fp32 on CPU), `openai-chat` on
 vLLM's server starts once with all the adapters as static ``--lora-modules`` (a cell
 with fewer passes the benchmark only the first names); the gateway starts once per
 variant (``plain``: `lora-gateway serve`'s defaults; ``quotas``: generous per-tenant
-limits kept in Redis; ``no-fair``: first come, first served admission) and is called
+limits kept in Redis; ``no-fair``: first come, first served admission; ``no-priority``:
+vLLM's first-come engine queue; ``overcommit``: twice ``max_num_seqs`` admitted) and is called
 with the tenant's API key as a header, each adapter by its name. Both are warmed with
 one request per adapter first. Each round runs every cell on both servers back to back,
 the server going first alternating between rounds, so a noisy shared machine slows both
@@ -88,8 +89,14 @@ METRICS = {"output_tok_s": ("output_throughput", True), "ttft_p50_ms": ("median_
 # failed requests rather than as a quietly unmetered (faster) gateway.
 QUOTA_FLAGS = ("--default-rpm", "1000000", "--default-tpm", "1000000000", "--default-concurrency",
                "1000", "--quota-failure-mode", "closed")
-VARIANTS: dict[str, tuple[str, ...]] = {"plain": (), "quotas": QUOTA_FLAGS,
-                                        "no-fair": ("--no-fair-scheduling",)}
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "plain": (), "quotas": QUOTA_FLAGS, "no-fair": ("--no-fair-scheduling",),
+    # The engine's own queue first come, first served (fair admission at the door only).
+    "no-priority": ("--no-engine-priority",),
+    # Twice max_num_seqs let into the engine: its scheduler picks among more requests, the
+    # way vLLM's own server holds every request the clients send.
+    "overcommit": ("--admission-max-in-flight", str(2 * ENGINE["max_num_seqs"])),
+}
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,22 @@
 """Fair admission in front of the engine: at most ``capacity`` requests generate at once.
 
-The others wait in one queue per tenant, served by weight with start-time fair queuing
-(virtual time): each tenant's next request gets the start tag ``max(its last finish, V)``
-and its finish is that plus ``1 / weight``; a free slot goes to the smallest start tag
-(ties: the earlier arrival), and ``V`` moves to it. A tenant that was idle starts at ``V``,
-so it banks no credit for idling but never waits behind another tenant's backlog: a tenant
-with 100 queued and one with 1 alternate. ``fair=False`` serves in arrival order (FIFO).
+The others wait in one queue per tenant, served by weight in tokens, with virtual token
+counters (Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024) kept as
+start-time fair queuing tags: each tenant's counter grows by ``1 / weight`` per admitted
+request and by ``tokens / weight`` for every prompt and completion token the engine
+processes for it (``Slot.charge``); a free slot goes to the waiting tenant with the
+smallest ``max(counter, V)`` (ties: the earlier arrival), and ``V`` moves to it. A tenant
+that was idle starts at ``V``, so it banks no credit for idling but never waits behind
+another tenant's backlog: a tenant with 100 queued and one with 1 alternate, and a tenant
+whose requests are long gets fewer of them. ``fair=False`` serves in arrival order (FIFO).
+
+Once admitted, a request may wait again inside the engine; ``FairShare`` (given as
+``share``) gives each slot the priority it carries into vLLM's ``priority`` policy there.
+
+Adapters: among the tenants of equal standing (counters within one request of the
+smallest), a request whose adapter already has requests in flight goes first (it joins a
+batch the engine is running, instead of taking one of its ``max_loras`` adapter slots),
+unless a waiting request is older than ``adapter_affinity_s``: then the oldest goes.
 
 Slots cannot be taken back from a request that generates, so a tenant flooding an idle
 engine would hold every slot and the next tenant would wait for one to finish. ``reserve``
@@ -28,12 +39,16 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from gateway.admission_limit import LatencyTarget
 from gateway.errors import ClientGoneError, GatewayError, OverloadedError, RateLimitError
+from gateway.fair_share import FairShare
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 _POLL_S = 0.25  # how often a waiting request checks that its client is still there
 RESERVE_WINDOW_S = 10.0  # a tenant admitted this recently still counts as sharing the engine
+ADAPTER_AFFINITY_S = 1.0  # longest a request waits while others join running adapters' batches
+_LOOKAHEAD = 8  # how deep into a tenant's queue a request for a running adapter is looked for
 
 
 @dataclass(eq=False)
@@ -41,6 +56,7 @@ class _Waiter:
     tenant: _Flow
     seq: int
     enqueued: float
+    adapter: str | None
     future: asyncio.Future[Slot] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -48,31 +64,63 @@ class _Waiter:
 class _Flow:
     name: str
     weight: float = 1.0
-    finish: float = 0.0  # virtual finish tag of its last admitted request
+    finish: float = 0.0  # virtual token counter: requests and tokens so far, per weight
     in_flight: int = 0
     queue: deque[_Waiter] = field(default_factory=deque)
 
 
 class Slot:
-    """An engine slot; ``release`` (idempotent) hands it to the next waiting request."""
+    """An engine slot; ``release`` (idempotent) hands it to the next waiting request.
 
-    def __init__(self, admission: FairAdmission, flow: _Flow) -> None:
+    ``priority``: what the request carries into the engine's ``priority`` policy (None when
+    the engine schedules first come, first served)."""
+
+    def __init__(self, admission: FairAdmission, flow: _Flow, adapter: str | None,
+                 priority: int | None) -> None:
         self._admission = admission
         self._flow = flow
+        self._adapter = adapter
+        self.priority = priority
         self._started = time.monotonic()
         self._released = False
+        self._generated = 0  # completion tokens, and when the first and the last came
+        self._first_at = self._last_at = 0.0
+
+    def charge(self, tokens: int) -> None:
+        """Prompt tokens the engine processed for this request: they count against its tenant."""
+        if tokens > 0 and not self._released:
+            self._admission._charge(self._flow, tokens)
+
+    def generated(self, tokens: int) -> None:
+        """Completion tokens the engine generated for this request (counted, and timed)."""
+        if tokens > 0 and not self._released:
+            now = time.monotonic()
+            if not self._generated:
+                self._first_at = now
+            self._last_at = now
+            self._generated += tokens
+            self._admission._charge(self._flow, tokens)
+
+    def tpot(self) -> float | None:
+        """Seconds per output token after the first, if it generated more than one."""
+        if self._generated < 2 or self._last_at <= self._first_at:
+            return None
+        return (self._last_at - self._first_at) / (self._generated - 1)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._admission._release(self._flow, time.monotonic() - self._started)
+            self._admission._release(self._flow, self._adapter, time.monotonic() - self._started,
+                                     self.tpot())
 
 
 class FairAdmission:
     def __init__(self, capacity: int, *, fair: bool = True, reserve: int = 0,
                  max_queued_per_tenant: int = 64, max_queued: int = 256, deadline_s: float = 30.0,
                  metrics: GatewayMetrics | None = None,
-                 reserve_window_s: float = RESERVE_WINDOW_S) -> None:
+                 reserve_window_s: float = RESERVE_WINDOW_S, share: FairShare | None = None,
+                 adapter_affinity_s: float = ADAPTER_AFFINITY_S,
+                 latency_target: LatencyTarget | None = None) -> None:
         if not 0 <= reserve < capacity:
             raise ValueError("reserve must be at least 0 and below capacity")
         self.capacity = capacity
@@ -82,6 +130,8 @@ class FairAdmission:
         self.max_queued = max_queued
         self.deadline_s = deadline_s
         self._metrics = metrics
+        if metrics is not None:
+            metrics.admission_limit.set(capacity)
         self._flows: dict[str, _Flow] = {}
         self._in_flight = 0
         self._queued = 0
@@ -89,12 +139,26 @@ class FairAdmission:
         self._seq = 0
         self._hold_s = 1.0  # moving average of how long a request holds its slot
         self.reserve_window_s = reserve_window_s
+        self.share = share
+        if latency_target is not None and latency_target.floor <= reserve:
+            raise ValueError("the latency target's floor must be above the reserve")
+        self.latency_target = latency_target
+        self.adapter_affinity_s = adapter_affinity_s
+        self._running_adapters: dict[str, int] = {}  # adapter -> its requests in flight
+        self._releases = 0
         # Tenants by when they last took or gave back a slot, oldest first: who shares the engine.
         self._active: OrderedDict[str, float] = OrderedDict()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def limit(self) -> int:
+        """Requests let into the engine at once now: ``capacity``, or less while a latency
+        target holds them back."""
+        target = self.latency_target
+        return self.capacity if target is None else min(self.capacity, target.limit)
 
     def queued(self, tenant: str | None = None) -> int:
         if tenant is None:
@@ -103,8 +167,10 @@ class FairAdmission:
         return len(flow.queue) if flow is not None else 0
 
     async def acquire(self, tenant: str, weight: float = 1.0,
-                      disconnected: Callable[[], Awaitable[bool]] | None = None) -> Slot:
-        """A slot for one of ``tenant``'s requests, waiting its fair turn.
+                      disconnected: Callable[[], Awaitable[bool]] | None = None,
+                      adapter: str | None = None) -> Slot:
+        """A slot for one of ``tenant``'s requests (for ``adapter``, a name unique across
+        tenants, or None for the base), waiting its fair turn.
 
         RateLimitError when the tenant's queue is full, OverloadedError when the whole
         queue is full or the deadline passes, ClientGoneError when ``disconnected()`` says so.
@@ -114,7 +180,7 @@ class FairAdmission:
             flow = self._flows[tenant] = _Flow(tenant)
         flow.weight = weight
         self._seq += 1
-        waiter = _Waiter(flow, self._seq, time.monotonic())
+        waiter = _Waiter(flow, self._seq, time.monotonic(), adapter)
         flow.queue.append(waiter)
         self._queued += 1
         self._dispatch()
@@ -161,36 +227,58 @@ class FairAdmission:
                 self._refused(waiter.tenant.name, "disconnected")
                 raise ClientGoneError()
 
-    def _grant(self, flow: _Flow, waited: float) -> Slot:
+    def _grant(self, flow: _Flow, waiter: _Waiter) -> Slot:
         start = max(flow.finish, self._vtime)
         flow.finish = start + 1.0 / flow.weight
         self._vtime = start
         self._in_flight += 1
         flow.in_flight += 1
+        if waiter.adapter is not None:
+            self._running_adapters[waiter.adapter] = self._running_adapters.get(waiter.adapter, 0) + 1
         self._touch(flow)
         if self._metrics is not None:
-            self._metrics.queue_wait.labels(flow.name).observe(waited)
+            self._metrics.queue_wait.labels(flow.name).observe(time.monotonic() - waiter.enqueued)
             self._metrics.admitted.set(self._in_flight)
-        return Slot(self, flow)
+        priority = self.share.priority(flow.name) if self.share is not None else None
+        return Slot(self, flow, waiter.adapter, priority)
 
-    def _release(self, flow: _Flow, held: float) -> None:
+    def _charge(self, flow: _Flow, tokens: int) -> None:
+        flow.finish += tokens / flow.weight
+        if self.share is not None:
+            self.share.charge(flow.name, tokens, flow.weight)
+
+    def _release(self, flow: _Flow, adapter: str | None, held: float, tpot: float | None) -> None:
         self._in_flight -= 1
         flow.in_flight -= 1
+        if adapter is not None:
+            left = self._running_adapters.pop(adapter) - 1
+            if left:
+                self._running_adapters[adapter] = left
         self._touch(flow)
         self._hold_s += 0.1 * (held - self._hold_s)
+        if self.latency_target is not None and tpot is not None:
+            self.latency_target.observe(tpot, saturated=self._queued > 0)
+        self._releases += 1
+        if self.share is not None and self._releases % 1024 == 0:
+            self.share.forget_idle()
         self._dispatch()
         if self._metrics is not None:
             self._metrics.admitted.set(self._in_flight)
+            self._metrics.admission_limit.set(self.limit)
 
     def _dispatch(self) -> None:
-        while self._in_flight < self.capacity and self._queued:
-            flow = self._next()
-            if flow is None:
+        while self._in_flight < self.limit and self._queued:
+            waiter = self._next()
+            if waiter is None:
                 return  # only reserved slots are free, and every waiting tenant has some in flight
-            waiter = flow.queue.popleft()
+            flow = waiter.tenant
+            if flow.queue[0] is waiter:
+                flow.queue.popleft()
+            else:
+                flow.queue.remove(waiter)
             self._queued -= 1
             self._gauge(flow)
-            waiter.future.set_result(self._grant(flow, time.monotonic() - waiter.enqueued))
+            waiter.future.set_result(self._grant(flow, waiter))
 
     def _touch(self, flow: _Flow) -> None:
         self._active[flow.name] = time.monotonic()
@@ -206,19 +294,37 @@ class FairAdmission:
             del self._active[name]
         return len(self._active) > 1
 
-    def _next(self) -> _Flow | None:
-        reserved_only = (self.reserve > 0 and self._in_flight >= self.capacity - self.reserve
+    def _next(self) -> _Waiter | None:
+        reserved_only = (self.reserve > 0 and self._in_flight >= self.limit - self.reserve
                          and self._shared())
         waiting = [f for f in self._flows.values() if f.queue and not (reserved_only and f.in_flight)]
         if not waiting:
             return None
         if not self.fair:
-            return min(waiting, key=lambda f: f.queue[0].seq)
-        return min(waiting, key=lambda f: (max(f.finish, self._vtime), f.queue[0].seq))
+            return min(waiting, key=lambda f: f.queue[0].seq).queue[0]
+        best = min(waiting, key=lambda f: (max(f.finish, self._vtime), f.queue[0].seq))
+        if not self._running_adapters:
+            return best.queue[0]
+        return self._adapter_aware(best, waiting)
+
+    def _adapter_aware(self, best: _Flow, waiting: list[_Flow]) -> _Waiter:
+        """``best``'s next request, unless a request of equal standing is for an adapter
+        with requests in flight (and nobody waited past ``adapter_affinity_s``)."""
+        bound = max(best.finish, self._vtime) + 1.0 / best.weight
+        peers = sorted((f for f in waiting if max(f.finish, self._vtime) <= bound),
+                       key=lambda f: (max(f.finish, self._vtime), f.queue[0].seq))
+        candidates = [w for f in peers for w in list(f.queue)[:_LOOKAHEAD]]
+        oldest = min(candidates, key=lambda w: w.seq)
+        if time.monotonic() - oldest.enqueued >= self.adapter_affinity_s:
+            return oldest
+        for w in candidates:
+            if w.adapter is None or w.adapter in self._running_adapters:
+                return w
+        return best.queue[0]
 
     def _estimate(self, ahead: int) -> float:
         """Seconds until a request with ``ahead`` others before it would likely get a slot."""
-        return min(self.deadline_s, max(1.0, (ahead + 1) * self._hold_s / self.capacity))
+        return min(self.deadline_s, max(1.0, (ahead + 1) * self._hold_s / self.limit))
 
     def _refused(self, tenant: str, reason: str) -> None:
         if self._metrics is not None:

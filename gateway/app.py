@@ -33,6 +33,7 @@ from adapters_registry.errors import (
 )
 from gateway.adapters import AdapterManager
 from gateway.admission import FairAdmission
+from gateway.admission_limit import LatencyTarget
 from gateway.api.admin import is_upload_path
 from gateway.api.admin import router as admin_router
 from gateway.api.deps import Services
@@ -42,6 +43,7 @@ from gateway.disk_cache import DiskCache
 from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
 from gateway.errors import BaseMismatchError, GatewayError, error_body
+from gateway.fair_share import FairShare
 from gateway.invalidation import start_listener
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import METRICS_PATH, BodySizeLimit, MetricsPortSplit
@@ -68,6 +70,7 @@ def vllm_engine_factory(settings: GatewaySettings) -> Engine:
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
         max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras,
         max_lora_rank=settings.max_lora_rank, gpu_memory_utilization=settings.gpu_memory_utilization,
+        scheduling_policy=settings.scheduling_policy,
     ))
 
 
@@ -192,8 +195,15 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                         ttl=settings.resolve_ttl_seconds)
         # Fair: an eighth of the slots is kept for tenants with nothing in flight (see admission).
         reserve = settings.max_in_flight // 8 if settings.fair_scheduling else 0
+        # The engine's priorities: a light tenant's request may pass as many waiting in the
+        # engine as the gateway admits at once (gateway.fair_share).
+        share = (FairShare(slack=settings.max_in_flight)
+                 if settings.scheduling_policy == "priority" else None)
+        target = (None if settings.admission_tpot_target_ms is None else
+                  LatencyTarget(settings.admission_tpot_target_ms / 1000, settings.max_in_flight,
+                                floor=reserve + 1))
         admission = FairAdmission(settings.max_in_flight, fair=settings.fair_scheduling,
-                                  reserve=reserve,
+                                  reserve=reserve, share=share, latency_target=target,
                                   max_queued_per_tenant=settings.queue_max_per_tenant,
                                   max_queued=settings.queue_max_total,
                                   deadline_s=settings.queue_deadline_seconds, metrics=metrics)

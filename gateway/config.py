@@ -120,9 +120,20 @@ class GatewaySettings(BaseSettings):
         "metered), 'closed' answers 503 with Retry-After.")
     fair_scheduling: bool = Field(default=True, description="Serve waiting requests by tenant "
                                   "weight; off: first come, first served.")
+    engine_priority: bool = Field(
+        default=True, description="With fair_scheduling: the engine runs vLLM's priority "
+        "scheduling policy and each request carries its tenant's fair share in tokens, so a "
+        "light tenant's request goes ahead of a heavy tenant's waiting in the engine (and the "
+        "heavy tenant's is preempted first when the KV cache runs short); off: the engine's "
+        "own queue is first come, first served.")
     admission_max_in_flight: int | None = Field(
         default=None, ge=1, description="Requests generating at once; the rest wait in per-tenant "
         "queues (default: max_num_seqs).")
+    admission_tpot_target_ms: float | None = Field(
+        default=None, gt=0, description="Adapt how many requests generate at once (up to "
+        "admission_max_in_flight) to keep the time per output token near this target: fewer "
+        "sequences per engine step make every step, and a newcomer's first token, faster, at "
+        "the cost of throughput (unset: a fixed limit, the most throughput).")
     queue_max_per_tenant: int = Field(default=64, ge=0, description="Requests one tenant may have "
                                       "waiting; past it: 429 with Retry-After at once.")
     queue_max_total: int = Field(default=256, ge=0, description="Requests waiting in all; past it: "
@@ -144,6 +155,11 @@ class GatewaySettings(BaseSettings):
     @property
     def max_in_flight(self) -> int:
         return self.admission_max_in_flight or self.max_num_seqs
+
+    @property
+    def scheduling_policy(self) -> Literal["fcfs", "priority"]:
+        """vLLM's scheduling policy for this gateway's engine."""
+        return "priority" if self.fair_scheduling and self.engine_priority else "fcfs"
 
     @property
     def base_name(self) -> str:

@@ -61,6 +61,9 @@ class GatewayMetrics:
                                         ["tenant", "reason"], registry=r)
         self.admitted = Gauge("lgw_admitted_in_flight", "Requests holding an engine slot.",
                               registry=r)
+        self.admission_limit = Gauge("lgw_admission_limit", "Engine slots requests may hold now "
+                                     "(below the configured limit while a latency target "
+                                     "holds requests back).", registry=r)
         # Registry changes pushed to this replica (gateway.invalidation).
         self.invalidation_channel_up = Gauge(
             "lgw_invalidation_channel_up", "1 while the registry change channel is connected, 0 "

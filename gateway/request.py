@@ -26,6 +26,7 @@ from fastapi import Depends, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_registry.records import AdapterVersion, Tenant
+from gateway.admission import Slot
 from gateway.logs import RequestLog, enter, leave
 from gateway.metrics import GatewayMetrics
 from gateway.tenancy import RequestedModel
@@ -49,6 +50,7 @@ class RequestScope:
     version: AdapterVersion | None = None  # what it resolved to (None: the bare base)
     label: str = "-"  # the ``adapter`` metric label: tenant/adapter, or the base's name
     usage: UsageMeter | None = None  # the tenant's quota lease and token meter
+    slot: Slot | None = None  # its engine slot: fair-share charges, the engine priority
     aborted: bool = False  # the client left (while queued, or mid-answer)
     # An error after the headers went out (a final SSE error event): the status it stands for.
     stream_error_status: str | None = None

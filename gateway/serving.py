@@ -114,9 +114,9 @@ class OpenAIService:
             await stack.aclose()
             raise
         scope.log.bind(adapter_version=version.ref if version else None, adapter_tier=tier)
-        usage = scope.usage
-        meter = Meter() if usage is None else Meter(on_prompt=usage.prompt,
-                                                    on_completion=usage.completion)
+        meter = _meter(scope)
+        if scope.slot is not None and scope.slot.priority is not None:
+            req.priority = scope.slot.priority  # its tenant's fair share (gateway.fair_share)
         call = _Call(scope, Route(model.text, lora, meter, request_id), time.perf_counter(), tier)
         self._metrics.in_flight.inc()
         first: str | None = None
@@ -218,6 +218,31 @@ class OpenAIService:
                     prompt, completion, e2e * 1000,
                     extra={"status": status, "prompt_tokens": prompt,
                            "completion_tokens": completion})
+
+
+def _meter(scope: RequestScope) -> Meter:
+    """The engine seam's token meter, charging the tenant's quotas and its fair share."""
+    usage, slot = scope.usage, scope.slot
+    if slot is None:
+        return Meter() if usage is None else Meter(on_prompt=usage.prompt,
+                                                   on_completion=usage.completion)
+    charge, generated = slot.charge, slot.generated
+    if usage is None:
+        async def prompt_charged(tokens: int) -> None:
+            charge(tokens)
+
+        return Meter(on_prompt=prompt_charged, on_completion=generated)
+    quota_prompt, quota_completion = usage.prompt, usage.completion
+
+    async def prompt(tokens: int) -> None:
+        await quota_prompt(tokens)  # a refused prompt never reaches the engine: not charged
+        charge(tokens)
+
+    def completion(tokens: int) -> None:
+        quota_completion(tokens)
+        generated(tokens)
+
+    return Meter(on_prompt=prompt, on_completion=completion)
 
 
 def _status(error: BaseException) -> str:

@@ -57,11 +57,15 @@ class Guard:
 
     async def admit(self) -> None:
         """Wait for an engine slot, held until the answer is complete."""
+        model = self._scope.model
+        adapter = None if model is None or model.ref is None else f"{self._tenant.name}/{model.text}"
         try:
             slot = await self._services.admission.acquire(
-                self._tenant.name, self.meter.limits.weight, self._request.is_disconnected)
+                self._tenant.name, self.meter.limits.weight, self._request.is_disconnected,
+                adapter)
         except ClientGoneError:
             raise self._client_gone("while waiting") from None
+        self._scope.slot = slot
         self._scope.on_close(slot.release)
 
     async def serve(self, call: Awaitable[T]) -> T:

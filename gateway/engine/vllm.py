@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vllm import AsyncEngineArgs, SamplingParams
 from vllm.exceptions import VLLMClientError
@@ -43,6 +43,7 @@ class VllmOptions:
     max_lora_rank: LoraRank = 16
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
 
 
 class _SchedulerStatsSink(StatLoggerBase):
@@ -95,6 +96,7 @@ class VllmEngine:
             max_lora_rank=opts.max_lora_rank,
             gpu_memory_utilization=opts.gpu_memory_utilization,
             enforce_eager=opts.enforce_eager,
+            scheduling_policy=opts.scheduling_policy,
             # No log lines; scheduler stats still flow to the sink below.
             disable_log_stats=True,
         )

@@ -180,3 +180,78 @@ async def test_a_tenant_alone_gets_every_slot_and_the_reserve_holds_once_it_has_
     for slot in alone:
         slot.release()
     assert adm.in_flight == 0 and adm.queued() == 0
+
+
+async def test_tenants_are_compared_in_tokens_not_requests() -> None:
+    """Both tenants backlogged; ``long``'s requests process 10x the tokens: it gets about a
+    tenth of the admissions while both wait (virtual token counters)."""
+    adm = FairAdmission(1, max_queued_per_tenant=100, max_queued=200)
+    first = await adm.acquire("warm-up")
+    order: list[str] = []
+
+    async def one(tenant: str, tokens: int) -> None:
+        slot = await adm.acquire(tenant)
+        order.append(tenant)
+        slot.charge(tokens)
+        await asyncio.sleep(0)
+        slot.release()
+
+    tasks = []
+    for _ in range(40):
+        tasks.append(asyncio.create_task(one("long", 1000)))
+        tasks.append(asyncio.create_task(one("short", 100)))
+        await asyncio.sleep(0)
+    first.release()
+    await asyncio.gather(*tasks)
+    while_both_wait = order[:44]
+    assert while_both_wait.count("short") == pytest.approx(40, abs=2), order
+
+
+async def test_slots_carry_the_engine_priority_of_their_tenants_share() -> None:
+    from gateway.fair_share import FairShare
+
+    adm = FairAdmission(8, share=FairShare(slack=8))
+    assert (await adm.acquire("x")).priority is not None
+    assert (await FairAdmission(8).acquire("x")).priority is None
+    flood = [await adm.acquire("flood") for _ in range(3)]
+    for slot in flood:
+        slot.charge(500)
+    later_flood = await adm.acquire("flood")
+    quiet = await adm.acquire("quiet")
+    assert quiet.priority < later_flood.priority
+
+
+async def _admitted_adapters(adm: FairAdmission, running: str, waiting: list[str]) -> list[str]:
+    """One slot held by a request for ``running``; ``waiting`` queued in order (one tenant),
+    then the slot freed one request at a time (each still-running adapter keeps a request
+    in flight through a second slot)."""
+    hold = await adm.acquire("t", adapter=running)
+    keep = await adm.acquire("t", adapter=running)  # the running adapter stays running
+    order: list[str] = []
+
+    async def one(adapter: str) -> None:
+        slot = await adm.acquire("t", adapter=adapter)
+        order.append(adapter)
+        slot.release()
+
+    tasks = []
+    for adapter in waiting:
+        tasks.append(asyncio.create_task(one(adapter)))
+        await asyncio.sleep(0)
+    hold.release()
+    await asyncio.gather(*tasks)
+    keep.release()
+    return order
+
+
+async def test_a_request_for_a_running_adapter_goes_first_among_equals() -> None:
+    adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200)
+    order = await _admitted_adapters(adm, "hot", ["cold-1", "cold-2", "hot", "hot"])
+    assert order[:2] == ["hot", "hot"], order
+    assert sorted(order[2:]) == ["cold-1", "cold-2"]
+
+
+async def test_no_adapter_waits_past_the_affinity_deadline() -> None:
+    adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200, adapter_affinity_s=0.0)
+    order = await _admitted_adapters(adm, "hot", ["cold-1", "cold-2", "hot", "hot"])
+    assert order == ["cold-1", "cold-2", "hot", "hot"]

@@ -112,7 +112,9 @@ def test_free_settings_reach_the_gateway_typed(monkeypatch) -> None:
                        "default_rpm": 600, "default_tpm": 100000, "default_concurrency": 8,
                        "default_max_tokens": 512, "default_max_prompt_tokens": 1024,
                        "default_weight": 2.5, "quota_failure_mode": "closed", "fair_scheduling": False,
-                       "admission_max_in_flight": 12, "queue_max_per_tenant": 16, "queue_max_total": 64,
+                       "engine_priority": False,
+                       "admission_max_in_flight": 12, "admission_tpot_target_ms": 80.0,
+                       "queue_max_per_tenant": 16, "queue_max_total": 64,
                        "queue_deadline_seconds": 7.5, "registry_changes_channel": False,
                        "registry_changes_retry_seconds": 2.5, "log_format": "json",
                        "replica_name": "gw-0"}
