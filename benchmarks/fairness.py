@@ -38,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -202,6 +203,22 @@ async def queue_waits(url: str, tenant: str) -> dict[float, float]:
     return counts
 
 
+async def gateway_ttft(url: str, tenant: str) -> tuple[float, float]:
+    """The gateway's own TTFT histogram for ``tenant`` (admitted to first token, measured in
+    the gateway process): (sum of seconds, count), as /metrics has it now."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(url + "/metrics")).text
+    total = count = 0.0
+    for line in text.splitlines():
+        if f'tenant="{tenant}"' not in line:
+            continue
+        if line.startswith("lgw_time_to_first_token_seconds_sum{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lgw_time_to_first_token_seconds_count{"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def waited_longer(before: dict[float, float], after: dict[float, float], bound: float) -> int:
     """Requests between the two scrapes that waited in admission longer than ``bound`` s."""
     total = after.get(float("inf"), 0) - before.get(float("inf"), 0)
@@ -233,6 +250,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flood_stats = {m: {"ok": 0, "errors": 0, "seconds": 0.0, "ok_during": 0, "tokens_during": 0}
                        for m in modes}
         queued_long = dict.fromkeys(modes, 0)  # quiet requests under flood that waited > 0.1 s for a slot
+        # The gateway's own view of the quiet tenant's TTFT under the flood: (seconds, requests).
+        inside: dict[str, list[float]] = {m: [0.0, 0.0] for m in modes}
         freeze_heap()
         for r in range(args.rounds):
             order = modes[r % len(modes):] + modes[:r % len(modes)]
@@ -243,8 +262,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 measure = functools.partial(asyncio.run, quiet_requests(url, quiet, args.quiet_requests,
                                                                         args.gap))
                 waits_before = asyncio.run(queue_waits(url, "quiet"))
+                inside_before = asyncio.run(gateway_ttft(url, "quiet"))
                 flooded, flood_counts = flood_while(url, flood, clients, measure)
                 waits_after = asyncio.run(queue_waits(url, "quiet"))
+                inside_after = asyncio.run(gateway_ttft(url, "quiet"))
+                inside[mode][0] += inside_after[0] - inside_before[0]
+                inside[mode][1] += inside_after[1] - inside_before[1]
                 queued_long[mode] += waited_longer(waits_before, waits_after, 0.1)
                 asyncio.run(wait_idle(url))
                 for name, records in (("alone", alone), ("flood", flooded)):
@@ -268,7 +291,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   "p99_ratio": round(flood_ms["p99"] / alone_ms["p99"], 2),
                                   "flood_requests": {"ok": stats["ok"], "errors": stats["errors"]},
                                   "flood_tokens_per_s": round(stats["tokens_during"] / stats["seconds"], 1),
-                                  "quiet_waited_over_100ms_in_admission": queued_long[mode]}
+                                  "quiet_waited_over_100ms_in_admission": queued_long[mode],
+                                  # Admitted to first token in the gateway process, vs the client's.
+                                  "flood_mean_ttft_ms": {
+                                      "client": round(float(np.mean(ttft[mode]["flood"])) * 1000, 1),
+                                      "gateway": round(inside[mode][0] / max(1.0, inside[mode][1])
+                                                       * 1000, 1)}}
     label = "demo settings (the gateway's defaults)" if not engine else "the fast tests' settings"
     results["setup"] = {
         "base": f"{args.base} ({engine.get('dtype', 'bfloat16')}, vLLM on the CPU; {label})",
@@ -278,6 +306,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {platform.python_version()}, 2 cores",
         "modes": {m: " ".join(MODES[m] + ([str(args.tpot_target_ms)] if m == "target" else []))
                   for m in modes},
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                 capture_output=True, text=True).stdout.strip(),
+        "command": "python -m benchmarks.fairness " + " ".join(sys.argv[1:]),
     }
     best = min(modes, key=lambda m: results["modes"][m]["p99_ratio"])
     results["setup"]["goal_met"] = {m: results["modes"][m]["p99_ratio"] <= 2.0 for m in modes}
@@ -297,14 +328,16 @@ def markdown_table(results: dict[str, Any]) -> str:
         "was measured.",
         "",
         "| scheduling | quiet alone p50 / p99 (ms) | quiet under flood p50 / p99 (ms) | p99 ratio | "
-        "flood tok/s | quiet requests that waited > 0.1 s for a slot |",
-        "|---|---|---|---|---|---|",
+        "flood tok/s | quiet requests that waited > 0.1 s for a slot | under flood, mean TTFT: "
+        "client / gateway (ms) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mode, r in results["modes"].items():
         a, f = r["alone_ttft_ms"], r["flood_ttft_ms"]
         lines.append(f"| {mode} (`{setup['modes'][mode]}`) | {a['p50']} / {a['p99']} | "
                      f"{f['p50']} / {f['p99']} | {r['p99_ratio']}x | {r['flood_tokens_per_s']} | "
-                     f"{r['quiet_waited_over_100ms_in_admission']} of {f['n']} |")
+                     f"{r['quiet_waited_over_100ms_in_admission']} of {f['n']} | "
+                     f"{r['flood_mean_ttft_ms']['client']} / {r['flood_mean_ttft_ms']['gateway']} |")
     met = [m for m, ok in setup["goal_met"].items() if ok]
     lines += ["", f"Goal (p99 under flood within 2x of alone): met by {', '.join(met) or 'none'}.", ""]
     return "\n".join(lines)

@@ -13,10 +13,12 @@ whose requests are long gets fewer of them. ``fair=False`` serves in arrival ord
 Once admitted, a request may wait again inside the engine; ``FairShare`` (given as
 ``share``) gives each slot the priority it carries into vLLM's ``priority`` policy there.
 
-Adapters: among the tenants of equal standing (counters within one request of the
-smallest), a request whose adapter already has requests in flight goes first (it joins a
-batch the engine is running, instead of taking one of its ``max_loras`` adapter slots),
-unless a waiting request is older than ``adapter_affinity_s``: then the oldest goes.
+Adapters: while the requests in flight use every one of the engine's batch slots for
+adapters (``adapter_slots``, vLLM's ``max_loras``), a request for another adapter cannot
+join the batch until one of them leaves it. So then, among the tenants of equal standing
+(counters within one request of the smallest), a request whose adapter already has
+requests in flight goes first, unless a waiting request is older than
+``adapter_affinity_s``: then the oldest goes.
 
 Slots cannot be taken back from a request that generates, so a tenant flooding an idle
 engine would hold every slot and the next tenant would wait for one to finish. ``reserve``
@@ -119,7 +121,7 @@ class FairAdmission:
                  max_queued_per_tenant: int = 64, max_queued: int = 256, deadline_s: float = 30.0,
                  metrics: GatewayMetrics | None = None,
                  reserve_window_s: float = RESERVE_WINDOW_S, share: FairShare | None = None,
-                 adapter_affinity_s: float = ADAPTER_AFFINITY_S,
+                 adapter_affinity_s: float = ADAPTER_AFFINITY_S, adapter_slots: int | None = None,
                  latency_target: LatencyTarget | None = None) -> None:
         if not 0 <= reserve < capacity:
             raise ValueError("reserve must be at least 0 and below capacity")
@@ -140,10 +142,11 @@ class FairAdmission:
         self._hold_s = 1.0  # moving average of how long a request holds its slot
         self.reserve_window_s = reserve_window_s
         self.share = share
-        if latency_target is not None and latency_target.floor <= reserve:
-            raise ValueError("the latency target's floor must be above the reserve")
+        if latency_target is not None and latency_target.floor <= min(reserve, 1):
+            raise ValueError("the latency target's floor must be above one reserved slot")
         self.latency_target = latency_target
         self.adapter_affinity_s = adapter_affinity_s
+        self.adapter_slots = adapter_slots
         self._running_adapters: dict[str, int] = {}  # adapter -> its requests in flight
         self._releases = 0
         # Tenants by when they last took or gave back a slot, oldest first: who shares the engine.
@@ -294,8 +297,15 @@ class FairAdmission:
             del self._active[name]
         return len(self._active) > 1
 
+    def _reserved(self) -> int:
+        """The reserve, shrunk with the limit while a latency target holds it below capacity
+        (an eighth of it, at least one): the busy tenants keep most of a small limit."""
+        if self.latency_target is None or self.limit >= self.capacity:
+            return self.reserve
+        return min(self.reserve, max(1, self.limit // 8))
+
     def _next(self) -> _Waiter | None:
-        reserved_only = (self.reserve > 0 and self._in_flight >= self.limit - self.reserve
+        reserved_only = (self.reserve > 0 and self._in_flight >= self.limit - self._reserved()
                          and self._shared())
         waiting = [f for f in self._flows.values() if f.queue and not (reserved_only and f.in_flight)]
         if not waiting:
@@ -303,6 +313,8 @@ class FairAdmission:
         if not self.fair:
             return min(waiting, key=lambda f: f.queue[0].seq).queue[0]
         best = min(waiting, key=lambda f: (max(f.finish, self._vtime), f.queue[0].seq))
+        if self.adapter_slots is not None and len(self._running_adapters) < self.adapter_slots:
+            return best.queue[0]  # a batch slot is free: any adapter joins at once
         if not self._running_adapters:
             return best.queue[0]
         return self._adapter_aware(best, waiting)

@@ -201,9 +201,10 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                  if settings.scheduling_policy == "priority" else None)
         target = (None if settings.admission_tpot_target_ms is None else
                   LatencyTarget(settings.admission_tpot_target_ms / 1000, settings.max_in_flight,
-                                floor=reserve + 1))
+                                floor=min(2, settings.max_in_flight)))
         admission = FairAdmission(settings.max_in_flight, fair=settings.fair_scheduling,
                                   reserve=reserve, share=share, latency_target=target,
+                                  adapter_slots=settings.max_loras,
                                   max_queued_per_tenant=settings.queue_max_per_tenant,
                                   max_queued=settings.queue_max_total,
                                   deadline_s=settings.queue_deadline_seconds, metrics=metrics)

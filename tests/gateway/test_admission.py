@@ -255,3 +255,9 @@ async def test_no_adapter_waits_past_the_affinity_deadline() -> None:
     adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200, adapter_affinity_s=0.0)
     order = await _admitted_adapters(adm, "hot", ["cold-1", "cold-2", "hot", "hot"])
     assert order == ["cold-1", "cold-2", "hot", "hot"]
+
+
+async def test_while_a_batch_slot_is_free_any_adapter_goes_in_order() -> None:
+    adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200, adapter_slots=2)
+    order = await _admitted_adapters(adm, "hot", ["cold-1", "cold-2", "hot", "hot"])
+    assert order[0] == "cold-1", order  # "hot" alone holds one of two batch slots

@@ -56,7 +56,7 @@ def test_bad_settings_are_refused() -> None:
         LatencyTarget(0.0, ceiling=4)
     with pytest.raises(ValueError):
         LatencyTarget(0.05, ceiling=4, floor=5)
-    with pytest.raises(ValueError, match="reserve"):
+    with pytest.raises(ValueError, match="reserved"):
         FairAdmission(8, reserve=1, latency_target=LatencyTarget(0.05, ceiling=8, floor=1))
 
 
@@ -80,3 +80,19 @@ async def test_slow_tokens_hold_requests_at_the_door() -> None:
     for task in waiting:
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_under_a_small_limit_one_slot_stays_reserved_and_the_busy_tenant_keeps_the_rest() -> None:
+    target = LatencyTarget(0.05, ceiling=16, floor=2)
+    target.limit = 4
+    adm = FairAdmission(16, reserve=2, latency_target=target, max_queued_per_tenant=100,
+                        max_queued=200)
+    await adm.acquire("quiet")  # a neighbour: the reserve holds
+    busy = [asyncio.create_task(adm.acquire("flood")) for _ in range(6)]
+    await asyncio.sleep(0)
+    assert sum(t.done() for t in busy) == 2  # 4 - the quiet one's - 1 reserved
+    quiet_again = await asyncio.wait_for(adm.acquire("newcomer"), 1)  # the reserved slot
+    assert quiet_again is not None and adm.in_flight == 4
+    for task in busy:
+        task.cancel()
+    await asyncio.gather(*busy, return_exceptions=True)
