@@ -24,9 +24,13 @@ alike):
   outstanding (closed loop, no think time, not streamed, from a process of its own).
 
 Both tenants call the bare base, so only the scheduling differs. TTFT is measured by the
-client (streamed, first content chunk). Writes fairness.json and fairness.md to ``--out``.
-Goal (issue 10): with fairness on, the quiet tenant's p99 under the flood is within 2x of
-its p99 alone.
+client (streamed, first content chunk); the gateway's own TTFT histogram (admitted to
+first token, in the gateway process) is reported beside it, to tell time in the engine from
+time in the gateway. The flood's throughput is its completion tokens per second while the
+quiet tenant was measured. Writes ``<name>.json`` and ``<name>.md`` to ``--out`` (name:
+``fairness-<base>`` unless ``--name``). Goal (issue 23): the quiet tenant's p99 under the
+flood within 2x of its p99 alone, on the demo's settings and on the tiny base, with the
+flood's throughput loss stated.
 """
 
 from __future__ import annotations
