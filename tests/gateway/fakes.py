@@ -18,6 +18,16 @@ from gateway.engine.base import EngineStats, Route, ServingOptions, ServingResul
 from gateway.errors import InvalidRequestError
 
 
+class Clock:
+    """A monotonic clock the test moves by setting ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeEngine:
     """Answers ``<adapter name or base> says hello world``, word by word.
 

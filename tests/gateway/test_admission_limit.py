@@ -8,14 +8,7 @@ import pytest
 
 from gateway.admission import FairAdmission
 from gateway.admission_limit import LatencyTarget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.gateway.fakes import Clock
 
 
 def test_over_the_target_the_limit_shrinks_to_its_floor_and_no_further() -> None:

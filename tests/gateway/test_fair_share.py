@@ -7,14 +7,7 @@ import random
 import pytest
 
 from gateway.fair_share import FairShare
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.gateway.fakes import Clock
 
 
 def test_a_light_tenant_goes_ahead_of_a_heavy_tenants_waiting_requests() -> None:
