@@ -40,6 +40,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from gateway.admission_limit import LatencyTarget
 from gateway.errors import ClientGoneError, GatewayError, OverloadedError, RateLimitError
@@ -325,7 +326,7 @@ class FairAdmission:
         bound = max(best.finish, self._vtime) + 1.0 / best.weight
         peers = sorted((f for f in waiting if max(f.finish, self._vtime) <= bound),
                        key=lambda f: (max(f.finish, self._vtime), f.queue[0].seq))
-        candidates = [w for f in peers for w in list(f.queue)[:_LOOKAHEAD]]
+        candidates = [w for f in peers for w in islice(f.queue, _LOOKAHEAD)]
         oldest = min(candidates, key=lambda w: w.seq)
         if time.monotonic() - oldest.enqueued >= self.adapter_affinity_s:
             return oldest
