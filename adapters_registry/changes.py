@@ -15,10 +15,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from sqlalchemy import text
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from adapters_registry.db import GenerationRow
 from adapters_registry.errors import ValidationError
 
 Kind = Literal["alias", "version", "adapter", "keys", "limits"]
@@ -28,6 +29,7 @@ FORMAT = 1
 # One channel per registry (database + schema): notices are database-wide in PostgreSQL,
 # and two registries in schemas of one database must not see each other's changes.
 CHANNEL_SQL = "'lgw_changes_' || md5(current_schema())"
+GENERATION_ROW = 1
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,22 @@ class Change:
 
 
 def publish(s: Session, change: Change) -> None:
-    """Announce ``change`` when (and only if) ``s``'s transaction commits; no-op on SQLite."""
+    """Announce ``change`` when (and only if) ``s``'s transaction commits: the registry's
+    generation goes up by one (every backend), and on PostgreSQL a notice goes out."""
+    s.execute(update(GenerationRow).where(GenerationRow.id == GENERATION_ROW)
+              .values(generation=GenerationRow.generation + 1))
     if s.get_bind().dialect.name == "postgresql":
         s.execute(text(f"SELECT pg_notify({CHANNEL_SQL}, :payload)"),
                   {"payload": change.payload()})
+
+
+def generation(db: Engine) -> int:
+    """How many changes the registry has published: equal readings mean nothing changed
+    in between (one indexed read of one row)."""
+    with db.connect() as conn:
+        value = conn.execute(select(GenerationRow.generation)
+                             .where(GenerationRow.id == GENERATION_ROW)).scalar_one()
+    return int(value)
 
 
 def listen_params(db: Engine) -> dict[str, Any] | None:

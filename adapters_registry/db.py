@@ -149,6 +149,19 @@ class AuditRow(Base):
     details: Mapped[dict[str, Any]]
 
 
+class GenerationRow(Base):
+    """One row: a counter every change notice bumps, in the change's own transaction.
+
+    A reader that sees the same number twice knows nothing a cache holds changed in between
+    (a row update commits in order, unlike a sequence), so one read confirms every cached
+    resolution, key and limit at once."""
+
+    __tablename__ = "registry_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 def as_utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; every value the registry gives out is UTC-aware."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -26,6 +26,7 @@ from adapters_registry._integrity import IntegrityMixin
 from adapters_registry._tenancy import TenancyMixin
 from adapters_registry._tokenizer_files import TOKENIZER_FILES, shipped_chat_template
 from adapters_registry.changes import Change, publish
+from adapters_registry.changes import generation as read_generation
 from adapters_registry.compat import CONFIG_FILE, Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract
 from adapters_registry.db import (
@@ -338,6 +339,11 @@ class Registry(TenancyMixin, IntegrityMixin):
                 raise NotFoundError(f"model {str(model)!r} does not exist")
             template = AdapterTemplate.from_dict(s.get(TemplateRow, adapter.template_id).fields)  # type: ignore[union-attr]
             return _to_version(row, tenant.name, adapter.name, template)
+
+    def generation(self) -> int:
+        """The number of changes published so far (``changes.generation``): equal readings
+        mean no resolution, key or limit changed in between."""
+        return read_generation(self.db)
 
     def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:
         with Session(self.db) as s:

@@ -1,10 +1,17 @@
 """Benchmark: resolving a tenant's `model` among 10,000 registered adapter versions.
 
     python -m benchmarks.resolve [--tenants 100] [--adapters 100] [--lookups 100000]
+                                 [--in-use 64] [--steady-s 6] [--ttl 2]
 
 Measures, in one run, the gateway's resolution path (TenantDirectory.resolve) cold
 (through the registry database, SQLite by default) and from its TTL cache, and prints
 percentiles as JSON. Rows are inserted directly: resolution never touches blobs.
+
+Then steady use: ``--in-use`` names resolved over and over for ``--steady-s`` seconds with
+the gateway's default TTL, as under serving load, once keeping entries fresh by the TTL
+alone (a lookup per entry per half-TTL) and once with the registry's generation watch (as
+the gateway runs); it reports the registry reads per second and the CPU seconds per
+second they cost the process.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from sqlalchemy.orm import Session
 from adapters_registry import AdapterTemplate, BaseContract, FilesystemStore, Registry
 from adapters_registry.db import AdapterRow, AdapterVersionRow, AliasRow, make_engine
 from adapters_registry.records import Tenant
+from gateway.freshness import GenerationWatch
 from gateway.tenancy import TenantDirectory
 
 _CONTRACT = BaseContract(
@@ -76,12 +84,54 @@ async def measure(directory: TenantDirectory, names: list[tuple[Tenant, str]], l
     return {"cold_through_database": percentiles(cold), "cached": percentiles(hot)}
 
 
+class _Counting:
+    """The registry, counting the reads the directory sends it."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self.reads = 0
+
+    def resolve(self, tenant: Tenant, model: object) -> object:
+        self.reads += 1
+        return self._registry.resolve(tenant, model)  # type: ignore[arg-type]
+
+    def generation(self) -> int:
+        self.reads += 1
+        return self._registry.generation()
+
+
+async def steady(registry: Registry, names: list[tuple[Tenant, str]], *, seconds: float,
+                 ttl: float, watched: bool) -> dict[str, float]:
+    counting = _Counting(registry)
+    watch = GenerationWatch(counting.generation, ttl) if watched else None
+    directory = TenantDirectory(counting, served_base=(_CONTRACT.model_id, _CONTRACT.revision),  # type: ignore[arg-type]
+                                ttl=ttl, watch=watch)
+    if watch is not None:
+        watch.start()
+    for tenant, model in names:
+        await directory.resolve(tenant, directory.parse(tenant, model))
+    counting.reads = 0
+    cpu, wall = time.process_time(), time.perf_counter()
+    while time.perf_counter() - wall < seconds:
+        for tenant, model in names:
+            await directory.resolve(tenant, directory.parse(tenant, model))
+        await asyncio.sleep(0.01)  # about 100 requests per name per second
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    if watch is not None:
+        await watch.stop()
+    return {"registry_reads_per_s": round(counting.reads / wall, 2),
+            "cpu_s_per_s": round(cpu / wall, 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tenants", type=int, default=100)
     p.add_argument("--adapters", type=int, default=100, help="per tenant, one version each")
     p.add_argument("--lookups", type=int, default=100_000)
     p.add_argument("--db", help="SQLAlchemy URL (default: a temporary SQLite file)")
+    p.add_argument("--in-use", type=int, default=64, help="names in steady use")
+    p.add_argument("--steady-s", type=float, default=6.0)
+    p.add_argument("--ttl", type=float, default=2.0, help="the resolve TTL (the gateway's default)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         registry = Registry(make_engine(args.db or f"sqlite:///{Path(tmp) / 'bench.db'}"),
@@ -93,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         directory = TenantDirectory(registry, served_base=(_CONTRACT.model_id, _CONTRACT.revision),
                                     ttl=3600)
         result = asyncio.run(measure(directory, names, args.lookups, cold_sample=min(1000, len(names))))
+        in_use = names[:: max(1, len(names) // args.in_use)][:args.in_use]
+        result["steady"] = {"in_use": len(in_use), "seconds": args.steady_s, "ttl_s": args.ttl} | {
+            mode: asyncio.run(steady(registry, in_use, seconds=args.steady_s, ttl=args.ttl,
+                                     watched=mode == "generation_watch"))
+            for mode in ("ttl_only", "generation_watch")}
         registry.close()
     print(json.dumps({"versions": len(names), "populate_s": round(populated_s, 2), **result},
                      indent=2))

@@ -44,6 +44,7 @@ from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
 from gateway.errors import BaseMismatchError, GatewayError, error_body
 from gateway.fair_share import FairShare
+from gateway.freshness import GenerationWatch
 from gateway.invalidation import start_listener
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import METRICS_PATH, BodySizeLimit, MetricsPortSplit
@@ -178,8 +179,11 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                 (on_engine_dead or _terminate_process)()
 
         disk = await asyncio.to_thread(DiskCache, settings.cache_dir, settings.disk_cache_max_bytes)
+        # One read of the registry's change counter keeps every cached key, resolution and
+        # limit fresh (gateway.freshness), instead of one lookup per entry in use.
+        watch = GenerationWatch(registry.generation, settings.resolve_ttl_seconds)
         tenants = TenantDirectory(registry, served_base=(contract.model_id, contract.revision),
-                                  ttl=settings.resolve_ttl_seconds,
+                                  ttl=settings.resolve_ttl_seconds, watch=watch,
                                   base_name=settings.base_name if settings.expose_base else None)
         adapters = AdapterManager(registry, engine, disk, metrics,
                                   engine_capacity=settings.max_cpu_loras,
@@ -192,7 +196,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         admin = Registry(registry.db, registry.store, actor="admin")
         quotas = Quotas(quota_store(settings), registry, default_limits(settings), metrics,
                         fail_open=settings.quota_failure_mode == "open",
-                        ttl=settings.resolve_ttl_seconds)
+                        ttl=settings.resolve_ttl_seconds, watch=watch)
         # Fair: an eighth of the slots is kept for tenants with nothing in flight (see admission).
         reserve = settings.max_in_flight // 8 if settings.fair_scheduling else 0
         # The engine's priorities: a light tenant's request may pass as many waiting in the
@@ -211,6 +215,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         services = Services(settings, tenants, adapters, openai, metrics, admin, quotas, admission)
         app.state.services = services
         services.warmup_errors = await warm_up(tenants, adapters, settings)
+        watch.start()
         app.state.registry_changes = start_listener(
             registry, tenants, quotas, metrics, enabled=settings.registry_changes_channel,
             ttl=settings.resolve_ttl_seconds, retry_s=settings.registry_changes_retry_seconds)
@@ -228,6 +233,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         finally:
             if app.state.registry_changes is not None:
                 await app.state.registry_changes.stop()
+            await watch.stop()
             metrics.registry.unregister(msp)
             await quotas.store.close()
             engine.shutdown()

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 from adapters_registry import Registry
 from adapters_registry.records import Tenant, TenantLimits
 from gateway.errors import OverloadedError
+from gateway.freshness import GenerationWatch, TtlCache
 from gateway.metrics import GatewayMetrics
-from gateway.tenancy import TtlCache
 
 logger = logging.getLogger(__name__)
 WINDOW_S = 60.0  # a bucket refills fully in a minute
@@ -200,13 +200,14 @@ class Quotas:
     """Admits a tenant's request against its limits, in whichever store is configured."""
 
     def __init__(self, store: QuotaStore, registry: Registry, defaults: Limits,
-                 metrics: GatewayMetrics, *, fail_open: bool, ttl: float) -> None:
+                 metrics: GatewayMetrics, *, fail_open: bool, ttl: float,
+                 watch: GenerationWatch | None = None) -> None:
         self.store = store
         self._registry = registry
         self.defaults = defaults
         self.metrics = metrics
         self.fail_open = fail_open
-        self._limits: TtlCache[int, Limits] = TtlCache(ttl)
+        self._limits: TtlCache[int, Limits] = TtlCache(ttl, watch=watch)
         self._last_logged = -math.inf
 
     async def limits(self, tenant: Tenant) -> Limits:

@@ -1,23 +1,18 @@
 """Who is calling, and which adapter version their ``model`` names.
 
 API keys, name resolution and model listings, in front of the registry's database
-behind a short TTL cache. A hot entry is refreshed in the background before it
-expires, so steady traffic never waits on the database, and an alias move or a key
-revocation is still seen within the TTL. Concurrent misses for one key share one
-lookup. Adapter residency (which files and engine slots hold a version) is
-``gateway.adapters``'s business, not this module's.
+behind a short TTL cache (``gateway.freshness``): steady traffic never waits on the
+database, and an alias move or a key revocation is still seen within the TTL.
+Concurrent misses for one key share one lookup. Adapter residency (which files and
+engine slots hold a version) is ``gateway.adapters``'s business, not this module's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
 
 from adapters_registry import Registry
 from adapters_registry.changes import ADAPTER_KINDS, Change
@@ -25,108 +20,8 @@ from adapters_registry.errors import AuthenticationError, NotFoundError, Validat
 from adapters_registry.keys import key_hash
 from adapters_registry.names import ModelRef, parse_qualified_model
 from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
-from gateway.errors import (
-    AuthenticationFailedError,
-    GatewayError,
-    InvalidRequestError,
-    ModelNotFoundError,
-)
-
-logger = logging.getLogger(__name__)
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class TtlCache(Generic[K, V]):
-    """Values trusted for ``ttl`` seconds; refreshed ahead of expiry while in use.
-
-    ``get_or_load`` returns a fresh value without awaiting anything when it has one. In
-    the second half of an entry's life a hit also starts one background reload, so a
-    key in steady use is reloaded before it expires and never blocks a caller; the
-    entry itself still expires on time, so nothing older than ``ttl`` is ever served.
-    A failed load is not cached: the next caller tries again.
-    """
-
-    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
-        self._loads: dict[K, asyncio.Future[V]] = {}
-        self._epoch = 0  # bumped by every invalidation
-
-    async def get_or_load(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
-        hit = self._data.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            if hit[0] - now < self.ttl / 2 and key not in self._loads:
-                self._start_load(key, load).add_done_callback(_consume_exception)
-            return hit[1]
-        future = self._loads.get(key) or self._start_load(key, load)
-        return await asyncio.shield(future)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def invalidate(self, key: K | None = None) -> None:
-        """Forget one key, or everything."""
-        if key is None:
-            self._data.clear()
-        else:
-            self._data.pop(key, None)
-        self._forget_loads()
-
-    def invalidate_where(self, stale: Callable[[K, V], bool]) -> int:
-        """Forget every entry ``stale(key, value)`` picks; returns how many."""
-        keys = [key for key, (_, value) in self._data.items() if stale(key, value)]
-        for key in keys:
-            del self._data[key]
-        self._forget_loads()
-        return len(keys)
-
-    def _forget_loads(self) -> None:
-        # A lookup in flight may have read the database before the change: its callers get
-        # its answer, but it is not cached, and later callers start a lookup of their own.
-        self._epoch += 1
-        self._loads.clear()
-
-    def _start_load(self, key: K, load: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
-        epoch = self._epoch
-
-        async def run() -> V:
-            started = time.monotonic()
-            try:
-                value = await load()
-            except GatewayError as exc:
-                if exc.status < 500 and epoch == self._epoch:
-                    self._data.pop(key, None)  # a definite "no" (key revoked, name gone) ends the entry now
-                raise
-            finally:
-                if self._loads.get(key) is future:
-                    del self._loads[key]
-            if epoch != self._epoch:
-                return value
-            # Valid from when the lookup started: a value is never trusted past its TTL.
-            self._data[key] = (started + self.ttl, value)
-            self._data.move_to_end(key)
-            while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
-            return value
-
-        future = asyncio.ensure_future(run())
-        self._loads[key] = future
-        return future
-
-
-def _consume_exception(future: asyncio.Future[Any]) -> None:
-    # A background refresh that failed leaves the entry to expire; the next caller
-    # after that loads it again and sees the error itself.
-    if future.cancelled() or future.exception() is None:
-        return
-    exc = future.exception()
-    if isinstance(exc, GatewayError) and exc.status < 500:
-        logger.debug("background refresh: %s", exc)  # the entry is gone; its next caller is told
-    else:
-        logger.warning("background refresh failed: %s", exc)
+from gateway.errors import AuthenticationFailedError, InvalidRequestError, ModelNotFoundError
+from gateway.freshness import GenerationWatch, TtlCache
 
 
 @dataclass(frozen=True)
@@ -193,12 +88,12 @@ class TenantDirectory:
     """Keys to tenants, and a tenant's ``model`` to the adapter version it names."""
 
     def __init__(self, registry: Registry, *, served_base: tuple[str, str], ttl: float,
-                 base_name: str | None = None) -> None:
+                 base_name: str | None = None, watch: GenerationWatch | None = None) -> None:
         self._registry = registry
         self._served_base = served_base  # (model_id, revision)
         self._base_name = base_name  # the bare base's public name, if it is served
-        self._keys: TtlCache[str, tuple[Tenant, datetime | None]] = TtlCache(ttl)
-        self._models: TtlCache[tuple[int, ModelRef], AdapterVersion] = TtlCache(ttl)
+        self._keys: TtlCache[str, tuple[Tenant, datetime | None]] = TtlCache(ttl, watch=watch)
+        self._models: TtlCache[tuple[int, ModelRef], AdapterVersion] = TtlCache(ttl, watch=watch)
         self._affinity = _AffinityKeys()
 
     async def authenticate(self, api_key: str) -> Tenant:

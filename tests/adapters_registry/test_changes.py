@@ -110,3 +110,36 @@ def test_each_registry_schema_has_a_channel_of_its_own(registry_env) -> None:
     with psycopg.connect(**(listen_params(registry_env.registry.db) | {"options": ""})) as conn:
         public = conn.execute(f"SELECT {CHANNEL_SQL}").fetchone()[0]
     assert ours != public and len(ours) < 64
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_every_published_change_bumps_the_generation_once_and_only_on_commit(
+        registry_env, trained_adapters, tmp_path) -> None:
+    # The gateway's caches trust everything they hold while two readings are equal
+    # (gateway.freshness): every change they could hold stale must move it.
+    reg = registry_env.registry
+    acme = reg.get_tenant("acme")
+    seen = [reg.generation()]
+
+    def moved() -> int:
+        seen.append(reg.generation())
+        return seen[-1] - seen[-2]
+
+    reg.push("acme", "support-bot", copy_adapter(trained_adapters["globex"], tmp_path / "v2"))
+    assert moved() == 1
+    reg.set_alias("acme", "support-bot", "prod", 2)
+    reg.deprecate_version("acme", "support-bot", 1)
+    assert moved() == 2
+    key = reg.create_api_key("acme")
+    reg.resolve(acme, "support-bot:prod")
+    reg.authenticate(key)
+    assert moved() == 0  # reads and new keys make nothing cached stale
+    reg.revoke_api_key("acme", key[:12])
+    reg.set_limits("acme", TenantLimits(rpm=5))
+    assert moved() == 2
+    with pytest.raises(ConflictError):
+        reg.delete_version("acme", "support-bot", 2)  # refused: prod points at it
+    with Session(reg.db) as s, s.begin():
+        publish(s, Change("adapter", acme.id, "acme", "support-bot"))
+        s.rollback()
+    assert moved() == 0

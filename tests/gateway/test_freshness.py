@@ -1,4 +1,5 @@
-"""The tenancy module's TTL cache: one lookup per miss, refreshed ahead, never stale past its TTL."""
+"""The gateway's TTL caches: one lookup per miss, refreshed ahead, never stale past their
+TTL; with a generation watch, entries in use live on without lookups while nothing changes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from gateway.tenancy import TtlCache
+from gateway.freshness import GenerationWatch, TtlCache
 
 
 class Source:
@@ -200,3 +201,105 @@ def test_a_cached_key_is_refused_once_it_expires(tmp_path) -> None:
         asyncio.run(main())
     finally:
         registry.close()
+
+
+class Counter:
+    """The registry's change counter, as the watch reads it."""
+
+    def __init__(self) -> None:
+        self.value = 7
+        self.down = False
+        self.reads = 0
+
+    def read(self) -> int:
+        self.reads += 1
+        if self.down:
+            raise ConnectionError("database unreachable")
+        return self.value
+
+
+def watched(ttl: float) -> tuple[Counter, GenerationWatch, TtlCache[str, str]]:
+    counter = Counter()
+    watch = GenerationWatch(counter.read, ttl=ttl)
+    return counter, watch, TtlCache(ttl=ttl, watch=watch)
+
+
+def test_equal_readings_keep_entries_in_use_without_lookups() -> None:
+    async def main() -> None:
+        counter, watch, cache = watched(ttl=0.3)
+        src = Source()
+        watch.start()
+        try:
+            await asyncio.sleep(0.02)  # the first reading: what later ones are compared with
+            assert await cache.get_or_load("k", src.load) == "v1"
+            for _ in range(60):  # three TTLs of steady use
+                assert await cache.get_or_load("k", src.load) == "v1"
+                await asyncio.sleep(0.015)
+        finally:
+            await watch.stop()
+        assert src.calls == 1
+        assert counter.reads >= 8  # one read per third of a TTL stood in for every lookup
+
+    asyncio.run(main())
+
+
+def test_a_change_is_served_within_the_ttl_of_when_it_was_counted() -> None:
+    async def main() -> None:
+        counter, watch, cache = watched(ttl=0.3)
+        src = Source()
+        watch.start()
+        try:
+            await asyncio.sleep(0.02)
+            await cache.get_or_load("k", src.load)
+            await asyncio.sleep(0.2)  # confirmed at least once
+            src.value, counter.value = "v2", counter.value + 1
+            changed = asyncio.get_running_loop().time()
+            served = []
+            while asyncio.get_running_loop().time() < changed + 0.5:
+                served.append((asyncio.get_running_loop().time() - changed,
+                               await cache.get_or_load("k", src.load)))
+                await asyncio.sleep(0.01)
+        finally:
+            await watch.stop()
+        assert all(value == "v2" for at, value in served if at > 0.3 + 0.02), served
+        assert served[-1][1] == "v2"
+
+    asyncio.run(main())
+
+
+def test_a_change_between_readings_stops_confirming_what_was_read_before_it() -> None:
+    async def main() -> None:
+        counter, watch, cache = watched(ttl=60)
+        src = Source()
+        assert await watch.check() == 0  # the first reading confirms nothing
+        await cache.get_or_load("k", src.load)  # read after reading 1
+        assert await watch.check() == 1  # reading 2 equals reading 1: confirmed
+        assert await watch.check() == 1
+        counter.value += 1
+        assert await watch.check() == 0  # the generation moved
+        assert await watch.check() == 0  # equal again, but the entry was read before the move
+        await cache.get_or_load("late", src.load)  # read after the move was seen
+        assert await watch.check() == 1  # only the late entry
+
+    asyncio.run(main())
+
+
+def test_an_unreadable_counter_confirms_nothing_and_the_next_good_reading_picks_up() -> None:
+    async def main() -> None:
+        counter, watch, cache = watched(ttl=60)
+        await watch.check()
+        await cache.get_or_load("k", Source().load)
+        counter.down = True
+        assert await watch.check() == 0
+        await cache.get_or_load("k2", Source().load)
+        counter.value += 1  # changed while unreadable
+        counter.down = False
+        assert await watch.check() == 0
+        assert await watch.check() == 0  # both were read before the change was seen
+        counter.down = True
+        await watch.check()
+        counter.down = False
+        await cache.get_or_load("k3", Source().load)
+        assert await watch.check() == 1  # the counter only grows: equal means unchanged
+
+    asyncio.run(main())
