@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -15,11 +14,9 @@ from adapters_registry._audit import record
 from adapters_registry.changes import Change, publish
 from adapters_registry.db import ApiKeyRow, TenantLimitsRow, TenantRow, as_utc, as_utc_or_none
 from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
+from adapters_registry.limits import LIMITS, TenantLimits
 from adapters_registry.names import shown, validate_name
-from adapters_registry.records import ApiKeyInfo, Tenant, TenantLimits
-
-LIMIT_FIELDS = tuple(f.name for f in fields(TenantLimits))
-MAX_WEIGHT = 1000.0
+from adapters_registry.records import ApiKeyInfo, Tenant
 
 
 class TenancyMixin:
@@ -103,7 +100,7 @@ class TenancyMixin:
 
     def set_limits(self, tenant_name: str, limits: TenantLimits) -> TenantLimits:
         """Replace the tenant's quotas and weight (None fields: the gateway's defaults)."""
-        problems = limit_problems(limits)
+        problems = limits.problems()
         if problems:
             raise ValidationError(f"invalid limits for tenant {shown(tenant_name)}: {'; '.join(problems)}")
         tenant = self.get_tenant(tenant_name)
@@ -112,8 +109,8 @@ class TenancyMixin:
             if row is None:
                 row = TenantLimitsRow(tenant_id=tenant.id)
                 s.add(row)
-            for name in LIMIT_FIELDS:
-                setattr(row, name, getattr(limits, name))
+            for spec in LIMITS:
+                setattr(row, spec.name, getattr(limits, spec.name))
             row.updated_at = datetime.now(UTC)
             record(s, self.actor, "limits.set", tenant.name, **asdict(limits))
             publish(s, Change("limits", tenant.id, tenant.name))
@@ -126,20 +123,4 @@ class TenancyMixin:
             row = s.get(TenantLimitsRow, tenant.id)
             if row is None:
                 return TenantLimits()
-            return TenantLimits(**{name: getattr(row, name) for name in LIMIT_FIELDS})
-
-
-def limit_problems(limits: TenantLimits) -> list[str]:
-    """Every invalid field of ``limits`` (counts are whole numbers >= 1, weight in (0, 1000])."""
-    problems = []
-    for name in LIMIT_FIELDS:
-        value = getattr(limits, name)
-        if value is None:
-            continue
-        if name == "weight":
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                    math.isfinite(value) and 0 < value <= MAX_WEIGHT):
-                problems.append(f"weight must be a number above 0 and at most {MAX_WEIGHT:g}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{name} must be a whole number >= 1 (or unset for the default)")
-    return problems
+            return TenantLimits(**{spec.name: getattr(row, spec.name) for spec in LIMITS})

@@ -31,6 +31,7 @@ from adapters_registry.errors import (
     RegistryError,
     SourceError,
 )
+from adapters_registry.limits import LIMITS
 from adapters_registry.names import AdapterRef, parse_adapter_ref
 from adapters_registry.service import Registry
 from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
@@ -70,7 +71,7 @@ def _ref(a: argparse.Namespace) -> AdapterRef:
     return parse_adapter_ref(a.ref)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     reg = sub.add_parser("registry", help="manage bases, templates, tenants, keys and adapters")
     cmds = reg.add_subparsers(dest="registry_cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -108,8 +109,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="set a tenant's quotas and fair-share weight (flags not given keep "
                         "their value; 'default' returns one to the gateway's default)")
     p.add_argument("tenant")
-    for flag, kind, what in _LIMIT_FLAGS:
-        p.add_argument(f"--{flag}", type=_or_default(kind), metavar="N|default", help=what)
+    for spec in LIMITS:
+        shown_default = "" if spec.default is None else f" (the gateway's default: {spec.default:g})"
+        p.add_argument(f"--{spec.flag}", type=_or_default(spec.kind), metavar="N|default",
+                       help=spec.help + shown_default)
     p.set_defaults(run=_set_limits)
 
     p = cmds.add_parser("get-limits", parents=[common],
@@ -248,14 +251,6 @@ def _create_key(r: Registry, a: argparse.Namespace) -> None:
     print(r.create_api_key(a.tenant, expires_at=expires))
 
 
-_LIMIT_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("rpm", int, "requests per minute"),
-    ("tpm", int, "tokens per minute (prompt + completion)"),
-    ("concurrency", int, "requests in flight at once"),
-    ("max-tokens", int, "ceiling on a request's max_tokens (also its default)"),
-    ("max-prompt-tokens", int, "ceiling on a request's prompt length, in tokens"),
-    ("weight", float, "share of the engine when tenants compete (default 1)"),
-)
 _DEFAULT = "default"
 
 
@@ -271,7 +266,7 @@ def _or_default(kind: type) -> Any:
 
 
 def _set_limits(r: Registry, a: argparse.Namespace) -> None:
-    given = {flag.replace("-", "_"): getattr(a, flag.replace("-", "_")) for flag, _, _ in _LIMIT_FLAGS}
+    given = {spec.name: getattr(a, spec.name) for spec in LIMITS}
     changes = {k: (None if v == _DEFAULT else v) for k, v in given.items() if v is not None}
     limits = r.set_limits(a.tenant, replace(r.get_limits(a.tenant), **changes))
     print(json.dumps(asdict(limits), indent=2))

@@ -26,6 +26,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from adapters_registry.errors import DatabaseError
+from adapters_registry.limits import LIMITS
 
 # SQLite needs AUTOINCREMENT so a deleted version's id is never handed out again:
 # that id is vLLM's lora_int_id, and vLLM's cache would serve the old content.
@@ -75,13 +76,13 @@ class TenantLimitsRow(Base):
     __tablename__ = "tenant_limits"
 
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
-    rpm: Mapped[int | None] = mapped_column(Integer)
-    tpm: Mapped[int | None] = mapped_column(Integer)
-    concurrency: Mapped[int | None] = mapped_column(Integer)
-    max_tokens: Mapped[int | None] = mapped_column(Integer)
-    max_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
-    weight: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+# One nullable column per limit, named after it (adapters_registry.limits).
+for _spec in LIMITS:
+    setattr(TenantLimitsRow, _spec.name, mapped_column(Integer if _spec.kind is int else Float,
+                                                       nullable=True))
 
 
 class ApiKeyRow(Base):

@@ -13,18 +13,6 @@ class Tenant:
 
 
 @dataclass(frozen=True)
-class TenantLimits:
-    """A tenant's quotas and fair-share weight. None: the gateway's default applies."""
-
-    rpm: int | None = None  # requests per minute
-    tpm: int | None = None  # tokens (prompt + completion) per minute
-    concurrency: int | None = None  # requests in flight at once
-    max_tokens: int | None = None  # ceiling on a request's max_tokens
-    max_prompt_tokens: int | None = None  # ceiling on a request's prompt length, in tokens
-    weight: float | None = None  # share of the engine when tenants compete (default 1)
-
-
-@dataclass(frozen=True)
 class ApiKeyInfo:
     """What can be shown about a key after creation: never the key itself."""
 

@@ -285,7 +285,7 @@ class Registry(TenancyMixin, IntegrityMixin):
                 raise ConflictError(f"{tenant.name}/{name}@v{version} is {row.state}; "
                                     "aliases may only point at active versions")
             old = s.get(AliasRow, (adapter.id, alias))
-            previous = s.get(AdapterVersionRow, old.version_id).version if old else None  # type: ignore[union-attr]
+            previous = s.get_one(AdapterVersionRow, old.version_id).version if old else None
             s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
             record(s, self.actor, "alias.set", f"{tenant.name}/{name}:{alias}",
                    previous=previous, version=version)
@@ -337,7 +337,7 @@ class Registry(TenancyMixin, IntegrityMixin):
                 row = s.get(AdapterVersionRow, alias.version_id) if alias else None
             if row is None or row.state == "deleted":
                 raise NotFoundError(f"model {str(model)!r} does not exist")
-            template = AdapterTemplate.from_dict(s.get(TemplateRow, adapter.template_id).fields)  # type: ignore[union-attr]
+            template = AdapterTemplate.from_dict(s.get_one(TemplateRow, adapter.template_id).fields)
             return _to_version(row, tenant.name, adapter.name, template)
 
     def generation(self) -> int:

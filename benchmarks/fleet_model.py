@@ -242,7 +242,7 @@ def simulate(cfg: Config, policy: str, costs: Costs, trace: np.ndarray | None = 
         if policy == "bounded_load":
             assert ring is not None
             bound = math.ceil((1 + cfg.eps) * (in_flight.sum() + 1) / n)
-            return next(r for r in ring.walk(key) if in_flight[r] < bound)
+            return int(next(r for r in ring.walk(key) if in_flight[r] < bound))
         ok = [r for r in holders.get(adapter, ()) if len(engines[r].waiting) < cfg.gie_queue_threshold]
         if ok:
             return min(ok, key=lambda r: in_flight[r])

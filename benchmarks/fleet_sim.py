@@ -45,7 +45,7 @@ def engine_cores(run: dict[str, Any]) -> int:
     """The cores the replicas' engines compute on: vLLM on the CPU reserves one for its
     scheduler and server (VLLM_CPU_NUM_OF_RESERVED_CPU's default), the same for every
     replica on the machine."""
-    return max(1, run["machine_cpus"] - 1)
+    return max(1, int(run["machine_cpus"]) - 1)
 
 
 def _phase_config(run: dict[str, Any], phase: str, requests: int) -> Config:

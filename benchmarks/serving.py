@@ -44,7 +44,7 @@ from adapters_registry import AdapterTemplate, Registry, derive_contract
 from benchmarks.summary import TARGETS, markdown, merge, paired_ratio
 from loadtest.client import RequestRecord, RequestShape, Target, send
 from loadtest.report import summarize, write_report
-from loadtest.runner import PhaseResult, RunSpec, run_phase
+from loadtest.runner import PhaseResult, RunSpec, Scenario, run_phase
 from loadtest.servers import (
     ServerProcess,
     free_port,
@@ -172,8 +172,8 @@ def vllm_args(work: Path, base: Any, registry: Registry, names: list[str]) -> li
             "--lora-modules", *modules, *engine_flags()]
 
 
-def phase(url: str, targets: list[Target], scenario: str, name: str, **kw: Any) -> PhaseResult:
-    spec = RunSpec(url=url, targets=targets, scenario=scenario,  # type: ignore[arg-type]
+def phase(url: str, targets: list[Target], scenario: Scenario, name: str, **kw: Any) -> PhaseResult:
+    spec = RunSpec(url=url, targets=targets, scenario=scenario,
                    shape=RequestShape(max_tokens=MAX_TOKENS), admin_key=ADMIN_KEY, **kw)
     result = asyncio.run(run_phase(spec, name))
     s = summarize(result)
@@ -184,7 +184,7 @@ def phase(url: str, targets: list[Target], scenario: str, name: str, **kw: Any) 
     return result
 
 
-def throughput_rounds(args: argparse.Namespace, plan: list[tuple[str, str, list[Target], str]],
+def throughput_rounds(args: argparse.Namespace, plan: list[tuple[str, str, list[Target], Scenario]],
                       ) -> list[dict[str, PhaseResult]]:
     """Every plan entry once per round; odd rounds run the plan backwards."""
     rounds = []
@@ -312,11 +312,12 @@ def run(args: argparse.Namespace, servers: list[ServerProcess]) -> int:
     print(f"  {results['ttft_pairs']}", flush=True)
 
     print(f"== throughput: {args.rounds} alternating rounds", flush=True)
-    plan = [("hot-1-direct", direct.url, direct_targets[:1], "hot"),
-            ("hot-1", gw.url, targets[:1], "hot"),
-            ("uniform-64-direct", direct.url, direct_targets, "uniform"),
-            ("uniform-64", gw.url, targets[:64], "uniform"),
-            ("uniform-8", gw.url, targets[:8], "uniform")]
+    plan: list[tuple[str, str, list[Target], Scenario]] = [
+        ("hot-1-direct", direct.url, direct_targets[:1], "hot"),
+        ("hot-1", gw.url, targets[:1], "hot"),
+        ("uniform-64-direct", direct.url, direct_targets, "uniform"),
+        ("uniform-64", gw.url, targets[:64], "uniform"),
+        ("uniform-8", gw.url, targets[:8], "uniform")]
     rounds = throughput_rounds(args, plan)
     direct.stop()
     results["ratios"] = {

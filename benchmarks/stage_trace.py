@@ -211,7 +211,8 @@ def _root(fn: Callable[..., Any], stage: str, name: str) -> Callable[..., Any]:
         _fix_routes(app)
         scope = self.scope
         if scope.get("method") != "POST" or not str(scope.get("path", "")).endswith("completions"):
-            return await fn(self, app)
+            await fn(self, app)
+            return
         trace_id = dict(scope.get("headers") or ()).get(b"x-trace-id", b"").decode()
         tr = Trace(0.0, trace_id)
         span = tr.open(OTHER, name)
@@ -233,7 +234,8 @@ def _send(fn: Callable[..., Any], stage: str, name: str) -> Callable[..., Any]:
     async def send(self: Any, message: Any) -> None:
         tr = _active()
         if tr is None:
-            return await fn(self, message)
+            await fn(self, message)
+            return
         span = tr.open(SSE_OUT, name)
         try:
             await fn(self, message)
@@ -298,7 +300,7 @@ def _wrap(fn: Callable[..., Any], stage: str, spec: str) -> Callable[..., Any]:
     else:
         kind = _sync
     wrapper = kind(fn, stage, short(spec))
-    wrapper.__stage_trace__ = spec  # type: ignore[attr-defined]
+    wrapper.__stage_trace__ = spec  # type: ignore[attr-defined]  # a marker on a function object
     return wrapper
 
 

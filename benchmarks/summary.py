@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loadtest.report import summarize
@@ -69,7 +69,7 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-_RATIO_ROWS = (
+_RATIO_ROWS: tuple[tuple[str, str, str, Callable[[float], bool] | None], ...] = (
     # key, what it compares, target text, pass test (None: no target)
     ("gateway_vs_direct", "gateway / vLLM's own server, 1 adapter (output tok/s)", ">= 0.98",
      lambda x: x >= TARGETS["gateway_vs_direct"]),

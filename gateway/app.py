@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import make_url
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_registry import Registry
+from adapters_registry import LIMITS, Registry
 from adapters_registry.contract import BaseContract, derive_contract
 from adapters_registry.errors import (
     ArtifactError,
@@ -134,9 +134,7 @@ def quota_store(settings: GatewaySettings) -> QuotaStore:
 
 
 def default_limits(settings: GatewaySettings) -> Limits:
-    return Limits(settings.default_rpm, settings.default_tpm, settings.default_concurrency,
-                  settings.default_max_tokens, settings.default_max_prompt_tokens,
-                  settings.default_weight)
+    return Limits(**{spec.name: getattr(settings, f"default_{spec.name}") for spec in LIMITS})
 
 
 def is_inference_path(path: str) -> bool:
@@ -244,7 +242,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     app.include_router(router)
     # Disabled, the admin routes answer 404 (see require_admin) and are not documented.
     app.include_router(admin_router, include_in_schema=settings.admin_api_key is not None)
-    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]  # FastAPI's documented override
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, exempt=is_upload_path)
     if settings.metrics_port is not None:

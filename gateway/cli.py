@@ -50,13 +50,13 @@ def _flag_fields() -> dict[str, str]:
     return kinds
 
 
-def _number_type(annotation: object) -> type | None:
+def _number_type(annotation: object) -> type[int] | type[float] | None:
     """int or float where the setting is one (pydantic takes no "16" for Literal[16])."""
     if typing.get_origin(annotation) is typing.Literal:
         values = typing.get_args(annotation)
         return int if values and all(type(v) is int for v in values) else None
     kinds = {a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)}
-    return next(iter(kinds)) if kinds in ({int}, {float}) else None  # type: ignore[return-value]
+    return next(iter(kinds)) if kinds in ({int}, {float}) else None
 
 
 FLAG_FIELDS = _flag_fields()
@@ -64,7 +64,7 @@ FLAG_FIELDS = _flag_fields()
 ALIASES = {"database_url": ("--db",), "artifacts_dir": ("--artifacts",)}
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible gateway",
                        description=__doc__.splitlines()[0])
     for name, kind in FLAG_FIELDS.items():
@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                            help=help_text + "; repeat the flag for several")
         else:
             p.add_argument(flag, *ALIASES.get(name, ()), dest=name, metavar=name.upper(),
-                           help=help_text, type=_number_type(field.annotation))
+                           help=help_text, type=_number_type(field.annotation) or str)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ByteSize, Field, SecretStr, model_validator
+from pydantic import ByteSize, Field, SecretStr, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters_registry import LIMITS
 from gateway.logs import LogFormat
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 LoraRank = Literal[8, 16, 32, 64, 128, 256, 512]  # the ranks vLLM accepts
 
 
-class GatewaySettings(BaseSettings):
+class _Settings(BaseSettings):
     """Every knob of one gateway process. Environment variables use the ``LGW_`` prefix."""
 
     model_config = SettingsConfigDict(env_prefix="LGW_", extra="forbid")
@@ -102,19 +103,7 @@ class GatewaySettings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None, description="Redis URL for quotas and cross-replica invalidation (optional for "
         "one process).")
-    # Quotas: a tenant's own limits (`registry set-limits`) win over these defaults; unset: none.
-    default_rpm: int | None = Field(default=None, ge=1, description="Requests per minute per "
-                                    "tenant, unless the registry sets its own (unset: unlimited).")
-    default_tpm: int | None = Field(default=None, ge=1, description="Tokens (prompt + completion) "
-                                    "per minute per tenant (unset: unlimited).")
-    default_concurrency: int | None = Field(default=None, ge=1, description="Requests in flight "
-                                            "per tenant (unset: unlimited).")
-    default_max_tokens: int | None = Field(default=None, ge=1, description="Ceiling on a "
-                                           "request's max_tokens, and its default (unset: the context).")
-    default_max_prompt_tokens: int | None = Field(default=None, ge=1, description="Ceiling on a "
-                                                  "request's prompt length in tokens (unset: the context).")
-    default_weight: float = Field(default=1.0, gt=0, le=1000, description="A tenant's share of the "
-                                  "engine when tenants compete, unless the registry sets its own.")
+    # Quotas: default_<limit>, one for every tenant limit, are added below (_with_limit_defaults).
     quota_failure_mode: Literal["open", "closed"] = Field(
         default="open", description="When Redis fails: 'open' serves without quotas (logged and "
         "metered), 'closed' answers 503 with Retry-After.")
@@ -164,3 +153,24 @@ class GatewaySettings(BaseSettings):
     @property
     def base_name(self) -> str:
         return self.served_base_name or self.base_model_id
+
+
+def _with_limit_defaults(settings: type[_Settings]) -> type[_Settings]:
+    """``settings`` plus ``default_<name>`` for every tenant limit (``adapters_registry.limits``):
+    what applies to a tenant whose own limits (``registry set-limits``) leave it unset."""
+    fields: dict[str, Any] = {}
+    for spec in LIMITS:
+        unset = "unlimited" if spec.default is None else f"{spec.default:g}"
+        kind = spec.kind if spec.default is not None else spec.kind | None
+        fields[f"default_{spec.name}"] = (kind, Field(
+            default=spec.default, **spec.bounds(),
+            description=f"Per tenant: {spec.help}, unless the registry sets its own "
+                        f"(unset: {unset})."))
+    return create_model("GatewaySettings", __base__=settings, __module__=__name__,
+                        __doc__=settings.__doc__, **fields)
+
+
+if TYPE_CHECKING:
+    GatewaySettings = _Settings
+else:
+    GatewaySettings = _with_limit_defaults(_Settings)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from adapters_registry import Registry
-from adapters_registry.records import Tenant, TenantLimits
+from adapters_registry.limits import LIMITS, TenantLimits
+from adapters_registry.records import Tenant
 from gateway.errors import OverloadedError
 from gateway.freshness import GenerationWatch, TtlCache
 from gateway.metrics import GatewayMetrics
@@ -37,14 +38,10 @@ _LOG_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
-class Limits:
-    """A tenant's effective limits: its own from the registry, else the gateway's defaults."""
+class Limits(TenantLimits):
+    """A tenant's effective limits: its own from the registry, else the gateway's defaults
+    (every limit of ``adapters_registry.limits``; a weight always has a value)."""
 
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
-    max_tokens: int | None = None
-    max_prompt_tokens: int | None = None
     weight: float = 1.0
 
     @classmethod
@@ -52,8 +49,7 @@ class Limits:
         def pick(name: str) -> Any:
             value = getattr(own, name)
             return getattr(defaults, name) if value is None else value
-        return cls(pick("rpm"), pick("tpm"), pick("concurrency"), pick("max_tokens"),
-                   pick("max_prompt_tokens"), float(pick("weight")))
+        return cls(**{spec.name: pick(spec.name) for spec in LIMITS})
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ class _Strict(BaseModel):
         return v
 
 
-class ChatCompletionRequest(_Strict, _VllmChatRequest):  # type: ignore[misc]
+class ChatCompletionRequest(_Strict, _VllmChatRequest):  # type: ignore[misc]  # vLLM is untyped here (Any base)
     """``POST /v1/chat/completions``: every parameter vLLM's chat endpoint serves."""
 
     model_config = _STRICT
@@ -216,7 +216,7 @@ class ChatCompletionRequest(_Strict, _VllmChatRequest):  # type: ignore[misc]
         return data
 
 
-class CompletionRequest(_Strict, _VllmCompletionRequest):  # type: ignore[misc]
+class CompletionRequest(_Strict, _VllmCompletionRequest):  # type: ignore[misc]  # vLLM is untyped here (Any base)
     """``POST /v1/completions``: plain prompts (one, a batch, or token ids), as vLLM serves them."""
 
     model_config = _STRICT

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import math
 import uuid
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, Protocol, Self, TypeVar
 
 from adapters_registry.records import Tenant
 from gateway.errors import ContextLengthError, InvalidRequestError, RateLimitError
@@ -171,7 +172,13 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{rest}s"
 
 
-B = TypeVar("B")
+class Copyable(Protocol):
+    """A request body: a pydantic model (vLLM's request classes, ours)."""
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self: ...
+
+
+B = TypeVar("B", bound=Copyable)
 
 
 def apply_ceilings(body: B, limits: Limits) -> B:
@@ -181,7 +188,7 @@ def apply_ceilings(body: B, limits: Limits) -> B:
         return body
     asked = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
     if asked is None:
-        return body.model_copy(update={"max_tokens": ceiling})  # type: ignore[attr-defined, no-any-return]
+        return body.model_copy(update={"max_tokens": ceiling})
     if asked > ceiling:
         raise InvalidRequestError(f"max_tokens is {asked}; this key allows at most {ceiling}",
                                   param="max_tokens")

@@ -31,7 +31,7 @@ from loadtest.report import write_report
 from loadtest.runner import SCENARIOS, LoadTestError, PhaseResult, RunSpec, run_phase
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("loadtest", help="measure latency, throughput and adapter swap penalties",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", required=True, help="server base URL (without /v1)")

@@ -14,7 +14,7 @@ from trainer.cli import CLI_ERRORS, report_error
 from trainer.errors import UsageError
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = sub.add_parser("adapter", help="merge an adapter into its base, or compose adapters")
     cmds = a.add_subparsers(dest="adapter_cmd", required=True)
 

@@ -33,7 +33,7 @@ EXIT_BAD_INPUT, EXIT_INCOMPATIBLE, EXIT_GATE_FAILED = 2, 3, 4
 CLI_ERRORS = (TrainerError, RegistryError, FileExistsError)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train a LoRA adapter from a registered template",
                        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

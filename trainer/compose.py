@@ -230,7 +230,7 @@ def _relative_error(model: Any, names: Sequence[str], weights: Sequence[float],
     for path, module in model.base_model.model.named_modules():
         if not isinstance(module, LoraLayer) or _NEW not in module.lora_A:
             continue
-        deltas = [w * module.get_delta_weight(n) for n, w in zip(names, weights, strict=True)]  # type: ignore[attr-defined]
+        deltas = [w * module.get_delta_weight(n) for n, w in zip(names, weights, strict=True)]  # type: ignore[attr-defined]  # a PEFT LoRA layer, typed as nn.Module
         exact = torch.stack(deltas).sum(dim=0)
         prefix = f"base_model.model.{path}"
         got = scaling * tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"]

@@ -211,9 +211,12 @@ def _dpo_trainer(base: Any, tokenizer: Any, template: AdapterTemplate, config: R
                  scratch: Path, progress: bool) -> Any:
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import DPOConfig, DPOTrainer
 
-    class _PreTokenized(DPOTrainer):  # type: ignore[misc]
+    # TRL's package namespace is lazy and re-exports nothing to a type checker
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    class _PreTokenized(DPOTrainer):
         # The rows are tokenized already, with the trainer's own renderer (trainer.sft), which
         # the gateway serves with; TRL's own preparation would render them a second way.
         def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
@@ -272,7 +275,7 @@ def _load_lora_weights(model: Any, adapter_dir: Path) -> None:
                          f"{sorted(result.unexpected_keys)[:5]}, missing {missing[:5]}")
 
 
-class _EpochEnd(TrainerCallback):  # type: ignore[misc]
+class _EpochEnd(TrainerCallback):
     """Feeds each epoch's train and held-out DPO loss to the trainer's EarlyStopping."""
 
     def __init__(self, stopper: EarlyStopping, has_validation: bool) -> None:

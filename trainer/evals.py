@@ -36,9 +36,10 @@ from transformers import GenerationConfig
 from adapters_registry.hashing import sha256_bytes
 from adapters_registry.prompts import prompt_ids
 from trainer.config import RunConfig
-from trainer.data import Message, parse_json_object, validate_messages
+from trainer.data import parse_json_object, validate_messages
 from trainer.errors import DatasetError, LineProblem
 from trainer.gate_result import GateResult
+from trainer.hygiene import Message
 
 MATCH_KINDS = ("exact", "prefix", "contains")
 _GOLDEN_KEYS = frozenset({"messages", "expected", "match"})

@@ -36,7 +36,6 @@ from trainer.data import ChatDataset, prepare_data
 from trainer.errors import GateFailedError, TrainError
 from trainer.evals import (
     EvalSet,
-    GateResult,
     GoldenResult,
     PreferenceResult,
     RegressionResult,
@@ -45,6 +44,7 @@ from trainer.evals import (
     golden_eval,
     regression_eval,
 )
+from trainer.gate_result import GateResult
 from trainer.hygiene import DataReport, Message
 from trainer.loop import EarlyStopping, EpochStats, train_loop
 from trainer.provenance import (

@@ -19,10 +19,36 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
 
-from adapters_registry import REPAIR_COMMAND, Registry, TenantLimits
-from gateway.adapters import CacheName, EvictTarget
+from adapters_registry import REPAIR_COMMAND, GcReport, Registry, TenantLimits
+from gateway.api.admin_models import (
+    AdapterList,
+    AdapterRefIn,
+    AliasIn,
+    AliasSet,
+    AuditPage,
+    CacheState,
+    EvictIn,
+    EvictOut,
+    GcIn,
+    KeyCreated,
+    KeyIn,
+    KeyList,
+    LimitsIn,
+    LimitsOut,
+    PinOut,
+    PrefetchIn,
+    PrefetchOut,
+    PrefetchResult,
+    Revoked,
+    TenantIn,
+    TenantList,
+    TenantOut,
+    UnpinOut,
+    VerifyOut,
+    VersionCreated,
+    VersionState,
+)
 from gateway.api.deps import Services, ServicesDep
 from gateway.errors import (
     AuthenticationFailedError,
@@ -58,111 +84,61 @@ AdminDep = Annotated[Registry, Depends(admin_registry)]
 AdminServicesDep = Annotated[Services, Depends(require_admin)]
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TenantIn(_Body):
-    name: str
-
-
-# Past these a date or duration overflows (datetime ends at year 9999); nobody means them.
-_MAX_DAYS = 100 * 365
-
-
-class KeyIn(_Body):
-    expires_in_days: float | None = Field(default=None, gt=0, le=_MAX_DAYS)
-
-
-class LimitsIn(_Body):
-    """A tenant's quotas and weight; a null (or missing) field means the gateway's default."""
-
-    rpm: int | None = Field(default=None, ge=1, strict=True)
-    tpm: int | None = Field(default=None, ge=1, strict=True)
-    concurrency: int | None = Field(default=None, ge=1, strict=True)
-    max_tokens: int | None = Field(default=None, ge=1, strict=True)
-    max_prompt_tokens: int | None = Field(default=None, ge=1, strict=True)
-    weight: float | None = Field(default=None, gt=0, le=1000)
-
-
-class AliasIn(_Body):
-    version: int = Field(ge=1)
-
-
-class PrefetchIn(_Body):
-    adapters: list[str] = Field(min_length=1, max_length=1000)
-    into: CacheName = "engine"
-
-
-class AdapterRefIn(_Body):
-    adapter: str = Field(min_length=3)
-
-
-class EvictIn(AdapterRefIn):
-    # "from" is the natural word but a Python keyword; the JSON field is "from".
-    where: EvictTarget = Field(default="engine", alias="from")
-
-
-class GcIn(_Body):
-    grace_minutes: float = Field(default=60, ge=0, le=_MAX_DAYS * 24 * 60)
-    dry_run: bool = False
-
-
 async def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return await asyncio.to_thread(fn, *args, **kwargs)  # the registry is synchronous
 
 
 @router.get("/tenants")
-async def list_tenants(reg: AdminDep) -> dict[str, Any]:
-    return {"data": [t.name for t in await _run(reg.list_tenants)]}
+async def list_tenants(reg: AdminDep) -> TenantList:
+    return TenantList(data=[t.name for t in await _run(reg.list_tenants)])
 
 
 @router.post("/tenants", status_code=201, responses=_CHANGE)
-async def create_tenant(body: TenantIn, reg: AdminDep) -> dict[str, Any]:
-    return {"name": (await _run(reg.create_tenant, body.name)).name}
+async def create_tenant(body: TenantIn, reg: AdminDep) -> TenantOut:
+    return TenantOut(name=(await _run(reg.create_tenant, body.name)).name)
 
 
 @router.post("/tenants/{tenant}/keys", status_code=201, responses=_INPUT)
-async def create_key(tenant: str, body: KeyIn, reg: AdminDep) -> dict[str, Any]:
+async def create_key(tenant: str, body: KeyIn, reg: AdminDep) -> KeyCreated:
     expires = (datetime.now(UTC) + timedelta(days=body.expires_in_days)
                if body.expires_in_days else None)
     key = await _run(reg.create_api_key, tenant, expires_at=expires)
-    return {"key": key, "prefix": key[:10], "expires_at": expires, "note": "shown once"}
+    return KeyCreated(key=key, prefix=key[:10], expires_at=expires)
 
 
 @router.get("/tenants/{tenant}/keys", responses=_INPUT)
-async def list_keys(tenant: str, reg: AdminDep) -> dict[str, Any]:
-    return {"data": [k.__dict__ for k in await _run(reg.list_api_keys, tenant)]}
+async def list_keys(tenant: str, reg: AdminDep) -> KeyList:
+    return KeyList(data=await _run(reg.list_api_keys, tenant))
 
 
 @router.delete("/tenants/{tenant}/keys/{prefix}", responses=_INPUT)
-async def revoke_key(tenant: str, prefix: str, reg: AdminDep) -> dict[str, Any]:
-    return {"revoked": await _run(reg.revoke_api_key, tenant, prefix)}
+async def revoke_key(tenant: str, prefix: str, reg: AdminDep) -> Revoked:
+    return Revoked(revoked=await _run(reg.revoke_api_key, tenant, prefix))
 
 
 @router.get("/tenants/{tenant}/limits", responses=_INPUT)
-async def get_limits(tenant: str, reg: AdminDep) -> dict[str, Any]:
-    return asdict(await _run(reg.get_limits, tenant))
+async def get_limits(tenant: str, reg: AdminDep) -> LimitsOut:
+    return LimitsOut(**asdict(await _run(reg.get_limits, tenant)))
 
 
 @router.put("/tenants/{tenant}/limits", responses=_INPUT)
-async def set_limits(tenant: str, body: LimitsIn, reg: AdminDep, svc: AdminServicesDep) -> dict[str, Any]:
+async def set_limits(tenant: str, body: LimitsIn, reg: AdminDep, svc: AdminServicesDep) -> LimitsOut:
     """Replace the tenant's limits; every replica applies them within resolve_ttl_seconds."""
     limits = await _run(reg.set_limits, tenant, TenantLimits(**body.model_dump()))
     svc.quotas.forget(await _run(reg.get_tenant, tenant))
-    return asdict(limits)
+    return LimitsOut(**asdict(limits))
 
 
 @router.get("/tenants/{tenant}/adapters", responses=_INPUT)
-async def list_adapters(tenant: str, reg: AdminDep) -> dict[str, Any]:
+async def list_adapters(tenant: str, reg: AdminDep) -> AdapterList:
     t = await _run(reg.get_tenant, tenant)
-    return {"data": [a.__dict__ for a in await _run(reg.list_adapters, t)]}
+    return AdapterList(data=await _run(reg.list_adapters, t))
 
 
 @router.put("/tenants/{tenant}/adapters/{name}/aliases/{alias}", responses=_CHANGE)
-async def set_alias(tenant: str, name: str, alias: str, body: AliasIn, reg: AdminDep) -> dict[str, Any]:
+async def set_alias(tenant: str, name: str, alias: str, body: AliasIn, reg: AdminDep) -> AliasSet:
     await _run(reg.set_alias, tenant, name, alias, body.version)
-    return {"alias": f"{tenant}/{name}:{alias}", "version": body.version}
+    return AliasSet(alias=f"{tenant}/{name}:{alias}", version=body.version)
 
 
 _UPLOAD_PATH = re.compile(r"/admin/v1/tenants/[^/]+/adapters/[^/]+/versions")
@@ -182,7 +158,7 @@ _ARCHIVE = {"requestBody": {"required": True, "description": "A .tar, .tar.gz or
              responses={**_CHANGE, **documented(422)}, openapi_extra=_ARCHIVE)
 async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep,
                          template: str | None = None, base: str | None = None,
-                         alias: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
+                         alias: Annotated[list[str] | None, Query()] = None) -> VersionCreated:
     """Register a new version from an uploaded .tar, .tar.gz or .zip (the request body)."""
     limit = reg.limits.max_archive_bytes
     declared = request.headers.get("content-length", "")
@@ -202,78 +178,79 @@ async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep
                              aliases=alias or [])
     finally:
         await _run(shutil.rmtree, folder, ignore_errors=True)
-    return {"version": version.ref, "lora_int_id": version.lora_int_id,
-            "content_sha256": version.content_sha256, "files": version.files}
+    return VersionCreated(version=version.ref, lora_int_id=version.lora_int_id,
+                          content_sha256=version.content_sha256, files=version.files)
 
 
 @router.post("/tenants/{tenant}/adapters/{name}/versions/{version}/deprecate", responses=_CHANGE)
-async def deprecate(tenant: str, name: str, version: int, reg: AdminDep) -> dict[str, Any]:
+async def deprecate(tenant: str, name: str, version: int, reg: AdminDep) -> VersionState:
     await _run(reg.deprecate_version, tenant, name, version)
-    return {"version": f"{tenant}/{name}@v{version}", "state": "deprecated"}
+    return VersionState(version=f"{tenant}/{name}@v{version}", state="deprecated")
 
 
 @router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}", responses=_CHANGE)
-async def delete_version(tenant: str, name: str, version: int, reg: AdminDep) -> dict[str, Any]:
+async def delete_version(tenant: str, name: str, version: int, reg: AdminDep) -> VersionState:
     await _run(reg.delete_version, tenant, name, version)
-    return {"version": f"{tenant}/{name}@v{version}", "state": "deleted"}
+    return VersionState(version=f"{tenant}/{name}@v{version}", state="deleted")
 
 
 @router.get("/audit", responses=_INPUT)
-async def audit(reg: AdminDep, subject: str | None = None, limit: int = 100) -> dict[str, Any]:
+async def audit(reg: AdminDep, subject: str | None = None, limit: int = 100) -> AuditPage:
     entries = await _run(reg.audit_log, subject_prefix=subject, limit=min(max(limit, 1), 1000))
-    return {"data": [e.__dict__ for e in entries]}
+    return AuditPage(data=entries)
 
 
 @router.post("/gc", responses=_INPUT)
-async def gc(body: GcIn, reg: AdminDep) -> dict[str, Any]:
-    report = await _run(reg.collect_garbage, grace=timedelta(minutes=body.grace_minutes),
-                        dry_run=body.dry_run)
-    return report.__dict__  # type: ignore[no-any-return]
+async def gc(body: GcIn, reg: AdminDep) -> GcReport:
+    report: GcReport = await _run(reg.collect_garbage, grace=timedelta(minutes=body.grace_minutes),
+                                  dry_run=body.dry_run)
+    return report
 
 
 @router.get("/cache")
-async def cache_state(svc: AdminServicesDep) -> dict[str, Any]:
-    return {**svc.adapters.cache_state(), "engine_reports": await svc.adapters.engine_reports(),
-            "warmup_errors": svc.warmup_errors}
+async def cache_state(svc: AdminServicesDep) -> CacheState:
+    return CacheState(**svc.adapters.cache_state(), engine_reports=await svc.adapters.engine_reports(),
+                      warmup_errors=svc.warmup_errors)
 
 
 @router.post("/cache/prefetch", responses=_INPUT)
-async def prefetch(body: PrefetchIn, svc: AdminServicesDep) -> dict[str, Any]:
+async def prefetch(body: PrefetchIn, svc: AdminServicesDep) -> PrefetchOut:
     """Warm each adapter into ``into``; one result per adapter, failures included."""
     results = []
     for ref in dict.fromkeys(body.adapters):
         try:
             version = await svc.tenants.resolve_ref(ref)
             before = await svc.adapters.prefetch(version, body.into)
-            results.append({"adapter": ref, "version": version.ref, "was": before, "error": None})
+            results.append(PrefetchResult(adapter=ref, version=version.ref, was=before, error=None))
         except GatewayError as exc:
-            results.append({"adapter": ref, "version": None, "was": None, "error": exc.body()["error"]})
-    return {"into": body.into, "data": results,
-            "failed": sum(1 for r in results if r["error"] is not None)}
+            results.append(PrefetchResult(adapter=ref, version=None, was=None,
+                                          error=exc.body()["error"]))
+    return PrefetchOut(into=body.into, data=results,
+                       failed=sum(1 for r in results if r.error is not None))
 
 
 @router.post("/cache/pin", responses=_CHANGE)
-async def pin(body: AdapterRefIn, svc: AdminServicesDep) -> dict[str, Any]:
+async def pin(body: AdapterRefIn, svc: AdminServicesDep) -> PinOut:
     version = await svc.tenants.resolve_ref(body.adapter)
     was = await svc.adapters.pin(version)
-    return {"adapter": version.ref, "pinned": True, "was": was or "pinned"}
+    return PinOut(adapter=version.ref, was=was or "pinned")
 
 
 @router.post("/cache/unpin", responses=_INPUT)
-async def unpin(body: AdapterRefIn, svc: AdminServicesDep) -> dict[str, Any]:
+async def unpin(body: AdapterRefIn, svc: AdminServicesDep) -> UnpinOut:
     version = await svc.tenants.resolve_ref(body.adapter)
-    return {"adapter": version.ref, "pinned": False, "changed": svc.adapters.unpin(version)}
+    return UnpinOut(adapter=version.ref, changed=svc.adapters.unpin(version))
 
 
 @router.post("/cache/evict", responses=_CHANGE)
-async def evict(body: EvictIn, svc: AdminServicesDep) -> dict[str, Any]:
+async def evict(body: EvictIn, svc: AdminServicesDep) -> EvictOut:
     version = await svc.tenants.resolve_ref(body.adapter)
-    return {"adapter": version.ref, "evicted_from": await svc.adapters.evict(version, body.where)}
+    return EvictOut(adapter=version.ref, evicted_from=await svc.adapters.evict(version, body.where))
 
 
 @router.post("/verify")
-async def verify(reg: AdminDep) -> dict[str, Any]:
+async def verify(reg: AdminDep) -> VerifyOut:
     """Re-hash every stored blob a live version uses; report the missing and corrupt ones."""
     report = await _run(reg.verify_blobs)
-    return {"checked": report.checked, "problems": [p.__dict__ for p in report.problems],
-            "repair": f"{REPAIR_COMMAND} (on a machine with the adapter's original files)"}
+    return VerifyOut(checked=report.checked, problems=report.problems,
+                     repair=f"{REPAIR_COMMAND} (on a machine with the adapter's original files)")

@@ -27,10 +27,10 @@ from adapters_registry.records import Tenant
 from gateway.api.deps import ServicesDep, TenantDep
 from gateway.errors import ClientGoneError, OverloadedError
 from gateway.request import RequestScope, ScopeDep
-from gateway.usage import UsageMeter, apply_ceilings
+from gateway.usage import Copyable, UsageMeter, apply_ceilings
 
 
-class _Body(Protocol):
+class _Body(Copyable, Protocol):
     model: str
 
 

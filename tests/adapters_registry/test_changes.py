@@ -10,9 +10,9 @@ import pytest
 from psycopg import sql
 from sqlalchemy.orm import Session
 
+from adapters_registry import TenantLimits
 from adapters_registry.changes import CHANNEL_SQL, Change, listen_params, publish
 from adapters_registry.errors import ConflictError, ValidationError
-from adapters_registry.records import TenantLimits
 from tests.conftest import copy_adapter
 
 

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters_registry import TenantLimits
 from adapters_registry.changes import CHANNEL_SQL, listen_params
-from adapters_registry.records import TenantLimits
 from gateway.invalidation import ChangeListener
 from gateway.metrics import GatewayMetrics
 from lora_gateway.cli import main

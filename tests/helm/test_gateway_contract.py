@@ -131,3 +131,16 @@ def test_migration_job_runs_a_real_command() -> None:
     c = job["spec"]["template"]["spec"]["containers"][0]
     args = build_parser().parse_args(c["args"])
     assert (args.command, args.registry_cmd) == ("registry", "migrate")
+
+
+def test_every_tenant_limit_has_a_default_in_the_values_schema_with_its_own_bounds() -> None:
+    # adapters_registry.limits defines every limit once; the chart's schema is a static file,
+    # so it is checked here: a new limit fails this test until its default_<name> is added.
+    from adapters_registry import LIMITS
+
+    settings = schema()["properties"]["gateway"]["properties"]["settings"]["properties"]
+    for spec in LIMITS:
+        entry = settings.get(f"default_{spec.name}")
+        assert entry is not None, (f"values.schema.json: gateway.settings has no default_{spec.name}; "
+                                   f"add {spec.json_schema()} with a description")
+        assert {k: v for k, v in entry.items() if k != "description"} == spec.json_schema(), spec.name
