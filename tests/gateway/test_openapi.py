@@ -85,3 +85,17 @@ def test_a_validation_error_is_the_documented_400(gw: Gateway, body: dict[str, A
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"}
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_every_admin_answer_has_a_documented_body(tmp_path) -> None:
+    doc = document(tmp_path, admin_api_key=ADMIN_KEY)
+    schemas = doc["components"]["schemas"]
+    for path, method, op in operations(doc):
+        if not path.startswith("/admin/v1/"):
+            continue
+        ok = next(status for status in op["responses"] if status.startswith("2"))
+        schema = op["responses"][ok]["content"]["application/json"]["schema"]
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        assert schemas[name].get("properties"), (method, path, name)  # a body, not "any object"
+    limits = schemas["Limits"]["properties"]
+    assert set(limits) == {"rpm", "tpm", "concurrency", "max_tokens", "max_prompt_tokens", "weight"}
