@@ -1,9 +1,45 @@
-"""adapters_registry: stores LoRA adapters and refuses what the served base cannot run."""
+"""adapters_registry: stores LoRA adapters and refuses what the served base cannot run.
+
+What other parts (the gateway, the trainer, the command) may use is named here, and
+only here (tests/test_architecture.py checks it): the ``Registry`` service and the
+records it hands out, the checks it runs, the errors it raises, and the shared helpers
+the gateway and the trainer must agree with it on (content hashing, prompt rendering,
+API key hashing, change notices).
+"""
 
 from adapters_registry._audit import AuditEntry
 from adapters_registry._integrity import REPAIR_COMMAND, BlobProblem, GcReport, VerifyReport
-from adapters_registry.compat import Limits, Violation, check_adapter
+from adapters_registry.changes import ADAPTER_KINDS, CHANNEL_SQL, Change, listen_params
+from adapters_registry.compat import CONFIG_FILE, WEIGHTS_FILE, Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
+from adapters_registry.errors import (
+    ArtifactError,
+    AuthenticationError,
+    ChatTemplateRenderError,
+    ChecksumMismatchError,
+    ConflictError,
+    ContractError,
+    DatabaseError,
+    IncompatibleAdapterError,
+    ManifestError,
+    NotFoundError,
+    RegistryError,
+    SourceError,
+    TamperedRecordError,
+    TemplateError,
+    ValidationError,
+)
+from adapters_registry.hashing import (
+    canonical_json,
+    check_digest,
+    check_record,
+    is_digest,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+    sha256_tree,
+)
+from adapters_registry.keys import key_hash
 from adapters_registry.limits import LIMITS, LimitSpec, TenantLimits
 from adapters_registry.manifest import AdapterManifest
 from adapters_registry.names import (
@@ -13,6 +49,9 @@ from adapters_registry.names import (
     parse_qualified_model,
     validate_name,
 )
+from adapters_registry.options import add_registry_options
+from adapters_registry.peft_config import template_from_adapter_config
+from adapters_registry.prompts import prompt_ids, render_chat, stop_token_ids
 from adapters_registry.records import AdapterInfo, AdapterVersion, ApiKeyInfo, Tenant
 from adapters_registry.s3 import S3Config, S3Store
 from adapters_registry.service import Registry
@@ -20,34 +59,69 @@ from adapters_registry.store import ArtifactStore, FilesystemStore
 from adapters_registry.template import AdapterTemplate, expected_tensors
 
 __all__ = [
+    "ADAPTER_KINDS",
+    "CHANNEL_SQL",
+    "CONFIG_FILE",
     "LIMITS",
     "REPAIR_COMMAND",
+    "WEIGHTS_FILE",
     "AdapterInfo",
     "AdapterManifest",
     "AdapterRef",
     "AdapterTemplate",
     "AdapterVersion",
     "ApiKeyInfo",
+    "ArtifactError",
     "ArtifactStore",
     "AuditEntry",
+    "AuthenticationError",
     "BaseContract",
     "BlobProblem",
+    "Change",
+    "ChatTemplateRenderError",
+    "ChecksumMismatchError",
+    "ConflictError",
+    "ContractError",
+    "DatabaseError",
     "FilesystemStore",
     "GcReport",
+    "IncompatibleAdapterError",
     "LimitSpec",
     "Limits",
+    "ManifestError",
     "ModelRef",
+    "NotFoundError",
     "Registry",
+    "RegistryError",
     "S3Config",
     "S3Store",
+    "SourceError",
+    "TamperedRecordError",
+    "TemplateError",
     "Tenant",
     "TenantLimits",
+    "ValidationError",
     "VerifyReport",
     "Violation",
+    "add_registry_options",
+    "canonical_json",
     "check_adapter",
+    "check_digest",
+    "check_record",
     "derive_contract",
     "expected_tensors",
+    "is_digest",
+    "key_hash",
+    "listen_params",
     "parse_adapter_ref",
     "parse_qualified_model",
+    "prompt_ids",
+    "render_chat",
+    "sha256_bytes",
+    "sha256_file",
+    "sha256_json",
+    "sha256_tree",
+    "stop_token_ids",
+    "template_from_adapter_config",
     "validate_name",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ from adapters_registry.errors import (
 )
 from adapters_registry.limits import LIMITS
 from adapters_registry.names import AdapterRef, parse_adapter_ref
+from adapters_registry.options import add_database_option, add_registry_options
 from adapters_registry.service import Registry
 from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
 
@@ -44,27 +44,6 @@ EXIT_CODES: tuple[tuple[type[RegistryError], int], ...] = (
     (DatabaseError, 6),
     (RegistryError, 2),
 )
-
-
-def _db_option(p: argparse.ArgumentParser) -> None:
-    # --database-url and --artifacts-dir are `serve`'s names for the same settings
-    p.add_argument("--db", "--database-url", dest="db",
-                   default=os.environ.get("LGW_DATABASE_URL", "sqlite:///lora-gateway.db"),
-                   help="SQLAlchemy URL of the registry database (env LGW_DATABASE_URL)")
-
-
-def add_registry_options(p: argparse.ArgumentParser) -> None:
-    _db_option(p)
-    p.add_argument("--artifacts", "--artifacts-dir", dest="artifacts",
-                   default=os.environ.get("LGW_ARTIFACTS_DIR", "artifacts"),
-                   help="artifact folder or s3://bucket/prefix (env LGW_ARTIFACTS_DIR)")
-    p.add_argument("--s3-endpoint", default=os.environ.get("LGW_S3_ENDPOINT_URL"),
-                   help="S3 endpoint for non-AWS servers (env LGW_S3_ENDPOINT_URL)")
-    p.add_argument("--s3-region", default=os.environ.get("LGW_S3_REGION", "us-east-1"))
-    p.add_argument("--actor", default=os.environ.get("USER") or "cli",
-                   help="who is making the change, for the audit trail (default: $USER)")
-    p.add_argument("--db-lock-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="how long to wait for another writer's lock on a SQLite database")
 
 
 def _ref(a: argparse.Namespace) -> AdapterRef:
@@ -79,7 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = cmds.add_parser("migrate", help="apply the database migrations, then exit (once per release, "
                         "before the gateways start)")
-    _db_option(p)
+    add_database_option(p)
 
     p = cmds.add_parser("add-base", parents=[common], help="register a base model directory's contract")
     p.add_argument("model_id")

@@ -6,7 +6,7 @@ gateway's default, and whether the quota store (Redis, or the in-process store) 
 it or the gateway checks it on each request. Everything else is built from ``LIMITS``:
 the registry's table columns (``db.TenantLimitsRow``) and validation, the registry
 CLI's ``set-limits`` flags, the admin API's body and answer, the gateway's
-``default_*`` settings, its effective limits (``gateway.quotas.Limits``); the chart's
+``default_*`` settings, its effective limits (``gateway.protection.quotas.Limits``); the chart's
 values schema is checked against it by ``tests/helm``. Adding a limit is one field here
 plus a migration (and the code that enforces it).
 """

@@ -1,6 +1,6 @@
 """The fleet model: N replicas x M adapters under Zipf tenant/adapter traffic, by routing policy.
 
-Each replica has the gateway's three adapter tiers (gateway/adapters.py), each an LRU:
+Each replica has the gateway's three adapter tiers (gateway/residency/manager.py), each an LRU:
 batch slots (``max_loras``), engine memory (``max_cpu_loras``) and the local disk; a
 request's tier is the highest one holding its adapter (``slot_hit``, ``engine_hit``,
 ``disk_hit``, else ``remote_fetch``), and the adapter then enters every tier. A replica

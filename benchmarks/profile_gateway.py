@@ -33,7 +33,7 @@ STAGES = {
                                                          "detokenizer"),
     "chat template + tokenize": ("apply_chat_template", "prompt_ids", "render"),
     "name resolution and keys": ("tenancy.py", "authenticate", "resolve"),
-    "adapter residency": ("gateway/adapters.py",),
+    "adapter residency": ("gateway/residency/manager.py",),
     "request validation (pydantic, FastAPI)": ("fastapi/routing", "fastapi/dependencies",
                                                "pydantic"),
     "SSE framing and sending": ("_sse", "_data", "json/encoder", "starlette/responses",

@@ -28,11 +28,10 @@ from pathlib import Path
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from adapters_registry import AdapterTemplate, BaseContract, FilesystemStore, Registry
+from adapters_registry import AdapterTemplate, BaseContract, FilesystemStore, Registry, Tenant
 from adapters_registry.db import AdapterRow, AdapterVersionRow, AliasRow, make_engine
-from adapters_registry.records import Tenant
-from gateway.freshness import GenerationWatch
-from gateway.tenancy import TenantDirectory
+from gateway.tenancy.directory import TenantDirectory
+from gateway.tenancy.freshness import GenerationWatch
 
 _CONTRACT = BaseContract(
     model_id="bench-base", revision="b" * 64, architecture="LlamaForCausalLM", hidden_size=128,

@@ -65,15 +65,19 @@ COMMON: dict[str, list[str]] = {
 GATEWAY: dict[str, list[str]] = {
     "auth": ["gateway.api.deps:authenticate"],
     "quota lease and prompt-token charge": [
-        "gateway.api.guard:guard", "gateway.api.guard:Guard.check", "gateway.usage:UsageMeter.open",
-        "gateway.usage:UsageMeter.admit", "gateway.usage:UsageMeter.prompt"],
-    "admission": ["gateway.api.guard:Guard.admit", "gateway.admission:FairAdmission.acquire"],
-    "resolve": ["gateway.tenancy:TenantDirectory.parse", "gateway.tenancy:TenantDirectory.resolve",
+        "gateway.api.guard:guard", "gateway.api.guard:Guard.check",
+        "gateway.protection.usage:UsageMeter.open", "gateway.protection.usage:UsageMeter.admit",
+        "gateway.protection.usage:UsageMeter.prompt"],
+    "admission": ["gateway.api.guard:Guard.admit",
+                  "gateway.protection.admission:FairAdmission.acquire"],
+    "resolve": ["gateway.tenancy.directory:TenantDirectory.parse",
+                "gateway.tenancy.directory:TenantDirectory.resolve",
                 "gateway.engine.openai:_Routing._check_model",
                 "gateway.engine.openai:_Routing._maybe_get_adapters"],
-    "adapter acquire": ["gateway.serving:OpenAIService._acquire", "gateway.adapters:AdapterManager.use"],
+    "adapter acquire": ["gateway.engine.serving:OpenAIService._acquire",
+                        "gateway.residency.manager:AdapterManager.use"],
     OTHER: ["gateway.api.routes:chat_completions", "gateway.api.guard:Guard.serve",
-            "gateway.serving:OpenAIService.chat", "gateway.serving:OpenAIService._serve",
+            "gateway.engine.serving:OpenAIService.chat", "gateway.engine.serving:OpenAIService._serve",
             "gateway.engine.openai:VllmOpenAI._call", "gateway.engine.openai:_MeteredClient.generate"],
 }
 VLLM: dict[str, list[str]] = {

@@ -20,39 +20,41 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import make_url
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_registry import LIMITS, Registry
-from adapters_registry.contract import BaseContract, derive_contract
-from adapters_registry.errors import (
+from adapters_registry import (
+    LIMITS,
     ArtifactError,
+    BaseContract,
     ConflictError,
     DatabaseError,
     IncompatibleAdapterError,
     NotFoundError,
+    Registry,
     RegistryError,
     ValidationError,
+    derive_contract,
 )
-from gateway.adapters import AdapterManager
-from gateway.admission import FairAdmission
-from gateway.admission_limit import LatencyTarget
 from gateway.api.admin import is_upload_path
 from gateway.api.admin import router as admin_router
 from gateway.api.deps import Services
+from gateway.api.middleware import METRICS_PATH, BodySizeLimit, MetricsPortSplit
+from gateway.api.request import RequestEdge
 from gateway.api.routes import router
 from gateway.config import GatewaySettings
-from gateway.disk_cache import DiskCache
 from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
+from gateway.engine.serving import OpenAIService
 from gateway.errors import BaseMismatchError, GatewayError, error_body
-from gateway.fair_share import FairShare
-from gateway.freshness import GenerationWatch
-from gateway.invalidation import start_listener
-from gateway.metrics import GatewayMetrics
-from gateway.middleware import METRICS_PATH, BodySizeLimit, MetricsPortSplit
-from gateway.msp import ModelServerProtocol
-from gateway.quotas import Limits, LocalQuotaStore, Quotas, QuotaStore
-from gateway.request import RequestEdge
-from gateway.serving import OpenAIService
-from gateway.tenancy import TenantDirectory
+from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.msp import ModelServerProtocol
+from gateway.protection.admission import FairAdmission
+from gateway.protection.admission_limit import LatencyTarget
+from gateway.protection.fair_share import FairShare
+from gateway.protection.quotas import Limits, LocalQuotaStore, Quotas, QuotaStore
+from gateway.residency.disk_cache import DiskCache
+from gateway.residency.manager import AdapterManager
+from gateway.tenancy.directory import TenantDirectory
+from gateway.tenancy.freshness import GenerationWatch
+from gateway.tenancy.invalidation import start_listener
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ def quota_store(settings: GatewaySettings) -> QuotaStore:
         logger.warning("quotas: no redis_url, so rate limits are per process: each replica "
                        "allows a tenant its full limit")
         return LocalQuotaStore()
-    from gateway._redis_quotas import RedisQuotaStore  # imports redis: only when configured
+    from gateway.protection.redis_quotas import RedisQuotaStore  # imports redis: only when configured
 
     # Tenant ids are per registry database: its address (less any password) names the keys.
     database = make_url(settings.database_url).render_as_string(hide_password=True)
@@ -178,7 +180,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
 
         disk = await asyncio.to_thread(DiskCache, settings.cache_dir, settings.disk_cache_max_bytes)
         # One read of the registry's change counter keeps every cached key, resolution and
-        # limit fresh (gateway.freshness), instead of one lookup per entry in use.
+        # limit fresh (gateway.tenancy.freshness), instead of one lookup per entry in use.
         watch = GenerationWatch(registry.generation, settings.resolve_ttl_seconds)
         tenants = TenantDirectory(registry, served_base=(contract.model_id, contract.revision),
                                   ttl=settings.resolve_ttl_seconds, watch=watch,
@@ -198,7 +200,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         # Fair: an eighth of the slots is kept for tenants with nothing in flight (see admission).
         reserve = settings.max_in_flight // 8 if settings.fair_scheduling else 0
         # The engine's priorities: a light tenant's request may pass as many waiting in the
-        # engine as the gateway admits at once (gateway.fair_share).
+        # engine as the gateway admits at once (gateway.protection.fair_share).
         share = (FairShare(slack=settings.max_in_flight)
                  if settings.scheduling_policy == "priority" else None)
         target = (None if settings.admission_tpot_target_ms is None else

@@ -10,7 +10,7 @@ from pydantic import ByteSize, Field, SecretStr, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters_registry import LIMITS
-from gateway.logs import LogFormat
+from gateway.observability.logs import LogFormat
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 LoraRank = Literal[8, 16, 32, 64, 128, 256, 512]  # the ranks vLLM accepts

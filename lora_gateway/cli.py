@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from gateway.cli import serve_settings
-    from gateway.config import GatewaySettings
-    from gateway.logs import configure_logging, quiet_known_harmless
+    from gateway import GatewaySettings, configure_logging, quiet_known_harmless, serve_settings
     from lora_gateway.demo import ENGINE_START_SECONDS, banner, prepare
 
     home = (args.home / args.base).resolve()

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from adapters_registry import AdapterTemplate, Registry, derive_contract
-from adapters_registry.errors import ConflictError, NotFoundError
-from adapters_registry.hashing import sha256_json
-from adapters_registry.records import Tenant
+from adapters_registry import (
+    AdapterTemplate,
+    ConflictError,
+    NotFoundError,
+    Registry,
+    Tenant,
+    derive_contract,
+    sha256_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +80,7 @@ def prepare(
     ``announce`` is told before each long step (building the base, training an adapter)
     what it is and how long it takes; ``progress`` shows the training progress bars.
     """
-    from trainer.bases import prepare_base
-    from trainer.config import RunConfig
-    from trainer.data import load_chat_jsonl
-    from trainer.train import train_adapter
+    from trainer import RunConfig, load_chat_jsonl, prepare_base, train_adapter
 
     say = announce or (lambda _: None)
     home.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,18 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from adapters_registry.prompts import prompt_ids, stop_token_ids
-from gateway.engine import Engine, LoraSpec, SamplingSpec
-from trainer.errors import MergeError, ParityError
-from trainer.merge import DEFAULT_PROMPTS, greedy_ids, load_checked_adapter, load_peft
-from trainer.runtime import threads_for, torch_threads
+from adapters_registry import prompt_ids, stop_token_ids
+from gateway import Engine, LoraSpec, SamplingSpec
+from trainer import (
+    DEFAULT_PROMPTS,
+    MergeError,
+    ParityError,
+    greedy_ids,
+    load_checked_adapter,
+    load_peft,
+    threads_for,
+    torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 

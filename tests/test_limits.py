@@ -13,7 +13,7 @@ from adapters_registry import LIMITS, TenantLimits
 from adapters_registry.db import TenantLimitsRow
 from gateway.api.admin_models import LimitsIn, LimitsOut
 from gateway.config import GatewaySettings
-from gateway.quotas import Limits
+from gateway.protection.quotas import Limits
 from lora_gateway.cli import build_parser
 
 NAMES = [spec.name for spec in LIMITS]

@@ -7,9 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from adapters_registry.cli import add_registry_options
-from adapters_registry.names import parse_adapter_ref
-from adapters_registry.service import Registry
+from adapters_registry import Registry, add_registry_options, parse_adapter_ref
 from trainer.cli import CLI_ERRORS, report_error
 from trainer.errors import UsageError
 

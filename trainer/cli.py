@@ -21,10 +21,15 @@ from typing import Any
 
 import yaml
 
-from adapters_registry.cli import add_registry_options
-from adapters_registry.errors import IncompatibleAdapterError, RegistryError
-from adapters_registry.names import parse_adapter_ref, parse_qualified_model, validate_name
-from adapters_registry.service import Registry
+from adapters_registry import (
+    IncompatibleAdapterError,
+    Registry,
+    RegistryError,
+    add_registry_options,
+    parse_adapter_ref,
+    parse_qualified_model,
+    validate_name,
+)
 from trainer.errors import ConfigError, GateFailedError, TrainerError, UsageError
 
 DEFAULT_CACHE = Path(".cache")

@@ -33,11 +33,15 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from adapters_registry.compat import WEIGHTS_FILE, check_adapter
-from adapters_registry.contract import BaseContract, derive_contract
-from adapters_registry.hashing import sha256_json
-from adapters_registry.manifest import AdapterManifest
-from adapters_registry.template import AdapterTemplate
+from adapters_registry import (
+    WEIGHTS_FILE,
+    AdapterManifest,
+    AdapterTemplate,
+    BaseContract,
+    check_adapter,
+    derive_contract,
+    sha256_json,
+)
 from trainer.errors import CompositionError
 from trainer.provenance import (
     TRAINING_CONFIG_FILE,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters_registry.template import AdapterTemplate
+from adapters_registry import AdapterTemplate
 from trainer.errors import ConfigError
 
 _SHAPE_FIELDS = frozenset(f.name for f in dataclasses.fields(AdapterTemplate)) | {

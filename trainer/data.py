@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from adapters_registry.hashing import canonical_json, sha256_bytes
+from adapters_registry import canonical_json, sha256_bytes
 from trainer.config import RunConfig
 from trainer.errors import DatasetError, LineProblem
 from trainer.hygiene import DataReport, HygieneItem, Message, clean_and_split, dialogue_text, system_text

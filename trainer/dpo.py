@@ -32,8 +32,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
-from adapters_registry.contract import derive_contract
-from adapters_registry.template import AdapterTemplate
+from adapters_registry import AdapterTemplate, derive_contract
 from trainer.config import RunConfig
 from trainer.errors import TrainError
 from trainer.evals import EncodedPair, EvalSet, check_gates, preference_eval

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from adapters_registry.hashing import sha256_bytes
-from adapters_registry.prompts import prompt_ids
+from adapters_registry import prompt_ids, sha256_bytes
 from trainer.config import RunConfig
 from trainer.data import parse_json_object, validate_messages
 from trainer.errors import DatasetError, LineProblem

@@ -28,13 +28,20 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters_registry.compat import CONFIG_FILE, check_adapter
-from adapters_registry.contract import BaseContract, derive_contract
-from adapters_registry.errors import ContractError, ManifestError, TemplateError
-from adapters_registry.manifest import AdapterManifest
-from adapters_registry.peft_config import template_from_adapter_config
-from adapters_registry.prompts import prompt_ids, stop_token_ids
-from adapters_registry.template import AdapterTemplate
+from adapters_registry import (
+    CONFIG_FILE,
+    AdapterManifest,
+    AdapterTemplate,
+    BaseContract,
+    ContractError,
+    ManifestError,
+    TemplateError,
+    check_adapter,
+    derive_contract,
+    prompt_ids,
+    stop_token_ids,
+    template_from_adapter_config,
+)
 from trainer.errors import MergeError, ParityError
 from trainer.provenance import content_sha256
 from trainer.runtime import atomic_dir, library_versions, threads_for, torch_threads

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters_registry.hashing import canonical_json
+from adapters_registry import canonical_json
 from trainer.config import RunConfig
 from trainer.data import parse_json_object, read_jsonl, validate_messages
 from trainer.hygiene import (

@@ -11,11 +11,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adapters_registry.compat import check_adapter
-from adapters_registry.contract import BaseContract
-from adapters_registry.hashing import sha256_file, sha256_tree
-from adapters_registry.manifest import AdapterManifest
-from adapters_registry.template import AdapterTemplate
+from adapters_registry import (
+    AdapterManifest,
+    AdapterTemplate,
+    BaseContract,
+    check_adapter,
+    sha256_file,
+    sha256_tree,
+)
 from trainer.errors import TrainError
 from trainer.runtime import library_versions
 

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_registry.errors import ChatTemplateRenderError
-from adapters_registry.prompts import render_chat
+from adapters_registry import ChatTemplateRenderError, render_chat
 from trainer.errors import ChatTemplateError
 
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips

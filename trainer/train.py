@@ -26,11 +26,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
-from adapters_registry.contract import BaseContract, derive_contract
-from adapters_registry.hashing import sha256_bytes
-from adapters_registry.manifest import AdapterManifest
-from adapters_registry.prompts import stop_token_ids
-from adapters_registry.template import AdapterTemplate
+from adapters_registry import (
+    AdapterManifest,
+    AdapterTemplate,
+    BaseContract,
+    derive_contract,
+    sha256_bytes,
+    stop_token_ids,
+)
 from trainer.config import RunConfig
 from trainer.data import ChatDataset, prepare_data
 from trainer.errors import GateFailedError, TrainError

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from adapters_registry import LIMITS, AdapterInfo, ApiKeyInfo, AuditEntry, BlobProblem, GcReport
-from gateway.adapters import CacheName, EvictTarget
 from gateway.errors import ErrorDetail
+from gateway.residency.manager import CacheName, EvictTarget
 
 # Past these a date or duration overflows (datetime ends at year 9999); nobody means them.
 _MAX_DAYS = 100 * 365

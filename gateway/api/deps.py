@@ -7,17 +7,16 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from adapters_registry import Registry
-from adapters_registry.records import Tenant
-from gateway.adapters import AdapterManager
-from gateway.admission import FairAdmission
+from adapters_registry import Registry, Tenant
+from gateway.api.request import ScopeDep
 from gateway.config import GatewaySettings
+from gateway.engine.serving import OpenAIService
 from gateway.errors import AuthenticationFailedError
-from gateway.metrics import GatewayMetrics
-from gateway.quotas import Quotas
-from gateway.request import ScopeDep
-from gateway.serving import OpenAIService
-from gateway.tenancy import TenantDirectory
+from gateway.observability.metrics import GatewayMetrics
+from gateway.protection.admission import FairAdmission
+from gateway.protection.quotas import Quotas
+from gateway.residency.manager import AdapterManager
+from gateway.tenancy.directory import TenantDirectory
 
 
 @dataclass

@@ -12,7 +12,7 @@ The wiring is three lines in a route::
 lease (429 over a limit). A client that disconnects while queued, or before its answer
 starts, is let go: the service call is cancelled, which aborts its engine request (a
 started stream is watched by the streaming response itself). Lease and slot are released
-by the request's scope (``gateway.request``) once the answer is complete.
+by the request's scope (``gateway.api.request``) once the answer is complete.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Depends, Request
 
-from adapters_registry.records import Tenant
+from adapters_registry import Tenant
 from gateway.api.deps import ServicesDep, TenantDep
+from gateway.api.request import RequestScope, ScopeDep
 from gateway.errors import ClientGoneError, OverloadedError
-from gateway.request import RequestScope, ScopeDep
-from gateway.usage import Copyable, UsageMeter, apply_ceilings
+from gateway.protection.usage import Copyable, UsageMeter, apply_ceilings
 
 
 class _Body(Copyable, Protocol):

@@ -11,10 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import ServicesDep, TenantDep
 from gateway.api.guard import GuardDep
+from gateway.api.request import ScopeDep
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.engine.serving import Answer
 from gateway.errors import documented
-from gateway.request import ScopeDep
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from gateway.serving import Answer
 
 router = APIRouter()
 TIER_HEADER = "x-lora-gateway-adapter-tier"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from gateway.schemas import ChatCompletionRequest, CompletionRequest
+    from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine import exceptions as vllm_exc
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.engine.base import LoraSpec, Meter, Route, ServingOptions, ServingResult
 from gateway.errors import (
     EngineDeadError,
@@ -54,7 +55,6 @@ from gateway.errors import (
     InvalidRequestError,
     ServingLayerMismatchError,
 )
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 _route: ContextVar[Route] = ContextVar("lgw_route")

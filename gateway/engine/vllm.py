@@ -50,7 +50,7 @@ class _SchedulerStatsSink(StatLoggerBase):
     """vLLM's stat-logger hook, keeping only the scheduler's latest report.
 
     vLLM calls ``record`` on the event loop with every engine step's outputs; the
-    gateway publishes the numbers itself (``gateway.msp``), so nothing is logged here.
+    gateway publishes the numbers itself (``gateway.observability.msp``), so nothing is logged here.
     """
 
     def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:

@@ -116,7 +116,7 @@ def test_each_registry_schema_has_a_channel_of_its_own(registry_env) -> None:
 def test_every_published_change_bumps_the_generation_once_and_only_on_commit(
         registry_env, trained_adapters, tmp_path) -> None:
     # The gateway's caches trust everything they hold while two readings are equal
-    # (gateway.freshness): every change they could hold stale must move it.
+    # (gateway.tenancy.freshness): every change they could hold stale must move it.
     reg = registry_env.registry
     acme = reg.get_tenant("acme")
     seen = [reg.generation()]

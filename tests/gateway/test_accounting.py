@@ -8,8 +8,8 @@ from typing import Any
 
 from adapters_registry import TenantLimits
 from adapters_registry.records import Tenant
-from gateway.metrics import GatewayMetrics
-from gateway.request import RequestEdge, RequestScope
+from gateway.api.request import RequestEdge, RequestScope
+from gateway.observability.metrics import GatewayMetrics
 from tests.gateway.conftest import Gateway
 from tests.gateway.test_quotas import metric
 

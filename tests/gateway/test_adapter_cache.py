@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 
 from adapters_registry.errors import ArtifactError
-from gateway.adapters import AdapterManager
-from gateway.disk_cache import DiskCache
 from gateway.errors import (
     AdapterUnavailableError,
     CacheConflictError,
     ModelNotFoundError,
     OverloadedError,
 )
-from gateway.metrics import GatewayMetrics
-from gateway.tenancy import TenantDirectory
+from gateway.observability.metrics import GatewayMetrics
+from gateway.residency.disk_cache import DiskCache
+from gateway.residency.manager import AdapterManager
+from gateway.tenancy.directory import TenantDirectory
 from tests.conftest import copy_adapter
 from tests.gateway.conftest import Gateway
 from tests.gateway.fakes import FakeEngine

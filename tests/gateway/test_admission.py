@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from gateway.admission import FairAdmission, Slot
 from gateway.errors import ClientGoneError, OverloadedError, RateLimitError
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
+from gateway.protection.admission import FairAdmission, Slot
 
 
 async def _served_order(adm: FairAdmission, arrivals: list[tuple[str, float]]) -> list[str]:
@@ -208,7 +208,7 @@ async def test_tenants_are_compared_in_tokens_not_requests() -> None:
 
 
 async def test_slots_carry_the_engine_priority_of_their_tenants_share() -> None:
-    from gateway.fair_share import FairShare
+    from gateway.protection.fair_share import FairShare
 
     adm = FairAdmission(8, share=FairShare(slack=8))
     assert (await adm.acquire("x")).priority is not None

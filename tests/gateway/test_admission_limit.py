@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway.admission import FairAdmission
-from gateway.admission_limit import LatencyTarget
+from gateway.protection.admission import FairAdmission
+from gateway.protection.admission_limit import LatencyTarget
 from tests.gateway.fakes import Clock
 
 

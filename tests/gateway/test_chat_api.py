@@ -203,7 +203,7 @@ def test_engine_invalid_parameters_are_400(gw: Gateway, extra: dict) -> None:
 def test_log_lines_carry_request_id_and_tenant(gw: Gateway, caplog) -> None:
     import logging
 
-    from gateway.logs import RequestContextFilter
+    from gateway.observability.logs import RequestContextFilter
 
     caplog.handler.addFilter(RequestContextFilter())
     with caplog.at_level(logging.INFO):
@@ -290,7 +290,7 @@ def test_every_choice_and_prompt_is_metered(gw: Gateway, caplog) -> None:
         return [(r.status, r.prompt_tokens, r.completion_tokens) for r in caplog.records
                 if r.getMessage().startswith("served model=acme/support-bot")]
 
-    with caplog.at_level(logging.INFO, logger="gateway.serving"):
+    with caplog.at_level(logging.INFO, logger="gateway.engine.serving"):
         assert gw.chat("acme", "support-bot", n=3).status_code == 200
         assert served()[0][0] == "200" and served()[0][2] == 12  # 3 choices x 4 tokens
         body = {"model": "support-bot", "prompt": ["a b", "c d e"], "n": 2, "stream": True}

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.fair_share import FairShare
+from gateway.protection.fair_share import FairShare
 from tests.gateway.fakes import Clock
 
 

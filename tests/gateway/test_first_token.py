@@ -26,7 +26,7 @@ import pytest
 import uvicorn
 
 from gateway.app import create_app
-from gateway.cli import _draining_server, listen, serve
+from gateway.server import _draining_server, listen, serve
 from loadtest.servers import free_port
 from tests.gateway.conftest import make_settings
 from tests.gateway.fakes import FakeEngine

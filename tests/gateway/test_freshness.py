@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from gateway.freshness import GenerationWatch, TtlCache
+from gateway.tenancy.freshness import GenerationWatch, TtlCache
 
 
 class Source:
@@ -171,7 +171,7 @@ def test_a_lookup_in_flight_when_invalidated_answers_its_callers_but_is_not_cach
 @pytest.mark.parametrize("ref", ["acme", "/bot", "acme/", "ACME/bot", "acme/bot\n"])
 def test_malformed_operator_refs_are_clear_errors(registry_env, ref: str) -> None:
     from gateway.errors import InvalidRequestError, ModelNotFoundError
-    from gateway.tenancy import TenantDirectory
+    from gateway.tenancy.directory import TenantDirectory
 
     directory = TenantDirectory(registry_env.registry, served_base=("x", "y"), ttl=0)
     with pytest.raises((InvalidRequestError, ModelNotFoundError)):
@@ -184,7 +184,7 @@ def test_a_cached_key_is_refused_once_it_expires(tmp_path) -> None:
 
     from adapters_registry import Registry
     from gateway.errors import AuthenticationFailedError
-    from gateway.tenancy import TenantDirectory
+    from gateway.tenancy.directory import TenantDirectory
 
     registry = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "artifacts")
     registry.create_tenant("acme")

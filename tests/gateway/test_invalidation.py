@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_registry import TenantLimits
 from adapters_registry.changes import CHANNEL_SQL, listen_params
-from gateway.invalidation import ChangeListener
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
+from gateway.tenancy.invalidation import ChangeListener
 from lora_gateway.cli import main
 from tests.conftest import copy_adapter
 from tests.gateway.test_admin_api import ADMIN, admin
@@ -118,7 +118,7 @@ def test_with_the_channel_cut_changes_arrive_within_the_ttl_then_it_recovers(
     gws = replicas(gateway_factory, resolve_ttl_seconds=ttl, registry_changes_retry_seconds=6.0)
     for gw in gws:
         assert "acme/support-bot@v1" in answer(gw, key)
-    caplog.set_level(logging.INFO, logger="gateway.invalidation")
+    caplog.set_level(logging.INFO, logger="gateway.tenancy.invalidation")
     with psycopg.connect(**listen_params(reg.db), autocommit=True) as conn:
         for gw in gws:
             pid = gw.client.app.state.registry_changes.backend_pid
@@ -171,7 +171,7 @@ def test_an_unreadable_notice_drops_everything_and_the_listener_carries_on(
 
 
 def test_on_sqlite_there_is_no_channel_and_the_log_says_so(gateway_factory, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.invalidation")
+    caplog.set_level(logging.INFO, logger="gateway.tenancy.invalidation")
     gw = gateway_factory(resolve_ttl_seconds=5.0)
     assert gw.client.app.state.registry_changes is None
     assert channel_up(gw) is None  # no series: nothing to alert on for a single replica

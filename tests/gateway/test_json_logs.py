@@ -13,7 +13,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.cli import settings_from_args
-from gateway.logs import REQUEST_FIELDS, log_handler
+from gateway.observability.logs import REQUEST_FIELDS, log_handler
 from lora_gateway.cli import build_parser
 from tests.gateway.conftest import Gateway, make_settings, serving
 from tests.gateway.fakes import FakeEngine

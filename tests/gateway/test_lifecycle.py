@@ -22,8 +22,8 @@ from fastapi.testclient import TestClient
 from adapters_registry import Registry
 from gateway.api.routes import TIER_HEADER
 from gateway.app import create_app
-from gateway.disk_cache import FETCH_PREFIX
 from gateway.engine.base import Route, ServingResult
+from gateway.residency.disk_cache import FETCH_PREFIX
 from loadtest.servers import start
 from tests.conftest import ANSWERS, RegistryEnv, populate, train_tiny_adapter
 from tests.gateway.conftest import Gateway, make_settings

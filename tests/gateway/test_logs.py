@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from gateway.logs import KNOWN_HARMLESS, KnownHarmlessFilter, quiet_known_harmless
+from gateway.observability.logs import KNOWN_HARMLESS, KnownHarmlessFilter, quiet_known_harmless
 
 
 def record(name: str, msg: str, level: int = logging.WARNING) -> logging.LogRecord:
@@ -37,7 +37,7 @@ def test_engine_processes_get_the_same_filter(tmp_path, monkeypatch: pytest.Monk
         quiet_known_harmless(tmp_path)
     config = json.loads((tmp_path / "vllm-logging.json").read_text())
     assert os.environ["VLLM_LOGGING_CONFIG_PATH"] == str(tmp_path / "vllm-logging.json")
-    assert config["filters"]["known_harmless"] == {"()": "gateway.logs.KnownHarmlessFilter"}
+    assert config["filters"]["known_harmless"] == {"()": "gateway.observability.logs.KnownHarmlessFilter"}
     assert {name for name, _ in KNOWN_HARMLESS} <= set(config["loggers"])
     assert "vllm" in config["loggers"] and config["handlers"]  # vLLM's own set-up is kept
     assert os.environ["PYTHONWARNINGS"].startswith("default,ignore:")

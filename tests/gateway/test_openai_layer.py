@@ -165,9 +165,9 @@ def vllm_layer(tiny_base):
 def test_vllm_serving_classes_serve_the_gateways_adapter_under_the_callers_name(vllm_layer) -> None:
     from pathlib import Path
 
+    from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
     from gateway.engine.base import LoraSpec, Route
     from gateway.engine.openai import lora_request
-    from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
     layer, calls = vllm_layer
     lora = LoraSpec("acme/support-bot@v1", 7, Path("/nowhere"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.tenancy import _AffinityKeys
+from gateway.tenancy.directory import _AffinityKeys
 from tests.msp import loaded, scrape
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 
-from adapters_registry.hashing import sha256_file, sha256_json
+from adapters_registry import sha256_file, sha256_json
 from trainer.errors import BaseSourceError
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters_registry.hashing import sha256_bytes, sha256_file, sha256_json
+from adapters_registry import sha256_bytes, sha256_file, sha256_json
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast

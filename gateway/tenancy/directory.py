@@ -1,10 +1,10 @@
 """Who is calling, and which adapter version their ``model`` names.
 
 API keys, name resolution and model listings, in front of the registry's database
-behind a short TTL cache (``gateway.freshness``): steady traffic never waits on the
+behind a short TTL cache (``gateway.tenancy.freshness``): steady traffic never waits on the
 database, and an alias move or a key revocation is still seen within the TTL.
 Concurrent misses for one key share one lookup. Adapter residency (which files and
-engine slots hold a version) is ``gateway.adapters``'s business, not this module's.
+engine slots hold a version) is ``gateway.residency.manager``'s business, not this module's.
 """
 
 from __future__ import annotations
@@ -14,14 +14,22 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from adapters_registry import Registry
-from adapters_registry.changes import ADAPTER_KINDS, Change
-from adapters_registry.errors import AuthenticationError, NotFoundError, ValidationError
-from adapters_registry.keys import key_hash
-from adapters_registry.names import ModelRef, parse_qualified_model
-from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
+from adapters_registry import (
+    ADAPTER_KINDS,
+    AdapterInfo,
+    AdapterVersion,
+    AuthenticationError,
+    Change,
+    ModelRef,
+    NotFoundError,
+    Registry,
+    Tenant,
+    ValidationError,
+    key_hash,
+    parse_qualified_model,
+)
 from gateway.errors import AuthenticationFailedError, InvalidRequestError, ModelNotFoundError
-from gateway.freshness import GenerationWatch, TtlCache
+from gateway.tenancy.freshness import GenerationWatch, TtlCache
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,10 @@ from collections.abc import Iterable, Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.adapters import AdapterManager
-from gateway.admission import FairAdmission
 from gateway.engine import Engine
-from gateway.tenancy import TenantDirectory
+from gateway.protection.admission import FairAdmission
+from gateway.residency.manager import AdapterManager
+from gateway.tenancy.directory import TenantDirectory
 
 _ENGINE = "0"  # one engine per gateway process; vLLM labels its gauges by engine index
 

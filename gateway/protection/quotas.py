@@ -2,9 +2,9 @@
 
     QuotaStore          atomic per-tenant state: admit, charge tokens, release a lease
     ├── LocalQuotaStore this process only (no ``redis_url``)
-    └── RedisQuotaStore every replica at once (``gateway._redis_quotas``, Lua scripts)
+    └── RedisQuotaStore every replica at once (``gateway.protection.redis_quotas``, Lua scripts)
     Quotas              the service: a tenant's limits (registry over settings), the failure mode
-    UsageMeter          one request's lease (``gateway.usage``)
+    UsageMeter          one request's lease (``gateway.protection.usage``)
 
 Rates are token buckets that refill continuously, a full bucket per minute: ``rpm`` requests
 and ``tpm`` tokens. A request needs one request token and a token bucket not in debt; its
@@ -23,12 +23,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from adapters_registry import Registry
-from adapters_registry.limits import LIMITS, TenantLimits
-from adapters_registry.records import Tenant
+from adapters_registry import LIMITS, Registry, Tenant, TenantLimits
 from gateway.errors import OverloadedError
-from gateway.freshness import GenerationWatch, TtlCache
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
+from gateway.tenancy.freshness import GenerationWatch, TtlCache
 
 logger = logging.getLogger(__name__)
 WINDOW_S = 60.0  # a bucket refills fully in a minute

@@ -42,10 +42,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import islice
 
-from gateway.admission_limit import LatencyTarget
 from gateway.errors import ClientGoneError, GatewayError, OverloadedError, RateLimitError
-from gateway.fair_share import FairShare
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
+from gateway.protection.admission_limit import LatencyTarget
+from gateway.protection.fair_share import FairShare
 
 logger = logging.getLogger(__name__)
 _POLL_S = 0.25  # how often a waiting request checks that its client is still there

@@ -25,12 +25,12 @@ import anyio
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters_registry.records import AdapterVersion, Tenant
-from gateway.admission import Slot
-from gateway.logs import RequestLog, enter, leave
-from gateway.metrics import GatewayMetrics
-from gateway.tenancy import RequestedModel
-from gateway.usage import UsageMeter
+from adapters_registry import AdapterVersion, Tenant
+from gateway.observability.logs import RequestLog, enter, leave
+from gateway.observability.metrics import GatewayMetrics
+from gateway.protection.admission import Slot
+from gateway.protection.usage import UsageMeter
+from gateway.tenancy.directory import RequestedModel
 
 logger = logging.getLogger(__name__)
 ABORTED = "aborted"

@@ -45,7 +45,7 @@ class GatewayMetrics:
         self.disk_cache_bytes = Gauge("lgw_adapter_disk_cache_bytes",
                                       "Bytes of verified adapters on local disk.", registry=r)
         self.pinned = Gauge("lgw_adapter_pinned", "Adapters pinned in engine memory.", registry=r)
-        # The Model Server Protocol's vllm:* gauges are gateway.msp's, registered by the app.
+        # The Model Server Protocol's vllm:* gauges are gateway.observability.msp's, registered by the app.
         self.ready = Gauge("lgw_ready", "1 when the engine serves requests.", registry=r)
         # Quotas and fair admission.
         self.quota_rejections = Counter("lgw_quota_rejections", "Requests refused by a tenant's limit.",
@@ -64,7 +64,7 @@ class GatewayMetrics:
         self.admission_limit = Gauge("lgw_admission_limit", "Engine slots requests may hold now "
                                      "(below the configured limit while a latency target "
                                      "holds requests back).", registry=r)
-        # Registry changes pushed to this replica (gateway.invalidation).
+        # Registry changes pushed to this replica (gateway.tenancy.invalidation).
         self.invalidation_channel_up = Gauge(
             "lgw_invalidation_channel_up", "1 while the registry change channel is connected, 0 "
             "while down (caches then rely on the resolve TTL); absent when there is none.",

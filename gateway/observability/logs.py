@@ -5,7 +5,7 @@ keys are always the same: time, level, logger, message, ``request_id``, ``tenant
 ``REQUEST_FIELDS`` (null until the request knows them), plus ``exception`` when there is one.
 Nothing here logs an API key or a prompt; the services bind only names, counts and statuses.
 
-A request's ``RequestLog`` is part of its ``gateway.request.RequestScope``, which the code
+A request's ``RequestLog`` is part of its ``gateway.api.request.RequestScope``, which the code
 serving it passes as an argument. The logging module leaves no such parameter (a record
 from vLLM, uvicorn or any library is stamped too), so the log alone is also found through
 one context variable, ``_current``, set by the edge for the request's whole life.

@@ -1,7 +1,7 @@
 """Quotas in Redis: every replica sees one state per tenant, changed by atomic Lua scripts.
 
 The scripts read the clock from Redis (``TIME``), so replicas with skewed clocks agree, and
-mirror ``gateway.quotas``'s bucket arithmetic exactly. Keys carry the tenant id in a hash
+mirror ``gateway.protection.quotas``'s bucket arithmetic exactly. Keys carry the tenant id in a hash
 tag, so a tenant's keys live in one Redis Cluster slot. Any Redis failure is raised as a
 ConnectionError: what to do then (fail open or closed) is the Quotas service's decision.
 """
@@ -13,7 +13,7 @@ import math
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.quotas import LEASE_TTL_S, WINDOW_S, Limits, Verdict, admit_verdict, charge_verdict
+from gateway.protection.quotas import LEASE_TTL_S, WINDOW_S, Limits, Verdict, admit_verdict, charge_verdict
 
 _LEVEL = """
 local now_t = redis.call('TIME')

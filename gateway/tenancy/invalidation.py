@@ -18,13 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from adapters_registry import Registry
-from adapters_registry.changes import CHANNEL_SQL, Change, listen_params
-from adapters_registry.errors import ValidationError
-from adapters_registry.records import Tenant
-from gateway.metrics import GatewayMetrics
-from gateway.quotas import Quotas
-from gateway.tenancy import TenantDirectory
+from adapters_registry import CHANNEL_SQL, Change, Registry, Tenant, ValidationError, listen_params
+from gateway.observability.metrics import GatewayMetrics
+from gateway.protection.quotas import Quotas
+from gateway.tenancy.directory import TenantDirectory
 
 logger = logging.getLogger(__name__)
 

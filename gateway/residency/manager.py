@@ -7,7 +7,8 @@ also mirrors the engine's adapter memory as an LRU and removes victims itself, s
 vLLM never evicts on its own and later reloads unverified files inside ``generate()``
 (where a bad file would kill the engine for every tenant).
 
-Cold loads of different versions run in parallel (up to ``load_concurrency``): each
+The disk tier's verified copies are ``local_copies``'s. Cold loads of different versions
+run in parallel (up to ``load_concurrency``): each
 version loads at most once at a time (single flight), downloads and hashing run in
 threads under no shared lock, and the only shared step, reserving engine capacity and
 choosing victims, is synchronous code between two awaits.
@@ -26,11 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters_registry import Registry
-from adapters_registry.errors import TamperedRecordError
-from adapters_registry.hashing import check_record
-from adapters_registry.records import AdapterVersion
-from gateway.disk_cache import DiskCache, download, matches_record
+from adapters_registry import AdapterVersion, Registry, TamperedRecordError, check_record
 from gateway.engine import Engine, LoraSpec
 from gateway.errors import (
     AdapterRejectedError,
@@ -38,7 +35,9 @@ from gateway.errors import (
     CacheConflictError,
     OverloadedError,
 )
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
+from gateway.residency.disk_cache import DiskCache
+from gateway.residency.local_copies import LocalCopies
 
 logger = logging.getLogger(__name__)
 Tier = Literal["slot_hit", "engine_hit", "disk_hit", "remote_fetch"]
@@ -76,7 +75,6 @@ class AdapterManager:
     def __init__(self, registry: Registry, engine: Engine, disk: DiskCache,
                  metrics: GatewayMetrics, *, engine_capacity: int, slot_capacity: int,
                  load_concurrency: int = 8, slot_wait_s: float = 0.0) -> None:
-        self._registry = registry
         self._engine = engine
         self._disk = disk
         self._metrics = metrics
@@ -90,7 +88,7 @@ class AdapterManager:
         self._versions: dict[int, AdapterVersion] = {}  # every version seen, by lora_int_id
         self._pinned: set[int] = set()
         self._loads: dict[int, asyncio.Task[Tier]] = {}  # single flight per version
-        self._fetches: dict[str, asyncio.Task[Path]] = {}  # single flight per artifact
+        self._local = LocalCopies(registry, disk, metrics, self._protected_shas, self._update_gauges)
         self._load_slots = asyncio.Semaphore(load_concurrency)
         self._slot_wait_s = slot_wait_s
         self._freed = asyncio.Event()  # set (and replaced) whenever engine capacity may free up
@@ -191,7 +189,7 @@ class AdapterManager:
             self._remember(version)
             if version.lora_int_id in self._in_engine:
                 return "engine_hit"
-            _path, tier = await self._ensure_local(version)
+            _path, tier = await self._local.ensure(version)
             return tier
         async with self.use(version) as acquired:
             return acquired.tier
@@ -299,13 +297,9 @@ class AdapterManager:
         """
         vid = version.lora_int_id
         async with self._load_slots:
-            path, tier = await self._ensure_local(version)
             # A fresh download was verified as it was fetched; a folder found on disk may
-            # have changed since (or been tampered with): hash it before vLLM reads it.
-            if tier == "disk_hit" and not await asyncio.to_thread(matches_record, version, path):
-                logger.warning("local copy of %s failed verification; fetching again", version.ref)
-                await asyncio.to_thread(self._disk.discard, version.content_sha256)
-                path, _ = await self._ensure_local(version)
+            # have changed since (or been tampered with): it is hashed before vLLM reads it.
+            path, tier = await self._local.verified(version)
         if vid in self._rejected:
             raise self._unavailable(version)
         pending = self._removals.get(vid)
@@ -390,35 +384,6 @@ class AdapterManager:
         self._metrics.cache_evictions.labels("engine").inc()
         self._update_gauges()
         return task
-
-    async def _ensure_local(self, version: AdapterVersion) -> tuple[Path, Tier]:
-        sha = version.content_sha256
-        path = await asyncio.to_thread(self._disk.lookup, sha)
-        if path is not None:
-            self._metrics.cache_hits.labels("disk").inc()
-            return path, "disk_hit"
-        self._metrics.cache_misses.labels("disk").inc()
-        # Single flight: concurrent first requests for one artifact share one download,
-        # run as its own task so a cancelled requester cannot fail the others.
-        task = self._fetches.get(sha)
-        if task is None:
-            task = asyncio.create_task(self._fetch(version))
-            self._fetches[sha] = task
-            # A failure is not cached: the next request after it retries.
-            task.add_done_callback(lambda _t: self._fetches.pop(sha, None))
-        return await asyncio.shield(task), "remote_fetch"
-
-    async def _fetch(self, version: AdapterVersion) -> Path:
-        started = time.perf_counter()
-        path = await asyncio.to_thread(download, self._registry, self._disk, version)
-        evicted = await asyncio.to_thread(self._disk.admit, version.content_sha256,
-                                          self._protected_shas() | {version.content_sha256})
-        m = self._metrics
-        m.cache_loads.labels("disk").inc()
-        m.cache_load_seconds.labels("disk").observe(time.perf_counter() - started)
-        m.cache_evictions.labels("disk").inc(len(evicted))
-        self._update_gauges()
-        return path
 
     def _unavailable(self, version: AdapterVersion) -> AdapterUnavailableError:
         return AdapterUnavailableError(

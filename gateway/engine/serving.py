@@ -1,6 +1,6 @@
 """The OpenAI endpoints for tenants: one service method per endpoint.
 
-Each method takes the request's scope (``gateway.request``: tenant, parsed ``model``, quota
+Each method takes the request's scope (``gateway.api.request``: tenant, parsed ``model``, quota
 meter), resolves the adapter version, holds the adapter (accepted by the engine) until the
 answer is complete, and hands the request to the engine's OpenAI layer (vLLM's own serving
 classes, ``gateway.engine.openai``). It returns a finished body or an SSE iterator; errors
@@ -20,8 +20,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_registry.records import AdapterVersion
-from gateway.adapters import AdapterManager
+from adapters_registry import AdapterVersion
+from gateway.api.request import RequestScope
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.engine import Engine, LoraSpec
 from gateway.engine.base import Meter, OpenAIServing, Route, ServingResult
 from gateway.errors import (
@@ -31,10 +32,9 @@ from gateway.errors import (
     InvalidRequestError,
     OverloadedError,
 )
-from gateway.metrics import GatewayMetrics
-from gateway.request import RequestScope
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.tenancy import TenantDirectory
+from gateway.observability.metrics import GatewayMetrics
+from gateway.residency.manager import AdapterManager
+from gateway.tenancy.directory import TenantDirectory
 
 logger = logging.getLogger(__name__)
 _DONE = "data: [DONE]\n\n"
@@ -116,7 +116,7 @@ class OpenAIService:
         scope.log.bind(adapter_version=version.ref if version else None, adapter_tier=tier)
         meter = _meter(scope)
         if scope.slot is not None and scope.slot.priority is not None:
-            req.priority = scope.slot.priority  # its tenant's fair share (gateway.fair_share)
+            req.priority = scope.slot.priority  # its tenant's fair share (gateway.protection.fair_share)
         call = _Call(scope, Route(model.text, lora, meter, request_id), time.perf_counter(), tier)
         self._metrics.in_flight.inc()
         first: str | None = None

@@ -1,6 +1,6 @@
 """Each tenant's standing in tokens, and the engine priority a request takes from it.
 
-The door (``gateway.admission``) orders the requests that wait for an engine slot; once
+The door (``gateway.protection.admission``) orders the requests that wait for an engine slot; once
 admitted, a request waits again inside the engine (vLLM queues what it cannot batch yet,
 first come, first served by default). With vLLM's ``priority`` scheduling policy the
 engine serves its waiting queue by ``(priority, arrival)``, lowest first, and when it runs

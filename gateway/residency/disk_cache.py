@@ -21,10 +21,16 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters_registry import REPAIR_COMMAND, Registry
-from adapters_registry.errors import ArtifactError, ChecksumMismatchError
-from adapters_registry.hashing import check_digest, is_digest, sha256_file
-from adapters_registry.records import AdapterVersion
+from adapters_registry import (
+    REPAIR_COMMAND,
+    AdapterVersion,
+    ArtifactError,
+    ChecksumMismatchError,
+    Registry,
+    check_digest,
+    is_digest,
+    sha256_file,
+)
 from gateway.errors import AdapterUnavailableError
 
 logger = logging.getLogger(__name__)

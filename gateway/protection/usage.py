@@ -1,6 +1,6 @@
 """One request's use of its tenant's quotas.
 
-:class:`UsageMeter` takes the request (and an in-flight lease) from ``gateway.quotas``, checks
+:class:`UsageMeter` takes the request (and an in-flight lease) from ``gateway.protection.quotas``, checks
 the prompt against the tenant's ceiling and token budget before generation, charges completion
 tokens as they are generated, and keeps the ``x-ratelimit-*`` headers of the answer. The
 request's scope holds it; the engine seam's ``Meter`` calls ``prompt`` and ``completion``.
@@ -15,9 +15,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol, Self, TypeVar
 
-from adapters_registry.records import Tenant
+from adapters_registry import Tenant
 from gateway.errors import ContextLengthError, InvalidRequestError, RateLimitError
-from gateway.quotas import FLUSH_TOKENS, Limits, Quotas, Verdict, bucket
+from gateway.protection.quotas import FLUSH_TOKENS, Limits, Quotas, Verdict, bucket
 
 logger = logging.getLogger(__name__)
 
