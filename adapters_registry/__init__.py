@@ -8,7 +8,8 @@ API key hashing, change notices).
 """
 
 from adapters_registry._audit import AuditEntry
-from adapters_registry._integrity import REPAIR_COMMAND, BlobProblem, GcReport, VerifyReport
+from adapters_registry.artifacts import REPAIR_COMMAND, Artifacts, BlobProblem, GcReport, VerifyReport
+from adapters_registry.catalog import Catalog
 from adapters_registry.changes import ADAPTER_KINDS, CHANNEL_SQL, Change, listen_params
 from adapters_registry.compat import CONFIG_FILE, WEIGHTS_FILE, Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
@@ -57,6 +58,7 @@ from adapters_registry.s3 import S3Config, S3Store
 from adapters_registry.service import Registry
 from adapters_registry.store import ArtifactStore, FilesystemStore
 from adapters_registry.template import AdapterTemplate, expected_tensors
+from adapters_registry.tenancy import Tenancy
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -73,10 +75,12 @@ __all__ = [
     "ApiKeyInfo",
     "ArtifactError",
     "ArtifactStore",
+    "Artifacts",
     "AuditEntry",
     "AuthenticationError",
     "BaseContract",
     "BlobProblem",
+    "Catalog",
     "Change",
     "ChatTemplateRenderError",
     "ChecksumMismatchError",
@@ -98,6 +102,7 @@ __all__ = [
     "SourceError",
     "TamperedRecordError",
     "TemplateError",
+    "Tenancy",
     "Tenant",
     "TenantLimits",
     "ValidationError",

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from adapters_registry._integrity import REPAIR_COMMAND, VerifyReport
+from adapters_registry.artifacts import REPAIR_COMMAND, VerifyReport
 from adapters_registry.contract import derive_contract
 from adapters_registry.db import current_revision, make_engine
 from adapters_registry.errors import (

@@ -1,78 +1,71 @@
-"""The registry service: bases, templates, tenants, keys, adapters, versions, aliases.
+"""The registry: one facade over its services, for the commands and the admin API.
+
+Each responsibility is a service of its own, over one database and one artifact store:
+
+- ``catalog.Catalog``: bases, templates, adapters, versions, aliases, and what a
+  tenant's ``model`` resolves to;
+- ``tenancy.Tenancy``: tenants, API keys (and authentication by key), limits;
+- ``artifacts.Artifacts``: an adapter's files: push (intake, check, upload), fetch,
+  verify and repair, garbage collection;
+- ``_audit``: the audit trail every change writes in its own transaction.
+
+``Registry`` composes them and forwards to them, nothing more. Code that needs one
+responsibility takes that service (or a protocol naming what it calls), not the facade.
 
 Synchronous on purpose (SQLAlchemy sessions, file copies): async callers run it in a
-worker thread. Registration order is check → upload blobs → commit the row, so a
-failure at any step leaves no visible version (blobs without a row are unreferenced
-and harmless; collecting them is issue #3's garbage collection).
+worker thread.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Iterable
-from dataclasses import asdict
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from adapters_registry._audit import AuditEntry, record
+from adapters_registry._audit import AuditEntry
 from adapters_registry._audit import read as read_audit
-from adapters_registry._integrity import IntegrityMixin
-from adapters_registry._tenancy import TenancyMixin
-from adapters_registry._tokenizer_files import TOKENIZER_FILES, shipped_chat_template
-from adapters_registry.changes import Change, publish
-from adapters_registry.changes import generation as read_generation
-from adapters_registry.compat import CONFIG_FILE, Limits, Violation, check_adapter
+from adapters_registry.artifacts import Artifacts, GcReport, VerifyReport
+from adapters_registry.catalog import Catalog
+from adapters_registry.compat import Limits
 from adapters_registry.contract import BaseContract
-from adapters_registry.db import (
-    AdapterRow,
-    AdapterVersionRow,
-    AliasRow,
-    BaseModelRow,
-    TemplateRow,
-    as_utc,
-    current_revision,
-    head_revision,
-    make_engine,
-)
-from adapters_registry.errors import (
-    ConflictError,
-    DatabaseError,
-    IncompatibleAdapterError,
-    ManifestError,
-    NotFoundError,
-    ValidationError,
-)
-from adapters_registry.hashing import check_record, sha256_file, sha256_tree
-from adapters_registry.intake import stage, staging_folder
+from adapters_registry.db import current_revision, head_revision, make_engine
+from adapters_registry.errors import ConflictError
+from adapters_registry.limits import TenantLimits
 from adapters_registry.locations import open_store
-from adapters_registry.manifest import MANIFEST_FILE, AdapterManifest
-from adapters_registry.names import ModelRef, shown, validate_name
-from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
+from adapters_registry.names import ModelRef
+from adapters_registry.records import AdapterInfo, AdapterVersion, ApiKeyInfo, Tenant
 from adapters_registry.store import ArtifactStore
 from adapters_registry.template import AdapterTemplate
-
-logger = logging.getLogger(__name__)
-
-
-INTAKE_FORMAT = "lora-gateway/intake@1"
+from adapters_registry.tenancy import Tenancy
 
 
-class Registry(TenancyMixin, IntegrityMixin):
-    """The registry service. ``actor`` names whoever operates it, for the audit trail."""
+class Registry:
+    """The registry's services over one database and store; ``actor`` names whoever
+    operates it, for the audit trail."""
 
     def __init__(self, db: Engine, store: ArtifactStore, limits: Limits | None = None,
                  *, actor: str = "unknown") -> None:
         # The SQLAlchemy engine of the registry database (not the inference engine).
         self.db = db
-        self.actor = actor
         self.store = store
         self.limits = limits or Limits()
+        self.tenancy = Tenancy(db, actor=actor)
+        self.catalog = Catalog(db, self.tenancy, actor=actor)
+        self.artifacts = Artifacts(db, store, self.limits, self.catalog, self.tenancy, actor=actor)
+        self._actor = actor
+
+    @property
+    def actor(self) -> str:
+        return self._actor
+
+    @actor.setter
+    def actor(self, actor: str) -> None:
+        """Who the audit trail names for every change made from now on, by any service."""
+        self._actor = actor
+        for service in (self.tenancy, self.catalog, self.artifacts):
+            service.actor = actor
 
     @classmethod
     def open(cls, db_url: str, artifacts: str | Path, *, actor: str = "unknown",
@@ -93,310 +86,91 @@ class Registry(TenancyMixin, IntegrityMixin):
     def close(self) -> None:
         self.db.dispose()
 
-    # -- bases and templates -------------------------------------------------------
+    # -- catalog ---------------------------------------------------------------------
 
     def register_base(self, contract: BaseContract) -> BaseContract:
-        """Idempotent for an identical contract (new aliases are added); a different one
-        under the same revision is refused."""
-        validate_name("base", contract.model_id)
-        for alias in contract.aliases:
-            validate_name("base", alias)
-        with Session(self.db) as s, s.begin():
-            row = s.scalar(
-                select(BaseModelRow).filter_by(model_id=contract.model_id, revision=contract.revision)
-            )
-            if row is not None:
-                existing = BaseContract.from_dict(row.contract)
-                if existing.mismatches(contract):
-                    raise ConflictError(
-                        f"base {contract.model_id}@{contract.revision[:12]} is registered with a "
-                        f"different contract: {'; '.join(existing.mismatches(contract))}"
-                    )
-                added = sorted(set(contract.aliases) - set(existing.aliases))
-                if not added:
-                    return existing
-                existing = BaseContract.from_dict(existing.to_dict() | {
-                    "aliases": sorted(set(existing.aliases) | set(added))})
-                row.contract = existing.to_dict()
-                record(s, self.actor, "base.alias", f"{contract.model_id}@{contract.revision[:12]}",
-                       added=added)
-                return existing
-            s.add(BaseModelRow(model_id=contract.model_id, revision=contract.revision,
-                               contract=contract.to_dict()))
-            record(s, self.actor, "base.register", f"{contract.model_id}@{contract.revision[:12]}")
-        logger.info("registered base %s@%s", contract.model_id, contract.revision[:12])
-        return contract
+        return self.catalog.register_base(contract)
 
     def get_base(self, model_id: str, revision: str | None = None) -> BaseContract:
-        with Session(self.db) as s:
-            q = select(BaseModelRow).filter_by(model_id=model_id)
-            if revision is not None:
-                q = q.filter_by(revision=revision)
-            row = s.scalar(q.order_by(BaseModelRow.id.desc()).limit(1))
-            if row is None:
-                at = f"@{revision[:12]}" if revision else ""
-                raise NotFoundError(f"base {model_id}{at} is not registered")
-            return BaseContract.from_dict(row.contract)
+        return self.catalog.get_base(model_id, revision)
 
     def register_template(self, template: AdapterTemplate) -> AdapterTemplate:
-        with Session(self.db) as s, s.begin():
-            base = s.scalar(select(BaseModelRow).filter_by(
-                model_id=template.base_model_id, revision=template.base_revision))
-            if base is None:
-                raise NotFoundError(
-                    f"template is for base {template.base_model_id}@{template.base_revision[:12]}, "
-                    "which is not registered"
-                )
-            if s.get(TemplateRow, template.template_id) is None:
-                s.add(TemplateRow(template_id=template.template_id, base_id=base.id,
-                                  fields=template.to_dict()))
-                record(s, self.actor, "template.register", template.template_id,
-                       **template.shape_fields())
-        return template
+        return self.catalog.register_template(template)
 
     def get_template(self, template_id: str) -> AdapterTemplate:
-        with Session(self.db) as s:
-            row = s.get(TemplateRow, template_id)
-            if row is None:
-                raise NotFoundError(f"template {template_id} is not registered")
-            return AdapterTemplate.from_dict(row.fields)
+        return self.catalog.get_template(template_id)
 
-    # -- adapters ------------------------------------------------------------------
+    def set_alias(self, tenant_name: str, name: str, alias: str, version: int) -> None:
+        self.catalog.set_alias(tenant_name, name, alias, version)
+
+    def deprecate_version(self, tenant_name: str, name: str, version: int) -> None:
+        self.catalog.deprecate_version(tenant_name, name, version)
+
+    def delete_version(self, tenant_name: str, name: str, version: int) -> None:
+        self.catalog.delete_version(tenant_name, name, version)
+
+    def resolve(self, tenant: Tenant, model: str | ModelRef) -> AdapterVersion:
+        return self.catalog.resolve(tenant, model)
+
+    def generation(self) -> int:
+        return self.catalog.generation()
+
+    def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:
+        return self.catalog.list_adapters(tenant)
+
+    # -- tenancy ---------------------------------------------------------------------
+
+    def create_tenant(self, name: str) -> Tenant:
+        return self.tenancy.create_tenant(name)
+
+    def get_tenant(self, name: str) -> Tenant:
+        return self.tenancy.get_tenant(name)
+
+    def list_tenants(self) -> list[Tenant]:
+        return self.tenancy.list_tenants()
+
+    def create_api_key(self, tenant_name: str, *, expires_at: datetime | None = None) -> str:
+        return self.tenancy.create_api_key(tenant_name, expires_at=expires_at)
+
+    def list_api_keys(self, tenant_name: str) -> list[ApiKeyInfo]:
+        return self.tenancy.list_api_keys(tenant_name)
+
+    def revoke_api_key(self, tenant_name: str, prefix: str) -> int:
+        return self.tenancy.revoke_api_key(tenant_name, prefix)
+
+    def authenticate(self, api_key: str) -> Tenant:
+        return self.tenancy.authenticate(api_key)
+
+    def authenticate_until(self, api_key: str) -> tuple[Tenant, datetime | None]:
+        return self.tenancy.authenticate_until(api_key)
+
+    def set_limits(self, tenant_name: str, limits: TenantLimits) -> TenantLimits:
+        return self.tenancy.set_limits(tenant_name, limits)
+
+    def get_limits(self, tenant_name: str) -> TenantLimits:
+        return self.tenancy.get_limits(tenant_name)
+
+    # -- artifacts -------------------------------------------------------------------
 
     def push(self, tenant_name: str, name: str, source: Path, *, template_id: str | None = None,
              base: str | None = None, aliases: Iterable[str] = ()) -> AdapterVersion:
-        """Check and register a new immutable version of ``tenant/name``.
+        return self.artifacts.push(tenant_name, name, source, template_id=template_id, base=base,
+                                   aliases=aliases)
 
-        ``source`` is a PEFT adapter folder (with or without our trainer's manifest.json)
-        or a .tar, .tar.gz or .zip of one. The template comes from ``template_id``, else
-        the manifest, else the one template registered for ``base``.
-        """
-        validate_name("adapter", name)
-        aliases = [validate_name("alias", a) for a in aliases]
-        if template_id is not None:
-            validate_name("template", template_id)
-        if base is not None:
-            validate_name("base", base)
-        tenant = self.get_tenant(tenant_name)
-        ref = f"{tenant.name}/{name}"
-        with staging_folder() as tmp:
-            # Check and upload one private copy, so the files cannot change in between.
-            staged = stage(Path(source), tmp / "adapter", self.limits)
-            if not staged.complete:
-                raise IncompatibleAdapterError(ref, staged.refused)
-            template = self._template_for(staged.path, template_id, base, ref)
-            contract = self.get_base(template.base_model_id, template.base_revision)
-            violations = check_adapter(staged.path, contract, template, self.limits,
-                                       refused=staged.refused)
-            if violations:
-                raise IncompatibleAdapterError(ref, violations)
-            files = {p.name: sha256_file(p) for p in sorted(staged.path.iterdir())}
-            repaired = [rel for rel, digest in files.items()
-                        if self.store.put(staged.path / rel, digest) == "repaired"]
-            if repaired:
-                logger.warning("%s: re-pushing repaired corrupted blob(s) of %s", ref, repaired)
-            size = sum((staged.path / rel).stat().st_size for rel in files)
-            record_ = _intake_record(staged.path, staged.kind, files)
-        try:
-            return self._insert_version(tenant, name, template, files, size, record_, aliases,
-                                        repaired)
-        except IntegrityError:
-            raise ConflictError(f"{ref}: a concurrent registration won; push again") from None
-        except DatabaseError as exc:
-            raise DatabaseError(f"{exc}; {ref} was not registered (its uploaded blobs are "
-                                "unreferenced: `registry gc` collects them)") from None
+    def fetch(self, version: AdapterVersion, dest: Path) -> None:
+        self.artifacts.fetch(version, dest)
 
-    def _template_for(self, staged: Path, template_id: str | None, base: str | None,
-                      ref: str) -> AdapterTemplate:
-        if template_id is None and (staged / MANIFEST_FILE).is_file():
-            try:
-                template_id = AdapterManifest.read(staged).template_id
-            except ManifestError as exc:
-                raise IncompatibleAdapterError(ref, [Violation("manifest_invalid", str(exc))]) from None
-        if template_id is None:
-            if base is None:
-                raise ValidationError(
-                    f"{ref}: the adapter has no manifest.json naming its template; name its "
-                    "template (--template tpl-…) or its base (--base MODEL_ID)")
-            template_id = self._only_template(base)
-        template = self.get_template(template_id)
-        if base is not None and base != template.base_model_id:
-            raise ValidationError(f"template {template_id} is for base {template.base_model_id!r}, "
-                                  f"not {shown(base)}")
-        return template
+    def verify_blobs(self, *, repair_from: Path | None = None) -> VerifyReport:
+        return self.artifacts.verify_blobs(repair_from=repair_from)
 
-    def _only_template(self, base: str) -> str:
-        with Session(self.db) as s:
-            ids = sorted(s.scalars(select(TemplateRow.template_id).join(
-                BaseModelRow, TemplateRow.base_id == BaseModelRow.id).where(
-                BaseModelRow.model_id == base)))
-        if not ids:
-            raise NotFoundError(f"base {shown(base)} has no registered template")
-        if len(ids) > 1:
-            raise ValidationError(f"base {base!r} has {len(ids)} templates ({', '.join(ids)}): "
-                                  "name one with --template")
-        return ids[0]
+    def collect_garbage(self, *, grace: timedelta = timedelta(hours=1),
+                        dry_run: bool = False) -> GcReport:
+        return self.artifacts.collect_garbage(grace=grace, dry_run=dry_run)
 
-    def _insert_version(self, tenant: Tenant, name: str, template: AdapterTemplate,
-                        files: dict[str, str], size: int, intake: dict[str, Any],
-                        aliases: list[str], repaired: list[str]) -> AdapterVersion:
-        content = sha256_tree(files)
-        with Session(self.db) as s, s.begin():
-            adapter = s.scalar(select(AdapterRow).filter_by(tenant_id=tenant.id, name=name))
-            if adapter is None:
-                adapter = AdapterRow(tenant_id=tenant.id, name=name, template_id=template.template_id)
-                s.add(adapter)
-                s.flush()
-            elif adapter.template_id != template.template_id:
-                raise ConflictError(
-                    f"{tenant.name}/{name} uses template {adapter.template_id}; this adapter "
-                    f"was built from {template.template_id}"
-                )
-            same = s.scalar(select(AdapterVersionRow.version).filter_by(
-                adapter_id=adapter.id, content_sha256=content))
-            if same is not None:
-                fixed = f"; its corrupted stored file(s) {repaired} were repaired" if repaired else ""
-                raise ConflictError(f"{tenant.name}/{name}: identical content is already v{same}{fixed}")
-            latest = s.scalar(select(func.max(AdapterVersionRow.version)).filter_by(adapter_id=adapter.id))
-            row = AdapterVersionRow(adapter_id=adapter.id, version=(latest or 0) + 1,
-                                    content_sha256=content, files=files,
-                                    manifest=intake, size_bytes=size)
-            s.add(row)
-            s.flush()
-            has_default = s.get(AliasRow, (adapter.id, adapter.default_alias)) is not None
-            targets = set(aliases) | (set() if has_default else {adapter.default_alias})
-            for alias in targets:
-                s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
-            version = _to_version(row, tenant.name, name, template)
-            record(s, self.actor, "version.register", version.ref, lora_int_id=row.id,
-                   content_sha256=content, aliases=sorted(targets))
-            publish(s, Change("version", tenant.id, tenant.name, name))
-        logger.info("registered %s (lora_int_id=%d, aliases=%s)", version.ref,
-                    version.lora_int_id, sorted(targets))
-        return version
-
-    def set_alias(self, tenant_name: str, name: str, alias: str, version: int) -> None:
-        """Point ``alias`` at an active version, atomically (rollback = point it back)."""
-        validate_name("alias", alias)
-        tenant = self.get_tenant(tenant_name)
-        with Session(self.db) as s, s.begin():
-            adapter, row = self._version_row(s, tenant, name, version)
-            if row.state != "active":
-                raise ConflictError(f"{tenant.name}/{name}@v{version} is {row.state}; "
-                                    "aliases may only point at active versions")
-            old = s.get(AliasRow, (adapter.id, alias))
-            previous = s.get_one(AdapterVersionRow, old.version_id).version if old else None
-            s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
-            record(s, self.actor, "alias.set", f"{tenant.name}/{name}:{alias}",
-                   previous=previous, version=version)
-            publish(s, Change("alias", tenant.id, tenant.name, name))
-
-    def deprecate_version(self, tenant_name: str, name: str, version: int) -> None:
-        """Still servable by ``@vN``, but no alias may point at it any more."""
-        self._set_state(tenant_name, name, version, "deprecated", "version.deprecate")
-
-    def delete_version(self, tenant_name: str, name: str, version: int) -> None:
-        """Never served again; its row stays so its lora_int_id is never reused."""
-        self._set_state(tenant_name, name, version, "deleted", "version.delete")
-
-    def _set_state(self, tenant_name: str, name: str, version: int, state: str,
-                   action: str) -> None:
-        tenant = self.get_tenant(tenant_name)
-        with Session(self.db) as s, s.begin():
-            adapter, row = self._version_row(s, tenant, name, version)
-            pointing = sorted(a.name for a in s.scalars(select(AliasRow).filter_by(
-                adapter_id=adapter.id, version_id=row.id)))
-            if pointing:
-                raise ConflictError(f"{tenant.name}/{name}@v{version} is the target of alias(es) "
-                                    f"{pointing}; move them first")
-            row.state = state
-            record(s, self.actor, action, f"{tenant.name}/{name}@v{version}")
-            publish(s, Change("version", tenant.id, tenant.name, name))
+    # -- audit -----------------------------------------------------------------------
 
     def audit_log(self, *, subject_prefix: str | None = None, limit: int = 100) -> list[AuditEntry]:
         return read_audit(self.db, subject_prefix=subject_prefix, limit=limit)
 
-    def _version_row(self, s: Session, tenant: Tenant, name: str,
-                     version: int) -> tuple[AdapterRow, AdapterVersionRow]:
-        adapter = self._adapter_row(s, tenant, name)
-        row = s.scalar(select(AdapterVersionRow).filter_by(adapter_id=adapter.id, version=version))
-        if row is None or row.state == "deleted":
-            raise NotFoundError(f"{tenant.name}/{name}@v{version} does not exist")
-        return adapter, row
 
-    def resolve(self, tenant: Tenant, model: str | ModelRef) -> AdapterVersion:
-        """The version a tenant's ``model`` names; NotFoundError for anything else."""
-        ref = model if isinstance(model, ModelRef) else ModelRef.parse(model)
-        with Session(self.db) as s:
-            adapter = self._adapter_row(s, tenant, ref.name, shown_as=str(model))
-            if ref.version is not None:
-                row = s.scalar(select(AdapterVersionRow).filter_by(
-                    adapter_id=adapter.id, version=ref.version))
-            else:
-                alias = s.get(AliasRow, (adapter.id, ref.alias or adapter.default_alias))
-                row = s.get(AdapterVersionRow, alias.version_id) if alias else None
-            if row is None or row.state == "deleted":
-                raise NotFoundError(f"model {str(model)!r} does not exist")
-            template = AdapterTemplate.from_dict(s.get_one(TemplateRow, adapter.template_id).fields)
-            return _to_version(row, tenant.name, adapter.name, template)
-
-    def generation(self) -> int:
-        """The number of changes published so far (``changes.generation``): equal readings
-        mean no resolution, key or limit changed in between."""
-        return read_generation(self.db)
-
-    def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:
-        with Session(self.db) as s:
-            out = []
-            for a in s.scalars(select(AdapterRow).filter_by(tenant_id=tenant.id).order_by(AdapterRow.name)):
-                versions = dict(s.execute(select(AdapterVersionRow.id, AdapterVersionRow.version)
-                                          .filter_by(adapter_id=a.id)
-                                          .where(AdapterVersionRow.state != "deleted")).tuples().all())
-                aliases = {al.name: versions[al.version_id]
-                           for al in s.scalars(select(AliasRow).filter_by(adapter_id=a.id))}
-                out.append(AdapterInfo(tenant.name, a.name, a.template_id, a.default_alias,
-                                       aliases, sorted(versions.values()), as_utc(a.created_at)))
-            return out
-
-    def fetch(self, version: AdapterVersion, dest: Path) -> None:
-        """Write the version's files into ``dest``, each verified against its sha256.
-
-        TamperedRecordError, writing nothing, if the record's names or digests were altered."""
-        check_record(version.content_sha256, version.files)
-        for rel, digest in version.files.items():
-            self.store.get(digest, Path(dest) / rel)
-
-    def _adapter_row(self, s: Session, tenant: Tenant, name: str, shown_as: str | None = None) -> AdapterRow:
-        row = s.scalar(select(AdapterRow).filter_by(tenant_id=tenant.id, name=name))
-        if row is None:
-            raise NotFoundError(f"model {shown(shown_as or name)} does not exist")
-        return row
-
-
-def _intake_record(staged: Path, kind: str, files: dict[str, str]) -> dict[str, Any]:
-    """What the version's files prove beyond the check: stored as the version's record."""
-    cfg = json.loads((staged / CONFIG_FILE).read_text(encoding="utf-8"))
-    manifest = AdapterManifest.read(staged) if MANIFEST_FILE in files else None
-    names = set(files)
-    return {
-        "format": INTAKE_FORMAT,
-        "source": kind,
-        "manifest": asdict(manifest) if manifest else None,
-        "adapter_config_base": cfg.get("base_model_name_or_path"),
-        "adapter_config_revision": cfg.get("revision"),
-        # "matches base" only ever reaches a record: a mismatch refused the push.
-        "tokenizer": "matches base" if "tokenizer.json" in names else "not shipped",
-        "chat_template": "matches base" if shipped_chat_template(staged, names) else "not shipped",
-        "tokenizer_files": sorted(names & TOKENIZER_FILES),
-    }
-
-
-def _to_version(row: AdapterVersionRow, tenant: str, name: str,
-                template: AdapterTemplate) -> AdapterVersion:
-    return AdapterVersion(
-        lora_int_id=row.id, tenant=tenant, adapter=name, version=row.version,
-        content_sha256=row.content_sha256, files=dict(row.files),
-        base_model_id=template.base_model_id, base_revision=template.base_revision,
-        template_id=template.template_id, size_bytes=row.size_bytes,
-        created_at=as_utc(row.created_at),
-    )
+__all__ = ["Registry"]

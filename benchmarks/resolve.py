@@ -23,12 +23,22 @@ import random
 import statistics
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from adapters_registry import AdapterTemplate, BaseContract, FilesystemStore, Registry, Tenant
+from adapters_registry import (
+    AdapterInfo,
+    AdapterTemplate,
+    AdapterVersion,
+    BaseContract,
+    FilesystemStore,
+    ModelRef,
+    Registry,
+    Tenant,
+)
 from adapters_registry.db import AdapterRow, AdapterVersionRow, AliasRow, make_engine
 from gateway.tenancy.directory import TenantDirectory
 from gateway.tenancy.freshness import GenerationWatch
@@ -84,15 +94,27 @@ async def measure(directory: TenantDirectory, names: list[tuple[Tenant, str]], l
 
 
 class _Counting:
-    """The registry, counting the reads the directory sends it."""
+    """The registry's reads the directory makes (``RegistryReads``), counted."""
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
         self.reads = 0
 
-    def resolve(self, tenant: Tenant, model: object) -> object:
+    def resolve(self, tenant: Tenant, model: ModelRef) -> AdapterVersion:
         self.reads += 1
-        return self._registry.resolve(tenant, model)  # type: ignore[arg-type]
+        return self._registry.resolve(tenant, model)
+
+    def authenticate_until(self, api_key: str) -> tuple[Tenant, datetime | None]:
+        self.reads += 1
+        return self._registry.authenticate_until(api_key)
+
+    def get_tenant(self, name: str) -> Tenant:
+        self.reads += 1
+        return self._registry.get_tenant(name)
+
+    def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:
+        self.reads += 1
+        return self._registry.list_adapters(tenant)
 
     def generation(self) -> int:
         self.reads += 1
@@ -103,7 +125,7 @@ async def steady(registry: Registry, names: list[tuple[Tenant, str]], *, seconds
                  ttl: float, watched: bool) -> dict[str, float]:
     counting = _Counting(registry)
     watch = GenerationWatch(counting.generation, ttl) if watched else None
-    directory = TenantDirectory(counting, served_base=(_CONTRACT.model_id, _CONTRACT.revision),  # type: ignore[arg-type]
+    directory = TenantDirectory(counting, served_base=(_CONTRACT.model_id, _CONTRACT.revision),
                                 ttl=ttl, watch=watch)
     if watch is not None:
         watch.start()

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from adapters_registry import LIMITS, Registry, Tenant, TenantLimits
+from adapters_registry import LIMITS, Tenant, TenantLimits
 from gateway.errors import OverloadedError
 from gateway.observability.metrics import GatewayMetrics
 from gateway.tenancy.freshness import GenerationWatch, TtlCache
@@ -190,10 +190,16 @@ def charge_verdict(refused: bool, tpm: int, tok: float, tokens: int) -> Verdict:
 
 # -- the service -----------------------------------------------------------------------------
 
+class LimitsSource(Protocol):
+    """Where a tenant's own limits come from (the registry's tenancy service)."""
+
+    def get_limits(self, tenant_name: str) -> TenantLimits: ...
+
+
 class Quotas:
     """Admits a tenant's request against its limits, in whichever store is configured."""
 
-    def __init__(self, store: QuotaStore, registry: Registry, defaults: Limits,
+    def __init__(self, store: QuotaStore, registry: LimitsSource, defaults: Limits,
                  metrics: GatewayMetrics, *, fail_open: bool, ttl: float,
                  watch: GenerationWatch | None = None) -> None:
         self.store = store

@@ -20,13 +20,13 @@ from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from adapters_registry import (
     REPAIR_COMMAND,
     AdapterVersion,
     ArtifactError,
     ChecksumMismatchError,
-    Registry,
     check_digest,
     is_digest,
     sha256_file,
@@ -137,7 +137,13 @@ def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def download(registry: Registry, disk: DiskCache, version: AdapterVersion) -> Path:
+class Fetcher(Protocol):
+    """Writes a version's files into a folder, each verified (the registry's artifacts)."""
+
+    def fetch(self, version: AdapterVersion, dest: Path) -> None: ...
+
+
+def download(registry: Fetcher, disk: DiskCache, version: AdapterVersion) -> Path:
     """Fetch ``version``'s files into its cache folder, each verified against its sha256.
 
     A failed verification or an unreachable store is an ``AdapterUnavailableError`` that

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from adapters_registry import AdapterVersion, Registry
+from adapters_registry import AdapterVersion
 from gateway.observability.metrics import GatewayMetrics
-from gateway.residency.disk_cache import DiskCache, download, matches_record
+from gateway.residency.disk_cache import DiskCache, Fetcher, download, matches_record
 
 logger = logging.getLogger(__name__)
 LocalTier = Literal["disk_hit", "remote_fetch"]
@@ -29,7 +29,7 @@ class LocalCopies:
     ``protected()`` names the digests the disk must not evict to make room (those the
     engine, a pin or a request in flight holds)."""
 
-    def __init__(self, registry: Registry, disk: DiskCache, metrics: GatewayMetrics,
+    def __init__(self, registry: Fetcher, disk: DiskCache, metrics: GatewayMetrics,
                  protected: Callable[[], set[str]], on_change: Callable[[], None]) -> None:
         self._registry = registry
         self._disk = disk

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters_registry import AdapterVersion, Registry, TamperedRecordError, check_record
+from adapters_registry import AdapterVersion, TamperedRecordError, check_record
 from gateway.engine import Engine, LoraSpec
 from gateway.errors import (
     AdapterRejectedError,
@@ -36,7 +36,7 @@ from gateway.errors import (
     OverloadedError,
 )
 from gateway.observability.metrics import GatewayMetrics
-from gateway.residency.disk_cache import DiskCache
+from gateway.residency.disk_cache import DiskCache, Fetcher
 from gateway.residency.local_copies import LocalCopies
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class AdapterManager:
     ``engine_hit``, ``disk_hit``) or ``remote_fetch``.
     """
 
-    def __init__(self, registry: Registry, engine: Engine, disk: DiskCache,
+    def __init__(self, registry: Fetcher, engine: Engine, disk: DiskCache,
                  metrics: GatewayMetrics, *, engine_capacity: int, slot_capacity: int,
                  load_concurrency: int = 8, slot_wait_s: float = 0.0) -> None:
         self._engine = engine

@@ -13,6 +13,7 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from adapters_registry import (
     ADAPTER_KINDS,
@@ -22,7 +23,6 @@ from adapters_registry import (
     Change,
     ModelRef,
     NotFoundError,
-    Registry,
     Tenant,
     ValidationError,
     key_hash,
@@ -92,10 +92,22 @@ class _AffinityKeys:
                 del self._keys_of[ref]
 
 
+class RegistryReads(Protocol):
+    """What the directory reads from the registry (its tenancy and catalog services)."""
+
+    def authenticate_until(self, api_key: str) -> tuple[Tenant, datetime | None]: ...
+
+    def get_tenant(self, name: str) -> Tenant: ...
+
+    def resolve(self, tenant: Tenant, model: ModelRef) -> AdapterVersion: ...
+
+    def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]: ...
+
+
 class TenantDirectory:
     """Keys to tenants, and a tenant's ``model`` to the adapter version it names."""
 
-    def __init__(self, registry: Registry, *, served_base: tuple[str, str], ttl: float,
+    def __init__(self, registry: RegistryReads, *, served_base: tuple[str, str], ttl: float,
                  base_name: str | None = None, watch: GenerationWatch | None = None) -> None:
         self._registry = registry
         self._served_base = served_base  # (model_id, revision)

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adapters_registry import AdapterTemplate, Registry
+from adapters_registry import AdapterTemplate, Catalog, Registry
 from adapters_registry.db import AdapterRow, AdapterVersionRow, ApiKeyRow
 from adapters_registry.errors import (
     AuthenticationError,
@@ -188,7 +188,7 @@ def test_orphan_blobs_do_not_appear_as_versions(registry_env, trained_adapters, 
     def crash(*_a, **_k):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(Registry, "_insert_version", crash)
+    monkeypatch.setattr(Catalog, "insert_version", crash)  # between upload and commit
     with pytest.raises(RuntimeError):
         reg.push("acme", "crashbot", good)
     with pytest.raises(NotFoundError):
@@ -281,7 +281,7 @@ def test_gc_collects_orphans_after_the_grace_period(registry_env, trained_adapte
         raise RuntimeError("power cut")
 
     with monkeypatch.context() as m:
-        m.setattr(Registry, "_insert_version", crash)
+        m.setattr(Catalog, "insert_version", crash)  # between upload and commit
         with pytest.raises(RuntimeError):
             reg.push("acme", "crashbot", crashed)
     orphans = stored_blobs(registry_env) - before

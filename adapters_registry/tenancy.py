@@ -1,4 +1,4 @@
-"""Tenants and their API keys (a part of the Registry service)."""
+"""Tenancy: tenants, their API keys (and authentication by key), their limits."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from adapters_registry.names import shown, validate_name
 from adapters_registry.records import ApiKeyInfo, Tenant
 
 
-class TenancyMixin:
-    db: Engine
-    actor: str
+class Tenancy:
+    """Tenants, keys and limits in the registry database; ``actor`` signs the audit trail."""
+
+    def __init__(self, db: Engine, *, actor: str) -> None:
+        self.db = db
+        self.actor = actor
 
     def create_tenant(self, name: str) -> Tenant:
         validate_name("tenant", name)
@@ -124,3 +127,6 @@ class TenancyMixin:
             if row is None:
                 return TenantLimits()
             return TenantLimits(**{spec.name: getattr(row, spec.name) for spec in LIMITS})
+
+
+__all__ = ["Tenancy"]
