@@ -1,8 +1,9 @@
 """Profile the gateway's request path under load: where its event loop spends its time.
 
-    python -m benchmarks.profile_gateway [--seconds 30] [--adapters 1] [--gateway-tree PATH]
+    python -m benchmarks.profile_gateway [--seconds 30] [--adapters 1] [--concurrency 8]
+                                         [--gateway-tree PATH]
 
-On the tiny base with real vLLM, a closed loop of streamed requests (concurrency 8)
+On the tiny base with real vLLM, a closed loop of streamed requests (concurrency 8 by default)
 runs against one gateway while py-spy samples the gateway's API process (not the
 engine core), counting only the thread that holds the GIL: where the process's Python
 time goes. Prints the share of those samples in each stage of the request path
@@ -32,7 +33,7 @@ STAGES = {
                                                          "vllm/v1/engine/core_client",
                                                          "detokenizer"),
     "chat template + tokenize": ("apply_chat_template", "prompt_ids", "render"),
-    "name resolution and keys": ("tenancy.py", "authenticate", "resolve"),
+    "name resolution and keys": ("gateway/tenancy/", "authenticate", "resolve"),
     "adapter residency": ("gateway/residency/manager.py",),
     "request validation (pydantic, FastAPI)": ("fastapi/routing", "fastapi/dependencies",
                                                "pydantic"),
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--adapters", type=int, default=1, help="distinct adapters in the load")
+    parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--gateway-tree", type=Path, default=REPO)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-profile")
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "bench-profile" / "stacks.txt")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(gw)
         targets = [Target(TENANT, n, key) for n in names]
         spec = RunSpec(url=gw.url, targets=targets, scenario="warm" if args.adapters > 1 else "hot",
-                       shape=RequestShape(max_tokens=32), admin_key=ADMIN_KEY, concurrency=8,
+                       shape=RequestShape(max_tokens=32), admin_key=ADMIN_KEY, concurrency=args.concurrency,
                        duration=args.seconds + 10, max_requests=100_000)
         asyncio.run(run_phase(RunSpec(url=gw.url, targets=targets, scenario=spec.scenario,
                                       admin_key=ADMIN_KEY, max_requests=32)))  # warm up
