@@ -121,20 +121,23 @@ class Artifacts:
             if violations:
                 raise IncompatibleAdapterError(ref, violations)
             files = {p.name: sha256_file(p) for p in sorted(staged.path.iterdir())}
-            repaired = [rel for rel, digest in files.items()
-                        if self.store.put(staged.path / rel, digest) == "repaired"]
+            outcomes = {rel: self.store.put(staged.path / rel, digest) for rel, digest in files.items()}
+            repaired = [rel for rel, outcome in outcomes.items() if outcome == "repaired"]
+            uploaded = [rel for rel, outcome in outcomes.items() if outcome == "stored"]
             if repaired:
                 logger.warning("%s: re-pushing repaired corrupted blob(s) of %s", ref, repaired)
             size = sum((staged.path / rel).stat().st_size for rel in files)
             record_ = _intake_record(staged.path, staged.kind, files)
         try:
-            return self._catalog.insert_version(tenant, name, template, files, size, record_, aliases,
-                                        repaired)
+            return self._catalog.insert_version(tenant, name, template, files, size, record_,
+                                                aliases, repaired)
         except IntegrityError:
             raise ConflictError(f"{ref}: a concurrent registration won; push again") from None
         except DatabaseError as exc:
-            raise DatabaseError(f"{exc}; {ref} was not registered (its uploaded blobs are "
-                                "unreferenced: `registry gc` collects them)") from None
+            left = (f" ({len(uploaded)} file(s) it uploaded stay unreferenced until `registry gc` "
+                    "collects them)" if uploaded else
+                    " (every file it needs was stored already: nothing was left behind)")
+            raise DatabaseError(f"{exc}; {ref} was not registered{left}") from None
 
     def _template_for(self, staged: Path, template_id: str | None, base: str | None,
                       ref: str) -> AdapterTemplate:

@@ -30,6 +30,7 @@ from adapters_registry import (
     NotFoundError,
     Registry,
     RegistryError,
+    SourceError,
     ValidationError,
     derive_contract,
 )
@@ -290,7 +291,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         # Only the admin API reaches the registry's errors directly; tenants' paths
         # translate NotFound into model_not_found before this.
         status, code = next(((s, c) for kind, s, c in _REGISTRY_STATUS if isinstance(exc, kind)),
-                            (400, None))
+                            (400, "invalid_request"))
         kind = "invalid_request_error" if status < 500 else "server_error"
         return JSONResponse(error_body(str(exc), kind, code), status_code=status)
 
@@ -299,21 +300,25 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        code = "invalid_value"
         if first.get("type") == "extra_forbidden":
             message = f"Unrecognized request argument supplied: {'.'.join(loc)}"
+            code = "unknown_parameter"
         elif first.get("type") == "json_invalid":
             message = "The request body is not valid JSON."
+            code = "invalid_json"
         else:
             message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem(s))"
-        body = error_body(message, "invalid_request_error", None, ".".join(loc) or None)
+        body = error_body(message, "invalid_request_error", code, ".".join(loc) or None)
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        code = "payload_too_large" if exc.status_code == 413 else None
+        code = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error")
         return JSONResponse(error_body(str(exc.detail), kind, code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
@@ -326,6 +331,7 @@ _REGISTRY_STATUS: tuple[tuple[type[RegistryError], int, str], ...] = (
     (NotFoundError, 404, "not_found"),
     (ConflictError, 409, "conflict"),
     (ValidationError, 400, "invalid_value"),
+    (SourceError, 400, "invalid_archive"),
     (IncompatibleAdapterError, 422, "incompatible_adapter"),
     (ArtifactError, 503, "artifact_unavailable"),
     (DatabaseError, 503, "database_unavailable"),

@@ -110,7 +110,11 @@ class GatewayError(Exception):
 class InvalidRequestError(GatewayError):
     status = 400
     type = "invalid_request_error"
-    code: str | None = None
+    code: str | None = "invalid_request"
+
+
+class InvalidValueError(InvalidRequestError):
+    code = "invalid_value"
 
 
 class ContextLengthError(InvalidRequestError):

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from adapters_registry import REPAIR_COMMAND, GcReport, Registry, TenantLimits
+from adapters_registry import REPAIR_COMMAND, GcReport, Registry, SourceError, TenantLimits
 from gateway.api.admin_models import (
     AdapterList,
     AdapterRefIn,
@@ -174,8 +174,12 @@ async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep
                 if seen > limit:
                     raise PayloadTooLargeError(f"the upload exceeds the {limit}-byte limit")
                 await _run(out.write, chunk)
-        version = await _run(reg.push, tenant, name, archive, template_id=template, base=base,
-                             aliases=alias or [])
+        try:
+            version = await _run(reg.push, tenant, name, archive, template_id=template, base=base,
+                                 aliases=alias or [])
+        except SourceError as exc:  # it names the server's temporary file: say "the upload"
+            raise SourceError(str(exc).replace(repr(str(archive)), "the upload")
+                              .replace(str(archive), "the upload")) from None
     finally:
         await _run(shutil.rmtree, folder, ignore_errors=True)
     return VersionCreated(version=version.ref, lora_int_id=version.lora_int_id,

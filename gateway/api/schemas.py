@@ -27,7 +27,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as _VllmCompletionRequest
 from vllm.exceptions import VLLMValidationError
 
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, InvalidValueError
 
 # Fields vLLM's server takes that a tenant must not set: server-side templates and
 # their variables, scheduling and cache controls across tenants, disaggregated-serving
@@ -49,6 +49,9 @@ _NO_PROMPT_LOGPROBS = ("prompt logprobs are not served: with adapters enabled vL
 ROUTER_NO_OPS: dict[str, bool] = {"no_stop_trim": False, "return_hidden_states": False,
                                   "separate_reasoning": True, "stream_reasoning": True}
 _TEXT_PARTS = frozenset({"text", "input_text"})
+# OpenAI's chat roles; vLLM's server also takes any other string, which the chat template
+# then renders or fails on. Refused as OpenAI refuses them.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 _KEEP = object()
 
@@ -206,6 +209,11 @@ class ChatCompletionRequest(_Strict, _VllmChatRequest):  # type: ignore[misc]  #
                 # vLLM's union also takes openai-harmony's Message (`author`, no `role`):
                 # not OpenAI's API, and its chat path expects every message to have a role.
                 raise InvalidRequestError(f"messages[{i}]: 'role' is required", param="messages")
+            role = message.get("role") if isinstance(message, dict) else None
+            if isinstance(role, str) and role not in ROLES:
+                raise InvalidValueError(
+                    f"messages[{i}].role: invalid value {role[:40]!r}; supported values are "
+                    f"{', '.join(repr(r) for r in ROLES)}", param=f"messages[{i}].role")
             content = message.get("content") if isinstance(message, dict) else None
             for part in content if isinstance(content, list) else ():
                 kind = part.get("type") if isinstance(part, dict) else None

@@ -60,6 +60,20 @@ def test_read_only_database_exits_6_after_upload(nobody, corpus: Path) -> None:
     assert versions(nobody.dir / "reg.db") == 0
 
 
+def test_read_only_database_says_nothing_was_left_when_no_blob_was_uploaded(nobody,
+                                                                          corpus: Path) -> None:
+    adapter = str(nobody.copy(corpus / "valid"))
+    code, err = nobody.cli("push", "acme/bot", adapter, "--base", "tiny-llama")
+    assert code == 0, err
+    os.chown(nobody.dir / "reg.db", 0, 0)
+    os.chmod(nobody.dir / "reg.db", 0o644)
+    # the same files under another name: every blob is stored already
+    code, err = nobody.cli("push", "acme/bot2", adapter, "--base", "tiny-llama")
+    assert code == 6, err
+    assert "it is read-only for this user" in err and "nothing was left behind" in err
+    assert "registry gc" not in err and "Traceback" not in err
+
+
 def test_database_that_cannot_be_opened_exits_6(nobody, corpus: Path) -> None:
     os.chown(nobody.dir, 0, 0)  # no -wal/-shm can be created beside it
     os.chown(nobody.dir / "reg.db", 0, 0)

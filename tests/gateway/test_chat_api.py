@@ -19,6 +19,7 @@ def assert_envelope(resp, status: int, type_: str, code: str | None = None) -> d
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == type_
+    assert isinstance(err["code"], str) and err["code"], err  # every error names its code
     if code is not None:
         assert err["code"] == code
     return err
@@ -133,6 +134,15 @@ def test_invalid_bodies_are_400_not_422(gw: Gateway, body: dict, param: str | No
     err = assert_envelope(r, 400, "invalid_request_error")
     if param:
         assert err["param"] == param and param in err["message"]
+
+
+@pytest.mark.parametrize("role", ["wizard", "System", ""])
+def test_an_unknown_role_is_400_naming_it_as_openai_answers(gw: Gateway, role: str) -> None:
+    body = {"model": "support-bot", "messages": [HI[0], {"role": role, "content": "hi"}]}
+    r = gw.client.post("/v1/chat/completions", json=body, headers=gw.headers("acme"))
+    err = assert_envelope(r, 400, "invalid_request_error", "invalid_value")
+    assert err["param"] == "messages[1].role" and repr(role) in err["message"]
+    assert "'developer'" in err["message"]
 
 
 def test_malformed_json_is_400(gw: Gateway) -> None:

@@ -73,7 +73,7 @@ def test_hostile_refs_on_the_admin_cache_routes(gateway_factory, ref: str) -> No
     assert r.status_code == 200 and r.json()["failed"] == 1, r.text
     error = r.json()["data"][0]["error"]
     assert (error["code"], error["type"]) in {("model_not_found", "invalid_request_error"),
-                                              (None, "invalid_request_error")}, error
+                                              ("invalid_request", "invalid_request_error")}, error
     assert error["message"]
     for route, body in (("evict", {"adapter": ref, "from": "all"}), ("pin", {"adapter": ref})):
         r = gw.client.post(f"/admin/v1/cache/{route}", headers=admin(), json=body)

@@ -69,7 +69,10 @@ def test_upload_limits_and_bad_bodies(gateway_factory, corpus: Path) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     services.admin_registry.limits = Limits()
     r = upload(gw, "not-an-archive", b"hello")
-    assert r.status_code == 400 and "not a folder or a .tar" in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert r.status_code == 400 and "not a folder or a .tar" in err["message"]
+    assert err["code"] == "invalid_archive" and err["message"].startswith("the upload is")
+    assert "/tmp" not in err["message"] and "lgw-upload" not in err["message"]  # no server path
     assert upload(gw, "bot%0A", body).status_code == 400  # "bot\\n"
     assert upload(gw, "ok", body, template="tpl-nope").status_code == 400
     assert upload(gw, "ok", body, alias="canary").status_code == 201
