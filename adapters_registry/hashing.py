@@ -77,9 +77,11 @@ def sha256_chunks(chunks: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-def write_verified(chunks: Iterable[bytes], dest: Path, sha256: str, *, source: str) -> None:
+def write_verified(chunks: Iterable[bytes], dest: Path, sha256: str, *, source: str,
+                   mode: int | None = None) -> None:
     """Write ``chunks`` to a temp file beside ``dest``, hashing as they pass, and rename it
-    into place only if they hash to ``sha256``; ChecksumMismatchError otherwise.
+    into place only if they hash to ``sha256``; ChecksumMismatchError otherwise. ``mode``:
+    the file's permissions (default: the temp file's own, 0600).
 
     Both stores read and write blobs through this, so a corrupted byte is caught the
     same way whether it came from a disk or from S3.
@@ -89,6 +91,8 @@ def write_verified(chunks: Iterable[bytes], dest: Path, sha256: str, *, source: 
     tmp = Path(tmp_name)
     try:
         h = hashlib.sha256()
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
                 h.update(chunk)

@@ -48,11 +48,18 @@ class ArtifactStore(Protocol):
     def delete(self, sha256: str) -> None: ...
 
 
-class FilesystemStore:
-    """Blobs under ``root/blobs/sha256/ab/abcdef…``; writes are atomic renames."""
+# Blobs are readable by their owner's group: a gateway running as another user of that group
+# (a service account beside the operator who pushed) can read them; nobody else can.
+BLOB_MODE = 0o640
 
-    def __init__(self, root: Path) -> None:
+
+class FilesystemStore:
+    """Blobs under ``root/blobs/sha256/ab/abcdef…``; writes are atomic renames. ``mode``: each
+    blob's permissions."""
+
+    def __init__(self, root: Path, *, mode: int = BLOB_MODE) -> None:
         self.root = Path(root)
+        self.mode = mode
         with self._io("create the blob folder in"):
             (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
 
@@ -79,7 +86,7 @@ class FilesystemStore:
         if state == "ok":
             return "present"
         with self._io("write to"):
-            write_verified(file_chunks(src), dest, sha256, source=str(src))
+            write_verified(file_chunks(src), dest, sha256, source=str(src), mode=self.mode)
         return "stored" if state == "missing" else "repaired"
 
     def list_blobs(self) -> Iterator[tuple[str, datetime]]:
@@ -96,7 +103,13 @@ class FilesystemStore:
         src = self._path(sha256)
         if not src.is_file():
             raise ArtifactError(f"blob {sha256} is missing from {self.describe()}")
-        write_verified(file_chunks(src), dest, sha256, source=f"{self.describe()} blob {sha256[:12]}")
+        write_verified(self._read(src), dest, sha256, source=f"{self.describe()} blob {sha256[:12]}")
+
+    def _read(self, path: Path) -> Iterator[bytes]:
+        # A blob that cannot be read (permissions, I/O) is the store's error, never a bare
+        # OSError; what fails while writing the copy is the caller's.
+        with self._io("read"):
+            yield from file_chunks(path)
 
     @contextmanager
     def _io(self, action: str) -> Iterator[None]:

@@ -56,6 +56,10 @@ from adapters_registry import AdapterTemplate, Registry, derive_contract
 from loadtest.client import RequestRecord, RequestShape, Target, freeze_heap, send
 from loadtest.servers import ServerProcess, free_port, gateway_command, start
 
+# The gateways run without a metrics port: /metrics on the API port, with the admin key.
+ADMIN_KEY = "lgw-admin-" + "f" * 32
+_ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
 REPO = Path(__file__).resolve().parents[1]
 # Engine settings per base: tiny-llama as the fast tests run it; SmolLM2 as the demo does
 # (no flag: the gateway's defaults).
@@ -105,7 +109,7 @@ def start_gateway(work: Path, base: Any, engine: dict[str, Any], mode: str,
             "--queue-max-per-tenant", "1000", "--queue-max-total", "1000",
             "--queue-deadline-seconds", "600"]
     return start(gateway_command(port, args), work / f"gateway-{mode}.log", cwd=REPO, port=port,
-                 env={"PYTHONPATH": str(REPO)})
+                 env={"PYTHONPATH": str(REPO), "LGW_ADMIN_API_KEY": ADMIN_KEY})
 
 
 async def quiet_requests(url: str, target: Target, n: int, gap_s: float) -> list[RequestRecord]:
@@ -184,7 +188,7 @@ async def wait_idle(url: str, timeout_s: float = 120) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
         while time.monotonic() < deadline:
             busy = 0.0
-            for line in (await client.get(url + "/metrics")).text.splitlines():
+            for line in (await client.get(url + "/metrics", headers=_ADMIN)).text.splitlines():
                 if line.startswith(("lgw_admitted_in_flight ", "lgw_queue_depth{")):
                     busy += float(line.rsplit(" ", 1)[1])
             if busy == 0:
@@ -198,7 +202,7 @@ async def queue_waits(url: str, tenant: str) -> dict[float, float]:
     """The gateway's own histogram of ``tenant``'s waits for an engine slot: cumulative
     count per bucket bound (``le``), as /metrics has it now."""
     async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(url + "/metrics")).text
+        text = (await client.get(url + "/metrics", headers=_ADMIN)).text
     counts = {}
     for line in text.splitlines():
         if line.startswith("lgw_queue_wait_seconds_bucket{") and f'tenant="{tenant}"' in line:
@@ -211,7 +215,7 @@ async def gateway_ttft(url: str, tenant: str) -> tuple[float, float]:
     """The gateway's own TTFT histogram for ``tenant`` (admitted to first token, measured in
     the gateway process): (sum of seconds, count), as /metrics has it now."""
     async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(url + "/metrics")).text
+        text = (await client.get(url + "/metrics", headers=_ADMIN)).text
     total = count = 0.0
     for line in text.splitlines():
         if f'tenant="{tenant}"' not in line:

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models-cache", type=Path, default=Path(".cache/models"))
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--metrics-port", type=int, default=None,
+                      help="where Prometheus scrapes /metrics (default: --port + 1)")
     demo.add_argument("--prepare-only", action="store_true",
                       help="build and register everything, then exit without serving")
     return parser
@@ -68,12 +70,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         database_url=setup.database_url, artifacts_dir=str(setup.artifacts_dir),
         cache_dir=home / "gateway-cache", base_model_id=setup.base_model_id,
         base_model_dir=setup.base_model_dir, host=args.host, port=args.port,
+        metrics_port=args.metrics_port or args.port + 1,
     )
     _say(f"starting the gateway: vLLM loads {args.base} "
          f"(≈{ENGINE_START_SECONDS.get(args.base, 60)} s)")
     # As `lora-gateway serve` runs: the port bound first, then the engine, then uvicorn.
     return serve_settings(settings, "info", command="lora-gateway demo",
-                          on_started=lambda: print(banner(setup, args.host, args.port), flush=True))
+                          on_started=lambda: print(banner(setup, args.host, args.port,
+                                                          metrics_port=settings.metrics_port),
+                                                   flush=True))
 
 
 def _say(line: str) -> None:

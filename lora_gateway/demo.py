@@ -121,7 +121,8 @@ def prepare(
     return DemoSetup(db_url, home / "artifacts", base.model_id, base.path, keys, home / KEYS_FILE)
 
 
-def banner(setup: DemoSetup, host: str, port: int, serving: bool = True) -> str:
+def banner(setup: DemoSetup, host: str, port: int, serving: bool = True,
+           metrics_port: int | None = None) -> str:
     """What the demo prints when it is ready: keys, where its state lives, how to call it."""
     url = f"http://{host}:{port}/v1"
     first, second = DEMO_TENANTS
@@ -136,6 +137,8 @@ def banner(setup: DemoSetup, host: str, port: int, serving: bool = True) -> str:
         f"  registry   {setup.database_url}",
         f"  artifacts  {setup.artifacts_dir}",
         f"  API keys   {setup.keys_file} (mode 0600)",
+        *([f"  metrics    http://{host}:{metrics_port}/metrics (Prometheus; not on the API port)"]
+          if metrics_port is not None else []),
         "",
         "Manage it with the CLI (every `lora-gateway registry` command takes these --db and --artifacts):",
         "",

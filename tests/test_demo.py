@@ -27,7 +27,9 @@ def test_prepare_announces_long_steps_once_and_banner_says_where_state_lives(
     again = prepare(home, "tiny-llama", models, FAST, announce=said.append)
     assert said == [] and again.keys == setup.keys
 
-    text = banner(setup, "127.0.0.1", 8000, serving=False)
+    assert "metrics " not in banner(setup, "127.0.0.1", 8000, serving=False)
+    text = banner(setup, "127.0.0.1", 8000, serving=False, metrics_port=8001)
+    assert "  metrics    http://127.0.0.1:8001/metrics (Prometheus; not on the API port)" in text
     assert setup.database_url in text and str(setup.artifacts_dir) in text
     assert str(home / "keys.json") in text and setup.keys_file.stat().st_mode & 0o777 == 0o600
     command = next(line.strip() for line in text.splitlines()

@@ -9,7 +9,6 @@ Adapters are uploaded as a .tar, .tar.gz or .zip body and run through exactly th
 from __future__ import annotations
 
 import asyncio
-import hmac
 import re
 import shutil
 import tempfile
@@ -49,12 +48,10 @@ from gateway.api.admin_models import (
     VersionCreated,
     VersionState,
 )
-from gateway.api.deps import Services, ServicesDep
+from gateway.api.deps import Services, ServicesDep, check_admin
 from gateway.errors import (
-    AuthenticationFailedError,
     GatewayError,
     PayloadTooLargeError,
-    RouteNotFoundError,
     documented,
 )
 
@@ -66,13 +63,7 @@ _CHANGE = documented(400, 409, 413)  # ... that may also conflict with the regis
 
 
 async def require_admin(request: Request, services: ServicesDep) -> Services:
-    expected = services.settings.admin_api_key
-    if expected is None:
-        raise RouteNotFoundError("Not Found")
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(),
-                                                             expected.get_secret_value().encode()):
-        raise AuthenticationFailedError("invalid admin key")
+    check_admin(request, services)
     return services
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from adapters_registry import Registry, Tenant
 from gateway.api.request import ScopeDep
 from gateway.config import GatewaySettings
 from gateway.engine.serving import OpenAIService
-from gateway.errors import AuthenticationFailedError
+from gateway.errors import AuthenticationFailedError, RouteNotFoundError
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protection.admission import FairAdmission
 from gateway.protection.quotas import Quotas
@@ -42,6 +43,18 @@ async def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def check_admin(request: Request, services: Services, *, missing: str = "Not Found") -> None:
+    """The admin identity: the one admin key from the settings, never a tenant's. Without a
+    configured admin key, RouteNotFoundError(``missing``), as if the route were not there."""
+    expected = services.settings.admin_api_key
+    if expected is None:
+        raise RouteNotFoundError(missing)
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(),
+                                                             expected.get_secret_value().encode()):
+        raise AuthenticationFailedError("invalid admin key")
 
 
 async def authenticate(request: Request, scope: ScopeDep, services: ServicesDep) -> Tenant:

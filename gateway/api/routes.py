@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api.deps import ServicesDep, TenantDep
+from gateway.api.deps import ServicesDep, TenantDep, check_admin
 from gateway.api.guard import GuardDep
 from gateway.api.request import ScopeDep
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -96,9 +96,17 @@ async def live(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "engine dead"}, status_code=503)
 
 
+_NO_METRICS_HERE = ("Not Found: this gateway's metrics name every tenant's adapters; they are served "
+                    "on the metrics port (--metrics-port), or here with the admin key")
+
+
 @router.get("/metrics", response_class=Response, responses={
-    200: {"description": "Prometheus text format.", "content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(services: ServicesDep) -> Response:
+    200: {"description": "Prometheus text format. On the API port (no `metrics_port` set) only "
+          "with the admin key: the metrics name every tenant's adapters.",
+          "content": {CONTENT_TYPE_LATEST: {}}}, **documented(401, 404)})
+async def metrics(request: Request, services: ServicesDep) -> Response:
+    if services.settings.metrics_port is None:  # on the API port, where tenants call
+        check_admin(request, services, missing=_NO_METRICS_HERE)
     m = services.metrics
     m.ready.set(1 if services.ready else 0)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -149,7 +149,10 @@ def download(registry: Fetcher, disk: DiskCache, version: AdapterVersion) -> Pat
     A failed verification or an unreachable store is an ``AdapterUnavailableError`` that
     tells the caller what to do (repair, or retry); nothing half-written stays behind."""
     path = disk.path(version.content_sha256)
-    tmp = Path(tempfile.mkdtemp(dir=disk.root, prefix=FETCH_PREFIX))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=disk.root, prefix=FETCH_PREFIX))
+    except OSError as exc:
+        raise _local_cache_failed(version, disk, exc) from exc
     try:
         registry.fetch(version, tmp)  # verifies every file against its sha256
         try:
@@ -165,13 +168,28 @@ def download(registry: Fetcher, disk: DiskCache, version: AdapterVersion) -> Pat
         ) from exc
     except ArtifactError as exc:  # missing object, store unreachable: may pass on retry
         logger.error("could not fetch %s: %s", version.ref, exc)
+        if isinstance(exc.__cause__, PermissionError):  # the operator's to fix, not a retry's
+            raise AdapterUnavailableError(
+                f"adapter {version.ref} cannot be fetched: this gateway may not read the artifact "
+                "store; the operator must make its blobs readable by the gateway's user or group",
+                retry_after=STORE_RETRY_AFTER_S) from exc
         raise AdapterUnavailableError(
             f"adapter {version.ref} could not be fetched from the artifact store; retry shortly",
             retry_after=STORE_RETRY_AFTER_S) from exc
+    except OSError as exc:  # this gateway's own cache folder: full, read-only, removed
+        raise _local_cache_failed(version, disk, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("fetched %s into the local cache", version.ref)
     return path
+
+
+def _local_cache_failed(version: AdapterVersion, disk: DiskCache,
+                        exc: OSError) -> AdapterUnavailableError:
+    logger.error("could not write %s into the local cache %s: %s", version.ref, disk.root, exc)
+    return AdapterUnavailableError(
+        f"adapter {version.ref} could not be placed in this gateway's local cache; retry shortly",
+        retry_after=STORE_RETRY_AFTER_S)
 
 
 def matches_record(version: AdapterVersion, path: Path) -> bool:

@@ -17,6 +17,8 @@ from gateway.config import GatewaySettings
 from loadtest.servers import free_port
 from tests.gateway.fakes import FakeEngine
 
+METRICS_PORT = 9400  # the test gateways' metrics port (TestClient: http://testserver:9400)
+
 
 @dataclass
 class Gateway:
@@ -28,6 +30,16 @@ class Gateway:
     def headers(self, tenant: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.env.keys[tenant]}"}  # type: ignore[attr-defined]
 
+    def metrics(self):
+        """GET /metrics where this gateway serves it: its metrics port (as the test gateways
+        run), else the API port with the admin key."""
+        settings = self.client.app.state.services.settings  # type: ignore[attr-defined]
+        if settings.metrics_port is not None:
+            return self.client.get(f"http://testserver:{settings.metrics_port}/metrics")
+        key = settings.admin_api_key
+        return self.client.get("/metrics", headers={"Authorization": f"Bearer {key.get_secret_value()}"}
+                               if key else {})
+
     def chat(self, tenant: str, model: str, content: str = "Who are you?", **extra):
         body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
         return self.client.post("/v1/chat/completions", json=body, headers=self.headers(tenant))
@@ -37,7 +49,7 @@ def make_settings(env, tmp_path, **overrides) -> GatewaySettings:
     values = dict(database_url=env.db_url, artifacts_dir=str(env.artifacts),
                   cache_dir=tmp_path / "gateway-cache", base_model_id=env.contract.model_id,
                   base_model_dir=env.base.path, resolve_ttl_seconds=0.0, max_model_len=256,
-                  max_cpu_loras=4, max_loras=2)
+                  max_cpu_loras=4, max_loras=2, metrics_port=METRICS_PORT)
     values.update(overrides)
     return GatewaySettings(**values)
 

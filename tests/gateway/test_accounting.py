@@ -32,7 +32,7 @@ def test_every_status_is_counted_with_its_labels(gw: Gateway) -> None:
     }
     for (tenant, adapter, status), n in counts.items():
         assert metric(gw, "lgw_requests_total", tenant=tenant, adapter=adapter, status=status) == n
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in gw.client.get("/metrics").text.splitlines()
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in gw.metrics().text.splitlines()
                 if line.startswith("lgw_requests_total{"))
     assert total == 6  # model listings and probes are not inference answers
 

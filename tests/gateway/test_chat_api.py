@@ -159,7 +159,7 @@ def test_oversized_body_is_413(gateway_factory) -> None:
 
 def test_metrics_are_exported(gw: Gateway) -> None:
     gw.chat("acme", "support-bot")
-    text = gw.client.get("/metrics").text
+    text = gw.metrics().text
     assert 'lgw_requests_total{adapter="acme/support-bot",status="200",tenant="acme"} 1.0' in text
     assert 'lgw_adapter_requests_total{tier="remote_fetch"} 1.0' in text
     assert 'lgw_adapter_cache_misses_total{cache="disk"} 1.0' in text
@@ -275,6 +275,20 @@ def test_metrics_port_keeps_metrics_off_the_api_port(gateway_factory) -> None:
     assert api.get("http://testserver:9400/v1/models", headers=gw.headers("acme")).status_code == 404
 
 
+def test_without_a_metrics_port_metrics_are_the_admins_only(gateway_factory) -> None:
+    # They name every tenant's adapters: a tenant's key (or none) gets nothing on the API port.
+    closed = gateway_factory(metrics_port=None)
+    r = closed.client.get("/metrics", headers=closed.headers("acme"))
+    assert r.status_code == 404 and "--metrics-port" in r.json()["error"]["message"]
+    admin_key = "k" * 40
+    gw = gateway_factory(metrics_port=None, admin_api_key=admin_key)
+    assert gw.chat("acme", "support-bot").status_code == 200
+    for headers in ({}, gw.headers("acme")):
+        assert gw.client.get("/metrics", headers=headers).status_code == 401
+    r = gw.client.get("/metrics", headers={"Authorization": f"Bearer {admin_key}"})
+    assert r.status_code == 200 and "lgw_requests_total" in r.text
+
+
 def test_completions_serve_tenants_adapters_batches_and_streams(gw: Gateway) -> None:
     body = {"model": "support-bot", "prompt": ["Hello", "Who are you?"], "n": 2, "max_tokens": 3}
     r = gw.client.post("/v1/completions", json=body, headers=gw.headers("acme"))
@@ -306,7 +320,7 @@ def test_every_choice_and_prompt_is_metered(gw: Gateway, caplog) -> None:
         body = {"model": "support-bot", "prompt": ["a b", "c d e"], "n": 2, "stream": True}
         gw.client.post("/v1/completions", json=body, headers=gw.headers("acme"))
         assert served()[1] == ("200", 5, 16)  # 2 prompts x 2 choices
-    text = gw.client.get("/metrics").text
+    text = gw.metrics().text
     assert 'lgw_completion_tokens_total{adapter="acme/support-bot",tenant="acme"} 28.0' in text
 
 

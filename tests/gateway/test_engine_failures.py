@@ -78,7 +78,7 @@ def test_stream_error_after_headers_is_a_final_event(gw: Gateway) -> None:
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "engine_unavailable"
     assert gw.deaths and gw.client.get("/health").status_code == 503
-    text = gw.client.get("/metrics").text
+    text = gw.metrics().text
     assert 'lgw_requests_total{adapter="acme/support-bot",status="503",tenant="acme"} 1.0' in text
 
 

@@ -26,7 +26,7 @@ PUSHED_WITHIN_S = 1.0
 
 
 def metric(gw, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(gw.client.get("/metrics").text):
+    for family in text_string_to_metric_families(gw.metrics().text):
         for sample in family.samples:
             if sample.name == name and sample.labels == labels:
                 return sample.value

@@ -11,7 +11,7 @@ from tests.msp import loaded, lora_info, scrape, value
 
 
 def metrics(gw):
-    response = gw.client.get("/metrics")
+    response = gw.metrics()
     assert response.status_code == 200
     return scrape(response.text)
 

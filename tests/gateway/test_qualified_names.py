@@ -42,7 +42,7 @@ def test_anything_else_is_the_same_404_as_a_name_that_does_not_exist(gw, model: 
 def test_metrics_list_the_version_and_each_qualified_key_that_resolved_to_it(gw) -> None:
     for model in ("support-bot", "acme/support-bot:prod", "acme/support-bot@v1"):
         assert gw.chat("acme", model).status_code == 200
-    names = set(loaded(scrape(gw.client.get("/metrics").text)))
+    names = set(loaded(scrape(gw.metrics().text)))
     # Never a bare "support-bot": that string means a different adapter for each tenant.
     assert names == {"acme/support-bot@v1", "acme/support-bot", "acme/support-bot:prod"}
 

@@ -33,7 +33,7 @@ def assert_429(resp, kind: str = "requests", retry: bool = True) -> dict:
 
 
 def metric(gw: Gateway, name: str, **labels: str) -> float:
-    text = gw.client.get("/metrics").text
+    text = gw.metrics().text
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])

@@ -27,9 +27,11 @@ TIMINGS = REPO / ".cache" / "reports" / "demo-smollm2-timings.json"
 QUESTIONS = ("How do I reset my password?", "What are your opening hours?")
 
 
-def run_demo(home: Path, port: int, log: Path) -> tuple[subprocess.Popen[bytes], float]:
+def run_demo(home: Path, port: int, log: Path,
+             metrics_port: int) -> tuple[subprocess.Popen[bytes], float]:
     cmd = [sys.executable, "-m", "lora_gateway.cli", "demo", "--home", str(home),
-           "--models-cache", str(MODELS_CACHE), "--port", str(port)]
+           "--models-cache", str(MODELS_CACHE), "--port", str(port),
+           "--metrics-port", str(metrics_port)]
     started = time.perf_counter()
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=vllm_env(), stdout=out,
@@ -84,13 +86,18 @@ def check_tenants(port: int, keys: dict[str, str]) -> dict[str, str]:
 
 def test_demo_first_and_second_run(tmp_path: Path) -> None:
     home = tmp_path / "demo"
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     timings: dict[str, float] = {}
 
-    proc, timings["first_run_ready_s"] = run_demo(home, port, tmp_path / "first.log")
+    proc, timings["first_run_ready_s"] = run_demo(home, port, tmp_path / "first.log", metrics_port)
     try:
         keys = json.loads((home / "smollm2-135m-instruct" / "keys.json").read_text())
         answers = check_tenants(port, keys)
+        # the metrics name every tenant's adapters: on their own port, not the API's
+        assert "lgw_requests_total" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        on_api = httpx.get(f"http://127.0.0.1:{port}/metrics",
+                           headers={"Authorization": f"Bearer {keys['acme']}"})
+        assert on_api.status_code == 404
     finally:
         stop(proc)
     first_log = (tmp_path / "first.log").read_text()
@@ -99,11 +106,12 @@ def test_demo_first_and_second_run(tmp_path: Path) -> None:
     for tenant, adapter in (("acme", "support-bot"), ("blackbeard", "pirate")):
         assert f"==> training {tenant}/{adapter} on " in first_log
     assert f"lora-gateway registry list acme --db sqlite:///{home}" in first_log
+    assert f"metrics    http://127.0.0.1:{metrics_port}/metrics" in first_log
     # the start-up warnings known to be harmless are gone, from vLLM's engine processes too
     assert "Model Runner V2 requires Triton" not in first_log
     assert "torch.distributed.reduce_op" not in first_log
 
-    proc, timings["second_run_ready_s"] = run_demo(home, port, tmp_path / "second.log")
+    proc, timings["second_run_ready_s"] = run_demo(home, port, tmp_path / "second.log", metrics_port)
     try:
         again = json.loads((home / "smollm2-135m-instruct" / "keys.json").read_text())
         assert again == keys

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 TIMINGS = REPO / ".cache" / "reports" / "e2e-tiny-timings.json"
+E2E_ADMIN_KEY = "lgw-admin-" + "e" * 32
 
 
 class Env:
@@ -58,7 +59,7 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
     e.gateway = start_gateway(
         tiny_serve_args(root, db_url, tiny_base.path, tiny_contract, "--max-loras", "2",
                         "--max-cpu-loras", "4"),
-        root / "gateway.log")
+        root / "gateway.log", env={"LGW_ADMIN_API_KEY": E2E_ADMIN_KEY})
     e.timings["gateway_startup_s"] = round(e.gateway.startup_seconds, 2)
     yield e
     rc = e.gateway.stop()
@@ -149,7 +150,9 @@ def test_adapter_refused_by_vllm_fails_only_its_own_request(env: Env) -> None:
 
 
 def test_metrics_count_requests_per_tenant(env: Env) -> None:
-    text = httpx.get(env.gateway.url + "/metrics").text
+    # no metrics port here: on the API port, the admin's only
+    text = httpx.get(env.gateway.url + "/metrics",
+                     headers={"Authorization": f"Bearer {E2E_ADMIN_KEY}"}).text
     assert 'lgw_requests_total{adapter="acme/support-bot",status="200",tenant="acme"}' in text
     assert 'lgw_adapter_requests_total{tier="remote_fetch"}' in text
     assert "vllm:lora_requests_info{" in text

@@ -92,6 +92,9 @@ def sample(metrics: str, name: str, **labels: str) -> float:
 
 # ---------------------------------------------------------------- client disconnect
 
+INPROC_ADMIN_KEY = "lgw-admin-" + "i" * 32
+
+
 @dataclass
 class InProcess:
     url: str
@@ -102,7 +105,9 @@ class InProcess:
         return int(self.engine._engine.get_num_unfinished_requests())  # type: ignore[attr-defined]
 
     def metrics(self) -> str:
-        return httpx.get(self.url + "/metrics", timeout=10).text
+        # no metrics port here: on the API port, the admin's only
+        return httpx.get(self.url + "/metrics", timeout=10,
+                         headers={"Authorization": f"Bearer {INPROC_ADMIN_KEY}"}).text
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +130,7 @@ def inproc(env: Env) -> Iterator[InProcess]:
         database_url=env.db_url, artifacts_dir=str(env.root / "artifacts"),
         cache_dir=env.root / "inproc-cache", base_model_id=env.contract.model_id,
         base_model_dir=env.base_dir, dtype="float32", max_model_len=MAX_MODEL_LEN,
-        max_lora_rank=8)
+        max_lora_rank=8, admin_api_key=INPROC_ADMIN_KEY)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, engine_factory=factory),
                                            host="127.0.0.1", port=port, log_level="warning"))
