@@ -50,11 +50,20 @@ class Registry:
         # The SQLAlchemy engine of the registry database (not the inference engine).
         self.db = db
         self.store = store
-        self.limits = limits or Limits()
         self.tenancy = Tenancy(db, actor=actor)
         self.catalog = Catalog(db, self.tenancy, actor=actor)
-        self.artifacts = Artifacts(db, store, self.limits, self.catalog, self.tenancy, actor=actor)
+        self.artifacts = Artifacts(db, store, limits or Limits(), self.catalog, self.tenancy,
+                                   actor=actor)
         self._actor = actor
+
+    @property
+    def limits(self) -> Limits:
+        """What an intake accepts (archive and file sizes): the artifacts service's."""
+        return self.artifacts.limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        self.artifacts.limits = limits
 
     @property
     def actor(self) -> str:

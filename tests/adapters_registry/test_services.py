@@ -64,3 +64,12 @@ def test_the_facade_is_composition_only() -> None:
     # classmethod: construction)
     assert own - services == {"close", "audit_log"}
     assert len(own) > 20
+
+
+def test_the_facades_actor_and_limits_are_its_services(tmp_path) -> None:
+    reg = Registry(make_engine(f"sqlite:///{tmp_path / 'r.db'}"), FilesystemStore(tmp_path / "b"))
+    reg.actor = "alice"
+    assert {reg.tenancy.actor, reg.catalog.actor, reg.artifacts.actor} == {"alice"}
+    reg.limits = Limits(max_archive_bytes=10)
+    assert reg.artifacts.limits.max_archive_bytes == 10
+    reg.close()
