@@ -140,9 +140,12 @@ def default_limits(settings: GatewaySettings) -> Limits:
     return Limits(**{spec.name: getattr(settings, f"default_{spec.name}") for spec in LIMITS})
 
 
+TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})  # counted against the request rate
+
+
 def is_inference_path(path: str) -> bool:
     """The answers counted in lgw_requests_total: the inference API, not listings or probes."""
-    return path.startswith("/v1/") and path != "/v1/models"
+    return (path.startswith("/v1/") and path != "/v1/models") or path in TOKENIZER_PATHS
 
 
 def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vllm_engine_factory,
@@ -167,7 +170,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         try:
             # On the loop, not in a thread: vLLM's serving classes may bind to the running loop.
             serving = engine.openai(ServingOptions(
-                settings.base_name, settings.base_model_dir, settings.tool_call_parser))
+                settings.base_name, settings.base_model_dir, settings.tool_call_parser,
+                settings.stored_responses))
         except BaseException:
             engine.shutdown()
             registry.close()
@@ -193,7 +197,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   slot_wait_s=settings.adapter_slot_wait_seconds)
         openai = OpenAIService(engine, serving, tenants, adapters,
                                tools_supported=settings.tool_call_parser is not None,
-                               metrics=metrics, on_engine_dead=engine_died)
+                               metrics=metrics, on_engine_dead=engine_died,
+                               stored_responses=settings.stored_responses)
         admin = Registry(registry.db, registry.store, actor="admin")
         quotas = Quotas(quota_store(settings), registry, default_limits(settings), metrics,
                         fail_open=settings.quota_failure_mode == "open",

@@ -35,6 +35,11 @@ class _Settings(BaseSettings):
     tool_call_parser: str | None = Field(
         default=None, description="vLLM tool parser for this base's chat template (e.g. hermes "
         "for Qwen2.5-style ChatML); unset: requests with tools are refused (400).")
+    stored_responses: int = Field(
+        default=1000, ge=0, description="Responses (`/v1/responses` with `store`, OpenAI's "
+        "default) kept in this replica's memory for retrieval and `previous_response_id`, "
+        "each visible to its tenant only; past it the oldest is forgotten. 0: store none (as "
+        "vLLM's server by default). Not shared between replicas.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     metrics_port: int | None = Field(

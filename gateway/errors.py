@@ -145,6 +145,22 @@ class ModelNotFoundError(GatewayError):
                          param="model")
 
 
+class ResponseNotFoundError(GatewayError):
+    """A stored response that is not there, or not the caller's (the same answer)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "response_not_found"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="response_id")
+
+    @classmethod
+    def of(cls, response_id: str) -> ResponseNotFoundError:
+        shown = response_id if len(response_id) <= 200 else response_id[:200] + "…"
+        return cls(f"Response with id '{shown}' not found.")
+
+
 class CacheConflictError(GatewayError):
     status = 409
     type = "invalid_request_error"

@@ -26,12 +26,13 @@ from fastapi import Depends, Request
 from adapters_registry import Tenant
 from gateway.api.deps import ServicesDep, TenantDep
 from gateway.api.request import RequestScope, ScopeDep
-from gateway.errors import ClientGoneError, OverloadedError
+from gateway.errors import ClientGoneError, InvalidRequestError, OverloadedError
 from gateway.protection.usage import Copyable, UsageMeter, apply_ceilings
 
 
 class _Body(Copyable, Protocol):
-    model: str
+    @property
+    def model(self) -> str | None: ...
 
 
 B = TypeVar("B", bound=_Body)
@@ -50,10 +51,20 @@ class Guard:
     def check(self, body: B) -> B:
         """The tenant's ceilings on the body, and its ``model`` parsed into the scope."""
         body = apply_ceilings(body, self.meter.limits)
-        self._scope.model = model = self._services.tenants.parse(self._tenant, body.model)
-        if model.ref is None:
-            self._scope.label = model.text  # the bare base
+        self.name(body.model)
         return body
+
+    def name(self, model: str | None) -> None:
+        """``model`` parsed into the scope; absent (where a body may leave it out, as
+        vLLM's tokenizer endpoints do): the base, where this gateway serves it."""
+        if model is None:
+            model = self._services.settings.base_name if self._services.settings.expose_base else None
+            if model is None:
+                raise InvalidRequestError("model is required: name one of your adapters",
+                                          param="model")
+        self._scope.model = parsed = self._services.tenants.parse(self._tenant, model)
+        if parsed.ref is None:
+            self._scope.label = parsed.text  # the bare base
 
     async def admit(self) -> None:
         """Wait for an engine slot, held until the answer is complete."""

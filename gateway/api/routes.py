@@ -12,9 +12,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.api.deps import ServicesDep, TenantDep, check_admin
 from gateway.api.guard import GuardDep
 from gateway.api.request import ScopeDep
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    ResponsesRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from gateway.engine.serving import Answer
-from gateway.errors import documented
+from gateway.errors import InvalidRequestError, documented
 
 router = APIRouter()
 TIER_HEADER = "x-lora-gateway-adapter-tier"
@@ -48,6 +58,62 @@ async def completions(body: CompletionRequest, scope: ScopeDep, services: Servic
     body = guard.check(body)
     await guard.admit()
     return _respond(await guard.serve(services.openai.completion(scope, body)))
+
+
+_RESPONSE_SSE = {"schema": {"type": "string", "description": "OpenAI's Responses events "
+                           "(`event: {type}` and `data: {event}`); an error after the first "
+                           "event is a last `error` event."}}
+_RESPONSE_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {**_ANSWERS[200], "content": {"application/json": {}, "text/event-stream": _RESPONSE_SSE}},
+    **documented(400, 401, 404, 413, 429, 503)}
+
+
+@router.post("/v1/responses", response_model=None, responses=_RESPONSE_ANSWERS)
+async def create_response(body: ResponsesRequest, scope: ScopeDep, services: ServicesDep,
+                          guard: GuardDep) -> Response:
+    """OpenAI's Responses API on the tenant's adapters (or the base), as vLLM serves it.
+    With ``store`` (the default) the response is kept on this replica for its tenant only:
+    for ``GET /v1/responses/{id}`` and ``previous_response_id``."""
+    body = guard.check(body)
+    await guard.admit()
+    return _respond(await guard.serve(services.openai.responses(scope, body)))
+
+
+@router.get("/v1/responses/{response_id}", responses=documented(400, 401, 404, 429, 503))
+async def retrieve_response(response_id: str, scope: ScopeDep, services: ServicesDep,
+                            guard: GuardDep, stream: bool = False,
+                            starting_after: int | None = None) -> JSONResponse:
+    """One of the caller's stored responses; another tenant's id is 404, as a missing one."""
+    if stream:
+        raise InvalidRequestError("only background responses can be streamed again, and this "
+                                  "gateway serves none", param="stream")
+    return JSONResponse(await services.openai.retrieve_response(scope, response_id))
+
+
+@router.post("/v1/responses/{response_id}/cancel", responses=documented(400, 401, 404, 429, 503))
+async def cancel_response(response_id: str, scope: ScopeDep, services: ServicesDep,
+                          guard: GuardDep) -> JSONResponse:
+    """As vLLM answers it: only a background response can be cancelled (none here)."""
+    return JSONResponse(await services.openai.cancel_response(scope, response_id))
+
+
+@router.post("/tokenize", response_model=TokenizeResponse,
+             responses=documented(400, 401, 404, 413, 429, 503))
+async def tokenize(body: TokenizeRequest, scope: ScopeDep, services: ServicesDep,
+                   guard: GuardDep) -> JSONResponse:
+    """A prompt's or a chat's token ids, as vLLM's server tokenizes them. Counted against the
+    key's request rate, not its tokens."""
+    guard.name(body.model)
+    return JSONResponse(await services.openai.tokenize(scope, body))
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse,
+             responses=documented(400, 401, 404, 413, 429, 503))
+async def detokenize(body: DetokenizeRequest, scope: ScopeDep, services: ServicesDep,
+                     guard: GuardDep) -> JSONResponse:
+    """Token ids back to text. Counted against the key's request rate, not its tokens."""
+    guard.name(body.model)
+    return JSONResponse(await services.openai.detokenize(scope, body))
 
 
 def _respond(answer: Answer) -> Response:

@@ -10,6 +10,7 @@ vLLM's own serving classes, so what is validated here is exactly what is served.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from pydantic import (
@@ -25,6 +26,14 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest as _VllmChatRequest,
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as _VllmCompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest as _VllmResponsesRequest
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest as _VllmDetokenize
+from vllm.entrypoints.serve.tokenize.protocol import (
+    TokenizeChatRequest as _VllmTokenizeChat,
+)
+from vllm.entrypoints.serve.tokenize.protocol import (
+    TokenizeCompletionRequest as _VllmTokenizeCompletion,
+)
 from vllm.exceptions import VLLMValidationError
 
 from gateway.errors import InvalidRequestError, InvalidValueError
@@ -49,6 +58,8 @@ _NO_PROMPT_LOGPROBS = ("prompt logprobs are not served: with adapters enabled vL
 ROUTER_NO_OPS: dict[str, bool] = {"no_stop_trim": False, "return_hidden_states": False,
                                   "separate_reasoning": True, "stream_reasoning": True}
 _TEXT_PARTS = frozenset({"text", "input_text"})
+_RESPONSE_TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "reasoning_text",
+                                  "summary_text"})
 # OpenAI's chat roles; vLLM's server also takes any other string, which the chat template
 # then renders or fails on. Refused as OpenAI refuses them.
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -102,21 +113,8 @@ def _surrogate_at(value: Any, path: str) -> str | None:
     return None
 
 
-class _Strict(BaseModel):
-    """What both endpoints refuse before vLLM sees the body, and their shared ranges."""
-
-    model: Model
-    frequency_penalty: Penalty
-    presence_penalty: Penalty
-    temperature: Temperature
-    top_p: TopP
-    top_k: TopK
-    min_p: MinP
-    repetition_penalty: RepetitionPenalty
-    min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: TokenIds | None = Field(default_factory=list)
-    allowed_token_ids: TokenIds | None = None
-    prompt_logprobs: PromptLogprobs
+class _Checks(BaseModel):
+    """What every tenant body is refused for before vLLM sees it."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -144,13 +142,6 @@ class _Strict(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_router_no_ops(cls, data: Any) -> Any:
-        if isinstance(data, dict) and not ROUTER_NO_OPS.keys().isdisjoint(data):
-            data = {k: v for k, v in data.items() if ROUTER_NO_OPS.get(k, _KEEP) is not v}
-        return data
-
-    @model_validator(mode="before")
-    @classmethod
     def _refuse_lone_surrogates(cls, data: Any) -> Any:
         # JSON may carry "\ud800"; such text is not Unicode, and the tokenizer would fail
         # on it deep inside the engine's path. Refused here, naming where it was found.
@@ -158,6 +149,30 @@ class _Strict(BaseModel):
         if where is not None:
             raise InvalidRequestError(f"{where or 'body'}: the text has a lone UTF-16 surrogate; "
                                       "send valid Unicode", param=where or None)
+        return data
+
+
+class _Strict(_Checks):
+    """The generating endpoints' shared ranges, where vLLM's models leave them open."""
+
+    model: Model
+    frequency_penalty: Penalty
+    presence_penalty: Penalty
+    temperature: Temperature
+    top_p: TopP
+    top_k: TopK
+    min_p: MinP
+    repetition_penalty: RepetitionPenalty
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: TokenIds | None = Field(default_factory=list)
+    allowed_token_ids: TokenIds | None = None
+    prompt_logprobs: PromptLogprobs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_router_no_ops(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not ROUTER_NO_OPS.keys().isdisjoint(data):
+            data = {k: v for k, v in data.items() if ROUTER_NO_OPS.get(k, _KEEP) is not v}
         return data
 
     @field_validator("stop", check_fields=False)
@@ -200,28 +215,38 @@ class ChatCompletionRequest(_Strict, _VllmChatRequest):  # type: ignore[misc]  #
     @model_validator(mode="before")
     @classmethod
     def _text_only(cls, data: Any) -> Any:
-        """A text base: content parts other than text are refused before vLLM fetches them."""
-        messages = data.get("messages") if isinstance(data, dict) else None
-        if messages == []:
-            raise InvalidRequestError("messages: at least one message is required", param="messages")
-        for i, message in enumerate(messages if isinstance(messages, list) else ()):
-            if isinstance(message, dict) and "role" not in message:
-                # vLLM's union also takes openai-harmony's Message (`author`, no `role`):
-                # not OpenAI's API, and its chat path expects every message to have a role.
-                raise InvalidRequestError(f"messages[{i}]: 'role' is required", param="messages")
-            role = message.get("role") if isinstance(message, dict) else None
-            if isinstance(role, str) and role not in ROLES:
-                raise InvalidValueError(
-                    f"messages[{i}].role: invalid value {role[:40]!r}; supported values are "
-                    f"{', '.join(repr(r) for r in ROLES)}", param=f"messages[{i}].role")
-            content = message.get("content") if isinstance(message, dict) else None
-            for part in content if isinstance(content, list) else ():
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind not in _TEXT_PARTS:
-                    raise InvalidRequestError(
-                        f"messages[{i}]: content parts of type {str(kind)[:40]!r} are not "
-                        "supported: this model takes text only", param="messages")
-        return data
+        return check_messages(data)
+
+
+def check_messages(data: Any) -> Any:
+    """OpenAI's roles, and text only (a text base): other content parts are refused before
+    vLLM fetches them. For every body that takes ``messages``."""
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if messages == []:
+        raise InvalidRequestError("messages: at least one message is required", param="messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        if isinstance(message, dict) and "role" not in message:
+            # vLLM's union also takes openai-harmony's Message (`author`, no `role`):
+            # not OpenAI's API, and its chat path expects every message to have a role.
+            raise InvalidRequestError(f"messages[{i}]: 'role' is required", param="messages")
+        if isinstance(message, dict):
+            check_turn(message, f"messages[{i}]", "messages", ROLES, _TEXT_PARTS)
+    return data
+
+
+def check_turn(turn: dict[str, Any], where: str, param: str, roles: Iterable[str],
+               parts: Iterable[object]) -> None:
+    """One message (or Responses input item): a known role, and text content parts only."""
+    role = turn.get("role")
+    if isinstance(role, str) and role not in roles:
+        raise InvalidValueError(f"{where}.role: invalid value {role[:40]!r}; supported values are "
+                                f"{', '.join(repr(r) for r in roles)}", param=f"{where}.role")
+    content = turn.get("content")
+    for part in content if isinstance(content, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in parts:
+            raise InvalidRequestError(f"{where}: content parts of type {str(kind)[:40]!r} are not "
+                                      "supported: this model takes text only", param=param)
 
 
 class CompletionRequest(_Strict, _VllmCompletionRequest):  # type: ignore[misc]  # vLLM is untyped here (Any base)
@@ -240,6 +265,95 @@ class CompletionRequest(_Strict, _VllmCompletionRequest):  # type: ignore[misc] 
         if self.echo and self.logprobs is not None:  # echo with logprobs scores the prompt
             raise InvalidRequestError(f"echo with logprobs: {_NO_PROMPT_LOGPROBS}", param="echo")
         return self
+
+
+OptionalModel = Annotated[str | None, Field(default=None, min_length=1, max_length=200,
+                          description="As `model` elsewhere; absent: the base, where it is served.")]
+
+
+# The roles of a Responses ``input`` message (OpenAI's EasyInputMessage and Message).
+RESPONSE_ROLES = ("user", "assistant", "system", "developer")
+# Responses fields vLLM serves only for gpt-oss (harmony) or for background requests,
+# neither of which this gateway serves.
+_RESPONSES_DENIED = frozenset({"previous_input_messages"})
+
+
+class ResponsesRequest(_Checks, _VllmResponsesRequest):
+    """``POST /v1/responses``: OpenAI's Responses API, as vLLM's server serves it."""
+
+    model_config = _STRICT
+
+    model: OptionalModel
+    temperature: Temperature
+    top_p: TopP
+    top_k: TopK
+    min_p: MinP
+    frequency_penalty: Penalty
+    presence_penalty: Penalty
+    repetition_penalty: RepetitionPenalty
+    max_output_tokens: MaxTokens
+    top_logprobs: Annotated[int, BeforeValidator(_none_to_zero)] = Field(
+        default=0, ge=0, le=_MAX_LOGPROBS, description="Alternatives per token, with "
+        "`include: [\"message.output_text.logprobs\"]`.")
+    stop_token_ids: TokenIds | None = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name in sorted(_RESPONSES_DENIED & data.keys()):
+            raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)
+        if data.get("background"):
+            raise InvalidRequestError("background responses are not served: send the request "
+                                      "and keep the connection (stream to see progress)",
+                                      param="background")
+        items = data.get("input")
+        for i, item in enumerate(items if isinstance(items, list) else ()):
+            if isinstance(item, dict):
+                check_turn(item, f"input[{i}]", "input", RESPONSE_ROLES, _RESPONSE_TEXT_PARTS)
+        return data
+
+
+class TokenizeCompletionRequest(_Checks, _VllmTokenizeCompletion):
+    """``POST /tokenize`` with a ``prompt``: its token ids, as vLLM's server tokenizes it."""
+
+    model_config = _STRICT
+    model: OptionalModel
+
+
+class TokenizeChatRequest(_Checks, _VllmTokenizeChat):
+    """``POST /tokenize`` with ``messages``: the chat template's prompt, tokenized."""
+
+    model_config = _STRICT
+    model: OptionalModel
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages(cls, data: Any) -> Any:
+        return check_messages(data)
+
+
+class DetokenizeRequest(_Checks, _VllmDetokenize):
+    """``POST /detokenize``: token ids back to text."""
+
+    model_config = _STRICT
+    model: OptionalModel
+
+
+TokenizeRequest = Annotated[TokenizeCompletionRequest | TokenizeChatRequest,
+                            Field(union_mode="left_to_right")]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+    from gateway.api.schemas import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        DetokenizeRequest,
+        ResponsesRequest,
+        TokenizeChatRequest,
+        TokenizeCompletionRequest,
+    )
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class ServingOptions:
     base_name: str  # the base's public ``model`` name
     base_dir: Path
     tool_call_parser: str | None = None  # vLLM tool parser for the base's chat template
+    stored_responses: int = 0  # Responses kept for retrieval and previous_response_id
 
 
 @dataclass(frozen=True)
@@ -145,3 +153,16 @@ class OpenAIServing(Protocol):
     async def chat(self, request: ChatCompletionRequest, route: Route) -> ServingResult: ...
 
     async def completion(self, request: CompletionRequest, route: Route) -> ServingResult: ...
+
+    async def responses(self, request: ResponsesRequest, route: Route) -> ServingResult: ...
+
+    async def retrieve_response(self, response_id: str) -> dict[str, Any]: ...
+
+    async def cancel_response(self, response_id: str) -> dict[str, Any]: ...
+
+    def forget_response(self, response_id: str) -> None: ...
+
+    async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest,
+                       route: Route) -> dict[str, Any]: ...
+
+    async def detokenize(self, request: DetokenizeRequest, route: Route) -> dict[str, Any]: ...

@@ -36,8 +36,11 @@ from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
+from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.renderers.inputs.preprocess import extract_prompt_len
@@ -46,19 +49,28 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine import exceptions as vllm_exc
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ResponsesRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from gateway.engine.base import LoraSpec, Meter, Route, ServingOptions, ServingResult
 from gateway.errors import (
     EngineDeadError,
     EngineUnavailableError,
     GatewayError,
     InvalidRequestError,
+    ResponseNotFoundError,
     ServingLayerMismatchError,
 )
 
 logger = logging.getLogger(__name__)
 _route: ContextVar[Route] = ContextVar("lgw_route")
 _ERROR_EVENT = 'data: {"error":'
+_OPENING_EVENTS = frozenset({"response.created", "response.in_progress"})
 # What this module calls or overrides, by class: the parameters it passes, or () for a
 # method it overrides (which must exist with that name).
 _EXPECTED: dict[type, dict[str, tuple[str, ...]]] = {
@@ -71,6 +83,20 @@ _EXPECTED: dict[type, dict[str, tuple[str, ...]]] = {
     OpenAIServingCompletion: {
         "__init__": ("engine_client", "models", "online_renderer", "request_logger"),
         "create_completion": ("request", "raw_request"),
+        "_check_model": ("request",), "_maybe_get_adapters": ("request",)},
+    OpenAIServingResponses: {
+        "__init__": ("engine_client", "models", "online_renderer", "request_logger",
+                     "chat_template", "chat_template_content_format", "enable_auto_tools",
+                     "tool_parser"),
+        "create_responses": ("request", "raw_request"),
+        "retrieve_responses": ("response_id", "starting_after", "stream"),
+        "cancel_responses": ("response_id",),
+        "_check_model": ("request",), "_maybe_get_adapters": ("request",)},
+    ServingTokenization: {
+        "__init__": ("models", "online_renderer", "chat_template", "chat_template_content_format",
+                     "request_logger"),
+        "create_tokenize": ("request", "raw_request"),
+        "create_detokenize": ("request", "raw_request"),
         "_check_model": ("request",), "_maybe_get_adapters": ("request",)},
     OpenAIServingModels: {
         "__init__": ("engine_client", "base_model_paths", "lora_modules"),
@@ -142,6 +168,14 @@ class _Chat(_Routing, OpenAIServingChat):
 
 
 class _Completion(_Routing, OpenAIServingCompletion):
+    pass
+
+
+class _Tokenization(_Routing, ServingTokenization):
+    pass
+
+
+class _Responses(_Routing, OpenAIServingResponses):
     pass
 
 
@@ -230,12 +264,71 @@ class VllmOpenAI:
         self._chat = _Chat(client, models, "assistant", online_renderer=renderer,
                            default_chat_template_kwargs={}, **common)
         self._completion = _Completion(client, models, online_renderer=renderer, request_logger=None)
+        self._responses = _Responses(client, models, renderer, **common)
+        # vLLM keeps stored responses only with VLLM_ENABLE_RESPONSES_API_STORE, and then
+        # forever; the gateway bounds the store and keeps it per tenant
+        # (gateway.engine.serving), so it is on whenever the gateway stores any.
+        self._responses.enable_store = options.stored_responses > 0
+        self._tokenization = _Tokenization(models, renderer, chat_template=None,
+                                           chat_template_content_format="auto",
+                                           request_logger=None)
 
     async def chat(self, request: ChatCompletionRequest, route: Route) -> ServingResult:
         return await self._call(self._chat.create_chat_completion, request, route)
 
     async def completion(self, request: CompletionRequest, route: Route) -> ServingResult:
         return await self._call(self._completion.create_completion, request, route)
+
+    async def responses(self, request: ResponsesRequest, route: Route) -> ServingResult:
+        token = _route.set(route)
+        try:
+            result = await self._responses.create_responses(request, None)
+            if isinstance(result, ErrorResponse) and _cancelling():
+                raise asyncio.CancelledError
+        except Exception as exc:
+            raise route.meter.refusal or _translate(exc) from exc
+        finally:
+            _route.reset(token)
+        if isinstance(result, ErrorResponse):
+            raise route.meter.refusal or _from_error_response(result)
+        if isinstance(result, ResponsesResponse):
+            body: dict[str, Any] = result.model_dump(mode="json", by_alias=True)
+            return body
+        return _response_events(result, route)
+
+    async def retrieve_response(self, response_id: str) -> dict[str, Any]:
+        result = await self._responses.retrieve_responses(response_id, None, False)
+        if isinstance(result, ErrorResponse):
+            raise _from_error_response(result)
+        assert isinstance(result, ResponsesResponse), "not streamed: one body"
+        body: dict[str, Any] = result.model_dump(mode="json", by_alias=True)
+        return body
+
+    async def cancel_response(self, response_id: str) -> dict[str, Any]:
+        result = await self._responses.cancel_responses(response_id)
+        if isinstance(result, ErrorResponse):
+            raise _from_error_response(result)
+        body: dict[str, Any] = result.model_dump(mode="json", by_alias=True)
+        return body
+
+    def forget_response(self, response_id: str) -> None:
+        """Drop a stored response and its conversation (the gateway bounds the store)."""
+        self._responses.response_store.pop(response_id, None)
+        self._responses.msg_store.pop(response_id, None)
+
+    async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest,
+                       route: Route) -> dict[str, Any]:
+        return await self._plain(self._tokenization.create_tokenize, request, route)
+
+    async def detokenize(self, request: DetokenizeRequest, route: Route) -> dict[str, Any]:
+        return await self._plain(self._tokenization.create_detokenize, request, route)
+
+    async def _plain(self, create: Callable[[Any, Any], Awaitable[Any]], request: Any,
+                     route: Route) -> dict[str, Any]:
+        """A call that answers one JSON body and generates nothing (no engine request)."""
+        result = await self._call(create, request, route)
+        assert isinstance(result, dict), "tokenization answers one body"
+        return result
 
     async def _call(self, create: Callable[[Any, None], Awaitable[Any]], request: Any,
                     route: Route) -> ServingResult:
@@ -280,6 +373,39 @@ async def _events(lines: AsyncGenerator[str, None], meter: Meter) -> AsyncIterat
         await lines.aclose()
 
 
+async def _response_events(events: AsyncGenerator[Any, None], route: Route) -> AsyncIterator[str]:
+    """The Responses stream's events as vLLM's server frames them (``event:`` and ``data:``).
+
+    vLLM's stream starts the engine request only when it is iterated, after its first two
+    events (``response.created``, ``response.in_progress``): each step runs with the
+    request's route set, and those two are held until the engine's first output, so that
+    a refusal (the prompt over the key's token quota, too long for the model) is still a
+    plain HTTP error, as for chat, and not a stream that fails at once.
+    """
+    held: list[str] = []
+    try:
+        while True:
+            token = _route.set(route)
+            try:
+                event = await anext(events, None)
+            finally:
+                _route.reset(token)
+            if event is None:
+                break
+            kind = getattr(event, "type", "unknown")
+            line = f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+            if kind in _OPENING_EVENTS:
+                held.append(line)
+                continue
+            while held:
+                yield held.pop(0)
+            yield line
+        while held:
+            yield held.pop(0)
+    finally:
+        await events.aclose()
+
+
 def _translate(exc: Exception) -> Exception:
     if isinstance(exc, (GatewayError, EngineDeadError)):
         return exc
@@ -290,6 +416,8 @@ def _translate(exc: Exception) -> Exception:
 
 def _from_error_response(err: ErrorResponse) -> GatewayError:
     info = err.error
+    if info.code == HTTPStatus.NOT_FOUND and info.param == "response_id":
+        return ResponseNotFoundError(info.message)
     if info.code < 500:
         return InvalidRequestError(info.message, param=info.param)
     logger.error("vLLM's serving layer failed a request (%s): %s", info.type, info.message)

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -22,7 +23,14 @@ from typing import Any
 
 from adapters_registry import AdapterVersion
 from gateway.api.request import RequestScope
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ResponsesRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from gateway.engine import Engine, LoraSpec
 from gateway.engine.base import Meter, OpenAIServing, Route, ServingResult
 from gateway.errors import (
@@ -31,6 +39,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequestError,
     OverloadedError,
+    ResponseNotFoundError,
 )
 from gateway.observability.metrics import GatewayMetrics
 from gateway.residency.manager import AdapterManager
@@ -54,13 +63,16 @@ class _Call:
     route: Route
     started: float  # when the service took the request (after admission)
     tier: str
+    # The last events of a stream that fails after its first: the error, as the API frames it.
+    error_events: Callable[[dict[str, Any], int], list[str]]
 
 
 class OpenAIService:
     def __init__(self, engine: Engine, serving: OpenAIServing, tenants: TenantDirectory,
                  adapters: AdapterManager, *, tools_supported: bool, metrics: GatewayMetrics,
-                 on_engine_dead: Callable[[], None]) -> None:
+                 on_engine_dead: Callable[[], None], stored_responses: int = 0) -> None:
         self._engine = engine
+        self._stored = StoredResponses(stored_responses, serving.forget_response)
         self._serving = serving
         self._tenants = tenants
         self._adapters = adapters
@@ -81,6 +93,52 @@ class OpenAIService:
         """``/v1/completions``."""
         return await self._serve(scope, req, self._serving.completion)
 
+    async def responses(self, scope: RequestScope, req: ResponsesRequest) -> Answer:
+        """``/v1/responses``. A stored response is its tenant's alone: retrieving it, or
+        continuing from it (``previous_response_id``), as another tenant is a 404."""
+        if req.tools and not self._tools_supported:
+            raise InvalidRequestError(
+                "this model's chat template does not support tools (no tool call parser is "
+                "configured for its base)", param="tools")
+        tenant = scope.tenant
+        assert tenant is not None, "the guard identified the caller"
+        if req.previous_response_id is not None:
+            self._stored.check(tenant.id, req.previous_response_id)
+        return await self._serve(scope, req, self._serving.responses, responses=True)
+
+    async def retrieve_response(self, scope: RequestScope, response_id: str) -> dict[str, Any]:
+        """``GET /v1/responses/{id}``: the caller's own stored response."""
+        assert scope.tenant is not None, "the guard identified the caller"
+        self._stored.check(scope.tenant.id, response_id)
+        return await self._serving.retrieve_response(response_id)
+
+    async def cancel_response(self, scope: RequestScope, response_id: str) -> dict[str, Any]:
+        """``POST /v1/responses/{id}/cancel``, as vLLM answers it (only background responses,
+        which this gateway does not serve, can be cancelled)."""
+        assert scope.tenant is not None, "the guard identified the caller"
+        self._stored.check(scope.tenant.id, response_id)
+        return await self._serving.cancel_response(response_id)
+
+    async def tokenize(self, scope: RequestScope,
+                       req: TokenizeCompletionRequest | TokenizeChatRequest) -> dict[str, Any]:
+        """``/tokenize``: no engine request and no tokens charged."""
+        return await self._serving.tokenize(req, await self._named(scope))
+
+    async def detokenize(self, scope: RequestScope, req: DetokenizeRequest) -> dict[str, Any]:
+        """``/detokenize``: no engine request and no tokens charged."""
+        return await self._serving.detokenize(req, await self._named(scope))
+
+    async def _named(self, scope: RequestScope) -> Route:
+        """A route for a call that reads only the base's tokenizer, which every adapter of a
+        base shares (vLLM serves adapters with the base's tokenizer); the name must still
+        be one of the caller's (404 otherwise), so nothing else is learned from it."""
+        tenant, model = scope.tenant, scope.model
+        assert tenant is not None and model is not None, "the route parsed the request first"
+        if model.ref is not None:
+            scope.version = version = await self._tenants.resolve(tenant, model)
+            scope.label = f"{version.tenant}/{version.adapter}"
+        return Route(model.text, None, Meter(), uuid.uuid4().hex)
+
     def cut_streams(self) -> None:
         """End every stream at its next event with an error event and ``[DONE]``: the
         gateway stops and the drain grace is over (rather than a dropped connection)."""
@@ -94,7 +152,8 @@ class OpenAIService:
         return True
 
     async def _serve(self, scope: RequestScope, req: Any,
-                     serve: Callable[[Any, Route], Awaitable[ServingResult]]) -> Answer:
+                     serve: Callable[[Any, Route], Awaitable[ServingResult]],
+                     responses: bool = False) -> Answer:
         if not self.engine_alive():
             raise EngineUnavailableError("the inference engine is not running")
         tenant, model = scope.tenant, scope.model
@@ -104,6 +163,10 @@ class OpenAIService:
             scope.version = version = await self._tenants.resolve(tenant, model)
             scope.label = f"{version.tenant}/{version.adapter}"
         request_id = uuid.uuid4().hex
+        if responses:
+            request_id = f"resp_{request_id}"  # the Responses API's id is the request id itself
+            if req.store and self._stored.capacity:
+                self._stored.add(tenant.id, request_id)  # before vLLM can store it
         req.request_id = request_id  # the response id derives from it; never the caller's
         # Prefix-cache entries are per tenant: no cross-tenant timing side channel.
         req.cache_salt = f"tenant-{tenant.id}"
@@ -117,7 +180,8 @@ class OpenAIService:
         meter = _meter(scope)
         if scope.slot is not None and scope.slot.priority is not None:
             req.priority = scope.slot.priority  # its tenant's fair share (gateway.protection.fair_share)
-        call = _Call(scope, Route(model.text, lora, meter, request_id), time.perf_counter(), tier)
+        call = _Call(scope, Route(model.text, lora, meter, request_id), time.perf_counter(), tier,
+                     _response_error_events if responses else _chat_error_events)
         self._metrics.in_flight.inc()
         first: str | None = None
         try:
@@ -145,23 +209,26 @@ class OpenAIService:
         """``first``, then the engine's other events; the adapter stays held until the last
         one is sent. (One generator per token between the engine and the socket, no more.)"""
         status = "499"  # unless it ends: the client went away
+        sent = 0
         async with stack:
             try:
                 if first is not None:
                     self._refuse_if_cut()
                     yield first
+                    sent = 1
                 async for line in events:
                     self._refuse_if_cut()
                     yield line
+                    sent += 1
                 status = "200"
             except Exception as exc:
                 error = self._error(call, exc)
                 status = _status(error)
                 call.scope.stream_error_status = status  # counted as the error, not the 200 sent
-                # Headers are gone: the error travels as the last event, then [DONE].
+                # Headers are gone: the error travels as the last event.
                 body = error.body() if isinstance(error, GatewayError) else {}
-                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
-                yield _DONE
+                for event in call.error_events(body, sent):
+                    yield event
             finally:
                 aclose = getattr(events, "aclose", None)
                 if aclose is not None:
@@ -218,6 +285,44 @@ class OpenAIService:
                     prompt, completion, e2e * 1000,
                     extra={"status": status, "prompt_tokens": prompt,
                            "completion_tokens": completion})
+
+
+def _chat_error_events(body: dict[str, Any], sent: int) -> list[str]:
+    """Chat and completions: the error envelope as a last data event, then ``[DONE]``."""
+    return [f"data: {json.dumps(body, separators=(',', ':'))}\n\n", _DONE]
+
+
+def _response_error_events(body: dict[str, Any], sent: int) -> list[str]:
+    """Responses: OpenAI's ``error`` event, numbered after the events sent (vLLM numbers
+    its events from 0, one per event); the Responses stream has no ``[DONE]``."""
+    error = body.get("error", {})
+    event = {"type": "error", "code": error.get("code"), "message": error.get("message", ""),
+             "param": error.get("param"), "sequence_number": sent}
+    return [f"event: error\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"]
+
+
+class StoredResponses:
+    """Which tenant each stored response belongs to, for the newest ``capacity`` of them.
+
+    vLLM's serving class stores responses in one process-wide dict and never forgets them;
+    the gateway names each response's owner before vLLM stores it, answers another tenant's
+    id exactly as a missing one, and makes vLLM forget the oldest past ``capacity``.
+    """
+
+    def __init__(self, capacity: int, forget: Callable[[str], None]) -> None:
+        self.capacity = capacity
+        self._forget = forget
+        self._owners: OrderedDict[str, int] = OrderedDict()
+
+    def add(self, tenant_id: int, response_id: str) -> None:
+        self._owners[response_id] = tenant_id
+        while len(self._owners) > self.capacity:
+            oldest, _ = self._owners.popitem(last=False)
+            self._forget(oldest)
+
+    def check(self, tenant_id: int, response_id: str) -> None:
+        if self._owners.get(response_id) != tenant_id:
+            raise ResponseNotFoundError.of(response_id)
 
 
 def _meter(scope: RequestScope) -> Meter:

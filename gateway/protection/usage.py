@@ -182,10 +182,19 @@ B = TypeVar("B", bound=Copyable)
 
 
 def apply_ceilings(body: B, limits: Limits) -> B:
-    """The tenant's max_tokens ceiling: a larger ask is a 400; no ask gets the ceiling."""
+    """The tenant's max_tokens ceiling: a larger ask is a 400; no ask gets the ceiling.
+    (``max_output_tokens`` in the Responses API.)"""
     ceiling = limits.max_tokens
     if ceiling is None:
         return body
+    field = "max_output_tokens" if hasattr(body, "max_output_tokens") else "max_tokens"
+    asked = getattr(body, "max_completion_tokens", None) or getattr(body, field, None)
+    if asked is None:
+        return body.model_copy(update={field: ceiling})
+    if asked > ceiling:
+        raise InvalidRequestError(f"{field} is {asked}; this key allows at most {ceiling}",
+                                  param=field)
+    return body
     asked = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
     if asked is None:
         return body.model_copy(update={"max_tokens": ceiling})

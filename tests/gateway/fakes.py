@@ -15,7 +15,7 @@ from gateway.engine import (
     SamplingSpec,
 )
 from gateway.engine.base import EngineStats, Route, ServingOptions, ServingResult
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, ResponseNotFoundError
 
 
 class Clock:
@@ -105,6 +105,7 @@ class FakeServing:
         self.engine = engine
         self.options = options
         self.requests: list[Any] = []  # every request as the layer received it
+        self.stored: dict[str, dict[str, Any]] = {}  # stored responses, as vLLM's dict
         self.die_mid_stream = False
         # Awaited after a stream's first content event is handed on, before the next is made.
         self.after_first_content: Callable[[], Awaitable[None]] | None = None
@@ -122,6 +123,73 @@ class FakeServing:
         sizes = [len(p) if isinstance(p, list) else len(str(p).split()) for p in prompts]
         await self._charge_prompts(route, sizes)
         return self._answer(request, route, sizes, request.max_tokens, "text_completion", "cmpl")
+
+    async def responses(self, request: Any, route: Route) -> ServingResult:
+        # The real layer's shapes, in brief: one message of the fake engine's words.
+        if request.previous_response_id is not None and \
+                request.previous_response_id not in self.stored:
+            raise ResponseNotFoundError.of(request.previous_response_id)
+        await self._charge_prompts(route, [len(str(request.input).split()) + 4])
+        self.requests.append(request)
+        words = f"{route.lora.name if route.lora else 'base'} says hello world".split()
+        words = words[:request.max_output_tokens or len(words)]
+        route.meter.completion_tokens[(route.request_id, 0)] = len(words)
+        if route.meter.on_completion is not None:
+            route.meter.on_completion(len(words))
+        route.meter.first_token_at = time.perf_counter()
+        body = {"id": request.request_id, "object": "response", "model": route.public_model,
+                "status": "completed", "previous_response_id": request.previous_response_id,
+                "output": [{"type": "message", "role": "assistant", "content": [
+                    {"type": "output_text", "text": " ".join(words)}]}],
+                "usage": {"input_tokens": 4, "output_tokens": len(words),
+                          "total_tokens": 4 + len(words)}}
+        if request.store:
+            self.stored[request.request_id] = body
+        if not request.stream:
+            return body
+        return self._response_events(body, words)
+
+    async def _response_events(self, body: dict[str, Any], words: list[str]) -> AsyncIterator[str]:
+        def event(kind: str, n: int, **fields: Any) -> str:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': n, **fields})}\n\n"
+
+        yield event("response.created", 0, response={**body, "status": "in_progress", "output": []})
+        for k, word in enumerate(words):
+            if self.die_mid_stream:
+                self.engine.dead = True
+                raise EngineDeadError("fake engine died mid-stream")
+            yield event("response.output_text.delta", k + 1, delta=(" " if k else "") + word)
+            if k == 0 and self.after_first_content is not None:
+                await self.after_first_content()
+        yield event("response.completed", len(words) + 1, response=body)
+
+    async def retrieve_response(self, response_id: str) -> dict[str, Any]:
+        if response_id not in self.stored:
+            raise ResponseNotFoundError.of(response_id)
+        return self.stored[response_id]
+
+    async def cancel_response(self, response_id: str) -> dict[str, Any]:
+        await self.retrieve_response(response_id)
+        raise InvalidRequestError("Cannot cancel a synchronous response.", param="response_id")
+
+    def forget_response(self, response_id: str) -> None:
+        self.stored.pop(response_id, None)
+
+    async def tokenize(self, request: Any, route: Route) -> dict[str, Any]:
+        # One token per character: enough to tell what was tokenized.
+        self.requests.append(request)
+        text = getattr(request, "prompt", None)
+        if text is None:
+            text = "".join(f"<{m['role']}>{m.get('content') or ''}" for m in request.messages)
+        tokens = [ord(c) for c in text]
+        return {"count": len(tokens), "max_model_len": 512, "tokens": tokens,
+                "token_strs": list(text) if request.return_token_strs else None}
+
+    async def detokenize(self, request: Any, route: Route) -> dict[str, Any]:
+        self.requests.append(request)
+        if any(t >= 0x110000 for t in request.tokens):  # the fake's vocabulary: Unicode
+            raise InvalidRequestError("token id out of vocabulary", param="tokens")
+        return {"prompt": "".join(chr(t) for t in request.tokens)}
 
     async def _charge_prompts(self, route: Route, sizes: list[int]) -> None:
         # As the real layer's metering client does: each prompt before it is generated.

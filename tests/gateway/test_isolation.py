@@ -30,7 +30,8 @@ OWNED = {"acme": "support-bot", "globex": "pirate", "initech": "support-bot"}
 NOWHERE = ("nobody", "ghost")  # a tenant and an adapter that do not exist
 FORMS = ("{name}", "{name}:prod", "{name}:canary", "{name}@v1", "{tenant}/{name}",
          "{tenant}/{name}:prod", "{tenant}/{name}@v1")
-ENDPOINTS = ("chat", "chat-stream", "completions", "completions-stream")
+ENDPOINTS = ("chat", "chat-stream", "completions", "completions-stream", "responses",
+             "responses-stream", "tokenize", "detokenize")
 # What differs between two answers for reasons other than the name asked for.
 VOLATILE_HEADERS = {"x-request-id", "content-length", "date"}
 
@@ -47,6 +48,14 @@ class World:
         if kind == "chat":
             body["messages"] = [{"role": "user", "content": "Who are you?"}]
             path = "/v1/chat/completions"
+        elif kind == "responses":
+            body = {"model": model, "max_output_tokens": 4, "stream": bool(stream),
+                    "input": "Who are you?"}
+            path = "/v1/responses"
+        elif kind in ("tokenize", "detokenize"):
+            body = {"model": model, **({"prompt": "Who are you?"} if kind == "tokenize"
+                                       else {"tokens": [87, 104, 111]})}
+            path = f"/{kind}"
         else:
             body["prompt"] = "Who are you?"
             path = "/v1/completions"
@@ -116,6 +125,33 @@ def test_the_comparison_tells_a_served_name_from_a_missing_one(world: World, end
     nowhere = world.call("globex", endpoint, "ghost:canary")
     assert own.status_code == 200, own.text
     assert normalized(own, "pirate:canary") != normalized(nowhere, "ghost:canary")
+
+
+STORED_CALLS = ("retrieve", "continue", "cancel")
+
+
+def stored_call(world: World, tenant: str, how: str, response_id: str) -> Any:
+    if how == "retrieve":
+        return world.client.get(f"/v1/responses/{response_id}", headers=world.auth(tenant))
+    if how == "cancel":
+        return world.client.post(f"/v1/responses/{response_id}/cancel", headers=world.auth(tenant))
+    return world.client.post("/v1/responses", headers=world.auth(tenant), json={
+        "model": OWNED[tenant], "input": "and then?", "previous_response_id": response_id})
+
+
+@pytest.mark.parametrize("how", STORED_CALLS)
+@pytest.mark.parametrize(("attacker", "victim"), list(itertools.permutations(OWNED, 2)))
+def test_another_tenants_stored_response_is_an_id_that_exists_nowhere(
+        world: World, attacker: str, victim: str, how: str) -> None:
+    made = world.call(victim, "responses", OWNED[victim])
+    assert made.status_code == 200, made.text
+    rid = made.json()["id"]
+    assert stored_call(world, victim, "retrieve", rid).status_code == 200  # it is stored
+    control = "resp_" + "0" * (len(rid) - len("resp_"))
+    leak, nowhere = (stored_call(world, attacker, how, r) for r in (rid, control))
+    assert nowhere.status_code == 404, nowhere.text
+    assert nowhere.json()["error"]["code"] == "response_not_found"
+    assert normalized(leak, rid) == normalized(nowhere, control)
 
 
 def test_each_tenant_is_served_its_own_adapter_of_a_shared_name(world: World) -> None:

@@ -93,7 +93,8 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
         "--model", str(tiny_base.path), "--served-model-name", tiny_contract.model_id, *ENGINE,
         "--enable-lora", "--lora-modules", f"support-bot={trained_adapters['acme']}",
         f"pirate={trained_adapters['globex']}", "--enable-auto-tool-choice",
-        "--tool-call-parser", "hermes"]), root / "oracle.log", port=port)
+        "--tool-call-parser", "hermes"]), root / "oracle.log", port=port,
+        env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"})  # what the gateway stores, per tenant
     try:
         e.gateway = start_gateway(
             ["--database-url", db_url, "--artifacts-dir", str(root / "artifacts"),
@@ -288,3 +289,136 @@ def test_vllm_bench_serve_runs_unmodified_against_the_gateway(env: Env, tiny_bas
                                   concurrency=2, input_len=16, output_len=8), result)
     assert out["completed"] == 4 and out.get("failed", 0) == 0
     assert out["total_output_tokens"] == 4 * 8  # ignore_eos honoured
+
+
+TOKENIZER_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "prompt": ("/tokenize", {"prompt": "Who are you? <|im_end|> héllo"}),
+    "prompt, no special tokens, strings": ("/tokenize", {
+        "prompt": "Who are you?", "add_special_tokens": False, "return_token_strs": True}),
+    "chat": ("/tokenize", {"messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": PROMPTS[0]}]}),
+    "chat, continue final message": ("/tokenize", {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}],
+        "add_generation_prompt": False, "continue_final_message": True}),
+    "chat with tools": ("/tokenize", {"messages": [{"role": "user", "content": "Weather?"}],
+                                      "tools": [WEATHER]}),
+    "detokenize": ("/detokenize", {"tokens": [1, 2, 100, 200, 300]}),
+}
+
+
+@pytest.mark.parametrize("name", list(TOKENIZER_CASES))
+@pytest.mark.parametrize("model", ["support-bot", "base"])
+def test_tokenizer_endpoints_answer_as_vllm_does(env: Env, tiny_contract, name: str,
+                                                 model: str) -> None:
+    path, params = TOKENIZER_CASES[name]
+    body = {"model": tiny_contract.model_id if model == "base" else model, **params}
+    ours, theirs = post(env, "gateway", path, body), post(env, "oracle", path, body)
+    assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+    diff = same(ours.json(), theirs.json())
+    env.results[f"{name} | {path} | {model}"] = not diff
+    assert not diff, diff[:10]
+
+
+def test_tokenizer_endpoints_refuse_what_vllm_refuses(env: Env) -> None:
+    for path, body in (("/tokenize", {"model": "support-bot", "messages": [
+            {"role": "user", "content": "x"}], "add_generation_prompt": True,
+            "continue_final_message": True}),):
+        ours, theirs = post(env, "gateway", path, body), post(env, "oracle", path, body)
+        assert ours.status_code == theirs.status_code == 400, (ours.text, theirs.text)
+        assert ours.json()["error"]["code"]
+
+
+RESPONSE_CASES: dict[str, dict[str, Any]] = {
+    "greedy": {"input": PROMPTS[0], "temperature": 0, "max_output_tokens": 16},
+    "instructions + messages": {
+        "instructions": "Answer briefly.", "temperature": 0, "max_output_tokens": 16,
+        "input": [{"role": "developer", "content": "Be kind."},
+                  {"role": "user", "content": [{"type": "input_text", "text": PROMPTS[0]}]}]},
+    "penalties + stop": {"input": PROMPTS[0], "temperature": 0, "max_output_tokens": 16,
+                         "presence_penalty": 0.5, "frequency_penalty": 0.7, "stop": [":"]},
+    "logprobs": {"input": PROMPTS[0], "temperature": 0, "max_output_tokens": 6, "top_logprobs": 2,
+                 "include": ["message.output_text.logprobs"]},
+    "seeded sampling": {"input": PROMPTS[0], "temperature": 0.9, "top_p": 0.9, "top_k": 8,
+                        "seed": 7, "max_output_tokens": 12},
+    "json_schema": {"input": PROMPTS[0], "temperature": 0, "max_output_tokens": 60, "text": {
+        "format": {"type": "json_schema", "name": "forecast", "schema": FORECAST}}},
+    "function tool": {"input": "Weather in Paris?", "temperature": 0, "max_output_tokens": 24,
+                      "tools": [{"type": "function", "name": "get_weather",
+                                 "parameters": WEATHER["function"]["parameters"]}]},
+}
+# Differ between two servers for reasons other than the model: ids, clocks, their own ids.
+_VOLATILE = {"id", "item_id", "created_at", "completed_at", "call_id", "previous_response_id",
+             "sequence_number", "output_index_id"}
+
+
+def _stable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def response_answer(r: httpx.Response) -> dict[str, Any]:
+    """A response's comparable content; a stream: its event types, text and final response."""
+    assert r.status_code == 200, r.text
+    if not r.headers["content-type"].startswith("text/event-stream"):
+        return _stable(r.json())
+    kinds, text, final = [], "", None
+    for block in r.text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        event = json.loads(fields["data"])
+        assert fields["event"] == event["type"] != "error", event
+        kinds.append(event["type"])
+        text += event.get("delta", "") if event["type"] == "response.output_text.delta" else ""
+        if event["type"] == "response.completed":
+            final = _stable(event["response"])
+    return {"events": kinds, "text": text, "response": final}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
+@pytest.mark.parametrize("name", list(RESPONSE_CASES))
+def test_responses_answer_as_vllm_does(env: Env, name: str, stream: bool) -> None:
+    body = {"model": "support-bot", **RESPONSE_CASES[name], "stream": stream}
+    ours, theirs = (response_answer(post(env, s, "/v1/responses", body))
+                    for s in ("gateway", "oracle"))
+    diff = same(ours, theirs)
+    env.results[f"{name} | responses | {'stream' if stream else 'non-stream'}"] = not diff
+    assert not diff, diff[:10]
+
+
+def test_previous_response_id_continues_as_vllm_does(env: Env) -> None:
+    first = {"model": "support-bot", "input": PROMPTS[0], "temperature": 0, "max_output_tokens": 8}
+    answers = {}
+    for server in ("gateway", "oracle"):
+        rid = post(env, server, "/v1/responses", first).json()["id"]
+        follow = post(env, server, "/v1/responses", {**first, "input": "And then?",
+                                                     "previous_response_id": rid})
+        answers[server] = (response_answer(follow), follow.json()["previous_response_id"] == rid)
+        stored = httpx.get(f"{env.gateway.url if server == 'gateway' else env.oracle.url}"
+                           f"/v1/responses/{rid}", headers={"Authorization": f"Bearer {env.keys['acme']}"}
+                           if server == "gateway" else {}, timeout=60)
+        assert stored.status_code == 200 and stored.json()["id"] == rid
+    diff = same(answers["gateway"], answers["oracle"])
+    env.results["previous_response_id | responses | non-stream"] = not diff
+    assert not diff, diff[:10]
+    assert answers["gateway"][0]["usage"]["input_tokens"] > 20, "the first turn was rendered in"
+
+
+def test_official_sdk_responses_with_a_tenants_adapter(env: Env) -> None:
+    from openai import NotFoundError, OpenAI
+
+    acme = OpenAI(base_url=env.gateway.url + "/v1", api_key=env.keys["acme"])
+    made = acme.responses.create(model="support-bot", input=PROMPTS[0], temperature=0,
+                                 max_output_tokens=24)
+    assert made.output_text == ANSWERS["acme"][:len(made.output_text)] and made.output_text
+    streamed = "".join(e.delta for e in acme.responses.create(
+        model="support-bot", input=PROMPTS[0], temperature=0, max_output_tokens=24, stream=True)
+        if e.type == "response.output_text.delta")
+    assert streamed == made.output_text
+    assert acme.responses.retrieve(made.id).id == made.id
+    globex = OpenAI(base_url=env.gateway.url + "/v1", api_key=env.keys["globex"])
+    with pytest.raises(NotFoundError):
+        globex.responses.retrieve(made.id)
+    with pytest.raises(NotFoundError):
+        globex.responses.create(model="pirate", input="hi", previous_response_id=made.id)
