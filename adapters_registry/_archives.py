@@ -87,12 +87,13 @@ class _Extraction:
             return None
         if declared > self.limits.max_file_bytes:
             self.refuse("file_too_large", name, f"is {declared} bytes, over the "
-                        f"{self.limits.max_file_bytes}-byte per-file limit; it was not extracted")
+                        f"{self.limits.max_file_bytes}-byte per-file limit{self.limits.basis}; it was not "
+                        "extracted")
             return None
         if self.total + declared > self.limits.max_total_bytes:
             self.refused.append(Violation(
                 "file_too_large", f"the archive's files total more than "
-                f"{self.limits.max_total_bytes} bytes; extraction stopped at the limit"))
+                f"{self.limits.max_total_bytes} bytes{self.limits.basis}; extraction stopped at the limit"))
             self.stopped = True
             return None
         return parts[-1]
@@ -112,7 +113,7 @@ class _Extraction:
             # The member decompressed past its limit (a bomb, or a lying header).
             self.refused.append(Violation(
                 "file_too_large", f"archive member {shown(member)} decompresses past the "
-                f"{budget}-byte limit; extraction stopped at the limit", member))
+                f"{budget}-byte limit{self.limits.basis}; extraction stopped at the limit", member))
             self.stopped = True
         else:
             self.total += written

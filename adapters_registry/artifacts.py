@@ -42,7 +42,7 @@ from adapters_registry.manifest import MANIFEST_FILE, AdapterManifest
 from adapters_registry.names import shown, validate_name
 from adapters_registry.records import AdapterVersion
 from adapters_registry.store import ArtifactStore, BlobState
-from adapters_registry.template import AdapterTemplate
+from adapters_registry.template import AdapterTemplate, max_weights_bytes
 from adapters_registry.tenancy import Tenancy
 
 logger = logging.getLogger(__name__)
@@ -111,12 +111,13 @@ class Artifacts:
         ref = f"{tenant.name}/{name}"
         with staging_folder() as tmp:
             # Check and upload one private copy, so the files cannot change in between.
-            staged = stage(Path(source), tmp / "adapter", self.limits)
+            limits = self.intake_limits(template_id, base)
+            staged = stage(Path(source), tmp / "adapter", limits)
             if not staged.complete:
                 raise IncompatibleAdapterError(ref, staged.refused)
             template = self._template_for(staged.path, template_id, base, ref)
             contract = self._catalog.get_base(template.base_model_id, template.base_revision)
-            violations = check_adapter(staged.path, contract, template, self.limits,
+            violations = check_adapter(staged.path, contract, template, limits,
                                        refused=staged.refused)
             if violations:
                 raise IncompatibleAdapterError(ref, violations)
@@ -138,6 +139,23 @@ class Artifacts:
                     "collects them)" if uploaded else
                     " (every file it needs was stored already: nothing was left behind)")
             raise DatabaseError(f"{exc}; {ref} was not registered{left}") from None
+
+    def intake_limits(self, template_id: str | None, base: str | None) -> Limits:
+        """``limits`` tightened, before a byte is staged, to the largest adapter the template
+        can make: the named one's, else the largest of every template the manifest may name.
+        NotFoundError for an unknown ``template_id``."""
+        if template_id is not None:
+            template = self._catalog.get_template(validate_name("template", template_id))
+            bases = [(self._catalog.get_base(template.base_model_id, template.base_revision), template)]
+            basis = f"the most template {template_id}'s adapters can need"
+        else:
+            bases = self._catalog.templates(None if base is None else validate_name("base", base))
+            basis = ("the most an adapter of any registered template can need" if base is None
+                     else f"the most an adapter of base {base}'s templates can need")
+        if not bases:
+            return self.limits  # the template lookup after staging says what is missing
+        dtypes = self.limits.allowed_dtypes
+        return self.limits.within(max(max_weights_bytes(c, t, dtypes) for c, t in bases), basis)
 
     def _template_for(self, staged: Path, template_id: str | None, base: str | None,
                       ref: str) -> AdapterTemplate:

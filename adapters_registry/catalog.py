@@ -106,6 +106,15 @@ class Catalog:
                 raise NotFoundError(f"template {template_id} is not registered")
             return AdapterTemplate.from_dict(row.fields)
 
+    def templates(self, base: str | None = None) -> list[tuple[BaseContract, AdapterTemplate]]:
+        """Every registered template (of ``base``, when named), with its base's contract."""
+        with Session(self.db) as s:
+            q = select(BaseModelRow.contract, TemplateRow.fields).join(
+                BaseModelRow, TemplateRow.base_id == BaseModelRow.id)
+            if base is not None:
+                q = q.where(BaseModelRow.model_id == base)
+            return [(BaseContract.from_dict(c), AdapterTemplate.from_dict(f)) for c, f in s.execute(q)]
+
     def only_template(self, base: str) -> str:
         with Session(self.db) as s:
             ids = sorted(s.scalars(select(TemplateRow.template_id).join(

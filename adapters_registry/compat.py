@@ -171,7 +171,8 @@ def _check_files(adapter_dir: Path, limits: Limits,
             out.append(
                 Violation(
                     "file_too_large",
-                    f"{name} is {st.st_size} bytes, over the {limits.max_file_bytes}-byte per-file limit",
+                    f"{name} is {st.st_size} bytes, over the {limits.max_file_bytes}-byte per-file "
+                    f"limit{limits.basis}",
                     name,
                 )
             )
@@ -182,7 +183,8 @@ def _check_files(adapter_dir: Path, limits: Limits,
         out.append(
             Violation(
                 "file_too_large",
-                f"the adapter's files total {total} bytes, over the {limits.max_total_bytes}-byte limit",
+                f"the adapter's files total {total} bytes, over the {limits.max_total_bytes}-byte "
+                f"limit{limits.basis}",
             )
         )
     for name in REQUIRED_FILES:

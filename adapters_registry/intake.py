@@ -68,7 +68,7 @@ def stage(source: Path, dest: Path, limits: Limits) -> Staged:
                           "folder or a .tar, .tar.gz or .zip archive")
     if st.st_size > limits.max_archive_bytes:
         raise SourceError(f"{shown(str(source))} is {st.st_size} bytes, over the "
-                          f"{limits.max_archive_bytes}-byte archive limit")
+                          f"{limits.max_archive_bytes}-byte archive limit{limits.basis}")
     kind = archive_kind(source)
     if kind is None:
         raise SourceError(f"{shown(str(source))} is a file, but not a folder or a .tar, .tar.gz or "
@@ -124,7 +124,7 @@ def _stage_folder(src: Path, staged: Staged, limits: Limits) -> None:
     if total > limits.max_total_bytes:
         staged.refused.append(Violation(
             "file_too_large", f"the adapter's files total {total} bytes, over the "
-            f"{limits.max_total_bytes}-byte limit; nothing was copied"))
+            f"{limits.max_total_bytes}-byte limit{limits.basis}; nothing was copied"))
         staged.complete = False
         return
     for name, _ in to_copy:
@@ -144,8 +144,8 @@ def entry_problem(name: str, mode: int, size: int, limits: Limits, *,
         return Violation("unexpected_file", f"{name} is a {_kind_name(mode)}, not a regular file; "
                          "an adapter is a flat folder of regular files", name)
     if size > limits.max_file_bytes:
-        return Violation("file_too_large", f"{name} is {size} bytes, over the "
-                         f"{limits.max_file_bytes}-byte per-file limit; it was not copied", name)
+        return Violation("file_too_large", f"{name} is {size} bytes, over the {limits.max_file_bytes}-"
+                         f"byte per-file limit{limits.basis}; it was not copied", name)
     return None
 
 
@@ -166,7 +166,7 @@ def _copy_entry(path: Path, staged: Staged, limits: Limits) -> None:
                        limits.max_file_bytes) is None:
             staged.refused.append(Violation(
                 "file_too_large", f"{path.name} grew past the {limits.max_file_bytes}-byte "
-                "per-file limit while being copied", path.name))
+                f"per-file limit{limits.basis} while being copied", path.name))
 
 
 def _unreadable(path: Path, exc: OSError) -> SourceError:

@@ -166,6 +166,9 @@ class Registry:
         return self.artifacts.push(tenant_name, name, source, template_id=template_id, base=base,
                                    aliases=aliases)
 
+    def intake_limits(self, template_id: str | None = None, base: str | None = None) -> Limits:
+        return self.artifacts.intake_limits(template_id, base)
+
     def fetch(self, version: AdapterVersion, dest: Path) -> None:
         self.artifacts.fetch(version, dest)
 

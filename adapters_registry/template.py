@@ -7,9 +7,12 @@ dropout belong to the trainer's run config and never change an adapter's shape.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters_registry._safetensors_header import DTYPE_SIZES
 from adapters_registry.contract import BaseContract
 from adapters_registry.errors import TemplateError
 from adapters_registry.hashing import sha256_json
@@ -140,3 +143,11 @@ def expected_tensors(contract: BaseContract, template: AdapterTemplate) -> dict[
             shapes[f"{prefix}.lora_A.weight"] = (template.r, fan_in)
             shapes[f"{prefix}.lora_B.weight"] = (fan_out, template.r)
     return shapes
+
+
+def max_weights_bytes(contract: BaseContract, template: AdapterTemplate, dtypes: Iterable[str]) -> int:
+    """The largest adapter_model.safetensors this base and template allow: every tensor in
+    the widest of ``dtypes``, and a header with room for its names, shapes and metadata."""
+    shapes = expected_tensors(contract, template)
+    itemsize = max(DTYPE_SIZES[d] for d in dtypes)
+    return sum(math.prod(s) for s in shapes.values()) * itemsize + 1024 * len(shapes) + 1024**2

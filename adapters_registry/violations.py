@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["Limits", "Violation"]
+__all__ = ["OTHER_FILES_BYTES", "Limits", "Violation"]
+
+# What an adapter may hold beside its weights, all together: its config, a manifest, a
+# README, a copy of the base's tokenizer (the largest tokenizer.json files are ~35 MB).
+OTHER_FILES_BYTES = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -25,3 +29,15 @@ class Limits:
     max_files: int = 64  # entries in a folder, members in an archive
     max_archive_bytes: int = 4 * 1024**3  # an archive or upload as it arrives (compressed)
     allowed_dtypes: frozenset[str] = frozenset({"F32", "F16", "BF16"})
+    # Why the size limits are what they are, appended to a refusal (set by ``within``).
+    basis: str = ""
+
+    def within(self, weights_bytes: int, basis: str) -> Limits:
+        """These limits, tightened to an adapter whose weights file holds at most
+        ``weights_bytes`` (and whose other files hold at most ``OTHER_FILES_BYTES``)."""
+        total = weights_bytes + OTHER_FILES_BYTES
+        # An archive adds headers per member, and compressing random bytes grows them a little.
+        archive = total + total // 64 + 1024**2
+        return replace(self, max_file_bytes=min(self.max_file_bytes, max(weights_bytes, OTHER_FILES_BYTES)),
+                       max_total_bytes=min(self.max_total_bytes, total),
+                       max_archive_bytes=min(self.max_archive_bytes, archive), basis=f" ({basis})")

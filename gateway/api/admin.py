@@ -151,10 +151,12 @@ async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep
                          template: str | None = None, base: str | None = None,
                          alias: Annotated[list[str] | None, Query()] = None) -> VersionCreated:
     """Register a new version from an uploaded .tar, .tar.gz or .zip (the request body)."""
-    limit = reg.limits.max_archive_bytes
+    limits = await _run(reg.intake_limits, template, base)
+    limit, basis = limits.max_archive_bytes, limits.basis
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"the upload is {declared} bytes, over the {limit}-byte limit")
+        raise PayloadTooLargeError(f"the upload is {declared} bytes, over the {limit}-byte "
+                                   f"limit{basis}")
     folder = Path(await _run(tempfile.mkdtemp, prefix="lgw-upload-"))
     try:
         archive = folder / "upload"
@@ -163,7 +165,7 @@ async def upload_version(tenant: str, name: str, request: Request, reg: AdminDep
             async for chunk in request.stream():
                 seen += len(chunk)
                 if seen > limit:
-                    raise PayloadTooLargeError(f"the upload exceeds the {limit}-byte limit")
+                    raise PayloadTooLargeError(f"the upload exceeds the {limit}-byte limit{basis}")
                 await _run(out.write, chunk)
         try:
             version = await _run(reg.push, tenant, name, archive, template_id=template, base=base,

@@ -19,6 +19,8 @@ import pytest
 
 from adapters_registry import Limits
 from adapters_registry.intake import stage
+from adapters_registry.template import AdapterTemplate, expected_tensors, max_weights_bytes
+from adapters_registry.violations import OTHER_FILES_BYTES
 from lora_gateway.cli import main
 from tests.adapters_registry.corpus import ARCHIVES, CASES, OVERSIZED_BYTES
 
@@ -122,8 +124,57 @@ def test_sparse_2gib_file_is_refused_before_any_copy(cli, corpus: Path) -> None:
     assert "Traceback" not in result.stderr
     assert result.returncode == 3, result.stderr
     assert (f"[file_too_large] adapter_model.safetensors is {OVERSIZED_BYTES} bytes, over the "
-            "2147483648-byte per-file limit; it was not copied") in result.stderr
+            f"{OTHER_FILES_BYTES}-byte per-file limit (the most an adapter of base tiny-llama's "
+            "templates can need); it was not copied") in result.stderr
     assert list(tmp.iterdir()) == []  # staging removed
+
+
+def test_the_template_bounds_every_file_before_a_byte_is_staged(cli, corpus: Path, tmp_path: Path) -> None:
+    """1 GiB is under the 2 GiB per-file limit, but tiny-llama's rank-8 template makes
+    adapters of a few hundred KiB: a member, a folder's file or an upload that size is
+    refused by its declared size, never extracted or copied (the data is not even there)."""
+    gib = 1 << 30
+    valid = sorted((corpus / "valid").iterdir())
+    archive = tmp_path / "gib.tar"
+    with tarfile.open(archive, "w") as tar:
+        for f in valid:
+            tar.add(f, arcname=f.name)
+        member = tarfile.TarInfo("training_args.json")
+        member.size = gib  # the header alone
+        tar.fileobj.write(member.tobuf(tar.format, tar.encoding, tar.errors))  # type: ignore[union-attr]
+    folder = shutil.copytree(corpus / "valid", tmp_path / "folder")
+    with (folder / "training_args.json").open("wb") as f:
+        f.truncate(gib)  # sparse
+    bound = (f"over the {OTHER_FILES_BYTES}-byte per-file limit (the most an adapter of base "
+             "tiny-llama's templates can need)")
+    for source, refusal in (
+            (archive, f"[file_too_large] archive member 'training_args.json' is {gib} bytes, {bound}; "
+                      "it was not extracted"),
+            (folder, f"[file_too_large] training_args.json is {gib} bytes, {bound}; it was not copied")):
+        code, _, err = cli("push", "acme/gib", str(source), "--base", "tiny-llama")
+        assert code == 3 and "Traceback" not in err, err
+        assert refusal in err, err
+    # Named by its template, the bound is that template's.
+    code, _, err = cli("push", "acme/gib", str(folder), "--template", cli.template)
+    assert code == 3 and f"limit (the most template {cli.template}'s adapters can need)" in err, err
+    assert cli("push", "acme/fits", str(corpus / "valid"), "--base", "tiny-llama")[0] == 0
+
+
+def test_the_weights_bound_covers_every_tensor_in_the_widest_dtype(tiny_contract) -> None:
+    contract = tiny_contract
+    template = AdapterTemplate(contract.model_id, contract.revision, r=8, lora_alpha=16)
+    shapes = expected_tensors(contract, template)
+    data = sum(a * b for a, b in shapes.values())
+    assert max_weights_bytes(contract, template, {"BF16"}) == 2 * data + 1024 * len(shapes) + (1 << 20)
+    assert max_weights_bytes(contract, template, {"BF16", "F32"}) == 4 * data + 1024 * len(shapes) + (1 << 20)
+    limits = Limits().within(5 << 30, "why")
+    default = Limits()
+    assert (limits.max_file_bytes, limits.max_total_bytes) == (default.max_file_bytes,
+                                                               default.max_total_bytes)
+    limits = Limits().within(1 << 20, "why")
+    assert limits.max_file_bytes == OTHER_FILES_BYTES and limits.basis == " (why)"
+    total = limits.max_total_bytes
+    assert total == (1 << 20) + OTHER_FILES_BYTES < limits.max_archive_bytes < 2 * total
 
 
 def test_zip_bomb_is_refused_by_its_declared_size_before_inflating(tmp_path: Path) -> None:

@@ -68,6 +68,16 @@ def test_upload_limits_and_bad_bodies(gateway_factory, corpus: Path) -> None:
     r = upload(gw, "too-big", body)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     services.admin_registry.limits = Limits()
+    # Under the 4 GiB archive limit, but more than any tiny-llama adapter can be: refused by
+    # its declared length, before a byte is read.
+    bound = services.admin_registry.intake_limits(base="tiny-llama").max_archive_bytes
+    assert bound < (100 << 20)
+    r = gw.client.post("/admin/v1/tenants/acme/adapters/gib/versions", params={"base": "tiny-llama"},
+                       content=iter([b"x"]), headers=admin() | {"content-length": str(1 << 30)})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["message"] == (
+        f"the upload is {1 << 30} bytes, over the {bound}-byte limit (the most an adapter of base "
+        "tiny-llama's templates can need)")
     r = upload(gw, "not-an-archive", b"hello")
     err = r.json()["error"]
     assert r.status_code == 400 and "not a folder or a .tar" in err["message"]
