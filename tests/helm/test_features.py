@@ -48,7 +48,7 @@ def test_optional_feature_renders_only_when_enabled(feature: str) -> None:
 def test_minimal_install_renders_the_core_only() -> None:
     assert kinds(render(MINIMAL)) == [
         "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Service/lgw-lora-gateway",
-        "ServiceAccount/lgw-lora-gateway"]
+        "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway"]
 
 
 def test_probes_match_the_gateway_health_endpoints() -> None:
@@ -148,14 +148,21 @@ def test_migrations_run_once_per_release_as_a_hook() -> None:
 
 def test_service_and_servicemonitor_use_the_separate_metrics_port() -> None:
     objects = render(merged(MINIMAL, {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}}))
-    ports = {p["name"]: p for p in the(objects, "Service")["spec"]["ports"]}
-    assert ports["http"]["port"] == 8000 and ports["metrics"]["port"] == 9090
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    api, metrics = services["lgw-lora-gateway"], services["lgw-lora-gateway-metrics"]
+    # The API's Service carries no metrics port (it may be a LoadBalancer); metrics have
+    # their own ClusterIP Service, which is all the ServiceMonitor selects.
+    assert [(p["name"], p["port"]) for p in api["spec"]["ports"]] == [("http", 8000)]
+    assert [(p["name"], p["port"]) for p in metrics["spec"]["ports"]] == [("metrics", 9090)]
+    assert metrics["spec"]["type"] == "ClusterIP"
     env = env_of(gateway_container(objects))
     assert env["LGW_METRICS_PORT"]["value"] == "9090"
     monitor = the(objects, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["metadata"]["labels"]["release"] == "kps"
-    assert monitor["spec"]["selector"]["matchLabels"] == the(objects, "Service")["spec"]["selector"]
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    assert [name for name, o in services.items()
+            if selected.items() <= o["metadata"]["labels"].items()] == ["lgw-lora-gateway-metrics"]
 
 
 def test_keda_scales_on_queue_depth_and_owns_the_replicas() -> None:

@@ -29,13 +29,14 @@ from tests.helm.chart import (
 EXPECTED = {
     "values-cpu-dev.yaml": [
         "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Service/lgw-lora-gateway",
-        "ServiceAccount/lgw-lora-gateway",
+        "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
     ],
     "values-gpu.yaml": [
         "ConfigMap/lgw-lora-gateway-epp", "Deployment/lgw-lora-gateway", "InferencePool/lgw-lora-gateway",
         "Job/lgw-lora-gateway-migrate", "NetworkPolicy/lgw-lora-gateway",
         "PodDisruptionBudget/lgw-lora-gateway", "ScaledObject/lgw-lora-gateway",
-        "Service/lgw-lora-gateway", "ServiceAccount/lgw-lora-gateway", "ServiceMonitor/lgw-lora-gateway",
+        "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
+        "ServiceMonitor/lgw-lora-gateway",
     ],
 }
 
