@@ -22,10 +22,10 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, ExceptionContext
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from adapters_registry.errors import DatabaseError
+from adapters_registry.errors import DatabaseError, DatabaseUnreachableError
 from adapters_registry.limits import LIMITS
 
 # SQLite needs AUTOINCREMENT so a deleted version's id is never handed out again:
@@ -179,8 +179,12 @@ def make_engine(url: str, *, migrate: bool = True, lock_timeout_s: float = 10.0)
     the condition (read-only, locked, unreachable), never a driver traceback.
     ``lock_timeout_s`` is how long SQLite waits for another writer's lock.
     """
+    # A PostgreSQL server that is away behind a dropped route answers nothing: without a
+    # connect timeout, a lookup would wait for the kernel's TCP timeout (minutes).
+    extra = ({"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+             if url.startswith("postgresql") and "connect_timeout" not in url else {})
     try:
-        engine = create_engine(url, future=True, pool_pre_ping=True)
+        engine = create_engine(url, future=True, pool_pre_ping=True, **extra)
     except (ArgumentError, ImportError) as exc:
         raise DatabaseError(f"database URL {_redacted(url)} is not usable: {exc}") from None
     event.listen(engine, "handle_error", _as_database_error)
@@ -194,7 +198,9 @@ def make_engine(url: str, *, migrate: bool = True, lock_timeout_s: float = 10.0)
 
 # Conditions by driver code, never by message text: SQLite's primary result codes and
 # PostgreSQL's SQLSTATE (exact code, else its two-character class).
+CONNECT_TIMEOUT_S = 5  # PostgreSQL, unless the URL sets connect_timeout itself
 _READ_ONLY = "it is read-only for this user"
+_UNREACHABLE = "it is unreachable"
 _LOCKED = "another process holds its lock; retry when it is done"
 _SQLITE_HINTS = {
     3: "permission denied", 5: _LOCKED, 6: _LOCKED, 8: _READ_ONLY, 10: "disk I/O error",
@@ -204,7 +210,7 @@ _SQLITE_HINTS = {
 _SQLSTATE_HINTS = {
     "25006": _READ_ONLY, "55P03": _LOCKED, "40P01": _LOCKED, "42501": "permission denied",
     "3D000": "the database does not exist", "53100": "disk full",
-    "08": "it is unreachable", "28": "authentication failed", "53": "the server is out of resources",
+    "08": _UNREACHABLE, "28": "authentication failed", "53": "the server is out of resources",
     "57": "the server is shutting down or cancelled the operation",
 }
 
@@ -224,13 +230,21 @@ def _as_database_error(context: ExceptionContext) -> DatabaseError | None:
         hint = _SQLSTATE_HINTS.get(sqlstate) or _SQLSTATE_HINTS.get(sqlstate[:2])
     else:
         hint = None
+    # A driver's OperationalError without a SQLSTATE is about the connection itself
+    # (refused, reset, timed out): the server never answered the statement.
+    lost = context.is_disconnect or (sqlite_code is None and sqlstate is None and isinstance(
+        context.sqlalchemy_exception, OperationalError))
     if hint is None:
-        hint = "it is unreachable" if context.is_disconnect else "the database refused the operation"
+        hint = _UNREACHABLE if lost else "the database refused the operation"
     engine = context.engine
-    where = _redacted(engine.url.render_as_string(hide_password=True)) if engine else "the database"
+    where = (f"database {_redacted(engine.url.render_as_string(hide_password=True))}" if engine
+             else "the database")
     first = str(exc).strip().splitlines()
     detail = first[0][:200] if first else type(exc).__name__
-    return DatabaseError(f"database {where}: {hint} ({detail})")
+    message = f"{where}: {hint} ({detail})"
+    if hint == _UNREACHABLE or (isinstance(sqlstate, str) and sqlstate[:2] in ("08", "57")):
+        return DatabaseUnreachableError(message)
+    return DatabaseError(message)
 
 
 def _redacted(url: str) -> str:

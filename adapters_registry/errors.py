@@ -14,6 +14,8 @@
     │                             dangling path, not a folder or archive, unreadable file,
     │                             no room to stage it
     ├── DatabaseError             the metadata database refused: read-only, locked, unreachable
+    │   └── DatabaseUnreachableError  it cannot be reached now (refused, reset, restarting):
+    │                             worth retrying
     └── ArtifactError             the artifact store failed: read-only, full, S3 unreachable or
         │                         denied, a blob missing
         ├── ChecksumMismatchError the bytes do not match the recorded sha256
@@ -85,6 +87,11 @@ class SourceError(RegistryError):
 
 class DatabaseError(RegistryError):
     """The metadata database could not be opened, written or locked in time."""
+
+
+class DatabaseUnreachableError(DatabaseError):
+    """The database server cannot be reached now: a refused or broken connection, or a
+    server starting up or shutting down. The same operation may succeed later."""
 
 
 class ArtifactError(RegistryError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
@@ -26,6 +27,7 @@ from adapters_registry import (
     BaseContract,
     ConflictError,
     DatabaseError,
+    DatabaseUnreachableError,
     IncompatibleAdapterError,
     NotFoundError,
     Registry,
@@ -45,6 +47,7 @@ from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
 from gateway.engine.serving import OpenAIService
 from gateway.errors import BaseMismatchError, GatewayError, error_body
+from gateway.observability.logs import Throttled
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.msp import ModelServerProtocol
 from gateway.protection.admission import FairAdmission
@@ -100,25 +103,94 @@ def verify_base(registry: Registry, settings: GatewaySettings) -> BaseContract:
     return registered
 
 
+async def open_registry(settings: GatewaySettings) -> tuple[Registry, BaseContract]:
+    """The registry, and the served base checked against it.
+
+    A database that cannot be reached yet (a replica starting while PostgreSQL restarts)
+    is waited for, up to ``startup_wait_seconds``, saying so at each try; anything else
+    it answers (no such base, schema behind, authentication) is final at once."""
+    deadline = time.monotonic() + settings.startup_wait_seconds
+    pause = 0.25
+    while True:
+        registry: Registry | None = None
+        try:
+            registry = await asyncio.to_thread(
+                lambda: Registry.open(settings.database_url, settings.artifacts_dir, actor="gateway",
+                                      s3_endpoint_url=settings.s3_endpoint_url,
+                                      s3_region=settings.s3_region,
+                                      migrate=settings.migrate_on_start))
+            return registry, await asyncio.to_thread(verify_base, registry, settings)
+        except DatabaseUnreachableError as exc:
+            if registry is not None:
+                registry.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            pause = min(pause * 2, 2.0, left)
+            logger.warning("waiting for the registry database (%.0fs more at most, "
+                           "startup_wait_seconds): %s", left, exc)
+            await asyncio.sleep(pause)
+        except BaseException:
+            if registry is not None:
+                registry.close()
+            raise
+
+
 async def warm_up(tenants: TenantDirectory, adapters: AdapterManager,
-                  settings: GatewaySettings) -> dict[str, str]:
+                  settings: GatewaySettings) -> tuple[dict[str, str], list[tuple[str, bool]]]:
     """Pin, then prefetch, the configured adapters; a failure is logged and reported, not fatal.
 
     A typo in one ref must not keep every tenant's traffic from being served; the admin
-    API's /cache shows what failed (and the log says why).
+    API's /cache shows what failed (and the log says why). Returns the failures, and the
+    jobs worth trying again (their store or database was away: ``keep_warming``).
     """
     errors: dict[str, str] = {}
+    again: list[tuple[str, bool]] = []
     jobs = [(ref, True) for ref in dict.fromkeys(settings.pinned_adapters)]
     jobs += [(ref, False) for ref in dict.fromkeys(settings.prefetch_adapters)]
     for ref, pin in jobs:
-        try:
-            version = await tenants.resolve_ref(ref)
-            await (adapters.pin(version) if pin else adapters.prefetch(version, "engine"))
-        except GatewayError as exc:
-            errors[ref] = exc.message
-            logger.error("could not %s %s at start-up: %s", "pin" if pin else "prefetch", ref,
-                         exc.message)
-    return errors
+        problem, retry = await _warm(tenants, adapters, ref, pin)
+        if problem is not None:
+            errors[ref] = problem
+            logger.error("could not %s %s at start-up%s: %s", "pin" if pin else "prefetch", ref,
+                         " (trying again in the background)" if retry else "", problem)
+            if retry:
+                again.append((ref, pin))
+    return errors, again
+
+
+async def _warm(tenants: TenantDirectory, adapters: AdapterManager, ref: str,
+                pin: bool) -> tuple[str | None, bool]:
+    """(why it failed, or None; whether trying again may succeed)."""
+    try:
+        version = await tenants.resolve_ref(ref)
+        await (adapters.pin(version) if pin else adapters.prefetch(version, "engine"))
+    except GatewayError as exc:
+        return exc.message, exc.status >= 500
+    except (DatabaseError, ArtifactError) as exc:
+        return str(exc), True
+    return None, False
+
+
+async def keep_warming(tenants: TenantDirectory, adapters: AdapterManager,
+                       jobs: list[tuple[str, bool]], errors: dict[str, str]) -> None:
+    """Tries the start-up pins and prefetches that failed while a service was away again,
+    backing off to every 30s, until each is done or fails for good; ``errors`` follows."""
+    delay = 1.0
+    while jobs:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)
+        left = []
+        for ref, pin in jobs:
+            problem, retry = await _warm(tenants, adapters, ref, pin)
+            if problem is None:
+                errors.pop(ref, None)
+                logger.info("%s %s (it failed at start-up)", "pinned" if pin else "prefetched", ref)
+            else:
+                errors[ref] = problem
+                if retry:
+                    left.append((ref, pin))
+        jobs = left
 
 
 def quota_store(settings: GatewaySettings) -> QuotaStore:
@@ -154,13 +226,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = await asyncio.to_thread(
-            lambda: Registry.open(settings.database_url, settings.artifacts_dir, actor="gateway",
-                                  s3_endpoint_url=settings.s3_endpoint_url,
-                                  s3_region=settings.s3_region,
-                                  migrate=settings.migrate_on_start))
+        registry, contract = await open_registry(settings)
         try:
-            contract = await asyncio.to_thread(verify_base, registry, settings)
             started = time.perf_counter()
             engine = await asyncio.to_thread(engine_factory, settings)
             logger.info("inference engine started in %.1fs", time.perf_counter() - started)
@@ -187,8 +254,9 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         # One read of the registry's change counter keeps every cached key, resolution and
         # limit fresh (gateway.tenancy.freshness), instead of one lookup per entry in use.
         watch = GenerationWatch(registry.generation, settings.resolve_ttl_seconds)
+        grace = settings.registry_outage_grace_seconds
         tenants = TenantDirectory(registry, served_base=(contract.model_id, contract.revision),
-                                  ttl=settings.resolve_ttl_seconds, watch=watch,
+                                  ttl=settings.resolve_ttl_seconds, watch=watch, outage_grace=grace,
                                   base_name=settings.base_name if settings.expose_base else None)
         adapters = AdapterManager(registry, engine, disk, metrics,
                                   engine_capacity=settings.max_cpu_loras,
@@ -202,7 +270,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         admin = Registry(registry.db, registry.store, actor="admin")
         quotas = Quotas(quota_store(settings), registry, default_limits(settings), metrics,
                         fail_open=settings.quota_failure_mode == "open",
-                        ttl=settings.resolve_ttl_seconds, watch=watch)
+                        ttl=settings.resolve_ttl_seconds, watch=watch, outage_grace=grace)
         # Fair: an eighth of the slots is kept for tenants with nothing in flight (see admission).
         reserve = settings.max_in_flight // 8 if settings.fair_scheduling else 0
         # The engine's priorities: a light tenant's request may pass as many waiting in the
@@ -220,7 +288,9 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   deadline_s=settings.queue_deadline_seconds, metrics=metrics)
         services = Services(settings, tenants, adapters, openai, metrics, admin, quotas, admission)
         app.state.services = services
-        services.warmup_errors = await warm_up(tenants, adapters, settings)
+        services.warmup_errors, again = await warm_up(tenants, adapters, settings)
+        warming = asyncio.create_task(keep_warming(tenants, adapters, again, services.warmup_errors),
+                                      name="start-up pins, again")
         watch.start()
         app.state.registry_changes = start_listener(
             registry, tenants, quotas, metrics, enabled=settings.registry_changes_channel,
@@ -237,6 +307,9 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         try:
             yield
         finally:
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
             if app.state.registry_changes is not None:
                 await app.state.registry_changes.stop()
             await watch.stop()
@@ -292,13 +365,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RegistryError)
-    async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
-        # Only the admin API reaches the registry's errors directly; tenants' paths
-        # translate NotFound into model_not_found before this.
+    async def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        # Tenants' paths translate NotFound into model_not_found before this; what reaches
+        # them here is a registry that is away (database or store): retry later.
         status, code = next(((s, c) for kind, s, c in _REGISTRY_STATUS if isinstance(exc, kind)),
                             (400, "invalid_request"))
         kind = "invalid_request_error" if status < 500 else "server_error"
-        return JSONResponse(error_body(str(exc), kind, code), status_code=status)
+        if status < 500:
+            return JSONResponse(error_body(str(exc), kind, code), status_code=status)
+        message = str(exc)
+        if not request.url.path.startswith("/admin/"):
+            # The database's or store's address is the operator's: tenants get what happened.
+            _outages.log(logging.ERROR, code, "%s on %s: %s", code, request.url.path, exc)
+            message = _TENANT_MESSAGES.get(code, "the gateway's registry is unavailable; retry shortly")
+        return JSONResponse(error_body(message, kind, code), status_code=status,
+                            headers={"Retry-After": str(REGISTRY_RETRY_AFTER_S)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -331,6 +412,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         logger.exception("unhandled error on %s", request.url.path)
         return JSONResponse(GatewayError("internal error; see the gateway log").body(), status_code=500)
 
+
+REGISTRY_RETRY_AFTER_S = 1
+_TENANT_MESSAGES = {
+    "database_unavailable": "the gateway cannot reach its registry database right now; retry shortly",
+    "artifact_unavailable": "the gateway cannot reach its artifact store right now; retry shortly",
+}
+_outages = Throttled(logger)
 
 _REGISTRY_STATUS: tuple[tuple[type[RegistryError], int, str], ...] = (
     (NotFoundError, 404, "not_found"),

@@ -86,6 +86,11 @@ class _Settings(BaseSettings):
     resolve_ttl_seconds: float = Field(
         default=2.0, ge=0, description="How long a name→version resolution or a key is cached."
     )
+    registry_outage_grace_seconds: float = Field(
+        default=600.0, ge=0, description="While the registry database cannot be reached, keys, "
+        "names and limits it answered before are used this long past resolve_ttl_seconds (nobody "
+        "can change them in a database that is away); 0: every lookup after the TTL fails with "
+        "503 until it is back.")
     registry_changes_channel: bool = Field(
         default=True, description="On a PostgreSQL registry: listen for its change notices "
         "(LISTEN/NOTIFY), so alias moves, deletions, key revocations and limit changes reach "
@@ -100,6 +105,10 @@ class _Settings(BaseSettings):
     exit_on_engine_death: bool = Field(
         default=True, description="Exit the process when the engine dies (the supervisor restarts it)."
     )
+    startup_wait_seconds: float = Field(
+        default=300.0, ge=0, description="How long a starting gateway waits for a registry database "
+        "it cannot reach (a replica starting while PostgreSQL restarts), saying so at each try, "
+        "before it gives up; 0: not at all.")
     migrate_on_start: bool = Field(
         default=True, description="Bring the registry database's schema up to date at start; "
         "off when migrations run once per release (`lora-gateway registry migrate`, Helm hook).")

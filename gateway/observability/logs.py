@@ -16,8 +16,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
+import time
 import warnings
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -66,6 +68,28 @@ class RequestContextFilter(logging.Filter):
             if not hasattr(record, name):  # a line's own ``extra`` wins (e.g. its final status)
                 setattr(record, name, bound.get(name))
         return True
+
+
+class Throttled:
+    """One line per ``every_s`` seconds per kind of failure, for what fails once per request
+    while a service is away: an outage is a few lines, each saying how many it stands for."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self._logger = logger
+        self.every_s = every_s
+        self._seen: dict[str, tuple[float, int]] = {}  # kind -> (last line's time, left out since)
+
+    def log(self, level: int, kind: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last, left_out = self._seen.get(kind, (-math.inf, 0))
+        if now - last < self.every_s:
+            self._seen[kind] = (last, left_out + 1)
+            return
+        self._seen[kind] = (now, 0)
+        if left_out:
+            msg += " (%d more like it in the last %.0fs)"
+            args = (*args, left_out, now - last)
+        self._logger.log(level, msg, *args)
 
 
 class JsonFormatter(logging.Formatter):

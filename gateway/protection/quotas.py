@@ -201,13 +201,13 @@ class Quotas:
 
     def __init__(self, store: QuotaStore, registry: LimitsSource, defaults: Limits,
                  metrics: GatewayMetrics, *, fail_open: bool, ttl: float,
-                 watch: GenerationWatch | None = None) -> None:
+                 watch: GenerationWatch | None = None, outage_grace: float = 0.0) -> None:
         self.store = store
         self._registry = registry
         self.defaults = defaults
         self.metrics = metrics
         self.fail_open = fail_open
-        self._limits: TtlCache[int, Limits] = TtlCache(ttl, watch=watch)
+        self._limits: TtlCache[int, Limits] = TtlCache(ttl, watch=watch, outage_grace=outage_grace)
         self._last_logged = -math.inf
 
     async def limits(self, tenant: Tenant) -> Limits:

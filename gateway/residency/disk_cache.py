@@ -32,8 +32,10 @@ from adapters_registry import (
     sha256_file,
 )
 from gateway.errors import AdapterUnavailableError
+from gateway.observability.logs import Throttled
 
 logger = logging.getLogger(__name__)
+_failures = Throttled(logger)  # a store that is away fails every cold request: a line per 10s
 
 FETCH_PREFIX = ".fetch-"  # downloads in progress; never entries
 STORE_RETRY_AFTER_S = 5  # Retry-After when the artifact store cannot be reached
@@ -167,7 +169,7 @@ def download(registry: Fetcher, disk: DiskCache, version: AdapterVersion) -> Pat
             f"verification; the operator can repair it with `{REPAIR_COMMAND}`"
         ) from exc
     except ArtifactError as exc:  # missing object, store unreachable: may pass on retry
-        logger.error("could not fetch %s: %s", version.ref, exc)
+        _failures.log(logging.ERROR, "fetch", "could not fetch %s: %s", version.ref, exc)
         if isinstance(exc.__cause__, PermissionError):  # the operator's to fix, not a retry's
             raise AdapterUnavailableError(
                 f"adapter {version.ref} cannot be fetched: this gateway may not read the artifact "

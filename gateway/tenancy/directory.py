@@ -108,12 +108,16 @@ class TenantDirectory:
     """Keys to tenants, and a tenant's ``model`` to the adapter version it names."""
 
     def __init__(self, registry: RegistryReads, *, served_base: tuple[str, str], ttl: float,
-                 base_name: str | None = None, watch: GenerationWatch | None = None) -> None:
+                 base_name: str | None = None, watch: GenerationWatch | None = None,
+                 outage_grace: float = 0.0) -> None:
         self._registry = registry
         self._served_base = served_base  # (model_id, revision)
         self._base_name = base_name  # the bare base's public name, if it is served
-        self._keys: TtlCache[str, tuple[Tenant, datetime | None]] = TtlCache(ttl, watch=watch)
-        self._models: TtlCache[tuple[int, ModelRef], AdapterVersion] = TtlCache(ttl, watch=watch)
+        # Both serve their last answers while the database is away (gateway.tenancy.freshness).
+        self._keys: TtlCache[str, tuple[Tenant, datetime | None]] = TtlCache(
+            ttl, watch=watch, outage_grace=outage_grace)
+        self._models: TtlCache[tuple[int, ModelRef], AdapterVersion] = TtlCache(
+            ttl, watch=watch, outage_grace=outage_grace)
         self._affinity = _AffinityKeys()
 
     async def authenticate(self, api_key: str) -> Tenant:

@@ -8,7 +8,14 @@ the first reading is confirmed as of the second and lives a TTL more, without a 
 When the generation moved, or the read failed, nothing is confirmed and each entry in use
 refreshes itself in the background as it ages (the TTL alone): one change costs one
 lookup per entry in use, once. So 64 adapters in steady use cost one query per third of a
-TTL, not 64 per half-TTL, and still nothing older than the TTL is ever served.
+TTL, not 64 per half-TTL, and nothing older than the TTL is served while the registry
+answers.
+
+While its database cannot be reached (``DatabaseUnreachableError``: a restart, a network
+cut), a cache with an ``outage_grace`` serves what the registry said last, up to that long
+past the TTL, instead of failing every request: nobody can change a key, an alias or a
+limit in a database that is away, so the last answer is the best one there is. One lookup
+per second per cache finds out when it is back.
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+from adapters_registry import DatabaseUnreachableError
 from gateway.errors import GatewayError
+from gateway.observability.logs import Throttled
 
 logger = logging.getLogger(__name__)
+_outage = Throttled(logger)
+RETRY_WHILE_AWAY_S = 1.0  # while the database is away: one lookup per second per cache
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -93,12 +104,17 @@ class TtlCache(Generic[K, V]):
     starts one background reload, so a key in steady use is reloaded before it expires and
     never blocks a caller; the entry itself still expires on time, so nothing older than
     ``ttl`` is ever served. With a ``watch``, entries it confirms live on without reloads.
-    A failed load is not cached: the next caller tries again.
+    A failed load is not cached: the next caller tries again. With ``outage_grace``, an
+    entry whose reload finds the database unreachable is served up to that long past its
+    expiry (see the module's docstring).
     """
 
     def __init__(self, ttl: float, max_entries: int = 100_000, *,
-                 watch: GenerationWatch | None = None) -> None:
+                 watch: GenerationWatch | None = None, outage_grace: float = 0.0) -> None:
         self.ttl = ttl
+        self.outage_grace = outage_grace
+        self._away_since: float | None = None  # the database was unreachable at the last lookup
+        self._retry_at = 0.0
         self.max_entries = max_entries
         self._watch = watch
         # Reload a hit this close to its expiry: after the watch had its chance to confirm it.
@@ -116,8 +132,27 @@ class TtlCache(Generic[K, V]):
             if hit[0] - now < self._refresh_within and key not in self._loads:
                 self._start_load(key, load).add_done_callback(_consume_exception)
             return hit[1]
+        stale = hit is not None and now < hit[0] + self.outage_grace
+        if stale and self._away_since is not None:
+            assert hit is not None
+            # Away at the last lookup: answer at once with what the registry said last.
+            if now >= self._retry_at and key not in self._loads:
+                self._retry_at = now + RETRY_WHILE_AWAY_S
+                self._start_load(key, load).add_done_callback(_consume_exception)
+            return hit[1]
         future = self._loads.get(key) or self._start_load(key, load)
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.shield(future)
+        except DatabaseUnreachableError:
+            if not stale:
+                raise
+            assert hit is not None
+            return hit[1]
+
+    @property
+    def registry_away(self) -> bool:
+        """The last lookup found the registry's database unreachable."""
+        return self._away_since is not None
 
     def __len__(self) -> int:
         return len(self._data)
@@ -167,9 +202,22 @@ class TtlCache(Generic[K, V]):
                 if exc.status < 500 and epoch == self._epoch:
                     self._data.pop(key, None)  # a definite "no" (key revoked, name gone) ends the entry now
                 raise
+            except DatabaseUnreachableError as exc:
+                self._retry_at = time.monotonic() + RETRY_WHILE_AWAY_S
+                if self._away_since is None:
+                    self._away_since = time.monotonic()
+                if self.outage_grace > 0:
+                    _outage.log(logging.WARNING, "away", "registry database unreachable: serving what "
+                                "it said last, for up to %.0fs past its TTL (registry_outage_grace_seconds)"
+                                ": %s", self.outage_grace, exc)
+                raise
             finally:
                 if self._loads.get(key) is future:
                     del self._loads[key]
+            if self._away_since is not None:
+                logger.warning("registry database reachable again after %.1fs",
+                               time.monotonic() - self._away_since)
+                self._away_since = None
             if epoch != self._epoch:
                 return value
             # Valid from when the lookup started: a value is never trusted past its TTL.
@@ -190,6 +238,8 @@ def _consume_exception(future: asyncio.Future[Any]) -> None:
     if future.cancelled() or future.exception() is None:
         return
     exc = future.exception()
+    if isinstance(exc, DatabaseUnreachableError):
+        return  # said once per outage (TtlCache._start_load)
     if isinstance(exc, GatewayError) and exc.status < 500:
         logger.debug("background refresh: %s", exc)  # the entry is gone; its next caller is told
     else:

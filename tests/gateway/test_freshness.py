@@ -7,6 +7,8 @@ import asyncio
 
 import pytest
 
+from adapters_registry import DatabaseError, DatabaseUnreachableError
+from gateway.tenancy import freshness
 from gateway.tenancy.freshness import GenerationWatch, TtlCache
 
 
@@ -112,6 +114,77 @@ def test_a_failed_lookup_is_not_cached() -> None:
         src.fail = False
         assert await cache.get_or_load("k", src.load) == "v1"
         assert src.calls == 2
+
+    asyncio.run(main())
+
+
+class Away(Source):
+    """A lookup whose database can be taken away (DatabaseUnreachableError), or refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: Exception | None = None
+
+    async def load(self) -> str:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def test_while_the_database_is_away_the_last_answer_is_served_within_the_grace(monkeypatch) -> None:
+    monkeypatch.setattr(freshness, "RETRY_WHILE_AWAY_S", 0.05)
+
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=0.05, outage_grace=0.4)
+        src = Away()
+        assert await cache.get_or_load("k", src.load) == "v1"
+        await asyncio.sleep(0.06)  # expired
+        src.error = DatabaseUnreachableError("database x: it is unreachable")
+        assert await cache.get_or_load("k", src.load) == "v1"  # the lookup failed: last answer
+        assert cache.registry_away and src.calls == 2
+        for _ in range(10):  # away: answered at once, one background lookup per retry period
+            assert await cache.get_or_load("k", src.load) == "v1"
+        assert src.calls == 2
+        await asyncio.sleep(0.06)
+        assert await cache.get_or_load("k", src.load) == "v1"
+        await asyncio.sleep(0)  # the background lookup runs (and fails)
+        assert src.calls == 3
+        with pytest.raises(DatabaseUnreachableError):  # never seen: nothing to fall back on
+            await cache.get_or_load("other", src.load)
+        await asyncio.sleep(0.4)  # past the grace: the outage is the caller's again
+        with pytest.raises(DatabaseUnreachableError):
+            await cache.get_or_load("k", src.load)
+        src.error, src.value = None, "v2"
+        assert await cache.get_or_load("k", src.load) == "v2"
+        assert not cache.registry_away
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("error", [DatabaseError("database x: it is read-only"), LookupError("no")])
+def test_only_an_unreachable_database_falls_back(error: Exception) -> None:
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=0.01, outage_grace=60)
+        src = Away()
+        assert await cache.get_or_load("k", src.load) == "v1"
+        await asyncio.sleep(0.02)
+        src.error = error
+        with pytest.raises(type(error)):
+            await cache.get_or_load("k", src.load)
+
+    asyncio.run(main())
+
+
+def test_without_a_grace_an_away_database_fails_the_lookup() -> None:
+    async def main() -> None:
+        cache: TtlCache[str, str] = TtlCache(ttl=0.01)
+        src = Away()
+        assert await cache.get_or_load("k", src.load) == "v1"
+        await asyncio.sleep(0.02)
+        src.error = DatabaseUnreachableError("database x: it is unreachable")
+        with pytest.raises(DatabaseUnreachableError):
+            await cache.get_or_load("k", src.load)
 
     asyncio.run(main())
 
