@@ -25,7 +25,9 @@ OPTIONAL = {
     "serviceMonitor": ({"serviceMonitor": {"enabled": True}}, "ServiceMonitor"),
     "podDisruptionBudget": ({"podDisruptionBudget": {"enabled": True}}, "PodDisruptionBudget"),
     "hpa": ({"autoscaling": {"hpa": {"enabled": True}}, **REDIS}, "HorizontalPodAutoscaler"),
-    "keda": ({"autoscaling": {"keda": {"enabled": True}}, **REDIS}, "ScaledObject"),
+    "keda": ({"autoscaling": {"keda": {"enabled": True}}, "serviceMonitor": {"enabled": True}, **REDIS},
+             "ScaledObject"),
+    "helmTest": ({}, "Pod"),
     "networkPolicy": ({"networkPolicy": {"enabled": True}}, "NetworkPolicy"),
     "ingress": ({"ingress": {"enabled": True, "hosts": ["llm.example.com"]}}, "Ingress"),
     "inferencePool": ({"inferencePool": {"enabled": True, "endpointPicker": {"serviceName": "epp"}}},
@@ -33,7 +35,7 @@ OPTIONAL = {
     "migrations": ({"migrations": {"enabled": True}}, "Job"),
     "serviceAccount": ({"serviceAccount": {"create": True}}, "ServiceAccount"),
 }
-OFF = {"migrations": {"migrations": {"enabled": False}},
+OFF = {"migrations": {"migrations": {"enabled": False}}, "helmTest": {"helmTest": {"enabled": False}},
        "serviceAccount": {"serviceAccount": {"create": False}}}
 
 
@@ -47,8 +49,8 @@ def test_optional_feature_renders_only_when_enabled(feature: str) -> None:
 
 def test_minimal_install_renders_the_core_only() -> None:
     assert kinds(render(MINIMAL)) == [
-        "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Service/lgw-lora-gateway",
-        "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway"]
+        "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
+        "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway"]
 
 
 def test_probes_match_the_gateway_health_endpoints() -> None:
@@ -166,12 +168,18 @@ def test_service_and_servicemonitor_use_the_separate_metrics_port() -> None:
 
 
 def test_keda_scales_on_queue_depth_and_owns_the_replicas() -> None:
-    objects = render(merged(MINIMAL, REDIS, {"autoscaling": {"keda": {"enabled": True}, "maxReplicas": 5}}))
+    objects = render(merged(MINIMAL, REDIS, {"autoscaling": {"keda": {"enabled": True}, "maxReplicas": 5},
+                                             "serviceMonitor": {"enabled": True}}))
     scaled = the(objects, "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] == the(objects, "Deployment")["metadata"]["name"]
     assert scaled["spec"]["maxReplicaCount"] == 5
     assert "vllm:num_requests_waiting" in scaled["spec"]["triggers"][0]["metadata"]["query"]
     assert "replicas" not in the(objects, "Deployment")["spec"]
+    # Prometheus away: hold the most replicas; scale down as slowly as the HPA does.
+    assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 5}
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert "cooldownPeriod" not in scaled["spec"]  # it only acts when scaling to zero
 
 
 def test_hpa_targets_the_queue_metric_per_pod() -> None:

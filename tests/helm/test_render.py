@@ -28,12 +28,12 @@ from tests.helm.chart import (
 # What each profile deploys: a change here is a change operators will see.
 EXPECTED = {
     "values-cpu-dev.yaml": [
-        "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Service/lgw-lora-gateway",
-        "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
+        "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
+        "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
     ],
     "values-gpu.yaml": [
         "ConfigMap/lgw-lora-gateway-epp", "Deployment/lgw-lora-gateway", "InferencePool/lgw-lora-gateway",
-        "Job/lgw-lora-gateway-migrate", "NetworkPolicy/lgw-lora-gateway",
+        "Job/lgw-lora-gateway-migrate", "NetworkPolicy/lgw-lora-gateway", "Pod/lgw-lora-gateway-test",
         "PodDisruptionBudget/lgw-lora-gateway", "ScaledObject/lgw-lora-gateway",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
         "ServiceMonitor/lgw-lora-gateway",

@@ -72,6 +72,11 @@ def test_missing_secret_fails_rendering_with_what_to_create(values: dict[str, An
      "gateway.extraEnv must not set LGW_DATABASE_URL"),
     (merged(MINIMAL, {"gateway": {"extraEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "k"}]}}),
      "must not carry AWS_SECRET_ACCESS_KEY in plain values"),
+    (merged(MINIMAL, {"resources": {"limits": {"nvidia.com/gpu": 1}}}),
+     "resources.limits must not name nvidia.com/gpu: set the GPUs per pod in gpu.count"),
+    (merged(MINIMAL, {"autoscaling": {"keda": {"enabled": True}},
+                      "secrets": {"redis": {"existingSecret": "r"}}}),
+     "autoscaling.keda's default query reads what the ServiceMonitor scrapes"),
 ])
 def test_inconsistent_values_fail_rendering_with_what_to_set(values: dict[str, Any], message: str) -> None:
     assert message in _render_error(values)

@@ -54,6 +54,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: gateway
 {{- end }}
 
+{{/* A size such as 40Gi, in MiB (rounded up). */}}
+{{- define "lora-gateway.mebibytes" -}}
+{{- $n := regexFind "^[0-9]+" . | int64 }}
+{{- $unit := regexFind "[KMGT]i$" . }}
+{{- if eq $unit "Ki" }}{{ div (add $n 1023) 1024 }}{{ else if eq $unit "Mi" }}{{ $n }}{{ else if eq $unit "Gi" }}{{ mul $n 1024 }}{{ else }}{{ mul $n 1048576 }}{{ end }}
+{{- end }}
+
+{{/* The pod's disk-backed emptyDirs' limits, summed: its ephemeral-storage request. */}}
+{{- define "lora-gateway.ephemeralStorage" -}}
+{{- $v := .Values }}
+{{- $mib := include "lora-gateway.mebibytes" $v.tmpSizeLimit | int64 }}
+{{- if ne $v.adapterCache.type "pvc" }}
+{{- $mib = add $mib (mul (int64 $v.adapterCache.sizeGiB) 1024) }}
+{{- end }}
+{{- if eq $v.model.source "s3" }}
+{{- $mib = add $mib (include "lora-gateway.mebibytes" $v.model.s3.sizeLimit | int64) }}
+{{- end }}
+{{- printf "%dMi" $mib }}
+{{- end }}
+
 {{- define "lora-gateway.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "lora-gateway.fullname" .) .Values.serviceAccount.name }}

@@ -34,8 +34,18 @@ template that renders an object depending on them, so `helm template` fails earl
 {{- if and (eq $v.image.flavor "cpu") (gt (int $v.gpu.count) 0) }}
 {{- fail "lora-gateway: image.flavor cpu cannot use GPUs: set gpu.count=0, or image.flavor=gpu" }}
 {{- end }}
+{{- if gt (int $v.gpu.count) 0 }}
+{{- range $kind, $set := (dict "requests" $v.resources.requests "limits" $v.resources.limits) }}
+{{- if and $set (hasKey $set $v.gpu.resourceName) }}
+{{- fail (printf "lora-gateway: resources.%s must not name %s: set the GPUs per pod in gpu.count (it goes into both requests and limits)" $kind $v.gpu.resourceName) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and $v.autoscaling.hpa.enabled $v.autoscaling.keda.enabled }}
 {{- fail "lora-gateway: enable at most one of autoscaling.hpa and autoscaling.keda (KEDA manages an HPA of its own)" }}
+{{- end }}
+{{- if and $v.autoscaling.keda.enabled (not $v.autoscaling.keda.query) (not $v.serviceMonitor.enabled) }}
+{{- fail "lora-gateway: autoscaling.keda's default query reads what the ServiceMonitor scrapes (its namespace and service labels): set serviceMonitor.enabled=true, or autoscaling.keda.query to a query over how your Prometheus scrapes the pods' metrics port" }}
 {{- end }}
 {{- if gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas) }}
 {{- fail "lora-gateway: autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
