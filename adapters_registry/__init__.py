@@ -60,6 +60,7 @@ from adapters_registry.service import Registry
 from adapters_registry.store import ArtifactStore, FilesystemStore
 from adapters_registry.template import AdapterTemplate, expected_tensors
 from adapters_registry.tenancy import Tenancy
+from adapters_registry.usage import UsageCounts, UsageRecord
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -107,6 +108,8 @@ __all__ = [
     "Tenancy",
     "Tenant",
     "TenantLimits",
+    "UsageCounts",
+    "UsageRecord",
     "ValidationError",
     "VerifyReport",
     "Violation",

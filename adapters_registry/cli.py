@@ -35,6 +35,7 @@ from adapters_registry.names import AdapterRef, parse_adapter_ref
 from adapters_registry.options import add_database_option, add_registry_options
 from adapters_registry.service import Registry
 from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
+from adapters_registry.usage import COUNTS
 
 # Most specific first; anything else that is a RegistryError exits 2.
 EXIT_CODES: tuple[tuple[type[RegistryError], int], ...] = (
@@ -155,6 +156,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--subject", help="only subjects starting with this, e.g. acme/bot")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(run=_audit)
+
+    p = cmds.add_parser("usage", parents=[common], help="requests and tokens per tenant, model "
+                        "and minute, from the usage ledger every gateway writes")
+    p.add_argument("--from", dest="start", type=_moment, required=True,
+                   help="first minute, ISO 8601 (e.g. 2026-12-07T00:00Z; no zone means UTC)")
+    p.add_argument("--to", dest="end", type=_moment, required=True,
+                   help="end (excluded), ISO 8601; at most 31 days after --from")
+    p.add_argument("--tenant", help="one tenant only")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.set_defaults(run=_usage)
 
     p = cmds.add_parser("list", parents=[common], help="list a tenant's adapters")
     p.add_argument("tenant")
@@ -300,6 +311,28 @@ def _audit(r: Registry, a: argparse.Namespace) -> None:
     for e in r.audit_log(subject_prefix=a.subject, limit=a.limit):
         details = json.dumps(e.details, sort_keys=True) if e.details else ""
         print(f"{e.at.isoformat()}\t{e.actor}\t{e.action}\t{e.subject}\t{details}")
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (e.g. 2026-12-07T00:00Z)") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _usage(r: Registry, a: argparse.Namespace) -> None:
+    rows = [record.as_dict() for record in r.usage(a.start, a.end, tenant=a.tenant)]
+    if a.format == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    import csv
+
+    columns = ["minute", "tenant", "model", *COUNTS]
+    out = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+    out.writeheader()
+    out.writerows(rows)
 
 
 def _list(r: Registry, a: argparse.Namespace) -> None:

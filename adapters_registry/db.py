@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
@@ -161,6 +162,29 @@ class GenerationRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageRow(Base):
+    """What one writer (one gateway process) served for one tenant and model in one minute.
+
+    The writer replaces its own totals on every flush (never adds to them), so a flush that
+    is retried, or that committed before its caller saw an error, counts nothing twice; a
+    restarted process is another writer. Tenant and model are names, not ids: a bill
+    outlives the tenant's deletion."""
+
+    __tablename__ = "usage_minutes"
+    __table_args__ = (Index("ix_usage_minutes_minute", "minute"),)
+
+    writer: Mapped[str] = mapped_column(String(100), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(300), primary_key=True)  # version ref, or the base
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    requests_2xx: Mapped[int] = mapped_column(BigInteger, default=0)
+    requests_4xx: Mapped[int] = mapped_column(BigInteger, default=0)
+    requests_5xx: Mapped[int] = mapped_column(BigInteger, default=0)
+    aborted: Mapped[int] = mapped_column(BigInteger, default=0)  # the client left mid-answer
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 def as_utc(moment: datetime) -> datetime:

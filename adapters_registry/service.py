@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from adapters_registry import usage as ledger
 from adapters_registry._audit import AuditEntry
 from adapters_registry._audit import read as read_audit
 from adapters_registry.artifacts import Artifacts, GcReport, VerifyReport
@@ -39,6 +40,7 @@ from adapters_registry.records import AdapterInfo, AdapterVersion, ApiKeyInfo, T
 from adapters_registry.store import ArtifactStore
 from adapters_registry.template import AdapterTemplate
 from adapters_registry.tenancy import Tenancy
+from adapters_registry.usage import UsageRecord
 
 
 class Registry:
@@ -183,6 +185,14 @@ class Registry:
 
     def audit_log(self, *, subject_prefix: str | None = None, limit: int = 100) -> list[AuditEntry]:
         return read_audit(self.db, subject_prefix=subject_prefix, limit=limit)
+
+    # -- usage ledger (adapters_registry.usage) -------------------------------------------
+
+    def record_usage(self, writer: str, records: Iterable[UsageRecord]) -> None:
+        ledger.write(self.db, writer, records)
+
+    def usage(self, start: datetime, end: datetime, *, tenant: str | None = None) -> list[UsageRecord]:
+        return ledger.read(self.db, start, end, tenant=tenant)
 
 
 __all__ = ["Registry"]

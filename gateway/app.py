@@ -47,6 +47,7 @@ from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
 from gateway.engine.serving import OpenAIService
 from gateway.errors import BaseMismatchError, GatewayError, error_body
+from gateway.observability.ledger import UsageLedger
 from gateway.observability.logs import Throttled
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.msp import ModelServerProtocol
@@ -223,6 +224,7 @@ def is_inference_path(path: str) -> bool:
 def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vllm_engine_factory,
                on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     metrics = GatewayMetrics()
+    ledger = UsageLedger(settings.replica_name, settings.usage_flush_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -292,6 +294,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         warming = asyncio.create_task(keep_warming(tenants, adapters, again, services.warmup_errors),
                                       name="start-up pins, again")
         watch.start()
+        ledger.start(registry)
         app.state.registry_changes = start_listener(
             registry, tenants, quotas, metrics, enabled=settings.registry_changes_channel,
             ttl=settings.resolve_ttl_seconds, retry_s=settings.registry_changes_retry_seconds)
@@ -307,6 +310,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         try:
             yield
         finally:
+            await ledger.stop()
             warming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await warming
@@ -329,7 +333,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     if settings.metrics_port is not None:
         app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
     app.add_middleware(RequestEdge, metrics=metrics, counted=is_inference_path,
-                       replica=settings.replica_name)
+                       replica=settings.replica_name, ledger=ledger)
+    app.state.ledger = ledger
     return app
 
 

@@ -86,6 +86,10 @@ class _Settings(BaseSettings):
     resolve_ttl_seconds: float = Field(
         default=2.0, ge=0, description="How long a name→version resolution or a key is cached."
     )
+    usage_flush_seconds: float = Field(
+        default=10.0, ge=0.1, le=3600, description="How often this replica writes its usage ledger "
+        "(requests and tokens per tenant, model and minute) to the registry database; a replica "
+        "killed without a shutdown loses at most this much.")
     registry_outage_grace_seconds: float = Field(
         default=600.0, ge=0, description="While the registry database cannot be reached, keys, "
         "names and limits it answered before are used this long past resolve_ttl_seconds (nobody "

@@ -44,6 +44,8 @@ from gateway.api.admin_models import (
     TenantList,
     TenantOut,
     UnpinOut,
+    UsagePage,
+    UsageRow,
     VerifyOut,
     VersionCreated,
     VersionState,
@@ -195,6 +197,15 @@ async def delete_version(tenant: str, name: str, version: int, reg: AdminDep) ->
 async def audit(reg: AdminDep, subject: str | None = None, limit: int = 100) -> AuditPage:
     entries = await _run(reg.audit_log, subject_prefix=subject, limit=min(max(limit, 1), 1000))
     return AuditPage(data=entries)
+
+
+@router.get("/usage", responses=_INPUT)
+async def usage(reg: AdminDep, start: Annotated[datetime, Query(alias="from")],
+                end: Annotated[datetime, Query(alias="to")], tenant: str | None = None) -> UsagePage:
+    """Requests and tokens per tenant, model (the version that served) and minute in
+    [from, to), summed over every replica: the ledger to bill from."""
+    records = await _run(reg.usage, start, end, tenant=tenant)
+    return UsagePage(data=[UsageRow(**r.as_dict()) for r in records])
 
 
 @router.post("/gc", responses=_INPUT)

@@ -125,6 +125,22 @@ class AuditPage(BaseModel):
     data: list[AuditEntry]
 
 
+class UsageRow(BaseModel):
+    tenant: str
+    model: str = Field(description="The adapter version that served (tenant/name@vN), or the base.")
+    minute: datetime = Field(description="The minute's start, UTC.")
+    requests_2xx: int
+    requests_4xx: int
+    requests_5xx: int
+    aborted: int = Field(description="Answers the client left before they ended.")
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class UsagePage(BaseModel):
+    data: list[UsageRow]
+
+
 class VerifyOut(BaseModel):
     checked: int
     problems: list[BlobProblem]

@@ -26,6 +26,7 @@ from fastapi import Depends, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_registry import AdapterVersion, Tenant
+from gateway.observability.ledger import UsageLedger
 from gateway.observability.logs import RequestLog, enter, leave
 from gateway.observability.metrics import GatewayMetrics
 from gateway.protection.admission import Slot
@@ -54,6 +55,8 @@ class RequestScope:
     aborted: bool = False  # the client left (while queued, or mid-answer)
     # An error after the headers went out (a final SSE error event): the status it stands for.
     stream_error_status: str | None = None
+    prompt_tokens: int = 0  # what the engine counted, once it answered
+    completion_tokens: int = 0
     _on_close: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
     @property
@@ -91,9 +94,10 @@ class RequestEdge:
     """Makes each request's scope; on ``counted`` paths also meters and counts the answer."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, counted: Callable[[str], bool],
-                 replica: str | None = None) -> None:
+                 replica: str | None = None, ledger: UsageLedger | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.ledger = ledger
         self.counted = counted
         self._replica = [(REPLICA_HEADER.encode(), replica.encode())] if replica else []
 
@@ -143,3 +147,8 @@ class RequestEdge:
         label = ABORTED if req.aborted else req.stream_error_status or str(status or 500)
         tenant = req.tenant.name if req.tenant is not None else "-"
         self.metrics.requests.labels(tenant, req.label, label).inc()
+        if self.ledger is not None and req.tenant is not None:
+            # The version that served (an alias names several over time), else the base.
+            model = req.version.ref if req.version is not None else req.label
+            self.ledger.record(tenant, model, label, prompt_tokens=req.prompt_tokens,
+                               completion_tokens=req.completion_tokens)

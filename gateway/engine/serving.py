@@ -277,6 +277,7 @@ class OpenAIService:
         if status == "200":
             m.e2e.labels(*labels).observe(e2e)
         prompt, completion = meter.total_prompt_tokens, meter.total_completion_tokens
+        call.scope.prompt_tokens, call.scope.completion_tokens = prompt, completion
         m.prompt_tokens.labels(*labels).inc(prompt)
         m.completion_tokens.labels(*labels).inc(completion)
         # One access record per request: which tier served its adapter, and how fast.

@@ -1,0 +1,104 @@
+"""This process's side of the usage ledger (adapters_registry.usage): every answer counted
+in memory on the request path (a dict update), written to the registry database in one
+transaction every ``flush_s`` seconds, off the request path.
+
+This process is one writer (its replica name and an id of its own): it writes absolute
+totals for its rows, so a flush that fails is simply written again, whole, by the next
+one (nothing counted twice, nothing lost while the process lives), and the final flush
+at shutdown leaves nothing behind. A process killed without one loses at most its last
+``flush_s`` seconds of counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from adapters_registry import RegistryError, UsageCounts, UsageRecord
+from gateway.observability.logs import Throttled
+
+logger = logging.getLogger(__name__)
+_failures = Throttled(logger)
+Key = tuple[str, str, datetime]  # tenant, model, minute
+
+
+class UsageSink(Protocol):
+    def record_usage(self, writer: str, records: list[UsageRecord]) -> None: ...
+
+
+class UsageLedger:
+    """Counts answers per tenant, model and minute; ``start`` writes them out periodically."""
+
+    def __init__(self, replica: str, flush_s: float = 10.0) -> None:
+        self.writer = f"{replica}:{uuid.uuid4().hex[:12]}"
+        self.flush_s = flush_s
+        self._totals: dict[Key, UsageCounts] = {}
+        self._written: dict[Key, UsageCounts] = {}  # what the database holds of ours
+        self._sink: UsageSink | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, tenant: str, model: str, status: str, *, prompt_tokens: int,
+               completion_tokens: int) -> None:
+        """One answer: ``status`` is its HTTP status, or "aborted" (the client left)."""
+        minute = datetime.now(UTC).replace(second=0, microsecond=0)
+        key = (tenant, model, minute)
+        counts = self._totals.get(key, UsageCounts())
+        kind = {"2": "requests_2xx", "4": "requests_4xx", "5": "requests_5xx"}.get(status[:1], "aborted")
+        self._totals[key] = replace(counts, **{kind: getattr(counts, kind) + 1},
+                                    prompt_tokens=counts.prompt_tokens + prompt_tokens,
+                                    completion_tokens=counts.completion_tokens + completion_tokens)
+
+    def start(self, sink: UsageSink) -> None:
+        self._sink = sink
+        self._task = asyncio.create_task(self._run(), name="usage ledger")
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the periodic writes, then write what is left (once, within ``timeout_s``)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._sink is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), timeout_s)
+            if self.pending():
+                logger.error("usage ledger: %d row(s) of usage could not be written at shutdown",
+                             self.pending())
+
+    def pending(self) -> int:
+        return sum(1 for key, counts in self._totals.items() if self._written.get(key) != counts)
+
+    async def flush(self) -> bool:
+        """Write every row that changed since its last write; False if the database refused."""
+        changed = {k: c for k, c in self._totals.items() if self._written.get(k) != c}
+        if changed and self._sink is not None:
+            records = [UsageRecord(t, m, minute, c) for (t, m, minute), c in changed.items()]
+            try:
+                await asyncio.to_thread(self._sink.record_usage, self.writer, records)
+            except RegistryError as exc:  # the database is away: the next flush writes them
+                _failures.log(logging.WARNING, "flush", "usage ledger: %d row(s) not written yet, "
+                              "kept for the next flush: %s", len(records), exc)
+                return False
+            self._written.update(changed)
+        self._forget_old()
+        return True
+
+    def _forget_old(self) -> None:
+        """Rows of past minutes that are written never change again: drop them."""
+        current = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
+        for key in [k for k in self._totals if k[2] < current and self._written.get(k) == self._totals[k]]:
+            del self._totals[key]
+            del self._written[key]
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await self.flush()
+
+
+__all__ = ["UsageLedger"]
