@@ -25,6 +25,8 @@ from gateway.observability.logs import Throttled
 logger = logging.getLogger(__name__)
 _failures = Throttled(logger)
 Key = tuple[str, str, datetime]  # tenant, model, minute
+# Rows kept while the database refuses them: days of minutes for hundreds of tenants' models.
+MAX_PENDING_ROWS = 200_000
 
 
 class UsageSink(Protocol):
@@ -83,10 +85,27 @@ class UsageLedger:
             except RegistryError as exc:  # the database is away: the next flush writes them
                 _failures.log(logging.WARNING, "flush", "usage ledger: %d row(s) not written yet, "
                               "kept for the next flush: %s", len(records), exc)
+                self._bound()
                 return False
             self._written.update(changed)
         self._forget_old()
         return True
+
+    def _bound(self) -> None:
+        """Past ``MAX_PENDING_ROWS`` unwritten rows (a database that refuses for days), drop
+        the oldest minutes, saying how much usage is lost: memory must not grow forever."""
+        excess = len(self._totals) - MAX_PENDING_ROWS
+        if excess <= 0:
+            return
+        oldest = sorted(self._totals, key=lambda k: k[2])[:excess]
+        lost = UsageCounts()
+        for key in oldest:
+            lost = lost + self._totals.pop(key)
+            self._written.pop(key, None)
+        logger.error("usage ledger: the database refused its rows for too long; dropped the %d "
+                     "oldest (%d requests, %d prompt and %d completion tokens) to bound memory",
+                     excess, lost.requests_2xx + lost.requests_4xx + lost.requests_5xx + lost.aborted,
+                     lost.prompt_tokens, lost.completion_tokens)
 
     def _forget_old(self) -> None:
         """Rows of past minutes that are written never change again: drop them."""

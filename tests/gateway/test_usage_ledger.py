@@ -138,6 +138,27 @@ def test_a_retried_flush_counts_nothing_twice_and_a_failed_one_loses_nothing(
     assert row.counts == UsageCounts(requests_2xx=3, aborted=1, prompt_tokens=20, completion_tokens=23)
 
 
+def test_a_database_that_refuses_for_days_costs_bounded_memory(monkeypatch, caplog) -> None:
+    from gateway.observability import ledger as module
+
+    monkeypatch.setattr(module, "MAX_PENDING_ROWS", 3)
+
+    class Refusing:
+        def record_usage(self, writer: str, records: list[UsageRecord]) -> None:
+            raise DatabaseError("database x: it is read-only for this user")
+
+    async def main() -> None:
+        ledger = UsageLedger("r")
+        ledger._sink = Refusing()
+        for model in ("m1", "m2", "m3", "m4", "m5"):
+            ledger.record("acme", model, "200", prompt_tokens=2, completion_tokens=3)
+        assert await ledger.flush() is False
+        assert sorted(k[1] for k in ledger._totals) == ["m3", "m4", "m5"]
+
+    asyncio.run(main())
+    assert "dropped the 2 oldest (2 requests, 4 prompt and 6 completion tokens)" in caplog.text
+
+
 async def test_an_abandoned_stream_is_in_the_ledger_as_aborted() -> None:
     ledger = UsageLedger("r")
 
