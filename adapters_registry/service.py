@@ -24,7 +24,6 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from adapters_registry import usage as ledger
 from adapters_registry._audit import AuditEntry
 from adapters_registry._audit import read as read_audit
 from adapters_registry.artifacts import Artifacts, GcReport, VerifyReport
@@ -40,7 +39,7 @@ from adapters_registry.records import AdapterInfo, AdapterVersion, ApiKeyInfo, T
 from adapters_registry.store import ArtifactStore
 from adapters_registry.template import AdapterTemplate
 from adapters_registry.tenancy import Tenancy
-from adapters_registry.usage import UsageRecord
+from adapters_registry.usage import Ledger, UsageRecord
 
 
 class Registry:
@@ -56,6 +55,7 @@ class Registry:
         self.catalog = Catalog(db, self.tenancy, actor=actor)
         self.artifacts = Artifacts(db, store, limits or Limits(), self.catalog, self.tenancy,
                                    actor=actor)
+        self.ledger = Ledger(db)
         self._actor = actor
 
     @property
@@ -189,10 +189,10 @@ class Registry:
     # -- usage ledger (adapters_registry.usage) -------------------------------------------
 
     def record_usage(self, writer: str, records: Iterable[UsageRecord]) -> None:
-        ledger.write(self.db, writer, records)
+        self.ledger.record_usage(writer, records)
 
     def usage(self, start: datetime, end: datetime, *, tenant: str | None = None) -> list[UsageRecord]:
-        return ledger.read(self.db, start, end, tenant=tenant)
+        return self.ledger.usage(start, end, tenant=tenant)
 
 
 __all__ = ["Registry"]

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from adapters_registry.db import UsageRow, as_utc
 from adapters_registry.errors import ValidationError
 
-__all__ = ["UsageCounts", "UsageRecord", "read", "write"]
+__all__ = ["Ledger", "UsageCounts", "UsageRecord", "read", "write"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,17 @@ def read(engine: Engine, start: datetime, end: datetime, *,
     with Session(engine) as s:
         return [UsageRecord(t, m, as_utc(minute), UsageCounts(*(int(v) for v in rest)))
                 for t, m, minute, *rest in s.execute(q)]
+
+
+class Ledger:
+    """The registry's usage service over one database (the facade's ``record_usage`` and
+    ``usage``)."""
+
+    def __init__(self, db: Engine) -> None:
+        self.db = db
+
+    def record_usage(self, writer: str, records: Iterable[UsageRecord]) -> None:
+        write(self.db, writer, records)
+
+    def usage(self, start: datetime, end: datetime, *, tenant: str | None = None) -> list[UsageRecord]:
+        return read(self.db, start, end, tenant=tenant)

@@ -17,6 +17,7 @@ from adapters_registry import (
     TenantLimits,
 )
 from adapters_registry.db import make_engine
+from adapters_registry.usage import Ledger
 from tests.conftest import copy_adapter
 
 
@@ -59,7 +60,7 @@ def test_the_catalog_and_artifacts_register_resolve_and_fetch(services, tiny_con
 def test_the_facade_is_composition_only() -> None:
     own = {name for name, value in vars(Registry).items()
            if callable(value) and not name.startswith("__")}
-    services = set(vars(Catalog)) | set(vars(Tenancy)) | set(vars(Artifacts))
+    services = set(vars(Catalog)) | set(vars(Tenancy)) | set(vars(Artifacts)) | set(vars(Ledger))
     # every method but closing and the audit trail's read is a service's (``open`` is a
     # classmethod: construction)
     assert own - services == {"close", "audit_log"}
