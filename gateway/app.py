@@ -24,17 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters_registry import (
     LIMITS,
     ArtifactError,
-    BaseContract,
     ConflictError,
     DatabaseError,
-    DatabaseUnreachableError,
     IncompatibleAdapterError,
     NotFoundError,
     Registry,
     RegistryError,
     SourceError,
     ValidationError,
-    derive_contract,
 )
 from gateway.api.admin import is_upload_path
 from gateway.api.admin import router as admin_router
@@ -46,7 +43,7 @@ from gateway.config import GatewaySettings
 from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
 from gateway.engine.serving import OpenAIService
-from gateway.errors import BaseMismatchError, GatewayError, error_body
+from gateway.errors import GatewayError, error_body
 from gateway.observability.ledger import UsageLedger
 from gateway.observability.logs import Throttled
 from gateway.observability.metrics import GatewayMetrics
@@ -57,6 +54,7 @@ from gateway.protection.fair_share import FairShare
 from gateway.protection.quotas import Limits, LocalQuotaStore, Quotas, QuotaStore
 from gateway.residency.disk_cache import DiskCache
 from gateway.residency.manager import AdapterManager
+from gateway.startup import keep_warming, open_registry, warm_up
 from gateway.tenancy.directory import TenantDirectory
 from gateway.tenancy.freshness import GenerationWatch
 from gateway.tenancy.invalidation import start_listener
@@ -85,113 +83,6 @@ def vllm_engine_factory(settings: GatewaySettings) -> Engine:
 def _terminate_process() -> None:
     # The supervisor (Kubernetes, systemd, the CLI) restarts a gateway whose engine died.
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-def verify_base(registry: Registry, settings: GatewaySettings) -> BaseContract:
-    """The served checkpoint must match a registered contract exactly, field by field."""
-    on_disk = derive_contract(settings.base_model_dir, settings.base_model_id)
-    try:
-        registered = registry.get_base(settings.base_model_id, on_disk.revision)
-    except NotFoundError:
-        raise BaseMismatchError(
-            f"{settings.base_model_dir} (revision {on_disk.revision[:12]}) is not a registered "
-            f"revision of base {settings.base_model_id}; register it first"
-        ) from None
-    problems = registered.mismatches(on_disk)
-    if problems:
-        raise BaseMismatchError(f"{settings.base_model_dir} does not match the registered "
-                                f"contract of {settings.base_model_id}: {'; '.join(problems)}")
-    return registered
-
-
-async def open_registry(settings: GatewaySettings) -> tuple[Registry, BaseContract]:
-    """The registry, and the served base checked against it.
-
-    A database that cannot be reached yet (a replica starting while PostgreSQL restarts)
-    is waited for, up to ``startup_wait_seconds``, saying so at each try; anything else
-    it answers (no such base, schema behind, authentication) is final at once."""
-    deadline = time.monotonic() + settings.startup_wait_seconds
-    pause = 0.25
-    while True:
-        registry: Registry | None = None
-        try:
-            registry = await asyncio.to_thread(
-                lambda: Registry.open(settings.database_url, settings.artifacts_dir, actor="gateway",
-                                      s3_endpoint_url=settings.s3_endpoint_url,
-                                      s3_region=settings.s3_region,
-                                      migrate=settings.migrate_on_start))
-            return registry, await asyncio.to_thread(verify_base, registry, settings)
-        except DatabaseUnreachableError as exc:
-            if registry is not None:
-                registry.close()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            pause = min(pause * 2, 2.0, left)
-            logger.warning("waiting for the registry database (%.0fs more at most, "
-                           "startup_wait_seconds): %s", left, exc)
-            await asyncio.sleep(pause)
-        except BaseException:
-            if registry is not None:
-                registry.close()
-            raise
-
-
-async def warm_up(tenants: TenantDirectory, adapters: AdapterManager,
-                  settings: GatewaySettings) -> tuple[dict[str, str], list[tuple[str, bool]]]:
-    """Pin, then prefetch, the configured adapters; a failure is logged and reported, not fatal.
-
-    A typo in one ref must not keep every tenant's traffic from being served; the admin
-    API's /cache shows what failed (and the log says why). Returns the failures, and the
-    jobs worth trying again (their store or database was away: ``keep_warming``).
-    """
-    errors: dict[str, str] = {}
-    again: list[tuple[str, bool]] = []
-    jobs = [(ref, True) for ref in dict.fromkeys(settings.pinned_adapters)]
-    jobs += [(ref, False) for ref in dict.fromkeys(settings.prefetch_adapters)]
-    for ref, pin in jobs:
-        problem, retry = await _warm(tenants, adapters, ref, pin)
-        if problem is not None:
-            errors[ref] = problem
-            logger.error("could not %s %s at start-up%s: %s", "pin" if pin else "prefetch", ref,
-                         " (trying again in the background)" if retry else "", problem)
-            if retry:
-                again.append((ref, pin))
-    return errors, again
-
-
-async def _warm(tenants: TenantDirectory, adapters: AdapterManager, ref: str,
-                pin: bool) -> tuple[str | None, bool]:
-    """(why it failed, or None; whether trying again may succeed)."""
-    try:
-        version = await tenants.resolve_ref(ref)
-        await (adapters.pin(version) if pin else adapters.prefetch(version, "engine"))
-    except GatewayError as exc:
-        return exc.message, exc.status >= 500
-    except (DatabaseError, ArtifactError) as exc:
-        return str(exc), True
-    return None, False
-
-
-async def keep_warming(tenants: TenantDirectory, adapters: AdapterManager,
-                       jobs: list[tuple[str, bool]], errors: dict[str, str]) -> None:
-    """Tries the start-up pins and prefetches that failed while a service was away again,
-    backing off to every 30s, until each is done or fails for good; ``errors`` follows."""
-    delay = 1.0
-    while jobs:
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 30.0)
-        left = []
-        for ref, pin in jobs:
-            problem, retry = await _warm(tenants, adapters, ref, pin)
-            if problem is None:
-                errors.pop(ref, None)
-                logger.info("%s %s (it failed at start-up)", "pinned" if pin else "prefetched", ref)
-            else:
-                errors[ref] = problem
-                if retry:
-                    left.append((ref, pin))
-        jobs = left
 
 
 def quota_store(settings: GatewaySettings) -> QuotaStore:

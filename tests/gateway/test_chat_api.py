@@ -174,7 +174,8 @@ def test_unknown_route_uses_the_envelope(gw: Gateway) -> None:
 def test_gateway_refuses_a_base_that_does_not_match(registry_env, tmp_path) -> None:
     from fastapi.testclient import TestClient
 
-    from gateway.app import BaseMismatchError, create_app
+    from gateway.app import create_app
+    from gateway.errors import BaseMismatchError
     from tests.gateway.conftest import make_settings
     from tests.gateway.fakes import FakeEngine
 

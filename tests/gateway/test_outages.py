@@ -334,7 +334,7 @@ def test_tenants_are_told_the_registry_is_away_not_where_it_is(gateway_factory, 
 
 
 def test_a_start_waits_for_an_unreachable_database_only_as_long_as_configured(world: World) -> None:
-    from gateway.app import open_registry
+    from gateway.startup import open_registry
 
     world.pg.down()
     started = time.monotonic()
