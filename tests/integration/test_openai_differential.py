@@ -369,7 +369,10 @@ def response_answer(r: httpx.Response) -> dict[str, Any]:
         fields = dict(line.split(": ", 1) for line in block.splitlines())
         event = json.loads(fields["data"])
         assert fields["event"] == event["type"] != "error", event
-        kinds.append(event["type"])
+        # How many tokens one delta carries depends on when the engine's outputs are read
+        # (a busy machine coalesces them, on either server): runs of deltas count as one.
+        if not (event["type"].endswith(".delta") and kinds and kinds[-1] == event["type"]):
+            kinds.append(event["type"])
         text += event.get("delta", "") if event["type"] == "response.output_text.delta" else ""
         if event["type"] == "response.completed":
             final = _stable(event["response"])
