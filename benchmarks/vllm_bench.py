@@ -16,7 +16,8 @@ vLLM's server starts once with all the adapters as static ``--lora-modules`` (a 
 with fewer passes the benchmark only the first names); the gateway starts once per
 variant (``plain``: `lora-gateway serve`'s defaults; ``quotas``: generous per-tenant
 limits kept in Redis; ``no-fair``: first come, first served admission; ``no-priority``:
-vLLM's first-come engine queue; ``overcommit``: twice ``max_num_seqs`` admitted) and is called
+vLLM's first-come engine queue; ``overcommit``: twice ``max_num_seqs`` admitted; ``traced``:
+OpenTelemetry traces exported to an OTLP/HTTP receiver) and is called
 with the tenant's API key as a header, each adapter by its name. Both are warmed with
 one request per adapter first. Each round runs every cell on both servers back to back,
 the server going first alternating between rounds, so a noisy shared machine slows both
@@ -50,6 +51,7 @@ from unittest import mock
 
 import httpx
 
+from benchmarks.otlp_receiver import OtlpReceiver
 from benchmarks.serving import ENGINE, REPO, build_adapters, start_gateway, start_s3, start_vllm
 from loadtest.servers import ServerProcess, vllm_env
 
@@ -96,6 +98,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # Twice max_num_seqs let into the engine: its scheduler picks among more requests, the
     # way vLLM's own server holds every request the clients send.
     "overcommit": ("--admission-max-in-flight", str(2 * ENGINE["max_num_seqs"])),
+    # Tracing on (OTEL_EXPORTER_OTLP_ENDPOINT, the gateway's spans and vLLM's own), exported
+    # to a real OTLP/HTTP receiver in this process: its cost against ``plain``.
+    "traced": (),
 }
 
 
@@ -255,9 +260,13 @@ def warm_up(url: str, names: Sequence[str], api_key: str | None, *, expect_quota
                 raise RuntimeError("the quotas variant answered without rate-limit headers: not metered")
 
 
-def start_variant(work: Path, base: Any, s3_url: str, variant: str, redis_url: str) -> ServerProcess:
+def start_variant(work: Path, base: Any, s3_url: str, variant: str, redis_url: str,
+                  traces: OtlpReceiver | None = None) -> ServerProcess:
     env = {"LGW_REDIS_URL": redis_url} if variant == "quotas" else {}
-    if env:
+    if variant == "traced":
+        assert traces is not None, "the traced variant exports to a receiver"
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": traces.endpoint}
+    elif env:
         import redis
 
         redis.Redis.from_url(redis_url, socket_timeout=5).ping()  # fail here, not as 503s
@@ -292,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"rounds x 2 servers", flush=True)
     s3 = start_s3(work)
     servers = [s3]
+    traces = OtlpReceiver() if "traced" in args.variants else None
     runs: list[dict[str, Any]] = []
     startup: dict[str, float] = {}
     try:
@@ -301,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup["vllm"] = round(vllm.startup_seconds, 1)
         warm_up(vllm.url, names, None)
         for v_index, variant in enumerate(args.variants):
-            gateway = start_variant(work, base, s3.url, variant, args.redis_url)
+            gateway = start_variant(work, base, s3.url, variant, args.redis_url, traces)
             servers.append(gateway)
             startup[f"gateway-{variant}"] = round(gateway.startup_seconds, 1)
             try:
@@ -339,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for process in reversed(servers):
             process.stop()
+        if traces is not None:
+            traces.close()
     summary = summarize(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(summary, cells, args.num_prompts_factor)
@@ -359,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                  "platform": platform.platform()}},
         "startup_s": startup, "wall_s": round(time.perf_counter() - started, 1),
+        "spans_received": None if traces is None else len(traces.spans()),
         "summary": summary, "runs": runs}, indent=2) + "\n")
     print(table, flush=True)
     print(f"server logs and vLLM's own per-run results (every request) are in {work}", flush=True)

@@ -48,6 +48,7 @@ from gateway.observability.ledger import UsageLedger
 from gateway.observability.logs import Throttled
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.msp import ModelServerProtocol
+from gateway.observability.tracing import SERVICE_NAME, Tracing, engine_traces_endpoint
 from gateway.protection.admission import FairAdmission
 from gateway.protection.admission_limit import LatencyTarget
 from gateway.protection.fair_share import FairShare
@@ -70,6 +71,12 @@ def vllm_engine_factory(settings: GatewaySettings) -> Engine:
     if settings.cpu_kvcache_space_gib is not None:
         # vLLM reads this from the environment only; an operator's explicit value wins.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
+    traces = engine_traces_endpoint(os.environ)
+    if traces is not None:
+        # vLLM's exporter reads only the traces-specific protocol variable (default grpc),
+        # and names its service from the environment alone (else "unknown_service").
+        os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", traces[1])
+        os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
 
     return VllmEngine.start(VllmOptions(
         model_dir=settings.base_model_dir, dtype=settings.dtype,
@@ -77,6 +84,7 @@ def vllm_engine_factory(settings: GatewaySettings) -> Engine:
         max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras,
         max_lora_rank=settings.max_lora_rank, gpu_memory_utilization=settings.gpu_memory_utilization,
         scheduling_policy=settings.scheduling_policy,
+        otlp_traces_endpoint=traces[0] if traces is not None else None,
     ))
 
 
@@ -113,8 +121,11 @@ def is_inference_path(path: str) -> bool:
 
 
 def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vllm_engine_factory,
-               on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
+               on_engine_dead: Callable[[], None] | None = None,
+               tracing: Tracing | None = None) -> FastAPI:
+    """The app; ``tracing`` defaults to what the ``OTEL_*`` variables ask (off when unset)."""
     metrics = GatewayMetrics()
+    tracing = Tracing.from_env() if tracing is None else tracing
     ledger = UsageLedger(settings.replica_name, settings.usage_flush_seconds)
 
     @asynccontextmanager
@@ -212,6 +223,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
             await quotas.store.close()
             engine.shutdown()
             registry.close()
+            tracing.shutdown()
             gc.unfreeze()  # what this app left behind can be collected again
 
     app = FastAPI(title="lora-gateway", version="0.1.0", lifespan=lifespan)
@@ -224,7 +236,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
     if settings.metrics_port is not None:
         app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
     app.add_middleware(RequestEdge, metrics=metrics, counted=is_inference_path,
-                       replica=settings.replica_name, ledger=ledger)
+                       replica=settings.replica_name, ledger=ledger, tracing=tracing)
     app.state.ledger = ledger
     return app
 

@@ -38,13 +38,20 @@ def serve_settings(settings: GatewaySettings, log_level: str, *, command: str,
     import uvicorn  # the server's imports only where it runs
 
     from gateway.app import create_app
+    from gateway.observability.tracing import TracingConfigError
 
     try:
         sockets = listen(settings)
     except OSError as exc:
         print(f"{command}: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except TracingConfigError as exc:
+        for sock in sockets:
+            sock.close()
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
     # The lifespan runs here rather than inside uvicorn, so a gateway that cannot start
     # (base not registered, schema not migrated, database unreachable) says why in one
     # line and exits 2 instead of printing uvicorn's traceback.

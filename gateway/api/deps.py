@@ -63,7 +63,8 @@ async def authenticate(request: Request, scope: ScopeDep, services: ServicesDep)
     if scheme.lower() != "bearer" or not key.strip():
         raise AuthenticationFailedError(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-    tenant = await services.tenants.authenticate(key.strip())
+    with scope.trace.stage("auth"):
+        tenant = await services.tenants.authenticate(key.strip())
     scope.identify(tenant)
     return tenant
 

@@ -71,9 +71,10 @@ class Guard:
         model = self._scope.model
         adapter = None if model is None or model.ref is None else f"{self._tenant.name}/{model.text}"
         try:
-            slot = await self._services.admission.acquire(
-                self._tenant.name, self.meter.limits.weight, self._request.is_disconnected,
-                adapter)
+            with self._scope.trace.stage("admission"):
+                slot = await self._services.admission.acquire(
+                    self._tenant.name, self.meter.limits.weight, self._request.is_disconnected,
+                    adapter)
         except ClientGoneError:
             raise self._client_gone("while waiting") from None
         self._scope.slot = slot
@@ -106,10 +107,11 @@ async def guard(request: Request, scope: ScopeDep, tenant: TenantDep,
     if services.draining:
         raise OverloadedError("this gateway is shutting down and takes no new requests; "
                               "retry (another replica will answer)", retry_after=1)
-    meter = await UsageMeter.open(services.quotas, tenant)
-    scope.usage = meter  # before admit: a 429 carries the x-ratelimit headers too
-    scope.on_close(meter.close)
-    await meter.admit()
+    with scope.trace.stage("quota"):
+        meter = await UsageMeter.open(services.quotas, tenant)
+        scope.usage = meter  # before admit: a 429 carries the x-ratelimit headers too
+        scope.on_close(meter.close)
+        await meter.admit()
     return Guard(services, tenant, request, scope, meter)
 
 

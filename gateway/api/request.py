@@ -9,7 +9,9 @@ with it once the answer is complete:
 - adds the quota meter's ``x-ratelimit-*`` headers to an inference answer;
 - runs the request's releases (its quota lease, its engine slot) however it ended;
 - counts an inference answer in ``lgw_requests_total`` by status: every status, and
-  ``aborted`` when the client left before the answer was complete.
+  ``aborted`` when the client left before the answer was complete;
+- opens an inference request's trace (``gateway.observability.tracing``; ``NO_TRACE`` while
+  tracing is off) and ends it with the answer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from adapters_registry import AdapterVersion, Tenant
 from gateway.observability.ledger import UsageLedger
 from gateway.observability.logs import RequestLog, enter, leave
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.tracing import NO_TRACE, RequestTrace, Tracing
 from gateway.protection.admission import Slot
 from gateway.protection.usage import UsageMeter
 from gateway.tenancy.directory import RequestedModel
@@ -57,6 +60,7 @@ class RequestScope:
     stream_error_status: str | None = None
     prompt_tokens: int = 0  # what the engine counted, once it answered
     completion_tokens: int = 0
+    trace: RequestTrace = NO_TRACE  # its spans (an inference request, while tracing is on)
     _on_close: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
     @property
@@ -94,10 +98,12 @@ class RequestEdge:
     """Makes each request's scope; on ``counted`` paths also meters and counts the answer."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, counted: Callable[[str], bool],
-                 replica: str | None = None, ledger: UsageLedger | None = None) -> None:
+                 replica: str | None = None, ledger: UsageLedger | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.ledger = ledger
+        self.tracing = tracing or Tracing()
         self.counted = counted
         self._replica = [(REPLICA_HEADER.encode(), replica.encode())] if replica else []
 
@@ -109,6 +115,9 @@ class RequestEdge:
         rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
         req = scope[_KEY] = RequestScope(RequestLog(rid))
         counted = self.counted(scope["path"])
+        if counted and self.tracing.enabled:
+            req.trace = self.tracing.begin(scope["method"], scope["path"], scope.get("headers", []))
+            req.log.bind(trace_id=req.trace.trace_id)
         status: int | None = None
         complete = False
 
@@ -147,6 +156,14 @@ class RequestEdge:
         label = ABORTED if req.aborted else req.stream_error_status or str(status or 500)
         tenant = req.tenant.name if req.tenant is not None else "-"
         self.metrics.requests.labels(tenant, req.label, label).inc()
+        if req.trace.enabled:
+            req.trace.set(**{"lgw.tenant": tenant, "lgw.model": req.label,
+                             "lgw.adapter.version": req.version.ref if req.version else None,
+                             "lgw.adapter.tier": req.log.fields.get("adapter_tier"),
+                             "lgw.request_id": req.request_id,
+                             "gen_ai.usage.input_tokens": req.prompt_tokens,
+                             "gen_ai.usage.output_tokens": req.completion_tokens})
+            req.trace.finish(status, label)
         if self.ledger is not None and req.tenant is not None:
             # The version that served (an alias names several over time), else the base.
             model = req.version.ref if req.version is not None else req.label

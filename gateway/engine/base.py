@@ -140,6 +140,8 @@ class Route:
     lora: LoraSpec | None  # already accepted by ``add_lora``; None for the base
     meter: Meter
     request_id: str
+    # The request's trace context for the engine's own spans (W3C headers); None: untraced.
+    trace_headers: dict[str, str] | None = None
 
 
 # A finished body (JSON-ready) or the SSE lines of a stream, ending with ``data: [DONE]``.

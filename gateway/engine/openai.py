@@ -192,7 +192,10 @@ class _MeteredClient:
                  **kwargs: Any) -> AsyncGenerator[RequestOutput, None]:
         # A plain function: the route is read now, inside the request's context, not
         # whenever the stream happens to be iterated.
-        meter = _route.get().meter
+        route = _route.get()
+        meter = route.meter
+        if route.trace_headers is not None:
+            kwargs["trace_headers"] = route.trace_headers  # vLLM's span: a child of the gateway's
         kind = getattr(sampling_params, "output_kind", None)
         final_only = kind == RequestOutputKind.FINAL_ONLY
         if final_only:

@@ -135,9 +135,17 @@ class OpenAIService:
         tenant, model = scope.tenant, scope.model
         assert tenant is not None and model is not None, "the route parsed the request first"
         if model.ref is not None:
-            scope.version = version = await self._tenants.resolve(tenant, model)
-            scope.label = f"{version.tenant}/{version.adapter}"
+            await self._resolve(scope)
         return Route(model.text, None, Meter(), uuid.uuid4().hex)
+
+    async def _resolve(self, scope: RequestScope) -> AdapterVersion:
+        """The version the caller's adapter name stands for now (an alias moves)."""
+        tenant, model = scope.tenant, scope.model
+        assert tenant is not None and model is not None, "the route parsed the request first"
+        with scope.trace.stage("resolve"):
+            scope.version = version = await self._tenants.resolve(tenant, model)
+        scope.label = f"{version.tenant}/{version.adapter}"
+        return version
 
     def cut_streams(self) -> None:
         """End every stream at its next event with an error event and ``[DONE]``: the
@@ -158,10 +166,7 @@ class OpenAIService:
             raise EngineUnavailableError("the inference engine is not running")
         tenant, model = scope.tenant, scope.model
         assert tenant is not None and model is not None, "the guard parsed the request first"
-        version: AdapterVersion | None = None
-        if model.ref is not None:
-            scope.version = version = await self._tenants.resolve(tenant, model)
-            scope.label = f"{version.tenant}/{version.adapter}"
+        version = None if model.ref is None else await self._resolve(scope)
         request_id = uuid.uuid4().hex
         if responses:
             request_id = f"resp_{request_id}"  # the Responses API's id is the request id itself
@@ -172,7 +177,9 @@ class OpenAIService:
         req.cache_salt = f"tenant-{tenant.id}"
         stack = AsyncExitStack()
         try:
-            lora, tier = await self._acquire(version, stack)
+            with scope.trace.stage("adapter.acquire") as span:
+                lora, tier = await self._acquire(version, stack)
+                span.set_attribute("lgw.adapter.tier", tier)
         except BaseException:
             await stack.aclose()
             raise
@@ -180,7 +187,8 @@ class OpenAIService:
         meter = _meter(scope)
         if scope.slot is not None and scope.slot.priority is not None:
             req.priority = scope.slot.priority  # its tenant's fair share (gateway.protection.fair_share)
-        call = _Call(scope, Route(model.text, lora, meter, request_id), time.perf_counter(), tier,
+        route = Route(model.text, lora, meter, request_id, scope.trace.engine_headers())
+        call = _Call(scope, route, time.perf_counter(), tier,
                      _response_error_events if responses else _chat_error_events)
         self._metrics.in_flight.inc()
         first: str | None = None
@@ -280,6 +288,8 @@ class OpenAIService:
         call.scope.prompt_tokens, call.scope.completion_tokens = prompt, completion
         m.prompt_tokens.labels(*labels).inc(prompt)
         m.completion_tokens.labels(*labels).inc(completion)
+        call.scope.trace.engine_done(meter.first_token_at, **{
+            "gen_ai.usage.input_tokens": prompt, "gen_ai.usage.output_tokens": completion})
         # One access record per request: which tier served its adapter, and how fast.
         logger.info("served model=%s status=%s adapter_tier=%s prompt_tokens=%d "
                     "completion_tokens=%d latency_ms=%.1f", call.scope.label, status, call.tier,

@@ -44,6 +44,7 @@ class VllmOptions:
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    otlp_traces_endpoint: str | None = None  # vLLM's own request spans (gateway.observability.tracing)
 
 
 class _SchedulerStatsSink(StatLoggerBase):
@@ -97,6 +98,7 @@ class VllmEngine:
             gpu_memory_utilization=opts.gpu_memory_utilization,
             enforce_eager=opts.enforce_eager,
             scheduling_policy=opts.scheduling_policy,
+            otlp_traces_endpoint=opts.otlp_traces_endpoint,
             # No log lines; scheduler stats still flow to the sink below.
             disable_log_stats=True,
         )

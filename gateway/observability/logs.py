@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s tenant=%(tenant)s] %(message)s"
-REQUEST_FIELDS = ("adapter_version", "adapter_tier", "status", "prompt_tokens", "completion_tokens")
+REQUEST_FIELDS = ("adapter_version", "adapter_tier", "status", "prompt_tokens", "completion_tokens",
+                  "trace_id")
 LogFormat = Literal["text", "json"]
 
 

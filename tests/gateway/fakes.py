@@ -105,12 +105,14 @@ class FakeServing:
         self.engine = engine
         self.options = options
         self.requests: list[Any] = []  # every request as the layer received it
+        self.routes: list[Route] = []  # and the route the gateway resolved for it
         self.stored: dict[str, dict[str, Any]] = {}  # stored responses, as vLLM's dict
         self.die_mid_stream = False
         # Awaited after a stream's first content event is handed on, before the next is made.
         self.after_first_content: Callable[[], Awaitable[None]] | None = None
 
     async def chat(self, request: Any, route: Route) -> ServingResult:
+        self.routes.append(route)
         prompt = sum(len(str(m.get("content", "")).split()) + 4 for m in request.messages)
         limit = request.max_completion_tokens or request.max_tokens
         await self._charge_prompts(route, [prompt])

@@ -1,6 +1,8 @@
 """The whole path with real parts: trainer → registry → gateway → vLLM (CPU) → openai client.
 
-One gateway process serves every test in this module (vLLM start-up dominates).
+One gateway process serves every test in this module (vLLM start-up dominates). It runs
+with tracing on, as the ``OTEL_*`` variables turn it on, exporting to a real OTLP/HTTP
+receiver (benchmarks.otlp_receiver).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import openai
 import pytest
 
 from adapters_registry import AdapterTemplate, Registry
+from benchmarks.otlp_receiver import OtlpReceiver, render
 from tests.conftest import ANSWERS, PROMPTS, REPO, train_tiny_adapter
 from tests.integration.conftest import (
     GatewayProcess,
@@ -24,11 +27,13 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 TIMINGS = REPO / ".cache" / "reports" / "e2e-tiny-timings.json"
+TRACE_REPORT = REPO / ".cache" / "reports" / "trace-one-streamed-request.txt"
 E2E_ADMIN_KEY = "lgw-admin-" + "e" * 32
 
 
 class Env:
     gateway: GatewayProcess
+    receiver: OtlpReceiver
     registry: Registry
     keys: dict[str, str]
     timings: dict[str, float]
@@ -56,13 +61,17 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
 
     e = Env()
     e.registry, e.keys, e.timings = registry, keys, {}
+    e.receiver = OtlpReceiver()
     e.gateway = start_gateway(
         tiny_serve_args(root, db_url, tiny_base.path, tiny_contract, "--max-loras", "2",
                         "--max-cpu-loras", "4"),
-        root / "gateway.log", env={"LGW_ADMIN_API_KEY": E2E_ADMIN_KEY})
+        root / "gateway.log", env={"LGW_ADMIN_API_KEY": E2E_ADMIN_KEY,
+                                   "OTEL_EXPORTER_OTLP_ENDPOINT": e.receiver.endpoint,
+                                   "OTEL_BSP_SCHEDULE_DELAY": "100"})
     e.timings["gateway_startup_s"] = round(e.gateway.startup_seconds, 2)
     yield e
     rc = e.gateway.stop()
+    e.receiver.close()
     registry.close()
     TIMINGS.parent.mkdir(parents=True, exist_ok=True)
     TIMINGS.write_text(json.dumps(e.timings, indent=2))
@@ -156,3 +165,36 @@ def test_metrics_count_requests_per_tenant(env: Env) -> None:
     assert 'lgw_requests_total{adapter="acme/support-bot",status="200",tenant="acme"}' in text
     assert 'lgw_adapter_requests_total{tier="remote_fetch"}' in text
     assert "vllm:lora_requests_info{" in text
+
+
+def test_a_streamed_request_is_traced_through_the_gateway_into_vllm(env: Env) -> None:
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    client = openai.OpenAI(base_url=env.gateway.url + "/v1", api_key=env.keys["acme"],
+                           max_retries=0, timeout=120,
+                           default_headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"})
+    stream = client.chat.completions.create(
+        model="support-bot", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8,
+        stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    def complete(spans: list) -> bool:
+        names = {s.name for s in spans if s.trace_id == caller_trace}
+        return {"POST /v1/chat/completions", "engine.stream", "llm_request"} <= names
+
+    spans = [s for s in env.receiver.wait_for(complete) if s.trace_id == caller_trace]
+    by_name = {s.name: s for s in spans}
+    root = by_name["POST /v1/chat/completions"]
+    assert root.parent_id == caller_span and root.service == "lora-gateway"
+    assert root.attributes["http.response.status_code"] == 200
+    assert {"auth", "quota", "admission", "resolve", "adapter.acquire",
+            "engine.time_to_first_token", "engine.stream"} <= set(by_name)
+    # vLLM's own span, exported by vLLM's tracer, is the gateway's engine span's child.
+    vllm_span = by_name["llm_request"]
+    assert vllm_span.parent_id == by_name["engine.time_to_first_token"].span_id
+    assert vllm_span.service == "lora-gateway"  # one process: the gateway's, vLLM's frontend in it
+    assert vllm_span.attributes["gen_ai.usage.completion_tokens"] == \
+        by_name["engine.stream"].attributes["gen_ai.usage.output_tokens"]
+    assert not any(PROMPTS[0] in str(s.attributes) or env.keys["acme"] in str(s.attributes)
+                   for s in spans)
+    TRACE_REPORT.parent.mkdir(parents=True, exist_ok=True)
+    TRACE_REPORT.write_text(render(spans, caller_trace))
