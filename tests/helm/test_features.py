@@ -49,7 +49,8 @@ def test_optional_feature_renders_only_when_enabled(feature: str) -> None:
 
 def test_minimal_install_renders_the_core_only() -> None:
     assert kinds(render(MINIMAL)) == [
-        "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
+        "ConfigMap/lgw-lora-gateway-dashboard-adapters", "ConfigMap/lgw-lora-gateway-dashboard-fleet",
+        "ConfigMap/lgw-lora-gateway-dashboard-tenants", "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway"]
 
 
@@ -220,7 +221,8 @@ def test_inference_pool_selects_the_gateway_pods_and_configures_lora_affinity() 
     assert pool["spec"]["targetPorts"] == [{"number": 8000}]
     assert pool["spec"]["endpointPickerRef"] == {"name": "lgw-epp", "port": {"number": 9002},
                                                  "failureMode": "FailClose"}
-    config = yaml.safe_load(the(objects, "ConfigMap")["data"]["lora-gateway-epp.yaml"])
+    (epp,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-epp")]
+    config = yaml.safe_load(epp["data"]["lora-gateway-epp.yaml"])
     assert config["kind"] == "EndpointPickerConfig"
     types = {p["type"] for p in config["plugins"]}
     assert {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer"} <= types

@@ -26,13 +26,16 @@ from tests.helm.chart import (
 )
 
 # What each profile deploys: a change here is a change operators will see.
+DASHBOARDS = ["ConfigMap/lgw-lora-gateway-dashboard-adapters", "ConfigMap/lgw-lora-gateway-dashboard-fleet",
+              "ConfigMap/lgw-lora-gateway-dashboard-tenants"]
 EXPECTED = {
     "values-cpu-dev.yaml": [
-        "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
+        *DASHBOARDS, "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
     ],
     "values-gpu.yaml": [
-        "ConfigMap/lgw-lora-gateway-epp", "Deployment/lgw-lora-gateway", "InferencePool/lgw-lora-gateway",
+        *DASHBOARDS, "ConfigMap/lgw-lora-gateway-epp", "Deployment/lgw-lora-gateway",
+        "InferencePool/lgw-lora-gateway",
         "Job/lgw-lora-gateway-migrate", "NetworkPolicy/lgw-lora-gateway", "Pod/lgw-lora-gateway-test",
         "PodDisruptionBudget/lgw-lora-gateway", "ScaledObject/lgw-lora-gateway",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
