@@ -50,7 +50,8 @@ def test_optional_feature_renders_only_when_enabled(feature: str) -> None:
 def test_minimal_install_renders_the_core_only() -> None:
     assert kinds(render(MINIMAL)) == [
         "ConfigMap/lgw-lora-gateway-dashboard-adapters", "ConfigMap/lgw-lora-gateway-dashboard-fleet",
-        "ConfigMap/lgw-lora-gateway-dashboard-tenants", "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
+        "ConfigMap/lgw-lora-gateway-dashboard-tenants", "Deployment/lgw-lora-gateway",
+        "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway"]
 
 

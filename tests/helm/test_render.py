@@ -30,7 +30,8 @@ DASHBOARDS = ["ConfigMap/lgw-lora-gateway-dashboard-adapters", "ConfigMap/lgw-lo
               "ConfigMap/lgw-lora-gateway-dashboard-tenants"]
 EXPECTED = {
     "values-cpu-dev.yaml": [
-        *DASHBOARDS, "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
+        *DASHBOARDS, "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate",
+        "Pod/lgw-lora-gateway-test",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
     ],
     "values-gpu.yaml": [
