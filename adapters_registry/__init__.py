@@ -9,7 +9,7 @@ API key hashing, change notices).
 
 from adapters_registry._audit import AuditEntry
 from adapters_registry.artifacts import REPAIR_COMMAND, Artifacts, BlobProblem, GcReport, VerifyReport
-from adapters_registry.catalog import Catalog
+from adapters_registry.catalog import Catalog, split_from_labels
 from adapters_registry.changes import ADAPTER_KINDS, CHANNEL_SQL, Change, listen_params
 from adapters_registry.compat import CONFIG_FILE, WEIGHTS_FILE, Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
@@ -54,7 +54,14 @@ from adapters_registry.names import (
 from adapters_registry.options import add_registry_options
 from adapters_registry.peft_config import template_from_adapter_config
 from adapters_registry.prompts import prompt_ids, render_chat, stop_token_ids
-from adapters_registry.records import AdapterInfo, AdapterVersion, ApiKeyInfo, Tenant
+from adapters_registry.records import (
+    AdapterInfo,
+    AdapterVersion,
+    ApiKeyInfo,
+    Resolution,
+    SplitEntry,
+    Tenant,
+)
 from adapters_registry.s3 import S3Config, S3Store
 from adapters_registry.service import Registry
 from adapters_registry.store import ArtifactStore, FilesystemStore
@@ -100,9 +107,11 @@ __all__ = [
     "NotFoundError",
     "Registry",
     "RegistryError",
+    "Resolution",
     "S3Config",
     "S3Store",
     "SourceError",
+    "SplitEntry",
     "TamperedRecordError",
     "TemplateError",
     "Tenancy",
@@ -131,6 +140,7 @@ __all__ = [
     "sha256_file",
     "sha256_json",
     "sha256_tree",
+    "split_from_labels",
     "stop_token_ids",
     "template_from_adapter_config",
     "validate_name",

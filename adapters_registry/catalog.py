@@ -4,9 +4,10 @@ and what a tenant's ``model`` resolves to."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -18,6 +19,7 @@ from adapters_registry.db import (
     AdapterRow,
     AdapterVersionRow,
     AliasRow,
+    AliasSplitRow,
     BaseModelRow,
     TemplateRow,
     as_utc,
@@ -25,7 +27,7 @@ from adapters_registry.db import (
 from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
 from adapters_registry.hashing import sha256_tree
 from adapters_registry.names import ModelRef, shown, validate_name
-from adapters_registry.records import AdapterInfo, AdapterVersion, Tenant
+from adapters_registry.records import AdapterInfo, AdapterVersion, Resolution, SplitEntry, Tenant
 from adapters_registry.template import AdapterTemplate
 from adapters_registry.tenancy import Tenancy
 
@@ -166,20 +168,64 @@ class Catalog:
         return version
 
     def set_alias(self, tenant_name: str, name: str, alias: str, version: int) -> None:
-        """Point ``alias`` at an active version, atomically (rollback = point it back)."""
+        """Point ``alias`` at an active version, atomically (rollback = point it back); a
+        split the alias had ends: every caller gets ``version``."""
         validate_name("alias", alias)
         tenant = self._tenancy.get_tenant(tenant_name)
         with Session(self.db) as s, s.begin():
-            adapter, row = self._version_row(s, tenant, name, version)
-            if row.state != "active":
-                raise ConflictError(f"{tenant.name}/{name}@v{version} is {row.state}; "
-                                    "aliases may only point at active versions")
+            adapter, row = self._active_row(s, tenant, name, version)
             old = s.get(AliasRow, (adapter.id, alias))
             previous = s.get_one(AdapterVersionRow, old.version_id).version if old else None
             s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
+            ended = _split_labels(s, adapter.id, alias)
+            s.execute(delete(AliasSplitRow).filter_by(adapter_id=adapter.id, alias=alias))
             record(s, self.actor, "alias.set", f"{tenant.name}/{name}:{alias}",
-                   previous=previous, version=version)
+                   previous=previous, version=version, **({"split_ended": ended} if ended else {}))
             publish(s, Change("alias", tenant.id, tenant.name, name))
+
+    def set_split(self, tenant_name: str, name: str, alias: str,
+                  weights: Mapping[int | None, int]) -> None:
+        """Send ``alias``'s callers to several active versions (key None: the bare base), each
+        caller to one, by integer weight (shares are weight / total). The alias's current
+        version stays its stable version if it is in the split, else the heaviest version
+        becomes it. One version alone is a plain alias move. Every problem is listed."""
+        validate_name("alias", alias)
+        problems = split_problems(weights)
+        if problems:
+            raise ValidationError(f"invalid split for {tenant_name}/{name}:{alias}: "
+                                  + "; ".join(problems))
+        versions = sorted(v for v in weights if v is not None)
+        if len(weights) == 1:
+            self.set_alias(tenant_name, name, alias, versions[0])
+            return
+        tenant = self._tenancy.get_tenant(tenant_name)
+        with Session(self.db) as s, s.begin():
+            adapter = self._adapter_row(s, tenant, name)
+            rows = {v: self._active_row(s, tenant, name, v)[1] for v in versions}
+            old = s.get(AliasRow, (adapter.id, alias))
+            ids = {row.id for row in rows.values()}
+            if old is None or old.version_id not in ids:
+                heaviest = max(versions, key=lambda v: (weights[v], -v))
+                s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=rows[heaviest].id))
+            s.execute(delete(AliasSplitRow).filter_by(adapter_id=adapter.id, alias=alias))
+            entries = sorted(weights.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+            for slot, (v, weight) in enumerate(entries):
+                s.add(AliasSplitRow(adapter_id=adapter.id, alias=alias, slot=slot,
+                                    version_id=None if v is None else rows[v].id, weight=weight))
+            s.flush()
+            record(s, self.actor, "alias.split", f"{tenant.name}/{name}:{alias}",
+                   weights=_split_labels(s, adapter.id, alias),
+                   stable=s.get_one(AdapterVersionRow, s.get_one(AliasRow, (adapter.id, alias))
+                                    .version_id).version)
+            publish(s, Change("alias", tenant.id, tenant.name, name))
+
+    def _active_row(self, s: Session, tenant: Tenant, name: str,
+                    version: int) -> tuple[AdapterRow, AdapterVersionRow]:
+        adapter, row = self._version_row(s, tenant, name, version)
+        if row.state != "active":
+            raise ConflictError(f"{tenant.name}/{name}@v{version} is {row.state}; "
+                                "aliases may only point at active versions")
+        return adapter, row
 
     def deprecate_version(self, tenant_name: str, name: str, version: int) -> None:
         """Still servable by ``@vN``, but no alias may point at it any more."""
@@ -194,8 +240,9 @@ class Catalog:
         tenant = self._tenancy.get_tenant(tenant_name)
         with Session(self.db) as s, s.begin():
             adapter, row = self._version_row(s, tenant, name, version)
-            pointing = sorted(a.name for a in s.scalars(select(AliasRow).filter_by(
-                adapter_id=adapter.id, version_id=row.id)))
+            pointing = sorted({a.name for a in s.scalars(select(AliasRow).filter_by(
+                adapter_id=adapter.id, version_id=row.id))} | {a.alias for a in s.scalars(
+                    select(AliasSplitRow).filter_by(adapter_id=adapter.id, version_id=row.id))})
             if pointing:
                 raise ConflictError(f"{tenant.name}/{name}@v{version} is the target of alias(es) "
                                     f"{pointing}; move them first")
@@ -212,20 +259,34 @@ class Catalog:
         return adapter, row
 
     def resolve(self, tenant: Tenant, model: str | ModelRef) -> AdapterVersion:
-        """The version a tenant's ``model`` names; NotFoundError for anything else."""
+        """The version a tenant's ``model`` names (an alias's stable version); NotFoundError
+        for anything else."""
+        return self.resolve_split(tenant, model).version
+
+    def resolve_split(self, tenant: Tenant, model: str | ModelRef) -> Resolution:
+        """What a tenant's ``model`` names: its version and, for an alias with a weighted
+        split, the split (which version each caller gets is the gateway's choice)."""
         ref = model if isinstance(model, ModelRef) else ModelRef.parse(model)
         with Session(self.db) as s:
             adapter = self._adapter_row(s, tenant, ref.name, shown_as=str(model))
+            split_rows: list[AliasSplitRow] = []
+            name: str | None = None
             if ref.version is not None:
                 row = s.scalar(select(AdapterVersionRow).filter_by(
                     adapter_id=adapter.id, version=ref.version))
             else:
-                alias = s.get(AliasRow, (adapter.id, ref.alias or adapter.default_alias))
+                name = ref.alias or adapter.default_alias
+                alias = s.get(AliasRow, (adapter.id, name))
                 row = s.get(AdapterVersionRow, alias.version_id) if alias else None
+                split_rows = list(s.scalars(select(AliasSplitRow).filter_by(
+                    adapter_id=adapter.id, alias=name).order_by(AliasSplitRow.slot)))
             if row is None or row.state == "deleted":
                 raise NotFoundError(f"model {str(model)!r} does not exist")
             template = AdapterTemplate.from_dict(s.get_one(TemplateRow, adapter.template_id).fields)
-            return _to_version(row, tenant.name, adapter.name, template)
+            split = tuple(SplitEntry(None if r.version_id is None else _to_version(
+                s.get_one(AdapterVersionRow, r.version_id), tenant.name, adapter.name, template),
+                r.weight) for r in split_rows)
+            return Resolution(_to_version(row, tenant.name, adapter.name, template), split, name)
 
     def generation(self) -> int:
         """The number of changes published so far (``changes.generation``): equal readings
@@ -241,8 +302,10 @@ class Catalog:
                                           .where(AdapterVersionRow.state != "deleted")).tuples().all())
                 aliases = {al.name: versions[al.version_id]
                            for al in s.scalars(select(AliasRow).filter_by(adapter_id=a.id))}
+                splits = {al: _split_labels(s, a.id, al) for al in aliases}
                 out.append(AdapterInfo(tenant.name, a.name, a.template_id, a.default_alias,
-                                       aliases, sorted(versions.values()), as_utc(a.created_at)))
+                                       aliases, sorted(versions.values()), as_utc(a.created_at),
+                                       {al: split for al, split in splits.items() if split}))
             return out
 
     def _adapter_row(self, s: Session, tenant: Tenant, name: str, shown_as: str | None = None) -> AdapterRow:
@@ -250,6 +313,56 @@ class Catalog:
         if row is None:
             raise NotFoundError(f"model {shown(shown_as or name)} does not exist")
         return row
+
+
+MAX_SPLIT_ENTRIES = 8
+MAX_SPLIT_WEIGHT = 1_000_000
+
+
+def split_from_labels(labels: Mapping[str, object]) -> dict[int | None, int]:
+    """{"v1": 90, "v2": 10, "base": 5} (as the CLI and the admin API take a split) as
+    ``set_split`` takes it; ValidationError naming every entry that is neither."""
+    out: dict[int | None, Any] = {}
+    bad = []
+    for label, weight in labels.items():
+        if label == "base":
+            out[None] = weight
+        elif label[:1] == "v" and label[1:].isdigit() and int(label[1:]) >= 1:
+            out[int(label[1:])] = weight
+        else:
+            bad.append(repr(label))
+    if bad:
+        raise ValidationError(f"split entries are vN (a version) or base (the bare base), "
+                              f"not {', '.join(bad)}")
+    return out
+
+
+def split_problems(weights: Mapping[int | None, int]) -> list[str]:
+    """Every reason ``weights`` (version, None for the base -> weight) is no split."""
+    problems = []
+    if not any(v is not None for v in weights):
+        problems.append("name at least one version (a split of the base alone serves no adapter)")
+    if len(weights) > MAX_SPLIT_ENTRIES:
+        problems.append(f"{len(weights)} entries; at most {MAX_SPLIT_ENTRIES}")
+    for v, weight in weights.items():
+        label = "base" if v is None else f"v{v}"
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            problems.append(f"{label}: weight {weight!r} is not an integer")
+        elif not 1 <= weight <= MAX_SPLIT_WEIGHT:
+            problems.append(f"{label}: weight {weight} is outside 1..{MAX_SPLIT_WEIGHT} "
+                            "(leave an entry out to send it nothing)")
+    return problems
+
+
+def _split_labels(s: Session, adapter_id: int, alias: str) -> dict[str, int]:
+    """An alias's split as {"v1": 90, "v2": 10, "base": 5}; empty without one."""
+    out = {}
+    for row in s.scalars(select(AliasSplitRow).filter_by(adapter_id=adapter_id, alias=alias)
+                         .order_by(AliasSplitRow.slot)):
+        label = "base" if row.version_id is None else \
+            f"v{s.get_one(AdapterVersionRow, row.version_id).version}"
+        out[label] = row.weight
+    return out
 
 
 def _to_version(row: AdapterVersionRow, tenant: str, name: str,
@@ -263,4 +376,4 @@ def _to_version(row: AdapterVersionRow, tenant: str, name: str,
     )
 
 
-__all__ = ["Catalog"]
+__all__ = ["Catalog", "split_from_labels"]

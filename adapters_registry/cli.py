@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapters_registry.artifacts import REPAIR_COMMAND, VerifyReport
+from adapters_registry.catalog import split_from_labels
 from adapters_registry.contract import derive_contract
 from adapters_registry.db import current_revision, make_engine
 from adapters_registry.errors import (
@@ -29,6 +30,7 @@ from adapters_registry.errors import (
     IncompatibleAdapterError,
     RegistryError,
     SourceError,
+    ValidationError,
 )
 from adapters_registry.limits import LIMITS
 from adapters_registry.names import AdapterRef, parse_adapter_ref
@@ -139,6 +141,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("version", type=int)
     p.set_defaults(run=lambda r, a: r.set_alias(*_ref_parts(a), a.alias, a.version))
 
+    p = cmds.add_parser("split", parents=[common],
+                        help="send an alias's callers to several versions (and the base) by "
+                        "weight, each caller sticky to one (set-alias ends it)")
+    p.add_argument("ref", metavar="TENANT/NAME")
+    p.add_argument("alias")
+    p.add_argument("weights", nargs="+", metavar="vN=WEIGHT",
+                   help="e.g. v1=95 v2=5; base=W sends a share to the bare base")
+    p.set_defaults(run=_split)
+
     for verb in ("deprecate", "delete"):
         p = cmds.add_parser(verb, parents=[common],
                             help=f"{verb} a version (refused while an alias points at it)")
@@ -191,6 +202,16 @@ def run(args: argparse.Namespace) -> int:
 
 def exit_code(exc: RegistryError) -> int:
     return next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
+
+
+def _split(r: Registry, a: argparse.Namespace) -> None:
+    labels: dict[str, object] = {}
+    for item in a.weights:
+        label, sep, weight = item.partition("=")
+        if not sep:
+            raise ValidationError(f"{item!r}: write each entry as vN=WEIGHT or base=WEIGHT")
+        labels[label] = int(weight) if weight.strip().lstrip("-").isdigit() else weight
+    r.set_split(*_ref_parts(a), a.alias, split_from_labels(labels))
 
 
 def _ref_parts(a: argparse.Namespace) -> tuple[str, str]:

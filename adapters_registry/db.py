@@ -137,6 +137,21 @@ class AliasRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class AliasSplitRow(Base):
+    """An alias's weighted split (progressive delivery, A/B): each caller of the alias is
+    sent to one entry, by weight (``catalog.Catalog.set_split``). ``version_id`` None: the
+    bare base. No rows: the alias names its one version (``AliasRow``), which stays the
+    split's stable version, where a plain alias move (the rollback) returns everyone."""
+
+    __tablename__ = "alias_splits"
+
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"), nullable=True)
+    weight: Mapped[int] = mapped_column(Integer)
+
+
 class AuditRow(Base):
     """Who changed what, when: written in the same transaction as the change."""
 

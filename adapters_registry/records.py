@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 
@@ -49,6 +49,30 @@ class AdapterInfo:
     name: str
     template_id: str
     default_alias: str
-    aliases: dict[str, int]  # alias -> version number
+    aliases: dict[str, int]  # alias -> version number (a split's stable version)
     versions: list[int]
     created_at: datetime
+    # alias -> its weighted split, {"v1": 90, "v2": 10, "base": 5}; absent: no split
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SplitEntry:
+    """One way an alias's split sends callers: a version (None: the bare base), by weight."""
+
+    version: AdapterVersion | None
+    weight: int
+
+    @property
+    def label(self) -> str:
+        return "base" if self.version is None else f"v{self.version.version}"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a ``model`` names: its version, and the alias's weighted split if it has one
+    (``version`` is then the split's stable version, where a rollback returns everyone)."""
+
+    version: AdapterVersion
+    split: tuple[SplitEntry, ...] = ()
+    alias: str | None = None  # the alias resolved (None: a pinned version)

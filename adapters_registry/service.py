@@ -18,7 +18,7 @@ worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from adapters_registry.errors import ConflictError
 from adapters_registry.limits import TenantLimits
 from adapters_registry.locations import open_store
 from adapters_registry.names import ModelRef
-from adapters_registry.records import AdapterInfo, AdapterVersion, ApiKeyInfo, Tenant
+from adapters_registry.records import AdapterInfo, AdapterVersion, ApiKeyInfo, Resolution, Tenant
 from adapters_registry.store import ArtifactStore
 from adapters_registry.template import AdapterTemplate
 from adapters_registry.tenancy import Tenancy
@@ -120,8 +120,15 @@ class Registry:
     def delete_version(self, tenant_name: str, name: str, version: int) -> None:
         self.catalog.delete_version(tenant_name, name, version)
 
+    def set_split(self, tenant_name: str, name: str, alias: str,
+                  weights: Mapping[int | None, int]) -> None:
+        self.catalog.set_split(tenant_name, name, alias, weights)
+
     def resolve(self, tenant: Tenant, model: str | ModelRef) -> AdapterVersion:
         return self.catalog.resolve(tenant, model)
+
+    def resolve_split(self, tenant: Tenant, model: str | ModelRef) -> Resolution:
+        return self.catalog.resolve_split(tenant, model)
 
     def generation(self) -> int:
         return self.catalog.generation()

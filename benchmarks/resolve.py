@@ -32,11 +32,11 @@ from sqlalchemy.orm import Session
 from adapters_registry import (
     AdapterInfo,
     AdapterTemplate,
-    AdapterVersion,
     BaseContract,
     FilesystemStore,
     ModelRef,
     Registry,
+    Resolution,
     Tenant,
 )
 from adapters_registry.db import AdapterRow, AdapterVersionRow, AliasRow, make_engine
@@ -100,9 +100,9 @@ class _Counting:
         self._registry = registry
         self.reads = 0
 
-    def resolve(self, tenant: Tenant, model: ModelRef) -> AdapterVersion:
+    def resolve_split(self, tenant: Tenant, model: ModelRef) -> Resolution:
         self.reads += 1
-        return self._registry.resolve(tenant, model)
+        return self._registry.resolve_split(tenant, model)
 
     def authenticate_until(self, api_key: str) -> tuple[Tenant, datetime | None]:
         self.reads += 1

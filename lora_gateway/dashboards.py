@@ -84,6 +84,11 @@ TENANTS = Board(
         Chart("Requests by tenant and adapter", "reqps",
               (Query(_rate("lgw_requests_total", "tenant, adapter", ADAPTER_SEL), TA),),
               "Every answer of the inference API, whatever its status."),
+        Chart("Requests by adapter version", "reqps",
+              (Query(_rate("lgw_adapter_version_requests_total", "tenant, adapter, version",
+                           ADAPTER_SEL), "{{tenant}}/{{adapter}} {{version}}"),),
+              "The version that served each request: an alias's weighted split (canary, A/B) "
+              "shows one series per version ('base': the split's share of the bare base)."),
         Chart("Errors by status", "reqps",
               (Query(_rate("lgw_requests_total", "tenant, status", NOT_2XX),
                      "{{tenant}} {{status}}"),),

@@ -19,7 +19,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from adapters_registry import REPAIR_COMMAND, GcReport, Registry, SourceError, TenantLimits
+from adapters_registry import (
+    REPAIR_COMMAND,
+    GcReport,
+    Registry,
+    SourceError,
+    TenantLimits,
+    split_from_labels,
+)
 from gateway.api.admin_models import (
     AdapterList,
     AdapterRefIn,
@@ -130,8 +137,15 @@ async def list_adapters(tenant: str, reg: AdminDep) -> AdapterList:
 
 @router.put("/tenants/{tenant}/adapters/{name}/aliases/{alias}", responses=_CHANGE)
 async def set_alias(tenant: str, name: str, alias: str, body: AliasIn, reg: AdminDep) -> AliasSet:
-    await _run(reg.set_alias, tenant, name, alias, body.version)
-    return AliasSet(alias=f"{tenant}/{name}:{alias}", version=body.version)
+    if body.weights is not None:
+        await _run(reg.set_split, tenant, name, alias, split_from_labels(body.weights))
+    else:
+        assert body.version is not None, "validated: one of the two"
+        await _run(reg.set_alias, tenant, name, alias, body.version)
+    t = await _run(reg.get_tenant, tenant)
+    (info,) = [a for a in await _run(reg.list_adapters, t) if a.name == name]
+    return AliasSet(alias=f"{tenant}/{name}:{alias}", version=info.aliases[alias],
+                    weights=info.splits.get(alias))
 
 
 _UPLOAD_PATH = re.compile(r"/admin/v1/tenants/[^/]+/adapters/[^/]+/versions")

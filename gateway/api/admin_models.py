@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from adapters_registry import LIMITS, AdapterInfo, ApiKeyInfo, AuditEntry, BlobProblem, GcReport
 from gateway.errors import ErrorDetail
@@ -53,7 +53,17 @@ else:
 
 
 class AliasIn(_Body):
-    version: int = Field(ge=1)
+    """Either ``version`` (the alias names it; a split ends) or ``weights``, a weighted split:
+    ``{"v1": 95, "v2": 5}``, ``"base"`` for the bare base, each caller sticky to one."""
+
+    version: int | None = Field(default=None, ge=1)
+    weights: dict[str, int] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> AliasIn:
+        if (self.version is None) == (self.weights is None):
+            raise ValueError("give either version or weights")
+        return self
 
 
 class PrefetchIn(_Body):
@@ -106,7 +116,8 @@ class AdapterList(BaseModel):
 
 class AliasSet(BaseModel):
     alias: str
-    version: int
+    version: int  # the alias's (stable) version
+    weights: dict[str, int] | None = None  # its split, if it has one
 
 
 class VersionCreated(BaseModel):

@@ -6,6 +6,8 @@ from there it is passed as an argument (guard, service, engine seam). What the e
 with it once the answer is complete:
 
 - echoes ``x-request-id`` (the caller's if sane, else a new one) and the replica's name;
+- names the adapter version that served (``x-lora-gateway-adapter-version``: ``acme/bot@v3``,
+  or ``base`` where an alias's split sent the caller to the bare base);
 - adds the quota meter's ``x-ratelimit-*`` headers to an inference answer;
 - runs the request's releases (its quota lease, its engine slot) however it ended;
 - counts an inference answer in ``lgw_requests_total`` by status: every status, and
@@ -35,11 +37,13 @@ from gateway.observability.tracing import NO_TRACE, RequestTrace, Tracing
 from gateway.protection.admission import Slot
 from gateway.protection.usage import UsageMeter
 from gateway.tenancy.directory import RequestedModel
+from gateway.tenancy.splits import MAX_CALLER_CHARS, SESSION_HEADER
 
 logger = logging.getLogger(__name__)
 ABORTED = "aborted"
 REQUEST_ID_HEADER = "x-request-id"
 REPLICA_HEADER = "x-lora-gateway-replica"
+VERSION_HEADER = "x-lora-gateway-adapter-version"
 _KEY = "lgw.request"  # where the edge leaves the scope in the ASGI scope
 
 
@@ -52,6 +56,8 @@ class RequestScope:
     tenant: Tenant | None = None
     model: RequestedModel | None = None  # the body's ``model``, parsed once
     version: AdapterVersion | None = None  # what it resolved to (None: the bare base)
+    variant: str | None = None  # an adapter request's version label, "v3" (or "base": a split's)
+    session: str | None = None  # the x-lora-gateway-session header: a split's sticky key
     label: str = "-"  # the ``adapter`` metric label: tenant/adapter, or the base's name
     usage: UsageMeter | None = None  # the tenant's quota lease and token meter
     slot: Slot | None = None  # its engine slot: fair-share charges, the engine priority
@@ -111,9 +117,13 @@ class RequestEdge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers", ())).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        headers = dict(scope.get("headers", ()))
+        given = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
         req = scope[_KEY] = RequestScope(RequestLog(rid))
+        session = headers.get(SESSION_HEADER.encode(), b"").decode("latin-1")
+        if 0 < len(session) <= MAX_CALLER_CHARS and session.isprintable():
+            req.session = session
         counted = self.counted(scope["path"])
         if counted and self.tracing.enabled:
             req.trace = self.tracing.begin(scope["method"], scope["path"], scope.get("headers", []))
@@ -130,6 +140,9 @@ class RequestEdge:
                 headers.extend(self._replica)
                 if counted and req.usage is not None:
                     headers.extend((k.encode(), v.encode()) for k, v in req.usage.headers.items())
+                if req.variant is not None:
+                    served = req.version.ref if req.version is not None else req.variant
+                    headers.append((VERSION_HEADER.encode(), served.encode()))
                 req.log.bind(status=str(status))
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
@@ -156,6 +169,8 @@ class RequestEdge:
         label = ABORTED if req.aborted else req.stream_error_status or str(status or 500)
         tenant = req.tenant.name if req.tenant is not None else "-"
         self.metrics.requests.labels(tenant, req.label, label).inc()
+        if req.variant is not None:
+            self.metrics.version_requests.labels(tenant, req.label, req.variant, label).inc()
         if req.trace.enabled:
             req.trace.set(**{"lgw.tenant": tenant, "lgw.model": req.label,
                              "lgw.adapter.version": req.version.ref if req.version else None,

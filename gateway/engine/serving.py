@@ -135,17 +135,22 @@ class OpenAIService:
         tenant, model = scope.tenant, scope.model
         assert tenant is not None and model is not None, "the route parsed the request first"
         if model.ref is not None:
-            await self._resolve(scope)
+            with scope.trace.stage("resolve"):
+                scope.version = version = await self._tenants.resolve(tenant, model)
+            scope.label = f"{version.tenant}/{version.adapter}"
         return Route(model.text, None, Meter(), uuid.uuid4().hex)
 
-    async def _resolve(self, scope: RequestScope) -> AdapterVersion:
-        """The version the caller's adapter name stands for now (an alias moves)."""
+    async def _pick(self, scope: RequestScope, caller: str | None) -> AdapterVersion | None:
+        """The version that serves this request: the one the caller's adapter name stands for
+        now (an alias moves), or, for an alias with a weighted split, the caller's share of
+        it (None: the split sent it to the bare base)."""
         tenant, model = scope.tenant, scope.model
-        assert tenant is not None and model is not None, "the route parsed the request first"
-        with scope.trace.stage("resolve"):
-            scope.version = version = await self._tenants.resolve(tenant, model)
-        scope.label = f"{version.tenant}/{version.adapter}"
-        return version
+        assert tenant is not None and model is not None and model.ref is not None, "parsed first"
+        with scope.trace.stage("resolve") as span:
+            scope.version, scope.variant = await self._tenants.pick(tenant, model, caller)
+            span.set_attribute("lgw.adapter.variant", scope.variant)
+        scope.label = f"{tenant.name}/{model.ref.name}"
+        return scope.version
 
     def cut_streams(self) -> None:
         """End every stream at its next event with an error event and ``[DONE]``: the
@@ -166,7 +171,8 @@ class OpenAIService:
             raise EngineUnavailableError("the inference engine is not running")
         tenant, model = scope.tenant, scope.model
         assert tenant is not None and model is not None, "the guard parsed the request first"
-        version = None if model.ref is None else await self._resolve(scope)
+        caller = getattr(req, "user", None) or scope.session  # a split's sticky key
+        version = None if model.ref is None else await self._pick(scope, caller)
         request_id = uuid.uuid4().hex
         if responses:
             request_id = f"resp_{request_id}"  # the Responses API's id is the request id itself
@@ -183,7 +189,7 @@ class OpenAIService:
         except BaseException:
             await stack.aclose()
             raise
-        scope.log.bind(adapter_version=version.ref if version else None, adapter_tier=tier)
+        scope.log.bind(adapter_version=version.ref if version else scope.variant, adapter_tier=tier)
         meter = _meter(scope)
         if scope.slot is not None and scope.slot.priority is not None:
             req.priority = scope.slot.priority  # its tenant's fair share (gateway.protection.fair_share)

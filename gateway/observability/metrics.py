@@ -14,6 +14,11 @@ class GatewayMetrics:
         # Every answer of the inference API by HTTP status, or "aborted" (client went away).
         self.requests = Counter("lgw_requests", "Inference API answers by status.",
                                 ["tenant", "adapter", "status"], registry=r)
+        # The same answers of adapter requests by the version that served ("v3"; "base" where
+        # an alias's weighted split sent the caller to the bare base).
+        self.version_requests = Counter("lgw_adapter_version_requests",
+                                        "Adapter requests by the version that served and status.",
+                                        ["tenant", "adapter", "version", "status"], registry=r)
         self.prompt_tokens = Counter("lgw_prompt_tokens", "Prompt tokens.",
                                      ["tenant", "adapter"], registry=r)
         self.completion_tokens = Counter("lgw_completion_tokens", "Completion tokens.",

@@ -23,6 +23,7 @@ from adapters_registry import (
     Change,
     ModelRef,
     NotFoundError,
+    Resolution,
     Tenant,
     ValidationError,
     key_hash,
@@ -30,6 +31,7 @@ from adapters_registry import (
 )
 from gateway.errors import AuthenticationFailedError, InvalidRequestError, ModelNotFoundError
 from gateway.tenancy.freshness import GenerationWatch, TtlCache
+from gateway.tenancy.splits import choose
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class RegistryReads(Protocol):
 
     def get_tenant(self, name: str) -> Tenant: ...
 
-    def resolve(self, tenant: Tenant, model: ModelRef) -> AdapterVersion: ...
+    def resolve_split(self, tenant: Tenant, model: ModelRef) -> Resolution: ...
 
     def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]: ...
 
@@ -116,7 +118,7 @@ class TenantDirectory:
         # Both serve their last answers while the database is away (gateway.tenancy.freshness).
         self._keys: TtlCache[str, tuple[Tenant, datetime | None]] = TtlCache(
             ttl, watch=watch, outage_grace=outage_grace)
-        self._models: TtlCache[tuple[int, ModelRef], AdapterVersion] = TtlCache(
+        self._models: TtlCache[tuple[int, ModelRef], Resolution] = TtlCache(
             ttl, watch=watch, outage_grace=outage_grace)
         self._affinity = _AffinityKeys()
 
@@ -146,26 +148,44 @@ class TenantDirectory:
         return RequestedModel(model, _own_model(tenant, model))
 
     async def resolve(self, tenant: Tenant, model: RequestedModel) -> AdapterVersion:
-        """The version an adapter's ``model`` (parsed by ``parse``) names, built for the served
-        base; ModelNotFoundError otherwise."""
+        """The version an adapter's ``model`` (parsed by ``parse``) names (an alias's stable
+        version), built for the served base; ModelNotFoundError otherwise."""
+        return (await self._resolution(tenant, model)).version
+
+    async def pick(self, tenant: Tenant, model: RequestedModel,
+                   caller: str | None) -> tuple[AdapterVersion | None, str]:
+        """The version that serves this request, and its label (``v3``; ``base`` when an
+        alias's split sends the caller to the bare base): the alias's split chooses by
+        ``caller`` (``gateway.tenancy.splits``), else the one version ``model`` names."""
+        resolution = await self._resolution(tenant, model)
+        if not resolution.split:
+            return resolution.version, f"v{resolution.version.version}"
+        # Keyed by the alias, however the caller spelled it (``bot``, ``acme/bot:prod``).
+        key = f"{tenant.id}/{resolution.version.adapter}:{resolution.alias}"
+        entry = choose(resolution.split, key, caller)
+        return entry.version, entry.label
+
+    async def _resolution(self, tenant: Tenant, model: RequestedModel) -> Resolution:
         ref = model.ref
         if ref is None:
             raise ModelNotFoundError(model.text)
 
-        async def load() -> AdapterVersion:
+        async def load() -> Resolution:
             try:
-                version = await asyncio.to_thread(self._registry.resolve, tenant, ref)
+                resolution = await asyncio.to_thread(self._registry.resolve_split, tenant, ref)
             except NotFoundError:
                 raise ModelNotFoundError(model.text) from None
+            version = resolution.version
             if (version.base_model_id, version.base_revision) != self._served_base:
                 # Built for another base (or revision): its shapes were never checked
                 # against this one, and vLLM may serve garbage silently. Not ours to serve.
+                # (A split's versions share their adapter's template, hence its base.)
                 raise ModelNotFoundError(model.text)
-            return version
+            return resolution
 
-        version = await self._models.get_or_load((tenant.id, ref), load)
-        self._affinity.note(f"{tenant.name}/{ref}", version.ref)
-        return version
+        resolution = await self._models.get_or_load((tenant.id, ref), load)
+        self._affinity.note(f"{tenant.name}/{ref}", resolution.version.ref)
+        return resolution
 
     def affinity_keys(self, ref: str) -> list[str]:
         """Every routing key of version ``ref``: itself, and the qualified names that last
@@ -198,7 +218,7 @@ class TenantDirectory:
         if change.kind in ADAPTER_KINDS:
             # By value: every name that reached this adapter (alias, @vN, or the bare name).
             return self._models.invalidate_where(
-                lambda _, version: (version.tenant, version.adapter) == (change.tenant, change.adapter))
+                lambda _, r: (r.version.tenant, r.version.adapter) == (change.tenant, change.adapter))
         return 0
 
     async def list_adapters(self, tenant: Tenant) -> list[AdapterInfo]:
