@@ -180,7 +180,9 @@ class RequestEdge:
                              "gen_ai.usage.output_tokens": req.completion_tokens})
             req.trace.finish(status, label)
         if self.ledger is not None and req.tenant is not None:
-            # The version that served (an alias names several over time), else the base.
-            model = req.version.ref if req.version is not None else req.label
+            # The version that served (an alias names several over time), else the base:
+            # its own name, or ``acme/bot@base`` where acme/bot's split sent the caller to it.
+            model = (req.version.ref if req.version is not None else
+                     f"{req.label}@base" if req.variant == "base" else req.label)
             self.ledger.record(tenant, model, label, prompt_tokens=req.prompt_tokens,
                                completion_tokens=req.completion_tokens)

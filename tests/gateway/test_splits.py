@@ -78,6 +78,8 @@ def test_the_bare_base_as_an_entry(split_env, gateway_factory) -> None:
     assert r.headers["x-lora-gateway-adapter-tier"] == "base"
     assert r.json()["model"] == "support-bot", "the caller's name is echoed, not the base's"
     assert gw.engine.serving.routes[-1].lora is None
+    ledger = gw.client.app.state.ledger  # type: ignore[attr-defined]
+    assert any(key[1] == "acme/support-bot@base" for key in ledger._totals), ledger._totals
 
 
 def test_the_admin_api_sets_a_split_and_refuses_a_bad_one(split_env, gateway_factory) -> None:
