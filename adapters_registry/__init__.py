@@ -62,6 +62,8 @@ from adapters_registry.records import (
     SplitEntry,
     Tenant,
 )
+from adapters_registry.rollouts import DEFAULT_STEPS as DEFAULT_ROLLOUT_STEPS
+from adapters_registry.rollouts import Rollout, RolloutRules
 from adapters_registry.s3 import S3Config, S3Store
 from adapters_registry.service import Registry
 from adapters_registry.store import ArtifactStore, FilesystemStore
@@ -73,6 +75,7 @@ __all__ = [
     "ADAPTER_KINDS",
     "CHANNEL_SQL",
     "CONFIG_FILE",
+    "DEFAULT_ROLLOUT_STEPS",
     "LIMITS",
     "REPAIR_COMMAND",
     "WEIGHTS_FILE",
@@ -108,6 +111,8 @@ __all__ = [
     "Registry",
     "RegistryError",
     "Resolution",
+    "Rollout",
+    "RolloutRules",
     "S3Config",
     "S3Store",
     "SourceError",

@@ -173,15 +173,7 @@ class Catalog:
         validate_name("alias", alias)
         tenant = self._tenancy.get_tenant(tenant_name)
         with Session(self.db) as s, s.begin():
-            adapter, row = self._active_row(s, tenant, name, version)
-            old = s.get(AliasRow, (adapter.id, alias))
-            previous = s.get_one(AdapterVersionRow, old.version_id).version if old else None
-            s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
-            ended = _split_labels(s, adapter.id, alias)
-            s.execute(delete(AliasSplitRow).filter_by(adapter_id=adapter.id, alias=alias))
-            record(s, self.actor, "alias.set", f"{tenant.name}/{name}:{alias}",
-                   previous=previous, version=version, **({"split_ended": ended} if ended else {}))
-            publish(s, Change("alias", tenant.id, tenant.name, name))
+            self.move_alias(s, tenant, name, alias, version)
 
     def set_split(self, tenant_name: str, name: str, alias: str,
                   weights: Mapping[int | None, int]) -> None:
@@ -190,34 +182,59 @@ class Catalog:
         version stays its stable version if it is in the split, else the heaviest version
         becomes it. One version alone is a plain alias move. Every problem is listed."""
         validate_name("alias", alias)
+        tenant = self._tenancy.get_tenant(tenant_name)
+        with Session(self.db) as s, s.begin():
+            self.split_alias(s, tenant, name, alias, weights)
+
+    def move_alias(self, s: Session, tenant: Tenant, name: str, alias: str, version: int,
+                   **audit: Any) -> None:
+        """``set_alias`` inside the caller's transaction (``audit``: more details to record)."""
+        adapter, row = self._active_row(s, tenant, name, version)
+        old = s.get(AliasRow, (adapter.id, alias))
+        previous = s.get_one(AdapterVersionRow, old.version_id).version if old else None
+        s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=row.id))
+        ended = split_labels(s, adapter.id, alias)
+        s.execute(delete(AliasSplitRow).filter_by(adapter_id=adapter.id, alias=alias))
+        record(s, self.actor, "alias.set", f"{tenant.name}/{name}:{alias}",
+               previous=previous, version=version, **({"split_ended": ended} if ended else {}),
+               **audit)
+        publish(s, Change("alias", tenant.id, tenant.name, name))
+
+    def split_alias(self, s: Session, tenant: Tenant, name: str, alias: str,
+                    weights: Mapping[int | None, int], **audit: Any) -> None:
+        """``set_split`` inside the caller's transaction (``audit``: more details to record)."""
         problems = split_problems(weights)
         if problems:
-            raise ValidationError(f"invalid split for {tenant_name}/{name}:{alias}: "
+            raise ValidationError(f"invalid split for {tenant.name}/{name}:{alias}: "
                                   + "; ".join(problems))
         versions = sorted(v for v in weights if v is not None)
         if len(weights) == 1:
-            self.set_alias(tenant_name, name, alias, versions[0])
+            self.move_alias(s, tenant, name, alias, versions[0], **audit)
             return
-        tenant = self._tenancy.get_tenant(tenant_name)
-        with Session(self.db) as s, s.begin():
-            adapter = self._adapter_row(s, tenant, name)
-            rows = {v: self._active_row(s, tenant, name, v)[1] for v in versions}
-            old = s.get(AliasRow, (adapter.id, alias))
-            ids = {row.id for row in rows.values()}
-            if old is None or old.version_id not in ids:
-                heaviest = max(versions, key=lambda v: (weights[v], -v))
-                s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=rows[heaviest].id))
-            s.execute(delete(AliasSplitRow).filter_by(adapter_id=adapter.id, alias=alias))
-            entries = sorted(weights.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
-            for slot, (v, weight) in enumerate(entries):
-                s.add(AliasSplitRow(adapter_id=adapter.id, alias=alias, slot=slot,
-                                    version_id=None if v is None else rows[v].id, weight=weight))
-            s.flush()
-            record(s, self.actor, "alias.split", f"{tenant.name}/{name}:{alias}",
-                   weights=_split_labels(s, adapter.id, alias),
-                   stable=s.get_one(AdapterVersionRow, s.get_one(AliasRow, (adapter.id, alias))
-                                    .version_id).version)
-            publish(s, Change("alias", tenant.id, tenant.name, name))
+        adapter = self._adapter_row(s, tenant, name)
+        rows = {v: self._active_row(s, tenant, name, v)[1] for v in versions}
+        old = s.get(AliasRow, (adapter.id, alias))
+        ids = {row.id for row in rows.values()}
+        if old is None or old.version_id not in ids:
+            heaviest = max(versions, key=lambda v: (weights[v], -v))
+            s.merge(AliasRow(adapter_id=adapter.id, name=alias, version_id=rows[heaviest].id))
+        s.execute(delete(AliasSplitRow).filter_by(adapter_id=adapter.id, alias=alias))
+        entries = sorted(weights.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        for slot, (v, weight) in enumerate(entries):
+            s.add(AliasSplitRow(adapter_id=adapter.id, alias=alias, slot=slot,
+                                version_id=None if v is None else rows[v].id, weight=weight))
+        s.flush()
+        record(s, self.actor, "alias.split", f"{tenant.name}/{name}:{alias}",
+               weights=split_labels(s, adapter.id, alias),
+               stable=s.get_one(AdapterVersionRow, s.get_one(AliasRow, (adapter.id, alias))
+                                .version_id).version, **audit)
+        publish(s, Change("alias", tenant.id, tenant.name, name))
+
+    def alias_version(self, s: Session, tenant: Tenant, name: str, alias: str) -> int | None:
+        """The version ``alias`` names now (a split's stable one); None if it names none."""
+        adapter = self._adapter_row(s, tenant, name)
+        row = s.get(AliasRow, (adapter.id, alias))
+        return None if row is None else s.get_one(AdapterVersionRow, row.version_id).version
 
     def _active_row(self, s: Session, tenant: Tenant, name: str,
                     version: int) -> tuple[AdapterRow, AdapterVersionRow]:
@@ -302,7 +319,7 @@ class Catalog:
                                           .where(AdapterVersionRow.state != "deleted")).tuples().all())
                 aliases = {al.name: versions[al.version_id]
                            for al in s.scalars(select(AliasRow).filter_by(adapter_id=a.id))}
-                splits = {al: _split_labels(s, a.id, al) for al in aliases}
+                splits = {al: split_labels(s, a.id, al) for al in aliases}
                 out.append(AdapterInfo(tenant.name, a.name, a.template_id, a.default_alias,
                                        aliases, sorted(versions.values()), as_utc(a.created_at),
                                        {al: split for al, split in splits.items() if split}))
@@ -354,7 +371,7 @@ def split_problems(weights: Mapping[int | None, int]) -> list[str]:
     return problems
 
 
-def _split_labels(s: Session, adapter_id: int, alias: str) -> dict[str, int]:
+def split_labels(s: Session, adapter_id: int, alias: str) -> dict[str, int]:
     """An alias's split as {"v1": 90, "v2": 10, "base": 5}; empty without one."""
     out = {}
     for row in s.scalars(select(AliasSplitRow).filter_by(adapter_id=adapter_id, alias=alias)
@@ -376,4 +393,4 @@ def _to_version(row: AdapterVersionRow, tenant: str, name: str,
     )
 
 
-__all__ = ["Catalog", "split_from_labels"]
+__all__ = ["Catalog", "split_from_labels", "split_labels"]

@@ -35,6 +35,7 @@ from adapters_registry.errors import (
 from adapters_registry.limits import LIMITS
 from adapters_registry.names import AdapterRef, parse_adapter_ref
 from adapters_registry.options import add_database_option, add_registry_options
+from adapters_registry.rollout_cli import add_rollout_commands
 from adapters_registry.service import Registry
 from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
 from adapters_registry.usage import COUNTS
@@ -149,6 +150,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("weights", nargs="+", metavar="vN=WEIGHT",
                    help="e.g. v1=95 v2=5; base=W sends a share to the bare base")
     p.set_defaults(run=_split)
+
+    add_rollout_commands(cmds, common)
 
     for verb in ("deprecate", "delete"):
         p = cmds.add_parser(verb, parents=[common],

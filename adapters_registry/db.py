@@ -152,6 +152,41 @@ class AliasSplitRow(Base):
     weight: Mapped[int] = mapped_column(Integer)
 
 
+class RolloutRow(Base):
+    """A candidate version's progressive rollout under an alias (``rollouts.Rollouts``).
+
+    ``active`` is True while it runs or is paused, else NULL: the unique constraint then
+    allows one active rollout per alias (NULLs never collide) and keeps every finished one."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (UniqueConstraint("adapter_id", "alias", "active"), _NEVER_REUSE_IDS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
+    alias: Mapped[str] = mapped_column(String(64))
+    stable_version: Mapped[int] = mapped_column(Integer)
+    candidate_version: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[dict[str, Any]] = mapped_column()  # {"percents": [5, 25, 50, 100]}
+    rules: Mapped[dict[str, Any]] = mapped_column()
+    step: Mapped[int] = mapped_column(Integer)  # index into the percents
+    state: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool | None] = mapped_column(nullable=True)
+    reason: Mapped[str] = mapped_column(String(2000), default="")
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the last decision's figures
+    step_started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LeaseRow(Base):
+    """A lease one process holds until ``until``: who makes rollout decisions now."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class AuditRow(Base):
     """Who changed what, when: written in the same transaction as the change."""
 

@@ -7,6 +7,7 @@ Each responsibility is a service of its own, over one database and one artifact 
 - ``tenancy.Tenancy``: tenants, API keys (and authentication by key), limits;
 - ``artifacts.Artifacts``: an adapter's files: push (intake, check, upload), fetch,
   verify and repair, garbage collection;
+- ``rollouts.Rollouts``: a candidate version's progressive rollout under an alias;
 - ``_audit``: the audit trail every change writes in its own transaction.
 
 ``Registry`` composes them and forwards to them, nothing more. Code that needs one
@@ -36,6 +37,7 @@ from adapters_registry.limits import TenantLimits
 from adapters_registry.locations import open_store
 from adapters_registry.names import ModelRef
 from adapters_registry.records import AdapterInfo, AdapterVersion, ApiKeyInfo, Resolution, Tenant
+from adapters_registry.rollouts import Rollouts
 from adapters_registry.store import ArtifactStore
 from adapters_registry.template import AdapterTemplate
 from adapters_registry.tenancy import Tenancy
@@ -56,6 +58,8 @@ class Registry:
         self.artifacts = Artifacts(db, store, limits or Limits(), self.catalog, self.tenancy,
                                    actor=actor)
         self.ledger = Ledger(db)
+        # Progressive delivery: callers use the service itself (registry.rollouts.start(...)).
+        self.rollouts = Rollouts(db, self.catalog, self.tenancy, actor=actor)
         self._actor = actor
 
     @property
@@ -75,7 +79,7 @@ class Registry:
     def actor(self, actor: str) -> None:
         """Who the audit trail names for every change made from now on, by any service."""
         self._actor = actor
-        for service in (self.tenancy, self.catalog, self.artifacts):
+        for service in (self.tenancy, self.catalog, self.artifacts, self.rollouts):
             service.actor = actor
 
     @classmethod

@@ -59,6 +59,7 @@ from gateway.startup import keep_warming, open_registry, warm_up
 from gateway.tenancy.directory import TenantDirectory
 from gateway.tenancy.freshness import GenerationWatch
 from gateway.tenancy.invalidation import start_listener
+from gateway.tenancy.rollout_driver import RolloutDriver
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,10 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                       name="start-up pins, again")
         watch.start()
         ledger.start(registry)
+        rollouts = RolloutDriver(registry.rollouts, ledger.writer, metrics,
+                                 settings.rollout_decide_seconds)
+        rollouts.start()
+        app.state.rollouts = rollouts
         app.state.registry_changes = start_listener(
             registry, tenants, quotas, metrics, enabled=settings.registry_changes_channel,
             ttl=settings.resolve_ttl_seconds, retry_s=settings.registry_changes_retry_seconds)
@@ -212,6 +217,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
         try:
             yield
         finally:
+            await rollouts.stop()
             await ledger.stop()
             warming.cancel()
             with contextlib.suppress(asyncio.CancelledError):

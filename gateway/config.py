@@ -90,6 +90,9 @@ class _Settings(BaseSettings):
         default=10.0, ge=0.1, le=3600, description="How often this replica writes its usage ledger "
         "(requests and tokens per tenant, model and minute) to the registry database; a replica "
         "killed without a shutdown loses at most this much.")
+    rollout_decide_seconds: float = Field(
+        default=5.0, ge=0, le=3600, description="How often this replica offers to judge running "
+        "rollouts (one replica at a time holds the decision lease); 0: never.")
     registry_outage_grace_seconds: float = Field(
         default=600.0, ge=0, description="While the registry database cannot be reached, keys, "
         "names and limits it answered before are used this long past resolve_ttl_seconds (nobody "

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
@@ -47,6 +47,8 @@ from gateway.api.admin_models import (
     PrefetchOut,
     PrefetchResult,
     Revoked,
+    RolloutIn,
+    RolloutOut,
     TenantIn,
     TenantList,
     TenantOut,
@@ -146,6 +148,30 @@ async def set_alias(tenant: str, name: str, alias: str, body: AliasIn, reg: Admi
     (info,) = [a for a in await _run(reg.list_adapters, t) if a.name == name]
     return AliasSet(alias=f"{tenant}/{name}:{alias}", version=info.aliases[alias],
                     weights=info.splits.get(alias))
+
+
+_ROLLOUT = "/tenants/{tenant}/adapters/{name}/aliases/{alias}/rollout"
+
+
+@router.post(_ROLLOUT, responses=_CHANGE)
+async def start_rollout(tenant: str, name: str, alias: str, body: RolloutIn,
+                        reg: AdminDep) -> RolloutOut:
+    """Roll ``version`` out under the alias, step by step (docs/registry.md)."""
+    return RolloutOut.of(await _run(reg.rollouts.start, tenant, name, alias, body.version,
+                                    body.steps, body.rules()))
+
+
+@router.get(_ROLLOUT, responses=_INPUT)
+async def rollout_status(tenant: str, name: str, alias: str, reg: AdminDep) -> RolloutOut:
+    """The alias's active rollout, else its latest: state, step, evidence, reason."""
+    return RolloutOut.of(await _run(reg.rollouts.get, tenant, name, alias))
+
+
+@router.post(_ROLLOUT + "/{action}", responses=_CHANGE)
+async def steer_rollout(tenant: str, name: str, alias: str,
+                        action: Literal["pause", "resume", "abort"], reg: AdminDep) -> RolloutOut:
+    """Hold the step, judge again, or put everyone back on the stable version."""
+    return RolloutOut.of(await _run(getattr(reg.rollouts, action), tenant, name, alias))
 
 
 _UPLOAD_PATH = re.compile(r"/admin/v1/tenants/[^/]+/adapters/[^/]+/versions")

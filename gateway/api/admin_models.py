@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from adapters_registry import LIMITS, AdapterInfo, ApiKeyInfo, AuditEntry, BlobProblem, GcReport
+from adapters_registry import (
+    DEFAULT_ROLLOUT_STEPS,
+    LIMITS,
+    AdapterInfo,
+    ApiKeyInfo,
+    AuditEntry,
+    BlobProblem,
+    GcReport,
+    Rollout,
+    RolloutRules,
+)
 from gateway.errors import ErrorDetail
 from gateway.residency.manager import CacheName, EvictTarget
 
@@ -64,6 +74,46 @@ class AliasIn(_Body):
         if (self.version is None) == (self.weights is None):
             raise ValueError("give either version or weights")
         return self
+
+
+class RolloutIn(_Body):
+    """A candidate's rollout under the alias (adapters_registry.rollouts)."""
+
+    version: int = Field(ge=1, description="The candidate.")
+    steps: list[int] = Field(default=list(DEFAULT_ROLLOUT_STEPS), min_length=1, max_length=10,
+                             description="The candidate's percentages, rising to 100.")
+    min_requests: int = RolloutRules.min_requests
+    min_step_seconds: float = RolloutRules.min_step_seconds
+    max_error_rate: float = RolloutRules.max_error_rate
+    max_error_rate_increase: float = RolloutRules.max_error_rate_increase
+
+    def rules(self) -> RolloutRules:
+        return RolloutRules(self.min_requests, self.min_step_seconds, self.max_error_rate,
+                            self.max_error_rate_increase)
+
+
+class RolloutOut(BaseModel):
+    """A rollout's state: its step, the candidate's share now, the last judgement's figures."""
+
+    id: int
+    tenant: str
+    adapter: str
+    alias: str
+    stable: int
+    candidate: int
+    percents: list[int]
+    step: int
+    percent: int  # the candidate's share of the alias's callers now
+    state: str  # running, paused, promoted, rolled_back, aborted, superseded
+    rules: dict[str, float]
+    reason: str
+    evidence: dict[str, Any]
+    step_started_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, rollout: Rollout) -> RolloutOut:
+        return cls(**rollout.as_dict())
 
 
 class PrefetchIn(_Body):

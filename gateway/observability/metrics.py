@@ -19,6 +19,10 @@ class GatewayMetrics:
         self.version_requests = Counter("lgw_adapter_version_requests",
                                         "Adapter requests by the version that served and status.",
                                         ["tenant", "adapter", "version", "status"], registry=r)
+        self.rollout_decisions = Counter(
+            "lgw_rollout_decisions", "Rollout decisions this replica made (it held the lease), "
+            "by the state they left: running (a step up), promoted, rolled_back, superseded.",
+            ["tenant", "adapter", "alias", "state"], registry=r)
         self.prompt_tokens = Counter("lgw_prompt_tokens", "Prompt tokens.",
                                      ["tenant", "adapter"], registry=r)
         self.completion_tokens = Counter("lgw_completion_tokens", "Completion tokens.",

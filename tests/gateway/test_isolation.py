@@ -187,7 +187,8 @@ def admin_cells() -> Iterator[Any]:
 
 
 def fill(path: str, tenant: str, name: str, key_prefix: str) -> str:
-    values = {"tenant": tenant, "name": name, "alias": "prod", "version": "1", "prefix": key_prefix}
+    values = {"tenant": tenant, "name": name, "alias": "prod", "version": "1", "prefix": key_prefix,
+              "action": "pause"}
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
 
 

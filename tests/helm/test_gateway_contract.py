@@ -119,7 +119,7 @@ def test_free_settings_reach_the_gateway_typed(monkeypatch) -> None:
                        "registry_changes_retry_seconds": 2.5, "log_format": "json",
                        "replica_name": "gw-0", "stored_responses": 50,
                        "startup_wait_seconds": 60.0, "registry_outage_grace_seconds": 120.0,
-                       "usage_flush_seconds": 5.0}
+                       "usage_flush_seconds": 5.0, "rollout_decide_seconds": 2.0}
     assert set(settings_values) == set(
         schema()["properties"]["gateway"]["properties"]["settings"]["properties"])
     container = gateway_container(render(merged(MINIMAL, {"gateway": {"settings": settings_values}})))

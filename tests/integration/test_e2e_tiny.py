@@ -7,6 +7,7 @@ receiver (benchmarks.otlp_receiver).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from adapters_registry import AdapterTemplate, Registry
+from adapters_registry import AdapterTemplate, Registry, Rollout, RolloutRules
 from benchmarks.otlp_receiver import OtlpReceiver, render
 from tests.conftest import ANSWERS, PROMPTS, REPO, train_tiny_adapter
 from tests.integration.conftest import (
@@ -64,7 +65,8 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
     e.receiver = OtlpReceiver()
     e.gateway = start_gateway(
         tiny_serve_args(root, db_url, tiny_base.path, tiny_contract, "--max-loras", "2",
-                        "--max-cpu-loras", "4"),
+                        "--max-cpu-loras", "4", "--usage-flush-seconds", "0.5",
+                        "--rollout-decide-seconds", "0.5"),
         root / "gateway.log", env={"LGW_ADMIN_API_KEY": E2E_ADMIN_KEY,
                                    "OTEL_EXPORTER_OTLP_ENDPOINT": e.receiver.endpoint,
                                    "OTEL_BSP_SCHEDULE_DELAY": "100"})
@@ -198,3 +200,56 @@ def test_a_streamed_request_is_traced_through_the_gateway_into_vllm(env: Env) ->
                    for s in spans)
     TRACE_REPORT.parent.mkdir(parents=True, exist_ok=True)
     TRACE_REPORT.write_text(render(spans, caller_trace))
+
+
+def test_a_rollout_promotes_a_good_version_and_rolls_back_a_broken_one(
+        env: Env, tiny_base, tiny_template, trained_adapters, tmp_path) -> None:
+    """The gateway decides on its own: answers reach the ledger, the replica holding the
+    lease judges them, and the alias moves (issue 27)."""
+    reg = env.registry
+    reg.push("acme", "canary-bot", trained_adapters["acme"])  # v1: prod
+    reg.push("acme", "canary-bot", trained_adapters["globex"])  # v2: a good candidate
+    client = env.client("acme")
+    rules = RolloutRules(min_requests=3, min_step_seconds=0, max_error_rate=0.1)
+
+    def drive(until: set[str], tag: str) -> Rollout:
+        deadline = time.monotonic() + 120
+        i = 0
+        while time.monotonic() < deadline:
+            for _ in range(4):
+                i += 1
+                with contextlib.suppress(openai.APIStatusError):
+                    client.chat.completions.create(
+                        model="canary-bot", user=f"{tag}-{i}", max_tokens=8,
+                        messages=[{"role": "user", "content": PROMPTS[0]}])
+            rollout = reg.rollouts.get("acme", "canary-bot", "prod")
+            if rollout.state in until:
+                return rollout
+        raise AssertionError(f"rollout still {rollout.state} at {rollout.percent}%: {rollout}")
+
+    reg.rollouts.start("acme", "canary-bot", "prod", 2, [25, 50, 100], rules)
+    done = drive({"promoted", "rolled_back"}, "good")
+    assert done.state == "promoted", done
+    assert ask(client, "canary-bot", PROMPTS[0]) == ANSWERS["globex"]
+    actions = [e.action for e in reg.audit_log(subject_prefix="acme/canary-bot:prod", limit=50)]
+    assert actions.count("rollout.step") == 2 and "rollout.promote" in actions
+
+    broken = train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], tmp_path / "v3",
+                                tmp_path, seed=13)
+    v3 = reg.push("acme", "canary-bot", broken)
+    blob = reg.store._path(v3.files["adapter_model.safetensors"])  # corrupted behind its back
+    blob.write_bytes(blob.read_bytes()[:1000])
+    reg.rollouts.start("acme", "canary-bot", "prod", 3, [50, 100], rules)
+    done = drive({"promoted", "rolled_back"}, "bad")
+    assert done.state == "rolled_back" and "server errors" in done.reason, done
+    # Every replica sees the alias move within its resolve TTL (no push channel on SQLite).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(openai.APIStatusError):
+            if {ask(client, "canary-bot", PROMPTS[0]) for _ in range(4)} == {ANSWERS["globex"]}:
+                break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("callers are not all back on v2 after the rollback")
+    assert "rollout.rollback" in [e.action for e in reg.audit_log(
+        subject_prefix="acme/canary-bot:prod", limit=5)]
