@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -42,16 +42,22 @@ from adapters_registry._audit import record
 from adapters_registry.catalog import Catalog, split_labels
 from adapters_registry.db import (
     AdapterRow,
-    AdapterVersionRow,
     LeaseRow,
     RolloutRow,
     TenantRow,
-    UsageRow,
     as_utc,
 )
 from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
 from adapters_registry.names import validate_name
 from adapters_registry.records import Tenant
+from adapters_registry.rollout_evidence import (
+    RolloutRules,
+    baseline,
+    breach,
+    counts,
+    gates_passed,
+    ledger_ref,
+)
 from adapters_registry.tenancy import Tenancy
 
 logger = logging.getLogger(__name__)
@@ -59,27 +65,6 @@ __all__ = ["DEFAULT_STEPS", "Rollout", "RolloutRules", "Rollouts"]
 DEFAULT_STEPS = (5, 25, 50, 100)
 LEASE = "rollouts"
 ACTIVE = ("running", "paused")
-
-
-@dataclass(frozen=True)
-class RolloutRules:
-    """What each step must show (see the module docstring)."""
-
-    min_requests: int = 20
-    min_step_seconds: float = 60.0
-    max_error_rate: float = 0.05
-    max_error_rate_increase: float = 0.02
-
-    def problems(self) -> list[str]:
-        out = []
-        if not 1 <= self.min_requests <= 1_000_000:
-            out.append(f"min_requests {self.min_requests} is outside 1..1000000")
-        if not 0 <= self.min_step_seconds <= 7 * 86400:
-            out.append(f"min_step_seconds {self.min_step_seconds} is outside 0..604800")
-        for name in ("max_error_rate", "max_error_rate_increase"):
-            if not 0 <= getattr(self, name) <= 1:
-                out.append(f"{name} {getattr(self, name)} is outside 0..1")
-        return out
 
 
 @dataclass(frozen=True)
@@ -159,13 +144,13 @@ class Rollouts:
                                     "it to the stable version first")
             if candidate == stable:
                 raise ValidationError(f"v{candidate} is already {tenant.name}/{name}:{alias}'s version")
-            _gates_passed(s, adapter.id, candidate, f"{tenant.name}/{name}@v{candidate}")
+            gates_passed(s, adapter.id, candidate, f"{tenant.name}/{name}@v{candidate}")
             now = datetime.now(UTC)
             row = RolloutRow(adapter_id=adapter.id, alias=alias, stable_version=stable,
                              candidate_version=candidate, steps={"percents": list(percents)},
                              rules=asdict(rules), step=0, state="running", active=True,
                              reason="started", evidence={}, step_started_at=now, updated_at=now)
-            row.evidence = {"baseline": _baseline(s, tenant.name, name, row, now)}
+            row.evidence = {"baseline": baseline(s, tenant.name, name, row, now)}
             s.add(row)
             try:
                 s.flush()
@@ -241,19 +226,19 @@ class Rollouts:
                                 "the alias was moved or split by hand")
         rules = RolloutRules(**row.rules)
         since = as_utc(row.step_started_at).replace(second=0, microsecond=0)
-        baseline = (row.evidence or {}).get("baseline", {})
-        stable = _counts(s, tenant.name, _ref(tenant, name, row.stable_version), since,
-                         baseline.get("stable"))
-        cand = _counts(s, tenant.name, _ref(tenant, name, row.candidate_version), since,
-                       baseline.get("candidate"))
+        start = (row.evidence or {}).get("baseline", {})
+        stable = counts(s, tenant.name, ledger_ref(tenant, name, row.stable_version), since,
+                         start.get("stable"))
+        cand = counts(s, tenant.name, ledger_ref(tenant, name, row.candidate_version), since,
+                       start.get("candidate"))
         evidence = {"window_from": as_utc(row.step_started_at).isoformat(),
                     "percent": row.steps["percents"][row.step], "candidate": cand,
-                    "stable": stable, "baseline": baseline,
+                    "stable": stable, "baseline": start,
                     "step_seconds": round((now - as_utc(row.step_started_at)).total_seconds(), 1)}
-        breach = _breach(rules, cand, stable)
-        if breach:
+        why = breach(rules, cand, stable)
+        if why:
             return self._finish(s, tenant, name, row, "rolled_back", "rollout.rollback", now,
-                                breach, evidence)
+                                why, evidence)
         if cand["answers"] < rules.min_requests or \
                 evidence["step_seconds"] < rules.min_step_seconds:
             row.evidence = evidence  # not yet: figures kept for status
@@ -265,7 +250,7 @@ class Rollouts:
                                 evidence)
         row.step += 1
         row.step_started_at = row.updated_at = now
-        row.evidence = {**evidence, "baseline": _baseline(s, tenant.name, name, row, now)}
+        row.evidence = {**evidence, "baseline": baseline(s, tenant.name, name, row, now)}
         row.reason = (f"step {percents[row.step - 1]}% passed: {cand['answers']} answers, "
                       f"error rate {cand['error_rate']:.4f} (stable {stable['error_rate']:.4f})")
         self._route(s, tenant, name, row, "rollout.step", evidence=evidence)
@@ -310,7 +295,7 @@ class Rollouts:
             row.state, row.updated_at = to_state, now
             if to_state == "running":  # a fresh window: nothing from the pause counts
                 row.step_started_at = now
-                row.evidence = {"baseline": _baseline(s, tenant.name, name, row, now)}
+                row.evidence = {"baseline": baseline(s, tenant.name, name, row, now)}
             row.reason = f"{to_state} by hand"
             record(s, self.actor, action, f"{tenant.name}/{name}:{alias}", rollout=row.id)
             return self._record(s, tenant, name, row)
@@ -346,17 +331,6 @@ class Rollouts:
                        as_utc(row.step_started_at), as_utc(row.updated_at))
 
 
-def _gates_passed(s: Session, adapter_id: int, version: int, ref: str) -> None:
-    """A version made by the trainer carries its eval gates in its manifest: a failed report
-    never takes traffic. (One registered from elsewhere has none to check.)"""
-    row = s.scalar(select(AdapterVersionRow).filter_by(adapter_id=adapter_id, version=version))
-    evals = ((row.manifest or {}).get("metrics") or {}).get("evals") if row is not None else None
-    if isinstance(evals, dict) and evals.get("passed") is False:
-        failed = ", ".join(g.get("name", "?") for g in evals.get("gates", []) if not g.get("passed"))
-        raise ValidationError(f"{ref}'s trainer gates failed ({failed or 'see its manifest'}): "
-                              "a version whose gates failed is never rolled out")
-
-
 def _weights(row: RolloutRow) -> dict[int | None, int]:
     percent = row.steps["percents"][row.step]
     if percent >= 100:
@@ -366,53 +340,3 @@ def _weights(row: RolloutRow) -> dict[int | None, int]:
 
 def _labels(weights: dict[int | None, int]) -> dict[str, int]:
     return {} if len(weights) == 1 else {f"v{v}": w for v, w in sorted(weights.items())}
-
-
-_COUNTS = ("requests_2xx", "requests_4xx", "requests_5xx", "aborted")
-
-
-def _ref(tenant: Tenant, name: str, version: int) -> str:
-    return f"{tenant.name}/{name}@v{version}"  # as the ledger names what served
-
-
-def _sums(s: Session, tenant: str, model: str, *where: Any) -> dict[str, int]:
-    row = s.execute(select(*(func.coalesce(func.sum(getattr(UsageRow, n)), 0) for n in _COUNTS))
-                    .where(UsageRow.tenant == tenant, UsageRow.model == model, *where)).one()
-    return dict(zip(_COUNTS, (int(v) for v in row), strict=True))
-
-
-def _baseline(s: Session, tenant: str, name: str, row: RolloutRow,
-              now: datetime) -> dict[str, dict[str, int]]:
-    """What the step's start minute already holds of each version (not the step's)."""
-    minute = now.replace(second=0, microsecond=0)
-    return {side: _sums(s, tenant, f"{tenant}/{name}@v{version}", UsageRow.minute == minute)
-            for side, version in (("stable", row.stable_version),
-                                  ("candidate", row.candidate_version))}
-
-
-def _counts(s: Session, tenant: str, model: str, since: datetime,
-            baseline: dict[str, int] | None) -> dict[str, Any]:
-    """A version's answers from every writer since ``since`` (a minute's start), less what
-    that minute held when the step began."""
-    counts = _sums(s, tenant, model, UsageRow.minute >= since)
-    counts = {k: max(0, v - (baseline or {}).get(k, 0)) for k, v in counts.items()}
-    answers = sum(counts.values())
-    errors = counts["requests_5xx"]
-    return {**counts, "answers": answers, "error_rate": errors / answers if answers else 0.0}
-
-
-def _breach(rules: RolloutRules, cand: dict[str, Any], stable: dict[str, Any]) -> str:
-    """Why the candidate must go back now, or ""."""
-    errors = cand["requests_5xx"]
-    if errors > rules.max_error_rate * rules.min_requests:
-        return (f"{errors} server errors in {cand['answers']} answers: more than "
-                f"{rules.max_error_rate:.2%} of the {rules.min_requests}-answer minimum sample")
-    if cand["answers"] < rules.min_requests:
-        return ""
-    if cand["error_rate"] > rules.max_error_rate:
-        return f"error rate {cand['error_rate']:.4f} > max_error_rate {rules.max_error_rate}"
-    if cand["error_rate"] - stable["error_rate"] > rules.max_error_rate_increase:
-        return (f"error rate {cand['error_rate']:.4f} exceeds the stable version's "
-                f"{stable['error_rate']:.4f} by more than {rules.max_error_rate_increase}")
-    return ""
-
