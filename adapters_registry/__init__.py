@@ -13,6 +13,16 @@ from adapters_registry.catalog import Catalog, split_from_labels
 from adapters_registry.changes import ADAPTER_KINDS, CHANNEL_SQL, Change, listen_params
 from adapters_registry.compat import CONFIG_FILE, WEIGHTS_FILE, Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
+from adapters_registry.datasets import (
+    FileCheck,
+    FileFormat,
+    check_fine_tune_file,
+    parse_json_object,
+    prompt_problems,
+    read_answer,
+    to_trainer_jsonl,
+    validate_messages,
+)
 from adapters_registry.errors import (
     ArtifactError,
     AuthenticationError,
@@ -23,14 +33,17 @@ from adapters_registry.errors import (
     DatabaseError,
     DatabaseUnreachableError,
     IncompatibleAdapterError,
+    LimitReachedError,
     ManifestError,
     NotFoundError,
     RegistryError,
     SourceError,
     TamperedRecordError,
     TemplateError,
+    TooLargeError,
     ValidationError,
 )
+from adapters_registry.files import FileObject, Files
 from adapters_registry.hashing import (
     canonical_json,
     check_digest,
@@ -41,6 +54,7 @@ from adapters_registry.hashing import (
     sha256_json,
     sha256_tree,
 )
+from adapters_registry.jobs import Checkpoint, Job, JobEvent, JobLimits, JobRequest, Jobs
 from adapters_registry.keys import key_hash
 from adapters_registry.limits import LIMITS, LimitSpec, TenantLimits
 from adapters_registry.manifest import AdapterManifest
@@ -95,14 +109,25 @@ __all__ = [
     "Catalog",
     "Change",
     "ChatTemplateRenderError",
+    "Checkpoint",
     "ChecksumMismatchError",
     "ConflictError",
     "ContractError",
     "DatabaseError",
     "DatabaseUnreachableError",
+    "FileCheck",
+    "FileFormat",
+    "FileObject",
+    "Files",
     "FilesystemStore",
     "GcReport",
     "IncompatibleAdapterError",
+    "Job",
+    "JobEvent",
+    "JobLimits",
+    "JobRequest",
+    "Jobs",
+    "LimitReachedError",
     "LimitSpec",
     "Limits",
     "ManifestError",
@@ -122,6 +147,7 @@ __all__ = [
     "Tenancy",
     "Tenant",
     "TenantLimits",
+    "TooLargeError",
     "UsageCounts",
     "UsageRecord",
     "ValidationError",
@@ -131,6 +157,7 @@ __all__ = [
     "canonical_json",
     "check_adapter",
     "check_digest",
+    "check_fine_tune_file",
     "check_record",
     "derive_contract",
     "expected_tensors",
@@ -138,8 +165,11 @@ __all__ = [
     "key_hash",
     "listen_params",
     "parse_adapter_ref",
+    "parse_json_object",
     "parse_qualified_model",
     "prompt_ids",
+    "prompt_problems",
+    "read_answer",
     "render_chat",
     "sha256_bytes",
     "sha256_file",
@@ -148,5 +178,7 @@ __all__ = [
     "split_from_labels",
     "stop_token_ids",
     "template_from_adapter_config",
+    "to_trainer_jsonl",
+    "validate_messages",
     "validate_name",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -229,9 +229,10 @@ class Artifacts:
                 out.append(problem)
         return out
 
-    def collect_garbage(self, *, grace: timedelta = timedelta(hours=1),
-                        dry_run: bool = False) -> GcReport:
-        """Delete blobs no live version references and older than ``grace``.
+    def collect_garbage(self, *, grace: timedelta = timedelta(hours=1), dry_run: bool = False,
+                        keep: Set[str] = frozenset()) -> GcReport:
+        """Delete blobs no live version references (nor ``keep``: fine-tuning files and
+        checkpoints) and older than ``grace``.
 
         Blobs are uploaded before their version's row commits, so a young unreferenced
         blob may belong to a push in flight: the grace period keeps it. Corrupted blobs
@@ -239,7 +240,7 @@ class Artifacts:
         """
         with Session(self.db) as s:
             referenced = {digest for files in s.scalars(select(AdapterVersionRow.files).where(
-                AdapterVersionRow.state != "deleted")) for digest in files.values()}
+                AdapterVersionRow.state != "deleted")) for digest in files.values()} | set(keep)
         cutoff = datetime.now(UTC) - grace
         orphans, young = [], 0
         for digest, modified in self.store.list_blobs():

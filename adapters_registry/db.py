@@ -187,6 +187,82 @@ class LeaseRow(Base):
     until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class FileRow(Base):
+    """A tenant's uploaded fine-tuning file (``files.Files``): its bytes are one blob."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # file-...
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column("bytes", BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(16))  # supervised or dpo
+    examples: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class JobRow(Base):
+    """A fine-tuning job (``jobs.Jobs``): the queue row a worker claims under a lease."""
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (Index("ix_jobs_status", "status", "created_at"),
+                      Index("ix_jobs_tenant", "tenant_id", "created_at"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # ftjob-...
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    model: Mapped[str] = mapped_column(String(300))  # as the tenant named it
+    template_id: Mapped[str] = mapped_column(ForeignKey("templates.template_id"))
+    init_version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"), nullable=True)
+    method: Mapped[str] = mapped_column(String(16))  # supervised or dpo
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column()
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    extra: Mapped[dict[str, Any]] = mapped_column()  # metadata, the limits that apply
+    status: Mapped[str] = mapped_column(String(24))
+    error: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class JobEventRow(Base):
+    __tablename__ = "fine_tuning_job_events"
+    __table_args__ = (Index("ix_job_events_job", "job_id", "id"), _NEVER_REUSE_IDS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    level: Mapped[str] = mapped_column(String(8))
+    type: Mapped[str] = mapped_column(String(16))  # message or metrics
+    message: Mapped[str] = mapped_column(String(4000))
+    data: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+
+
+class JobCheckpointRow(Base):
+    """One epoch's adapter weights, kept in the artifact store (blobs by sha256)."""
+
+    __tablename__ = "fine_tuning_checkpoints"
+    __table_args__ = (Index("ix_job_checkpoints_job", "job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # ftckpt-...
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"))
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column()
+    files: Mapped[dict[str, Any]] = mapped_column()  # name -> sha256
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 class AuditRow(Base):
     """Who changed what, when: written in the same transaction as the change."""
 

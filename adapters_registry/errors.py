@@ -2,6 +2,8 @@
 
     RegistryError                 any registry failure
     ├── ValidationError           a name or argument is malformed
+    │   └── TooLargeError         an upload is over its tenant's size limit
+    ├── LimitReachedError         a tenant is at a count limit (jobs waiting); retry later
     ├── ContractError             a base model directory cannot be described exactly
     ├── TemplateError             an adapter template is invalid or does not match
     ├── ManifestError             an adapter's manifest.json is missing or malformed
@@ -40,6 +42,18 @@ class RegistryError(Exception):
 
 class ValidationError(RegistryError):
     pass
+
+
+class TooLargeError(ValidationError):
+    pass
+
+
+class LimitReachedError(RegistryError):
+    """A tenant is at one of its count limits; ``retry_after`` seconds is a fair wait."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ContractError(RegistryError):

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-Enforcer = Literal["quota store", "request"]
+Enforcer = Literal["quota store", "request", "fine-tuning"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,16 @@ class TenantLimits:
                                           "in tokens", enforced_by="request")
     weight: float | None = limit(float, "share", "share of the engine when tenants compete",
                                  enforced_by="request", default=1.0, minimum=0, maximum=1000)
+    # Fine-tuning through the API (adapters_registry.files, adapters_registry.jobs).
+    max_file_bytes: int | None = limit(int, "bytes", "size of one uploaded fine-tuning file",
+                                       enforced_by="fine-tuning", default=100_000_000)
+    max_running_jobs: int | None = limit(int, "jobs", "fine-tuning jobs the workers run at once "
+                                         "for this tenant", enforced_by="fine-tuning", default=1)
+    max_queued_jobs: int | None = limit(int, "jobs", "fine-tuning jobs waiting (validating or "
+                                        "queued) at once", enforced_by="fine-tuning", default=4)
+    max_training_tokens: int | None = limit(int, "tokens", "tokens one fine-tuning job trains "
+                                            "on (the training file's trained tokens x epochs)",
+                                            enforced_by="fine-tuning", default=5_000_000)
 
     def problems(self) -> list[str]:
         """Every invalid field, named."""

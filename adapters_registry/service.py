@@ -8,6 +8,8 @@ Each responsibility is a service of its own, over one database and one artifact 
 - ``artifacts.Artifacts``: an adapter's files: push (intake, check, upload), fetch,
   verify and repair, garbage collection;
 - ``rollouts.Rollouts``: a candidate version's progressive rollout under an alias;
+- ``files.Files`` and ``jobs.Jobs``: fine-tuning through the API, the tenant's files
+  and jobs and the workers' queue;
 - ``_audit``: the audit trail every change writes in its own transaction.
 
 ``Registry`` composes them and forwards to them, nothing more. Code that needs one
@@ -33,6 +35,8 @@ from adapters_registry.compat import Limits
 from adapters_registry.contract import BaseContract
 from adapters_registry.db import current_revision, head_revision, make_engine
 from adapters_registry.errors import ConflictError
+from adapters_registry.files import Files
+from adapters_registry.jobs import Jobs
 from adapters_registry.limits import TenantLimits
 from adapters_registry.locations import open_store
 from adapters_registry.names import ModelRef
@@ -60,6 +64,9 @@ class Registry:
         self.ledger = Ledger(db)
         # Progressive delivery: callers use the service itself (registry.rollouts.start(...)).
         self.rollouts = Rollouts(db, self.catalog, self.tenancy, actor=actor)
+        # Fine-tuning through the API: the tenant's files and jobs, and the workers' queue.
+        self.files = Files(db, store, self.tenancy)
+        self.jobs = Jobs(db, self.catalog, self.tenancy, self.files, actor=actor)
         self._actor = actor
 
     @property
@@ -79,7 +86,7 @@ class Registry:
     def actor(self, actor: str) -> None:
         """Who the audit trail names for every change made from now on, by any service."""
         self._actor = actor
-        for service in (self.tenancy, self.catalog, self.artifacts, self.rollouts):
+        for service in (self.tenancy, self.catalog, self.artifacts, self.rollouts, self.jobs):
             service.actor = actor
 
     @classmethod
@@ -190,7 +197,8 @@ class Registry:
 
     def collect_garbage(self, *, grace: timedelta = timedelta(hours=1),
                         dry_run: bool = False) -> GcReport:
-        return self.artifacts.collect_garbage(grace=grace, dry_run=dry_run)
+        keep = self.files.referenced_blobs() | self.jobs.referenced_blobs()
+        return self.artifacts.collect_garbage(grace=grace, dry_run=dry_run, keep=keep)
 
     # -- audit -----------------------------------------------------------------------
 

@@ -166,7 +166,9 @@ def test_set_limits_changes_only_the_given_flags(run) -> None:
                          "--max-tokens", "256")
     assert code == 0, err
     assert json.loads(out) == {"rpm": 60, "tpm": None, "concurrency": None, "max_tokens": 256,
-                               "max_prompt_tokens": None, "weight": 2.5}
+                               "max_prompt_tokens": None, "weight": 2.5, "max_file_bytes": None,
+                               "max_running_jobs": None, "max_queued_jobs": None,
+                               "max_training_tokens": None}
     code, out, _ = run("registry", "set-limits", "acme", "--tpm", "10000", "--rpm", "default")
     assert code == 0 and json.loads(out)["rpm"] is None and json.loads(out)["max_tokens"] == 256
     assert json.loads(run("registry", "get-limits", "acme")[1])["tpm"] == 10000

@@ -12,22 +12,20 @@ for a seed.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from adapters_registry import canonical_json, sha256_bytes
+from adapters_registry import canonical_json, parse_json_object, sha256_bytes, validate_messages
 from trainer.config import RunConfig
 from trainer.errors import DatasetError, LineProblem
 from trainer.hygiene import DataReport, HygieneItem, Message, clean_and_split, dialogue_text, system_text
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-_MESSAGE_KEYS = frozenset({"role", "content"})
 _LINE_KEYS = frozenset({"messages"})
 # DatasetError's message lists this many problems; .problems holds all of them.
 
@@ -100,50 +98,6 @@ def read_jsonl(
     return records, lines, duplicates, sha256_bytes(raw)
 
 
-def validate_messages(messages: Any) -> list[str]:
-    """Every problem with one conversation (empty when it is a valid training example)."""
-    if not isinstance(messages, list) or not messages:
-        return ["'messages' must be a non-empty list"]
-    problems: list[str] = []
-    roles: list[str | None] = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            problems.append(f"{where} must be an object, got {type(message).__name__}")
-            roles.append(None)
-            continue
-        extra = sorted(set(message) - _MESSAGE_KEYS)
-        if extra:
-            problems.append(f"{where} has unsupported key(s) {extra}; only role and content")
-        role = message.get("role")
-        if role not in ROLES:
-            problems.append(f"{where}.role must be one of {list(ROLES)}, got {role!r}")
-            role = None
-        content = message.get("content")
-        if not isinstance(content, str):
-            problems.append(f"{where}.content must be a string, got {type(content).__name__}")
-        elif not content.strip():
-            problems.append(f"{where}.content is empty")
-        roles.append(role)
-    known = [role for role in roles if role is not None]
-    if len(known) == len(roles):  # turn order is only meaningful when every role is valid
-        problems.extend(_order_problems(known))
-    return problems
-
-
-def parse_json_object(line: bytes) -> tuple[dict[str, Any] | None, list[str]]:
-    """One JSONL line as a JSON object, or None and why not."""
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        return None, ["not valid UTF-8"]
-    except json.JSONDecodeError as exc:
-        return None, [f"invalid JSON ({exc.msg} at column {exc.colno})"]
-    if not isinstance(record, dict):
-        return None, [f"expected a JSON object, got {type(record).__name__}"]
-    return record, []
-
-
 def _parse_line(line: bytes) -> tuple[list[Message] | None, list[str]]:
     record, problems = parse_json_object(line)
     if record is None:
@@ -159,29 +113,6 @@ def _parse_line(line: bytes) -> tuple[list[Message] | None, list[str]]:
     return (None if problems else record["messages"]), problems
 
 
-def _order_problems(roles: list[str]) -> list[str]:
-    """Turn order: optional system first, then user/assistant alternating, assistant last."""
-    problems = [
-        f"messages[{i}]: a system message may only come first"
-        for i, role in enumerate(roles)
-        if role == "system" and i > 0
-    ]
-    previous: tuple[int, str] | None = None
-    for i, role in enumerate(roles):
-        if role == "system":
-            continue
-        if previous is None and role != "user":
-            problems.append(f"messages[{i}]: the first turn must be a user turn, got {role}")
-        elif previous is not None and role == previous[1]:
-            problems.append(f"messages[{i}]: two {role} turns in a row (after messages[{previous[0]}])")
-        previous = (i, role)
-    if "assistant" not in roles:
-        problems.append("no assistant turn to train on")
-    elif roles[-1] != "assistant":
-        problems.append(f"the last turn must be an assistant turn, got {roles[-1]}")
-    return problems
-
-
 @dataclass(frozen=True)
 class PreparedData:
     train: list[list[Message]]
@@ -194,8 +125,10 @@ def prepare_data(
     config: RunConfig,
     eval_prompts: Sequence[tuple[int, Sequence[Message]]] = (),
     eval_path: Path | None = None,
+    held_out: ChatDataset | None = None,
 ) -> PreparedData:
-    """Drop near duplicates and contaminated examples, then split train/validation.
+    """Drop near duplicates and contaminated examples, then split train/validation (or,
+    with ``held_out``, train on all of them and validate on ``held_out``).
 
     ``eval_prompts`` are (line, prompt messages) of the golden eval set: a training
     example containing the same prompt (normalised, or near it) would make the golden
@@ -212,9 +145,13 @@ def prepare_data(
         )
         for i, messages in enumerate(dataset.examples)
     ]
+    split = config if held_out is None else dataclasses.replace(config, validation_fraction=0.0)
     train, validation, report = clean_and_split(
-        items, config, dataset.path, dataset.duplicates_removed, eval_prompts, eval_path
+        items, split, dataset.path, dataset.duplicates_removed, eval_prompts, eval_path
     )
+    if held_out is not None:
+        return PreparedData([dataset.examples[i] for i in train], list(held_out.examples),
+                            dataclasses.replace(report, validation=len(held_out.examples)))
     return PreparedData(
         train=[dataset.examples[i] for i in train],
         validation=[dataset.examples[i] for i in validation],

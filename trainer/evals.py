@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from adapters_registry import prompt_ids, sha256_bytes
+from adapters_registry import parse_json_object, prompt_ids, sha256_bytes, validate_messages
 from trainer.config import RunConfig
-from trainer.data import parse_json_object, validate_messages
 from trainer.errors import DatasetError, LineProblem
 from trainer.gate_result import GateResult
 from trainer.hygiene import Message

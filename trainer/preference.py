@@ -16,14 +16,21 @@ cleans a set for one run through the same steps as chat data (``trainer.hygiene`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters_registry import canonical_json
+from adapters_registry import (
+    canonical_json,
+    parse_json_object,
+    prompt_problems,
+    read_answer,
+    validate_messages,
+)
 from trainer.config import RunConfig
-from trainer.data import parse_json_object, read_jsonl, validate_messages
+from trainer.data import read_jsonl
 from trainer.hygiene import (
     DataReport,
     HygieneItem,
@@ -80,8 +87,10 @@ def prepare_preferences(
     config: RunConfig,
     eval_prompts: Sequence[tuple[int, Sequence[Message]]] = (),
     eval_path: Path | None = None,
+    held_out: PreferenceDataset | None = None,
 ) -> PreparedPreferences:
-    """Near duplicates and pairs whose prompt repeats a golden prompt dropped, then split.
+    """Near duplicates and pairs whose prompt repeats a golden prompt dropped, then split
+    (or, with ``held_out``, all trained on and ``held_out`` kept for validation).
 
     Two pairs are near duplicates when prompt, chosen and rejected together are; the
     contamination check compares the prompt, as for a chat example.
@@ -96,9 +105,13 @@ def prepare_preferences(
         )
         for i, pair in enumerate(dataset.pairs)
     ]
+    split = config if held_out is None else dataclasses.replace(config, validation_fraction=0.0)
     train, validation, report = clean_and_split(
-        items, config, dataset.path, dataset.duplicates_removed, eval_prompts, eval_path
+        items, split, dataset.path, dataset.duplicates_removed, eval_prompts, eval_path
     )
+    if held_out is not None:
+        return PreparedPreferences([dataset.pairs[i] for i in train], list(held_out.pairs),
+                                   dataclasses.replace(report, validation=len(held_out.pairs)))
     return PreparedPreferences(
         [dataset.pairs[i] for i in train], [dataset.pairs[i] for i in validation], report
     )
@@ -145,10 +158,10 @@ def _flat(record: dict[str, Any]) -> tuple[list[Message], tuple[str, str], list[
 
 def _messages(record: dict[str, Any]) -> tuple[list[Message], tuple[str, str], list[str]]:
     prompt = record["prompt"]
-    problems = _prompt_problems("prompt", prompt)
+    problems = prompt_problems("prompt", prompt)
     answers = []
     for key in _ANSWERS:
-        answer, answer_problems = _answer(key, record[key])
+        answer, answer_problems = read_answer(key, record[key])
         answers.append(answer)
         problems += answer_problems
     return (prompt if isinstance(prompt, list) else []), (answers[0], answers[1]), problems
@@ -166,7 +179,7 @@ def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[list[Message], tuple[s
     answers = []
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         problems += [f"{key}: {p}" for p in validate_messages(value)]
-        answer, answer_problems = _answer(key, value[-1:])
+        answer, answer_problems = read_answer(key, value[-1:])
         answers.append(answer)
         problems += answer_problems
     if not problems and chosen[:-1] != rejected[:-1]:
@@ -175,38 +188,3 @@ def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[list[Message], tuple[s
         problems.append(f"'chosen' and 'rejected' have different prompts (they differ at message "
                         f"{differ}); only the last, assistant turn may differ")
     return list(chosen[:-1]), (answers[0], answers[1]), problems
-
-
-def _prompt_problems(key: str, prompt: Any) -> list[str]:
-    if not isinstance(prompt, list) or not prompt:
-        return [f"{key!r} must be a non-empty list of messages or a string"]
-    last = prompt[-1]
-    if isinstance(last, dict) and last.get("role") == "assistant":
-        return [f"{key!r} must end on a user turn (the answers are the assistant's)"]
-    # a prompt is valid when answering it would make a valid conversation
-    return [f"{key}: {p}" for p in validate_messages([*prompt, {"role": "assistant", "content": "-"}])]
-
-
-def _answer(key: str, value: Any) -> tuple[str, list[str]]:
-    """The text of a one-message assistant answer, or why it is not one."""
-    if isinstance(value, str):
-        return "", [f"{key!r} is a string but 'prompt' is a list of messages: use "
-                    f"[{{\"role\": \"assistant\", \"content\": ...}}] or make all three strings"]
-    if not isinstance(value, list) or len(value) != 1:
-        got = f"{len(value)} messages" if isinstance(value, list) else type(value).__name__
-        return "", [f"{key!r} must be exactly one assistant message, got {got}"]
-    message = value[0]
-    if not isinstance(message, dict):
-        return "", [f"{key}[0] must be an object, got {type(message).__name__}"]
-    problems = []
-    extra = sorted(set(message) - {"role", "content"})
-    if extra:
-        problems.append(f"{key}[0] has unsupported key(s) {extra}; only role and content")
-    if message.get("role") != "assistant":
-        problems.append(f"{key}[0].role must be 'assistant', got {message.get('role')!r}")
-    content = message.get("content")
-    if not isinstance(content, str):
-        problems.append(f"{key}[0].content must be a string, got {type(content).__name__}")
-    elif not content.strip():
-        problems.append(f"{key}[0].content is empty")
-    return (content if isinstance(content, str) else ""), problems
