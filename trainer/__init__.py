@@ -28,6 +28,8 @@ _EXPORTS = {
     "threads_for": "trainer.runtime",
     "torch_threads": "trainer.runtime",
     "train_adapter": "trainer.train",
+    "Worker": "trainer.worker",
+    "WorkerOptions": "trainer.worker",
 }
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from trainer.merge import DEFAULT_PROMPTS, greedy_ids, load_checked_adapter, load_peft
     from trainer.runtime import threads_for, torch_threads
     from trainer.train import train_adapter
+    from trainer.worker import Worker, WorkerOptions
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +57,8 @@ __all__ = [
     "MergeError",
     "ParityError",
     "RunConfig",
+    "Worker",
+    "WorkerOptions",
     "greedy_ids",
     "load_chat_jsonl",
     "load_checked_adapter",

@@ -66,6 +66,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="with --publish: alias to point at the new version; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway without a TTY)")
 
+    w = sub.add_parser("worker", help="run fine-tuning jobs from the registry's queue",
+                       description="Take fine-tuning jobs (OpenAI's /v1/fine_tuning/jobs, created "
+                       "through the gateway) for one base and run them: validate the files, train "
+                       "from the base's frozen template, gate, publish.")
+    add_registry_options(w)
+    w.add_argument("--base-dir", type=Path, required=True, help="the base model's directory")
+    w.add_argument("--base", required=True, metavar="MODEL_ID",
+                   help="the registered base model id (the jobs this worker takes)")
+    w.add_argument("--name", help="this worker's name in job rows (default: host and process id)")
+    w.add_argument("--lease-seconds", type=float, default=30.0,
+                   help="a job whose worker stops renewing its lease this long fails (default 30)")
+    w.add_argument("--poll-seconds", type=float, default=2.0, help="wait between looks for work")
+    w.add_argument("--scratch", type=Path, help="where runs write (default: the temporary folder)")
+    w.add_argument("--once", action="store_true", help="run what is queued now, then exit")
+
     b = sub.add_parser("base", help="build or convert a local base model")
     bc = b.add_subparsers(dest="base_cmd", required=True)
     prep = bc.add_parser("prepare", help="build tiny-llama or convert smollm2-135m-instruct")
@@ -82,6 +97,32 @@ def run_base(args: argparse.Namespace) -> int:
         return report_error(exc)
     print(base.path)
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from trainer.worker import WorkerOptions
+    from trainer.worker import run_worker as run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.lease_seconds <= 0 or args.poll_seconds <= 0:
+        return report_error(UsageError("--lease-seconds and --poll-seconds must be above 0"))
+    if not (args.base_dir / "config.json").is_file():
+        return report_error(UsageError(f"--base-dir {args.base_dir}: no model folder there (no config.json)"))
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    registry = Registry.open(args.db, args.artifacts, actor=f"worker:{name}")
+    try:
+        registry.get_base(args.base)
+        options = WorkerOptions(name, args.base_dir, args.base, lease_s=args.lease_seconds,
+                                heartbeat_s=min(2.0, args.lease_seconds / 3), poll_s=args.poll_seconds,
+                                scratch=args.scratch)
+        return run(registry, options, once=args.once)
+    except CLI_ERRORS as exc:
+        return report_error(exc)
+    finally:
+        registry.close()
 
 
 def load_run_config(path: Path | None, overrides: list[str], method: str = "sft") -> Any:
@@ -179,8 +220,9 @@ def _train(args: argparse.Namespace, registry: Registry) -> int:
 
 def _train_dpo(args: argparse.Namespace, registry: Registry, template: Any, config: Any, golden: Any,
                regression: Any, progress: bool) -> Any:
-    from trainer.dpo import InitAdapter, train_dpo_adapter
+    from trainer.dpo import train_dpo_adapter
     from trainer.preference import load_preference_jsonl
+    from trainer.train import InitAdapter
 
     dataset = load_preference_jsonl(args.data)
     with tempfile.TemporaryDirectory(prefix="lgw-init-") as scratch:

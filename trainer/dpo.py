@@ -23,30 +23,30 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import LoraConfig
 from transformers import AutoTokenizer, TrainerCallback
 
 from adapters_registry import AdapterTemplate, derive_contract
 from trainer.config import RunConfig
 from trainer.errors import TrainError
 from trainer.evals import EncodedPair, EvalSet, check_gates, preference_eval
-from trainer.loop import EarlyStopping
+from trainer.loop import EarlyStopping, RunHooks
 from trainer.preference import PreferenceDataset, PreferencePair, prepare_preferences
 from trainer.provenance import adapter_manifest, require_compatible, require_template_base
 from trainer.qlora import load_base_for_training, require_quantization_support
 from trainer.runtime import threads_for, torch_threads
 from trainer.sft import render_golden, split_completion
 from trainer.train import (
+    InitAdapter,
     RunReport,
     TrainResult,
     check_chat_template,
     eval_metrics,
+    load_lora_weights,
     run_evals,
     write_adapter,
 )
@@ -56,16 +56,6 @@ logger = logging.getLogger(__name__)
 LOSS_TYPE = "sigmoid"  # the DPO paper's loss, TRL's default
 REFERENCE_POLICY = "base"  # the adapter disabled: the usual reference for a LoRA policy
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-_ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-@dataclass(frozen=True)
-class InitAdapter:
-    """A registered adapter version that a DPO stage continues (``--init-from``)."""
-
-    path: Path  # a folder holding its verified files
-    ref: str  # tenant/name@vN
-    content_sha256: str
 
 
 def train_dpo_adapter(
@@ -80,6 +70,8 @@ def train_dpo_adapter(
     golden: EvalSet | None = None,
     regression: EvalSet | None = None,
     progress: bool = False,
+    validation: PreferenceDataset | None = None,
+    hooks: RunHooks | None = None,
 ) -> TrainResult:
     """DPO-train an adapter of ``template`` on ``dataset``, evaluate, gate and write it.
 
@@ -98,7 +90,7 @@ def train_dpo_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     check_chat_template(tokenizer, contract)
     data = prepare_preferences(dataset, config, golden.prompts() if golden else (),
-                               golden.path if golden else None)
+                               golden.path if golden else None, held_out=validation)
     train_rows, truncated = encode_pairs(tokenizer, data.train, config.max_length)
     if not train_rows:
         raise TrainError(f"no pair has answer tokens within max_length={config.max_length}")
@@ -118,8 +110,8 @@ def train_dpo_adapter(
                                progress)
         model = trainer.model
         if init_from is not None:
-            _load_lora_weights(model, init_from.path)
-        stopper = EarlyStopping(model, val_rows, config, pad_id=0)
+            load_lora_weights(model, init_from.path)
+        stopper = EarlyStopping(model, val_rows, config, pad_id=0, hooks=hooks)
         trainer.add_callback(_EpochEnd(stopper, has_validation=bool(val_rows)))
         with torch_threads(threads_for(model)):
             started = time.perf_counter()
@@ -264,22 +256,16 @@ def _dpo_trainer(base: Any, tokenizer: Any, template: AdapterTemplate, config: R
     return trainer
 
 
-def _load_lora_weights(model: Any, adapter_dir: Path) -> None:
-    """Start from a registered adapter's LoRA weights (same template, so same tensors)."""
-    state = load_file(str(Path(adapter_dir) / _ADAPTER_WEIGHTS))
-    result: Any = set_peft_model_state_dict(model, state)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing:
-        raise TrainError(f"{adapter_dir} does not fit the new adapter: unexpected "
-                         f"{sorted(result.unexpected_keys)[:5]}, missing {missing[:5]}")
-
-
 class _EpochEnd(TrainerCallback):
     """Feeds each epoch's train and held-out DPO loss to the trainer's EarlyStopping."""
 
     def __init__(self, stopper: EarlyStopping, has_validation: bool) -> None:
         self.stopper, self.has_validation = stopper, has_validation
         self.train_loss = math.nan
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stopper.steps_done = state.global_step
+        self.stopper.hooks.step(state.global_step, state.max_steps)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
                **kwargs: Any) -> None:

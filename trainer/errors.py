@@ -10,6 +10,7 @@
     ├── QuantizationUnavailableError  QLoRA asked for where CUDA or bitsandbytes is missing
     ├── TrainError                  training cannot start or produced nothing usable
     ├── GateFailedError             the trained adapter missed an eval gate; never published
+    ├── RunStopped                  the caller stopped the run (a cancelled fine-tuning job)
     ├── MergeError                  an adapter does not fit its base, or bad merge/parity arguments
     ├── CompositionError            sources, weights or method cannot make an adapter of the template
     └── ParityError                 two ways of running one adapter disagree (merge or serving parity)
@@ -103,6 +104,10 @@ class GateFailedError(TrainerError):
             f"{len(failed)} of {len(self.gates)} eval gate(s) failed:\n{lines}\n"
             f"the adapter was not published; it is kept for inspection at {kept_at}"
         )
+
+
+class RunStopped(TrainerError):
+    """Raised by a run's hooks (``trainer.loop.RunHooks``) to stop it where it is."""
 
 
 class MergeError(TrainerError, ValueError):

@@ -69,11 +69,26 @@ def validation_loss(model: Any, examples: Sequence[EncodedExample], batch_size: 
     return total / tokens
 
 
+class RunHooks:
+    """What a caller sees of a run as it goes (a fine-tuning job's events, checkpoints and
+    cancel): called after every optimizer step and every epoch. Either may raise to stop
+    the run (``trainer.errors.RunStopped``); the defaults do nothing."""
+
+    def step(self, step: int, total: int) -> None:
+        """``step`` of ``total`` optimizer steps is done."""
+
+    def epoch(self, stats: EpochStats, step: int, model: Any) -> None:
+        """An epoch ended at optimizer step ``step``; ``model`` holds its LoRA weights."""
+
+
 class EarlyStopping:
     """Validation after each epoch; remembers the best weights and says when to stop."""
 
-    def __init__(self, model: Any, validation: Sequence[Any], config: RunConfig, pad_id: int) -> None:
+    def __init__(self, model: Any, validation: Sequence[Any], config: RunConfig, pad_id: int,
+                 hooks: RunHooks | None = None) -> None:
         self.model, self.validation, self.config, self.pad_id = model, validation, config, pad_id
+        self.hooks = hooks or RunHooks()
+        self.steps_done = 0  # optimizer steps, as the hooks count them
         self.history: list[EpochStats] = []
         self.best_epoch = 0
         self.stopped_early = False
@@ -94,6 +109,7 @@ class EarlyStopping:
     def record(self, train_loss: float, val: float | None) -> bool:
         """Record an epoch whose validation loss was measured elsewhere (DPO's, by TRL)."""
         self.history.append(EpochStats(len(self.history) + 1, train_loss, val))
+        self.hooks.epoch(self.history[-1], self.steps_done, self.model)
         if not self.active or val is None:
             self.best_epoch = len(self.history)
             return False
@@ -154,6 +170,8 @@ def train_loop(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update()
+            stopper.steps_done = step + 1
+            stopper.hooks.step(step + 1, len(plan))
             if step + 1 < len(plan) and plan[step + 1][0] == epoch:
                 continue
             loss = epoch_loss / epoch_tokens

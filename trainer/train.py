@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from adapters_registry import (
@@ -49,7 +50,7 @@ from trainer.evals import (
 )
 from trainer.gate_result import GateResult
 from trainer.hygiene import DataReport, Message
-from trainer.loop import EarlyStopping, EpochStats, train_loop
+from trainer.loop import EarlyStopping, EpochStats, RunHooks, train_loop
 from trainer.provenance import (
     TRAINING_CONFIG_FILE,
     adapter_manifest,
@@ -65,6 +66,16 @@ logger = logging.getLogger(__name__)
 GOLDEN_RENDER_FILE = "golden_render.txt"
 EVAL_REPORT_FILE = "eval_report.json"  # only in a refused run's folder: the registry refuses it
 FAILED_SUFFIX = ".failed"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class InitAdapter:
+    """A registered adapter version a run continues (``--init-from``, a job's ``model``)."""
+
+    path: Path  # a folder holding its verified files
+    ref: str  # tenant/name@vN
+    content_sha256: str
 
 
 @dataclass(frozen=True)
@@ -119,8 +130,14 @@ def train_adapter(
     golden: EvalSet | None = None,
     regression: EvalSet | None = None,
     progress: bool = False,
+    validation: ChatDataset | None = None,
+    init_from: InitAdapter | None = None,
+    hooks: RunHooks | None = None,
 ) -> TrainResult:
     """Train an adapter of ``template`` on ``dataset``, evaluate it, and write it to out_dir.
+
+    ``validation``: held-out examples (else ``validation_fraction`` of ``dataset``);
+    ``init_from``: start from a registered version's LoRA weights; ``hooks``: see RunHooks.
 
     Raises GateFailedError (after keeping the adapter at ``<out_dir>.failed``) when an
     eval gate is missed; ``out_dir`` then does not exist.
@@ -131,14 +148,17 @@ def train_adapter(
         raise FileExistsError(f"{out_dir} already exists; adapter versions are never overwritten")
     contract = derive_contract(base_dir, base_model_id)
     require_template_base(contract, template)
+    if init_from is not None:
+        require_compatible(init_from.path, contract, template)
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     check_chat_template(tokenizer, contract)
-    data = prepare_data(dataset, config, golden.prompts() if golden else (), golden.path if golden else None)
+    data = prepare_data(dataset, config, golden.prompts() if golden else (), golden.path if golden else None,
+                        held_out=validation)
     usable, truncated = _encode(tokenizer, data.train, config.max_length)
-    validation = [e for e in (encode_example(tokenizer, m, config.max_length) for m in data.validation)
-                  if e.trained_tokens > 0]
-    if config.max_val_perplexity is not None and not validation:
+    held_out = [e for e in (encode_example(tokenizer, m, config.max_length) for m in data.validation)
+                if e.trained_tokens > 0]
+    if config.max_val_perplexity is not None and not held_out:
         raise TrainError(
             f"max_val_perplexity is set but no validation examples exist ({data.report.train} "
             f"examples, validation_fraction={config.validation_fraction}); raise validation_fraction "
@@ -153,10 +173,12 @@ def train_adapter(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
+    if init_from is not None:
+        load_lora_weights(model, init_from.path)
     pad_id = _pad_id(tokenizer)
     with torch_threads(threads_for(model)):
         started = time.perf_counter()
-        stopper = EarlyStopping(model, validation, config, pad_id)
+        stopper = EarlyStopping(model, held_out, config, pad_id, hooks)
         train_loop(model, usable, config, pad_id, stopper, progress)
         stopper.restore_best()
         seconds = time.perf_counter() - started
@@ -173,12 +195,14 @@ def train_adapter(
         golden=golden_result, regression=regression_result,
         train_seconds=seconds, eval_seconds=eval_seconds,
     )
+    stage = {} if init_from is None else {
+        "init_from": {"ref": init_from.ref, "content_sha256": init_from.content_sha256}}
     manifest = adapter_manifest(
         contract, template, dataset_sha256=dataset.sha256, seed=config.seed,
-        run_config=config.to_dict(), metrics=_metrics(report, usable, golden, regression),
+        run_config=config.to_dict() | stage, metrics=_metrics(report, usable, golden, regression),
     )
     training_config = {
-        "run_config": config.to_dict(),
+        "run_config": config.to_dict() | stage,
         "template": template.to_dict(),
         "dataset": {
             "path_name": dataset.path.name,
@@ -186,6 +210,9 @@ def train_adapter(
             "examples": len(dataset.examples),
             "duplicates_removed": dataset.duplicates_removed,
         },
+        **({} if validation is None else {"validation_dataset": {
+            "path_name": validation.path.name, "sha256": validation.sha256,
+            "examples": len(validation.examples)}}),
         "data": data.report.to_dict(),
         "eval_sets": {name: {"path_name": s.path.name, "sha256": s.sha256, "prompts": len(s.items)}
                       for name, s in (("golden", golden), ("regression", regression)) if s is not None},
@@ -245,6 +272,17 @@ def write_adapter(
             (tmp / EVAL_REPORT_FILE).write_text(json.dumps(details, indent=2) + "\n", encoding="utf-8")
     if not report.passed:
         raise GateFailedError(report.gates, target, report)
+
+
+def load_lora_weights(model: Any, adapter_dir: Path) -> None:
+    """Start from a registered adapter's LoRA weights (same template, so same tensors)."""
+    state = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    result: Any = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise TrainError(f"{adapter_dir} does not fit the new adapter: unexpected "
+                         f"{sorted(result.unexpected_keys)[:5]}, missing {missing[:5]}")
+
 
 
 def _metrics(

@@ -1,0 +1,350 @@
+"""A fine-tuning worker: takes jobs from the registry's queue (``adapters_registry.jobs``) and
+runs them with this trainer, for one base model.
+
+For each job it claims, a worker either validates its files (the trainer's own loaders,
+then the training tokens against the tenant's ``max_training_tokens``) and queues it, or
+trains it: the base's frozen template, the method's defaults with the job's
+hyperparameters, its held-out validation file if any, and the tenant's adapter to continue
+from if the job's ``model`` names one. Every epoch is an event (losses) and a checkpoint
+(the LoRA weights, in the artifact store); the data report and every gate are events. A job
+whose gates pass is published as a new version of the tenant's adapter (``suffix``, else
+``ft-<job>``), moving no alias; a job whose gates fail publishes nothing.
+
+While it runs, a heartbeat thread renews the job's lease every ``heartbeat_s``; when the
+job is cancelled (or the lease lost) the next optimizer step stops the run. A worker asked
+to stop (``stop``) ends its run the same way and fails the job with ``worker_stopped``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters_registry import (
+    Job,
+    Jobs,
+    NotFoundError,
+    Registry,
+    RegistryError,
+    parse_qualified_model,
+    sha256_file,
+    to_trainer_jsonl,
+)
+from trainer.config import RunConfig
+from trainer.errors import GateFailedError, RunStopped, TrainerError
+from trainer.loop import EpochStats, RunHooks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    name: str  # shown in job rows and the audit trail; unique per worker process
+    base_dir: Path  # the base model's directory (the base of the jobs this worker takes)
+    base_model_id: str
+    lease_s: float = 30.0  # a job whose worker stops renewing for this long is failed
+    heartbeat_s: float = 2.0  # how often the lease is renewed and a cancel noticed
+    poll_s: float = 2.0  # how long an idle worker waits before it looks for work again
+    scratch: Path | None = None  # where runs write (default: the system's temporary folder)
+
+
+class Worker:
+    def __init__(self, registry: Registry, options: WorkerOptions) -> None:
+        self.registry = registry
+        self.options = options
+        self.jobs: Jobs = registry.jobs
+        self.stop = threading.Event()
+        self._tokenizer: Any = None
+
+    def template_ids(self) -> list[str]:
+        return [t.template_id for _, t in self.registry.catalog.templates(self.options.base_model_id)]
+
+    def run(self) -> None:
+        """Take and run jobs until ``stop`` is set."""
+        logger.info("fine-tuning worker %s: jobs for %s", self.options.name, self.options.base_model_id)
+        while not self.stop.is_set():
+            try:
+                worked = self.run_once()
+            except RegistryError as exc:  # the database or store is away: try again later
+                logger.warning("fine-tuning worker %s: %s", self.options.name, exc)
+                worked = False
+            if not worked:
+                self.stop.wait(self.options.poll_s)
+
+    def run_once(self) -> bool:
+        """Claim one job and run it (validate or train); False when there was none."""
+        job = self.jobs.claim(self.options.name, template_ids=self.template_ids(),
+                              lease_s=self.options.lease_s)
+        if job is None:
+            return False
+        logger.info("job %s (%s): %s", job.id, job.tenant, job.status)
+        with self._heartbeat(job) as lost, tempfile.TemporaryDirectory(
+                prefix=f"lgw-{job.id}-", dir=self.options.scratch) as scratch:
+            try:
+                if job.status == "validating_files":
+                    self._validate(job, Path(scratch))
+                else:
+                    self._train(job, Path(scratch), lost)
+            except RunStopped:
+                if self.stop.is_set() and not lost.is_set():
+                    self.jobs.fail(job.id, self.options.name, "worker_stopped",
+                                   "the worker was shut down during the run; nothing was "
+                                   "published: create the job again")
+                logger.info("job %s: run stopped", job.id)
+            except TrainerError as exc:
+                self._fail(job, "training_error", str(exc))
+            except RegistryError as exc:
+                self._fail(job, "registry_error", str(exc))
+            except Exception as exc:  # a bug must fail the job, not kill the worker
+                logger.exception("job %s failed", job.id)
+                self._fail(job, "internal_error", f"the worker failed: {type(exc).__name__}: {exc}")
+        return True
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _validate(self, job: Job, scratch: Path) -> None:
+        config = self._config(job)
+        train, validation = self._datasets(job, scratch)
+        if train is None:
+            return
+        from trainer.data import prepare_data
+        from trainer.preference import prepare_preferences
+
+        prepare: Any = prepare_preferences if job.method == "dpo" else prepare_data
+        gated = (config.preference_min_accuracy is not None or config.preference_min_margin is not None
+                 if job.method == "dpo" else config.max_val_perplexity is not None)
+        report = prepare(train, config, held_out=validation).report
+        self.jobs.event(job.id, f"Training file: {report.read} examples, {report.train} to train on, "
+                        f"{report.validation} held out", data=report.to_dict())
+        if gated and not report.validation:
+            self._fail(job, "invalid_training_file",
+                       f"the job's gates need held-out examples, and none remain ({report.train} "
+                       f"examples, validation_fraction {config.validation_fraction}): give a "
+                       "validation_file or more examples", "validation_file")
+            return
+        tokens = self._tokens(job, train, config) * config.epochs
+        limit = job.limits.max_training_tokens
+        if limit is not None and tokens > limit:
+            self._fail(job, "exceeds_token_limit",
+                       f"the training file trains {tokens} tokens ({tokens // config.epochs} per "
+                       f"epoch x {config.epochs} epochs), over this tenant's limit of {limit} "
+                       "(max_training_tokens): use fewer examples or epochs", "training_file")
+            return
+        self.jobs.validated(job.id, self.options.name, tokens)
+
+    def _tokens(self, job: Job, dataset: Any, config: RunConfig) -> int:
+        """Tokens per epoch: every token of every example, as it is rendered for training."""
+        tokenizer = self._tokenizer_once()
+        if job.method == "dpo":
+            from trainer.dpo import encode_pairs
+
+            rows, _ = encode_pairs(tokenizer, dataset.pairs, config.max_length)
+            return sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+        from trainer.sft import encode_example
+
+        return sum(len(encode_example(tokenizer, m, config.max_length).input_ids) for m in dataset.examples)
+
+    # -- training -----------------------------------------------------------------------
+
+    def _train(self, job: Job, scratch: Path, lost: threading.Event) -> None:
+        config = self._config(job)
+        train, validation = self._datasets(job, scratch)
+        if train is None:
+            return
+        init = self._init_adapter(job, scratch / "init") if job.init_version else None
+        hooks = _JobHooks(self, job, lost, config.epochs)
+        template = self.registry.get_template(job.template_id)
+        out = scratch / "adapter"
+        self.jobs.event(job.id, f"Training {job.method} on {len(_items(train))} examples for up to "
+                        f"{config.epochs} epochs (batch {config.batch_size}, learning rate "
+                        f"{config.learning_rate:g}, seed {config.seed})"
+                        + (f", continuing {init.ref}" if init else ""))
+        try:
+            if job.method == "dpo":
+                from trainer.dpo import train_dpo_adapter
+
+                result = train_dpo_adapter(self.options.base_dir, template.base_model_id, template, train,
+                                           config, out, init_from=init, validation=validation,
+                                           hooks=hooks)
+            else:
+                from trainer.train import train_adapter
+
+                result = train_adapter(self.options.base_dir, template.base_model_id, template, train,
+                                       config, out, init_from=init, validation=validation, hooks=hooks)
+        except GateFailedError as exc:
+            if exc.report is not None:
+                self._report(job, exc.report)
+            failed = "; ".join(str(g) for g in exc.gates if not g.passed)
+            self._fail(job, "gates_failed", f"the adapter missed its gates, nothing was published: "
+                                            f"{failed}")
+            return
+        self._report(job, result.report)
+        if not self.jobs.begin_publish(job.id, self.options.name):
+            return  # cancelled while the last step ran
+        version = self.registry.push(job.tenant, job.adapter_name, result.out_dir,
+                                     template_id=job.template_id)
+        self.jobs.succeed(job.id, self.options.name, f"{job.adapter_name}@v{version.version}")
+        logger.info("job %s: published %s", job.id, version.ref)
+
+    def _report(self, job: Job, report: Any) -> None:
+        d = report.data
+        self.jobs.event(job.id, f"Data: {d.read} read, {d.exact_duplicates} exact and "
+                        f"{d.near_duplicates} near duplicates and {d.contaminated} contaminated "
+                        f"dropped, {d.train} trained on, {d.validation} held out; "
+                        f"{report.truncated} truncated", data=d.to_dict())
+        for gate in report.gates:
+            self.jobs.event(job.id, f"Gate {gate}", level="info" if gate.passed else "error",
+                            data={"gate": gate.name, "passed": gate.passed, "measured": gate.measured,
+                                  "comparison": gate.comparison, "threshold": gate.threshold})
+        if not report.gates:
+            self.jobs.event(job.id, "Gates: none configured for this job")
+
+    def checkpoint(self, job: Job, stats: EpochStats, step: int, model: Any) -> None:
+        """One epoch's LoRA weights into the store, and the job's checkpoint row."""
+        with tempfile.TemporaryDirectory(prefix="lgw-ckpt-", dir=self.options.scratch) as folder:
+            model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+            files = {}
+            for path in sorted(Path(folder).iterdir()):
+                if path.is_file() and path.name != "README.md":
+                    digest = sha256_file(path)
+                    self.registry.store.put(path, digest)
+                    files[path.name] = digest
+        metrics = {"train_loss": stats.train_loss, "valid_loss": stats.val_loss, "epoch": stats.epoch}
+        self.jobs.add_checkpoint(job.id, step, stats.epoch, metrics, files)
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _config(self, job: Job) -> RunConfig:
+        method = "dpo" if job.method == "dpo" else "sft"
+        defaults = RunConfig.for_method(method, {})
+        hp = job.hyperparameters
+        knobs: dict[str, Any] = {"seed": job.seed, **job.gates}
+        if "n_epochs" in hp:
+            knobs["epochs"] = hp["n_epochs"]
+        if "batch_size" in hp:
+            knobs["batch_size"] = hp["batch_size"]
+        if "learning_rate_multiplier" in hp:
+            knobs["learning_rate"] = defaults.learning_rate * hp["learning_rate_multiplier"]
+        if "beta" in hp:
+            knobs["beta"] = hp["beta"]
+        return RunConfig.for_method(method, knobs)
+
+    def _datasets(self, job: Job, scratch: Path) -> tuple[Any, Any]:
+        """The job's training and validation sets, read by the trainer's own loaders; (None,
+        None) after failing the job when a file is gone or does not load."""
+        from trainer.data import load_chat_jsonl
+        from trainer.preference import load_preference_jsonl
+
+        load: Any = load_preference_jsonl if job.method == "dpo" else load_chat_jsonl
+        loaded: list[Any] = []
+        for param, file_id in (("training_file", job.training_file),
+                               ("validation_file", job.validation_file)):
+            if file_id is None:
+                loaded.append(None)
+                continue
+            try:
+                file = self.registry.files.get(job.tenant, file_id)
+            except NotFoundError:
+                self._fail(job, "invalid_file", f"{param} {file_id} was deleted", param)
+                return None, None
+            # named as the tenant named it: the manifest and any error message show that name
+            path = scratch / param / Path(file.filename).name
+            path.parent.mkdir()
+            path.write_bytes(to_trainer_jsonl(self.registry.files.read_object(file), file.format))
+            try:
+                loaded.append(load(path))
+            except TrainerError as exc:
+                message = str(exc).replace(str(path), file.filename)
+                self._fail(job, "invalid_file", f"{param} {file_id}: {message}", param)
+                return None, None
+        return loaded[0], loaded[1]
+
+    def _init_adapter(self, job: Job, folder: Path) -> Any:
+        from trainer.train import InitAdapter
+
+        assert job.init_version is not None
+        tenant, model = parse_qualified_model(job.init_version)
+        version = self.registry.resolve(self.registry.get_tenant(tenant), str(model))
+        self.registry.fetch(version, folder)  # every file verified against its sha256
+        return InitAdapter(folder, version.ref, version.content_sha256)
+
+    def _tokenizer_once(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.options.base_dir)
+        return self._tokenizer
+
+    def _fail(self, job: Job, code: str, message: str, param: str | None = None) -> None:
+        if self.jobs.fail(job.id, self.options.name, code, message, param):
+            logger.info("job %s failed (%s): %s", job.id, code, message)
+
+    @contextlib.contextmanager
+    def _heartbeat(self, job: Job) -> Iterator[threading.Event]:
+        """Renews the job's lease until the block ends; the event is set once the job is no
+        longer this worker's (cancelled, failed, lease lost) or the worker is told to stop."""
+        lost, done = threading.Event(), threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.options.heartbeat_s):
+                try:
+                    if not self.jobs.heartbeat(job.id, self.options.name, self.options.lease_s):
+                        lost.set()
+                        return
+                except RegistryError as exc:  # keep trying: the lease outlives a short outage
+                    logger.warning("job %s: heartbeat failed: %s", job.id, exc)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat {job.id}", daemon=True)
+        thread.start()
+        try:
+            yield lost
+        finally:
+            done.set()
+            thread.join()
+
+
+class _JobHooks(RunHooks):
+    def __init__(self, worker: Worker, job: Job, lost: threading.Event, epochs: int) -> None:
+        self.worker, self.job, self.lost, self.epochs = worker, job, lost, epochs
+        self.started = time.monotonic()
+
+    def step(self, step: int, total: int) -> None:
+        if self.lost.is_set() or self.worker.stop.is_set():
+            raise RunStopped(f"job {self.job.id} stopped at step {step} of {total}")
+
+    def epoch(self, stats: EpochStats, step: int, model: Any) -> None:
+        valid = "" if stats.val_loss is None else f", validation loss={stats.val_loss:.4f}"
+        self.worker.jobs.event(
+            self.job.id, f"Epoch {stats.epoch}/{self.epochs}: step {step}, training loss="
+                         f"{stats.train_loss:.4f}{valid} ({time.monotonic() - self.started:.0f} s)",
+            type="metrics", data={"step": step, "epoch": stats.epoch, "train_loss": stats.train_loss,
+                                  "valid_loss": stats.val_loss})
+        self.worker.checkpoint(self.job, stats, step, model)
+        self.step(step, step)
+
+
+def _items(dataset: Any) -> list[Any]:
+    return list(getattr(dataset, "pairs", None) or getattr(dataset, "examples", []))
+
+
+def run_worker(registry: Registry, options: WorkerOptions, *, once: bool = False) -> int:
+    worker = Worker(registry, options)
+    if once:
+        while worker.run_once():
+            pass
+        return 0
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        worker.stop.set()
+    return 0
+
+
+__all__ = ["Worker", "WorkerOptions", "run_worker"]
