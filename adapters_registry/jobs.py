@@ -13,8 +13,9 @@ the claim takes rows ``FOR UPDATE SKIP LOCKED``, so workers never wait on each o
 rows, and locks the tenant's row while it counts that tenant's running jobs, so two
 workers cannot both take a tenant's last slot; SQLite (the embedded default) runs one
 worker. A claimed job carries a lease its worker renews (``heartbeat``); a worker that
-stops renewing loses it: a validation is handed to the next worker, a training run fails
-with ``worker_lost`` (its events and checkpoints kept, nothing published).
+stops renewing loses it: a validation is handed to the next worker, a training run is
+queued again and resumes from its last checkpoint, once; lost a second time it fails with
+``worker_lost`` (its events and checkpoints kept, nothing published).
 
 Publication is one step the tenant can no longer cancel (``begin_publish``), then the
 registry's own push: a version appears whole or not at all, and it moves no alias.
@@ -67,6 +68,7 @@ from adapters_registry.job_records import (
 from adapters_registry.tenancy import Tenancy
 
 logger = logging.getLogger(__name__)
+MAX_ATTEMPTS = 2  # a run whose worker is lost resumes once from its checkpoint, then fails
 
 class Jobs:
     def __init__(self, db: Engine, catalog: Catalog, tenancy: Tenancy, files: Files, *,
@@ -248,8 +250,11 @@ class Jobs:
                 if cap is not None and running >= cap:
                     full.add(row.tenant_id)
                     continue
+                attempt = row.extra.get("attempts", 0) + 1
                 row.status, row.worker, row.lease_until = "running", worker, until
-                _event(s, row.id, "Fine-tuning job started")
+                row.extra = {**row.extra, "attempts": attempt}
+                _event(s, row.id, "Fine-tuning job started"
+                       + (f" (attempt {attempt}, resuming)" if attempt > 1 else ""))
                 return job_record(row, self._tenant_name(s, row))
         return None
 
@@ -290,6 +295,12 @@ class Jobs:
             s.flush()
             return checkpoint_record(row)
 
+    def latest_checkpoint(self, job_id: str) -> Checkpoint | None:
+        with Session(self.db) as s:
+            row = s.scalar(select(JobCheckpointRow).filter_by(job_id=job_id)
+                           .order_by(JobCheckpointRow.step.desc()).limit(1))
+            return None if row is None else checkpoint_record(row)
+
     def begin_publish(self, job_id: str, worker: str) -> bool:
         """From here the job publishes and cannot be cancelled; False if it was cancelled."""
         with Session(self.db) as s, s.begin():
@@ -322,8 +333,9 @@ class Jobs:
             return True
 
     def reap(self, now: datetime | None = None) -> int:
-        """Jobs whose worker stopped renewing its lease: validations go back to the queue's
-        head, training runs fail with ``worker_lost``. How many were found."""
+        """Jobs whose worker stopped renewing its lease. A validation goes back to the queue's
+        head; a run is queued again to resume from its last checkpoint, once
+        (``MAX_ATTEMPTS``), then fails with ``worker_lost``. How many were found."""
         now = now or datetime.now(UTC)
         with Session(self.db) as s, s.begin():
             rows = s.scalars(select(JobRow).where(
@@ -337,14 +349,21 @@ class Jobs:
                            level="warn")
                     continue
                 last = s.scalar(select(func.max(JobCheckpointRow.epoch)).filter_by(job_id=row.id))
-                published = ("it was publishing: a version of " + row.extra.get("adapter", "?")
-                             + " may exist whole (a push is atomic)" if row.extra.get("publishing")
-                             else "nothing was published")
-                self._fail(s, row, "worker_lost",
-                           f"the worker running this job ({lost}) stopped renewing its lease at "
+                stopped = (f"the worker running this job ({lost}) stopped renewing its lease at "
                            f"{as_utc(row.lease_until or now).isoformat()}"
-                           + (f" after epoch {last}" if last else "")
-                           + f"; {published}; its events and checkpoints are kept: "
+                           + (f" after epoch {last}" if last else ""))
+                publishing = row.extra.get("publishing")
+                if not publishing and row.extra.get("attempts", 1) < MAX_ATTEMPTS:
+                    row.status, row.worker, row.lease_until = "queued", None, None
+                    _event(s, row.id, f"{stopped}; queued again to resume from "
+                           + ("its last checkpoint" if last else "the start"), level="warn")
+                    continue
+                published = ("it was publishing: a version of " + row.extra.get("adapter", "?")
+                             + " may exist whole (a push is atomic)" if publishing
+                             else "nothing was published")
+                tries = "" if publishing else f" (attempt {row.extra.get('attempts', 1)} of {MAX_ATTEMPTS})"
+                self._fail(s, row, "worker_lost",
+                           f"{stopped}{tries}; {published}; its events and checkpoints are kept: "
                            "create the job again to train it")
             return len(rows)
 

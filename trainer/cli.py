@@ -112,8 +112,13 @@ def run_worker(args: argparse.Namespace) -> int:
     if not (args.base_dir / "config.json").is_file():
         return report_error(UsageError(f"--base-dir {args.base_dir}: no model folder there (no config.json)"))
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    registry = Registry.open(args.db, args.artifacts, actor=f"worker:{name}")
+    registry: Registry | None = None
     try:
+        # The schema is the migration's business (`registry migrate`, the chart's hook Job), as
+        # for the gateway: a worker never migrates on start.
+        registry = Registry.open(args.db, args.artifacts, actor=f"worker:{name}",
+                                 s3_endpoint_url=args.s3_endpoint, s3_region=args.s3_region,
+                                 db_lock_timeout_s=args.db_lock_timeout, migrate=False)
         registry.get_base(args.base)
         options = WorkerOptions(name, args.base_dir, args.base, lease_s=args.lease_seconds,
                                 heartbeat_s=min(2.0, args.lease_seconds / 3), poll_s=args.poll_seconds,
@@ -122,7 +127,8 @@ def run_worker(args: argparse.Namespace) -> int:
     except CLI_ERRORS as exc:
         return report_error(exc)
     finally:
-        registry.close()
+        if registry is not None:
+            registry.close()
 
 
 def load_run_config(path: Path | None, overrides: list[str], method: str = "sft") -> Any:
@@ -154,13 +160,17 @@ def load_run_config(path: Path | None, overrides: list[str], method: str = "sft"
 
 def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = Registry.open(args.db, args.artifacts)
+    registry: Registry | None = None
     try:
+        registry = Registry.open(args.db, args.artifacts, actor=args.actor,
+                                 s3_endpoint_url=args.s3_endpoint, s3_region=args.s3_region,
+                                 db_lock_timeout_s=args.db_lock_timeout)
         return _train(args, registry)
     except CLI_ERRORS as exc:
         return report_error(exc)
     finally:
-        registry.close()
+        if registry is not None:
+            registry.close()
 
 
 def report_error(exc: Exception) -> int:

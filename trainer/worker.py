@@ -18,7 +18,9 @@ to stop (``stop``) ends its run the same way and fails the job with ``worker_sto
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import signal
 import tempfile
 import threading
 import time
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_registry import (
+    Checkpoint,
     Job,
     Jobs,
     NotFoundError,
@@ -35,6 +38,7 @@ from adapters_registry import (
     RegistryError,
     parse_qualified_model,
     sha256_file,
+    sha256_json,
     to_trainer_jsonl,
 )
 from trainer.config import RunConfig
@@ -159,7 +163,12 @@ class Worker:
         if train is None:
             return
         init = self._init_adapter(job, scratch / "init") if job.init_version else None
-        hooks = _JobHooks(self, job, lost, config.epochs)
+        total_epochs, done = config.epochs, None
+        latest = self.jobs.latest_checkpoint(job.id)
+        if latest is not None and latest.epoch < config.epochs:  # a lost worker's run goes on
+            init, config = self._resume(job, latest, config, scratch / "resume")
+            done = latest
+        hooks = _JobHooks(self, job, lost, total_epochs, done)
         template = self.registry.get_template(job.template_id)
         out = scratch / "adapter"
         self.jobs.event(job.id, f"Training {job.method} on {len(_items(train))} examples for up to "
@@ -193,6 +202,26 @@ class Worker:
         self.jobs.succeed(job.id, self.options.name, f"{job.adapter_name}@v{version.version}")
         logger.info("job %s: published %s", job.id, version.ref)
 
+    def _resume(self, job: Job, latest: Checkpoint, config: RunConfig,
+                folder: Path) -> tuple[Any, RunConfig]:
+        """Start from a checkpoint: its LoRA weights, the epochs left, and the learning rate
+        the schedule had reached there, decaying as before (exact for the linear and constant
+        schedules; the optimizer's moments and early stopping's patience start afresh)."""
+        from trainer.loop import lr_factor
+        from trainer.train import InitAdapter
+
+        folder.mkdir(parents=True)
+        for name, digest in latest.files.items():
+            self.registry.store.get(digest, folder / name)  # verified against its sha256
+        total_steps = max(latest.step + 1, round(latest.step / latest.epoch * config.epochs))
+        rate = config.learning_rate * lr_factor(latest.step, total_steps, config.warmup_steps,
+                                                config.scheduler)
+        resumed = dataclasses.replace(config, epochs=config.epochs - latest.epoch, learning_rate=rate,
+                                      warmup_steps=0)
+        self.jobs.event(job.id, f"Resuming from checkpoint {latest.id} (epoch {latest.epoch} of "
+                        f"{config.epochs}, step {latest.step}) at learning rate {rate:.3g}")
+        return InitAdapter(folder, f"{job.tenant}/{job.id}:{latest.id}", sha256_json(latest.files)), resumed
+
     def _report(self, job: Job, report: Any) -> None:
         d = report.data
         self.jobs.event(job.id, f"Data: {d.read} read, {d.exact_duplicates} exact and "
@@ -209,6 +238,8 @@ class Worker:
     def checkpoint(self, job: Job, stats: EpochStats, step: int, model: Any) -> None:
         """One epoch's LoRA weights into the store, and the job's checkpoint row."""
         with tempfile.TemporaryDirectory(prefix="lgw-ckpt-", dir=self.options.scratch) as folder:
+            # named by its base's id, not this machine's path (as the published adapter is)
+            model.peft_config["default"].base_model_name_or_path = self.options.base_model_id
             model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
             files = {}
             for path in sorted(Path(folder).iterdir()):
@@ -311,8 +342,12 @@ class Worker:
 
 
 class _JobHooks(RunHooks):
-    def __init__(self, worker: Worker, job: Job, lost: threading.Event, epochs: int) -> None:
+    """Events, checkpoints and stops; a resumed run counts on from its checkpoint."""
+
+    def __init__(self, worker: Worker, job: Job, lost: threading.Event, epochs: int,
+                 resumed: Checkpoint | None) -> None:
         self.worker, self.job, self.lost, self.epochs = worker, job, lost, epochs
+        self.epoch_offset, self.step_offset = (resumed.epoch, resumed.step) if resumed else (0, 0)
         self.started = time.monotonic()
 
     def step(self, step: int, total: int) -> None:
@@ -320,6 +355,8 @@ class _JobHooks(RunHooks):
             raise RunStopped(f"job {self.job.id} stopped at step {step} of {total}")
 
     def epoch(self, stats: EpochStats, step: int, model: Any) -> None:
+        stats = dataclasses.replace(stats, epoch=stats.epoch + self.epoch_offset)
+        step += self.step_offset
         valid = "" if stats.val_loss is None else f", validation loss={stats.val_loss:.4f}"
         self.worker.jobs.event(
             self.job.id, f"Epoch {stats.epoch}/{self.epochs}: step {step}, training loss="
@@ -327,7 +364,8 @@ class _JobHooks(RunHooks):
             type="metrics", data={"step": step, "epoch": stats.epoch, "train_loss": stats.train_loss,
                                   "valid_loss": stats.val_loss})
         self.worker.checkpoint(self.job, stats, step, model)
-        self.step(step, step)
+        if self.lost.is_set() or self.worker.stop.is_set():
+            raise RunStopped(f"job {self.job.id} stopped after epoch {stats.epoch}")
 
 
 def _items(dataset: Any) -> list[Any]:
@@ -335,15 +373,24 @@ def _items(dataset: Any) -> list[Any]:
 
 
 def run_worker(registry: Registry, options: WorkerOptions, *, once: bool = False) -> int:
+    """The worker command's loop: SIGTERM or SIGINT stops it, failing a run in progress as
+    ``worker_stopped`` at its next step (the pod's grace period must cover one step)."""
     worker = Worker(registry, options)
-    if once:
-        while worker.run_once():
-            pass
-        return 0
-    try:
-        worker.run()
-    except KeyboardInterrupt:
+
+    def stop(signum: int, _: Any) -> None:
+        logger.info("fine-tuning worker %s: %s, stopping", options.name, signal.Signals(signum).name)
         worker.stop.set()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if once:
+            while not worker.stop.is_set() and worker.run_once():
+                pass
+        else:
+            worker.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 

@@ -220,7 +220,7 @@ def test_cancel_is_at_once_and_the_worker_learns_it_on_its_next_heartbeat(reg) -
     assert not reg.jobs.fail(job.id, "w1", "x", "late"), "nor is it failed afterwards"
 
 
-def test_a_lost_worker_fails_its_run_cleanly_and_its_validation_is_retried(reg) -> None:
+def test_a_lost_worker_s_validation_is_retried_and_its_run_resumes_once_then_fails(reg) -> None:
     a, b = (create(reg, training_file=upload(reg)) for _ in range(2))
     claim(reg)
     reg.jobs.validated(a.id, "w1", 10)
@@ -232,9 +232,15 @@ def test_a_lost_worker_fails_its_run_cleanly_and_its_validation_is_retried(reg) 
     assert run.id == a.id
     reg.jobs.add_checkpoint(a.id, 3, 1, {"train_loss": 1.5}, {})
     reg.jobs.reap(datetime.now(UTC) + timedelta(seconds=1))
+    requeued = reg.jobs.get("acme", a.id)
+    assert (requeued.status, requeued.worker) == ("queued", None)
+    assert "queued again to resume from its last checkpoint" in reg.jobs.events("acme", a.id)[0][0].message
+    assert claim(reg, "w4", lease_s=0.0).id == a.id  # the second attempt, lost again
+    reg.jobs.reap(datetime.now(UTC) + timedelta(seconds=1))
     failed = reg.jobs.get("acme", a.id)
     assert failed.status == "failed" and failed.error["code"] == "worker_lost"
-    assert "after epoch 1" in failed.error["message"] and "nothing was published" in failed.error["message"]
+    message = failed.error["message"]
+    assert "after epoch 1" in message and "attempt 2 of 2" in message and "nothing was published" in message
     assert [c.step for c in reg.jobs.checkpoints("acme", a.id)[0]] == [3]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -154,3 +155,51 @@ def test_the_worker_command_runs_the_queue_and_refuses_bad_input_in_one_line(env
     assert "no model folder there" in capsys.readouterr().err
     assert main(["worker", *common, "--base-dir", str(registry_env.base.path), "--base", base,
                  "--lease-seconds", "0"]) == 2
+
+
+def test_a_worker_told_to_stop_fails_its_run_as_worker_stopped(env) -> None:
+    reg, worker, base = env
+    job = submit(reg, base, chat_file(), hyperparameters={"n_epochs": 50, "batch_size": 1})
+    worker.run_once()
+
+    def stop_after_first_epoch() -> None:
+        while not reg.jobs.checkpoints("acme", job.id)[0]:
+            threading.Event().wait(0.05)
+        worker.stop.set()  # what SIGTERM does (trainer.worker.run_worker)
+
+    stopper = threading.Thread(target=stop_after_first_epoch)
+    stopper.start()
+    worker.run_once()
+    stopper.join()
+    stopped = reg.jobs.get("acme", job.id)
+    assert (stopped.status, stopped.error["code"]) == ("failed", "worker_stopped")
+    assert "nothing was published" in stopped.error["message"]
+
+
+def test_a_run_whose_worker_was_lost_resumes_from_its_last_checkpoint(env) -> None:
+    reg, worker, base = env
+    # a real first epoch's weights: another job's epoch-1 checkpoint
+    donor = submit(reg, base, chat_file(), hyperparameters={"n_epochs": 1, "batch_size": 4})
+    worker.run_once()
+    worker.run_once()
+    (epoch1,) = reg.jobs.checkpoints("acme", donor.id)[0]
+    job = submit(reg, base, chat_file(), suffix="resumed", hyperparameters={"n_epochs": 3, "batch_size": 4})
+    worker.run_once()  # validated
+    templates = worker.template_ids()
+    assert reg.jobs.claim("dead", template_ids=templates, lease_s=0.0).id == job.id
+    reg.jobs.add_checkpoint(job.id, epoch1.step, 1, epoch1.metrics, epoch1.files)  # then it died
+    reg.jobs.reap(datetime.now(UTC) + timedelta(seconds=1))
+    assert worker.run_once()
+    done = reg.jobs.get("acme", job.id)
+    assert done.status == "succeeded", done.error
+    events = [e.message for e in reversed(reg.jobs.events("acme", job.id, limit=100)[0])]
+    assert any(m.startswith(f"Resuming from checkpoint {_id(reg, job.id, 1)} (epoch 1 of 3") for m in events)
+    assert [m.split(":")[0] for m in events if m.startswith("Epoch ")] == ["Epoch 2/3", "Epoch 3/3"]
+    steps = [c.step for c in reversed(reg.jobs.checkpoints("acme", job.id)[0])]
+    assert [c.epoch for c in reversed(reg.jobs.checkpoints("acme", job.id)[0])] == [1, 2, 3]
+    assert steps == sorted(steps) and len(set(steps)) == 3
+    assert done.fine_tuned_model == "resumed@v1"
+
+
+def _id(reg, job_id: str, epoch: int) -> str:
+    return next(c.id for c in reg.jobs.checkpoints("acme", job_id)[0] if c.epoch == epoch)
