@@ -7,6 +7,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import math
 import os
 import signal
 import time
@@ -27,15 +28,19 @@ from adapters_registry import (
     ConflictError,
     DatabaseError,
     IncompatibleAdapterError,
+    LimitReachedError,
     NotFoundError,
     Registry,
     RegistryError,
     SourceError,
+    TooLargeError,
     ValidationError,
 )
 from gateway.api.admin import is_upload_path
 from gateway.api.admin import router as admin_router
 from gateway.api.deps import Services
+from gateway.api.fine_tuning import is_file_upload
+from gateway.api.fine_tuning import router as fine_tuning_router
 from gateway.api.middleware import METRICS_PATH, BodySizeLimit, MetricsPortSplit
 from gateway.api.request import RequestEdge
 from gateway.api.routes import router
@@ -114,11 +119,14 @@ def default_limits(settings: GatewaySettings) -> Limits:
 
 
 TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})  # counted against the request rate
+FINE_TUNING_PATHS = ("/v1/files", "/v1/fine_tuning/")  # tenants' data and jobs, not answers
 
 
 def is_inference_path(path: str) -> bool:
     """The answers counted in lgw_requests_total: the inference API, not listings or probes."""
-    return (path.startswith("/v1/") and path != "/v1/models") or path in TOKENIZER_PATHS
+    if path == "/v1/models" or path.startswith(FINE_TUNING_PATHS):
+        return False
+    return path.startswith("/v1/") or path in TOKENIZER_PATHS
 
 
 def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vllm_engine_factory,
@@ -191,7 +199,8 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   max_queued_per_tenant=settings.queue_max_per_tenant,
                                   max_queued=settings.queue_max_total,
                                   deadline_s=settings.queue_deadline_seconds, metrics=metrics)
-        services = Services(settings, tenants, adapters, openai, metrics, admin, quotas, admission)
+        services = Services(settings, tenants, adapters, openai, metrics, admin, quotas, admission,
+                            Registry(registry.db, registry.store, actor="tenant-api"))
         app.state.services = services
         services.warmup_errors, again = await warm_up(tenants, adapters, settings)
         warming = asyncio.create_task(keep_warming(tenants, adapters, again, services.warmup_errors),
@@ -234,11 +243,13 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
 
     app = FastAPI(title="lora-gateway", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(fine_tuning_router)
     # Disabled, the admin routes answer 404 (see require_admin) and are not documented.
     app.include_router(admin_router, include_in_schema=settings.admin_api_key is not None)
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]  # FastAPI's documented override
     _install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, exempt=is_upload_path)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
+                       exempt=lambda path: is_upload_path(path) or is_file_upload(path))
     if settings.metrics_port is not None:
         app.add_middleware(MetricsPortSplit, metrics_port=settings.metrics_port)
     app.add_middleware(RequestEdge, metrics=metrics, counted=is_inference_path,
@@ -285,6 +296,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         status, code = next(((s, c) for kind, s, c in _REGISTRY_STATUS if isinstance(exc, kind)),
                             (400, "invalid_request"))
         kind = "invalid_request_error" if status < 500 else "server_error"
+        if isinstance(exc, LimitReachedError):
+            return JSONResponse(error_body(str(exc), "requests", code), status_code=status,
+                                headers={"Retry-After": str(math.ceil(exc.retry_after))})
         if status < 500:
             return JSONResponse(error_body(str(exc), kind, code), status_code=status)
         message = str(exc)
@@ -336,6 +350,8 @@ _outages = Throttled(logger)
 
 _REGISTRY_STATUS: tuple[tuple[type[RegistryError], int, str], ...] = (
     (NotFoundError, 404, "not_found"),
+    (TooLargeError, 413, "payload_too_large"),
+    (LimitReachedError, 429, "rate_limit_exceeded"),
     (ConflictError, 409, "conflict"),
     (ValidationError, 400, "invalid_value"),
     (SourceError, 400, "invalid_archive"),

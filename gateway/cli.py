@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import typing
+from collections.abc import Callable
 
 from pydantic import SecretStr, ValidationError
 
@@ -84,7 +85,10 @@ def settings_problems(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace,
+        on_started: Callable[[GatewaySettings], Callable[[], None]] | None = None) -> int:
+    """Serve; ``on_started(settings)`` runs once the server accepts requests, and what it
+    returns runs when the server has stopped (the composition's in-process extras)."""
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
@@ -92,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_level, settings.log_format)
     quiet_known_harmless(settings.cache_dir)
-    return serve_settings(settings, args.log_level, command="lora-gateway serve")
+    stops: list[Callable[[], None]] = []
+    started = None if on_started is None else (lambda: stops.append(on_started(settings)))
+    try:
+        return serve_settings(settings, args.log_level, command="lora-gateway serve", on_started=started)
+    finally:
+        for stop in stops:
+            stop()
 
 
 __all__ = ["register", "run", "settings_from_args"]

@@ -32,6 +32,7 @@ class Services:
     admin_registry: Registry  # the same database and store, audited as "admin"
     quotas: Quotas
     admission: FairAdmission
+    tenant_registry: Registry  # the same again, for tenants' own files and jobs, audited as "tenant-api"
     ready: bool = True
     draining: bool = False  # SIGTERM received: finishing requests in flight, then exiting
     warmup_errors: dict[str, str] = field(default_factory=dict)  # ref -> why

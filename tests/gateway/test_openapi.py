@@ -98,4 +98,5 @@ def test_every_admin_answer_has_a_documented_body(tmp_path) -> None:
         name = schema["$ref"].rsplit("/", 1)[-1]
         assert schemas[name].get("properties"), (method, path, name)  # a body, not "any object"
     limits = schemas["Limits"]["properties"]
-    assert set(limits) == {"rpm", "tpm", "concurrency", "max_tokens", "max_prompt_tokens", "weight"}
+    assert set(limits) == {"rpm", "tpm", "concurrency", "max_tokens", "max_prompt_tokens", "weight",
+                           "max_file_bytes", "max_running_jobs", "max_queued_jobs", "max_training_tokens"}

@@ -146,7 +146,8 @@ def test_admin_api_sets_and_reads_limits(gateway_factory) -> None:
     path = "/admin/v1/tenants/acme/limits"
     assert gw.client.get(path, headers=admin).json() == {
         "rpm": None, "tpm": None, "concurrency": None, "max_tokens": None,
-        "max_prompt_tokens": None, "weight": None}
+        "max_prompt_tokens": None, "weight": None, "max_file_bytes": None,
+        "max_running_jobs": None, "max_queued_jobs": None, "max_training_tokens": None}
     put = gw.client.put(path, headers=admin, json={"rpm": 1, "weight": 2.5})
     assert put.status_code == 200 and put.json()["rpm"] == 1
     assert gw.client.get(path, headers=admin).json()["weight"] == 2.5
