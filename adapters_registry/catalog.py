@@ -129,6 +129,21 @@ class Catalog:
                                   "name one with --template")
         return ids[0]
 
+    def frozen_template(self, base: str, template_id: str | None = None) -> str:
+        """The template new adapters of ``base`` are trained from: ``template_id`` when it is
+        one of the base's, else its first registered (NotFoundError when it has none)."""
+        with Session(self.db) as s:
+            ids = list(s.scalars(select(TemplateRow.template_id).join(
+                BaseModelRow, TemplateRow.base_id == BaseModelRow.id).where(
+                BaseModelRow.model_id == base).order_by(TemplateRow.created_at, TemplateRow.template_id)))
+        if not ids:
+            raise NotFoundError(f"base {shown(base)} has no registered template")
+        if template_id is None:
+            return ids[0]
+        if template_id not in ids:
+            raise NotFoundError(f"template {template_id} is not one of base {shown(base)}'s")
+        return template_id
+
     def insert_version(self, tenant: Tenant, name: str, template: AdapterTemplate,
                         files: dict[str, str], size: int, intake: dict[str, Any],
                         aliases: list[str], repaired: list[str]) -> AdapterVersion:

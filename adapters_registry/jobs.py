@@ -3,7 +3,7 @@
 A job is a row of this database, and the row is the queue. Its states are OpenAI's:
 
     validating_files -> queued -> running -> succeeded
-            |             |          |-----> failed      (data, gates, a lost worker)
+            |             |          |-----> failed      (data, gates, a worker lost twice)
             +-------------+----------+-----> cancelled
 
 Workers (``lora-gateway worker``, in the trainer) ``claim`` a job: first any job still
@@ -82,8 +82,10 @@ class Jobs:
     # -- the tenant's side ---------------------------------------------------------------
 
     def create(self, tenant_name: str, request: JobRequest, *, base_model_id: str,
-               base_names: Collection[str], limits: JobLimits) -> Job:
-        """Check everything a job needs before it is queued; every problem at once."""
+               base_names: Collection[str], limits: JobLimits, template_id: str | None = None) -> Job:
+        """Check everything a job needs before it is queued; every problem at once. A job from
+        the base trains ``template_id``, by default the base's frozen template: its first
+        registered (every tenant's adapter of one shape, so they share the engine's batches)."""
         tenant = self._tenancy.get_tenant(tenant_name)
         problems = request_problems(request)
         files = {}
@@ -103,7 +105,7 @@ class Jobs:
         init: AdapterVersionRow | None = None
         init_ref: str | None = None
         if request.model in base_names:
-            template_id = self._catalog.only_template(base_model_id)
+            template_id = self._catalog.frozen_template(base_model_id, template_id)
         else:
             version = self._catalog.resolve(tenant, request.model)  # NotFoundError: 404
             if version.base_model_id != base_model_id:
@@ -330,6 +332,19 @@ class Jobs:
             if row is None:
                 return False
             self._fail(s, row, code, message, param)
+            return True
+
+    def release(self, job_id: str, worker: str, why: str) -> bool:
+        """A worker that is shutting down hands its run back: queued again, to resume from its
+        last checkpoint on the next worker (this attempt is not counted against the job)."""
+        with Session(self.db) as s, s.begin():
+            row = self._owned(s, job_id, worker, "running")
+            if row is None or row.extra.get("publishing"):
+                return False
+            row.status, row.worker, row.lease_until = "queued", None, None
+            row.extra = {**row.extra, "attempts": max(row.extra.get("attempts", 1) - 1, 0)}
+            _event(s, job_id, f"worker {worker} {why}; queued again to resume from its last checkpoint",
+                   level="warn")
             return True
 
     def reap(self, now: datetime | None = None) -> int:

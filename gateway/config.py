@@ -40,6 +40,9 @@ class _Settings(BaseSettings):
         "default) kept in this replica's memory for retrieval and `previous_response_id`, "
         "each visible to its tenant only; past it the oldest is forgotten. 0: store none (as "
         "vLLM's server by default). Not shared between replicas.")
+    fine_tuning_template: str | None = Field(
+        default=None, description="Template id fine-tuning jobs from the bare base train (every "
+        "job's adapter has its shape); unset: the base's first registered template, its frozen one.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     metrics_port: int | None = Field(

@@ -12,7 +12,9 @@ whose gates pass is published as a new version of the tenant's adapter (``suffix
 
 While it runs, a heartbeat thread renews the job's lease every ``heartbeat_s``; when the
 job is cancelled (or the lease lost) the next optimizer step stops the run. A worker asked
-to stop (``stop``) ends its run the same way and fails the job with ``worker_stopped``.
+to stop (``stop``: SIGTERM) ends its run the same way and hands the job back to the queue,
+to resume from its last checkpoint on the next worker. A run taken over from a lost or
+stopped worker resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -98,9 +100,7 @@ class Worker:
                     self._train(job, Path(scratch), lost)
             except RunStopped:
                 if self.stop.is_set() and not lost.is_set():
-                    self.jobs.fail(job.id, self.options.name, "worker_stopped",
-                                   "the worker was shut down during the run; nothing was "
-                                   "published: create the job again")
+                    self.jobs.release(job.id, self.options.name, "was shut down during the run")
                 logger.info("job %s: run stopped", job.id)
             except TrainerError as exc:
                 self._fail(job, "training_error", str(exc))
@@ -373,8 +373,8 @@ def _items(dataset: Any) -> list[Any]:
 
 
 def run_worker(registry: Registry, options: WorkerOptions, *, once: bool = False) -> int:
-    """The worker command's loop: SIGTERM or SIGINT stops it, failing a run in progress as
-    ``worker_stopped`` at its next step (the pod's grace period must cover one step)."""
+    """The worker command's loop: SIGTERM or SIGINT stops it; a run in progress stops at its
+    next optimizer step and goes back to the queue, to resume from its last checkpoint."""
     worker = Worker(registry, options)
 
     def stop(signum: int, _: Any) -> None:

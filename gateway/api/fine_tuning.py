@@ -171,7 +171,8 @@ async def create_job(body: JobCreate, tenant: TenantDep, services: ServicesDep) 
     job = await asyncio.to_thread(
         services.tenant_registry.jobs.create, tenant.name, body.request(),
         base_model_id=settings.base_model_id, base_names=_base_names(settings),
-        limits=JobLimits(limits.max_queued_jobs, limits.max_running_jobs, limits.max_training_tokens))
+        limits=JobLimits(limits.max_queued_jobs, limits.max_running_jobs, limits.max_training_tokens),
+        template_id=settings.fine_tuning_template)
     return job.as_openai()
 
 

@@ -278,3 +278,20 @@ def test_workers_claim_in_parallel_on_postgres_without_breaking_a_tenants_runnin
         for job in reg.jobs.list(tenant)[0]:
             per_tenant[tenant] += job.status == "running"
     assert per_tenant == {"acme": 2, "globex": 2}, "each tenant runs at most its limit, and uses it"
+
+
+def test_a_job_from_the_base_trains_its_frozen_template_even_beside_others(reg, registry_env) -> None:
+    from adapters_registry import AdapterTemplate
+
+    first = registry_env.template.template_id
+    contract = registry_env.contract
+    wider = reg.register_template(AdapterTemplate(contract.model_id, contract.revision, r=16, lora_alpha=32))
+    file_id = upload(reg)
+    assert create(reg, training_file=file_id).template_id == first
+    base = contract.model_id
+    chosen = reg.jobs.create("acme", JobRequest(model=base, training_file=file_id), base_model_id=base,
+                             base_names=(base,), limits=LIMITS, template_id=wider.template_id)
+    assert chosen.template_id == wider.template_id
+    with pytest.raises(NotFoundError, match="not one of base"):
+        reg.jobs.create("acme", JobRequest(model=base, training_file=file_id), base_model_id=base,
+                        base_names=(base,), limits=LIMITS, template_id="tpl-nope")

@@ -157,9 +157,10 @@ def test_the_worker_command_runs_the_queue_and_refuses_bad_input_in_one_line(env
                  "--lease-seconds", "0"]) == 2
 
 
-def test_a_worker_told_to_stop_fails_its_run_as_worker_stopped(env) -> None:
+def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_one_resumes_it(env) -> None:
     reg, worker, base = env
-    job = submit(reg, base, chat_file(), hyperparameters={"n_epochs": 50, "batch_size": 1})
+    job = submit(reg, base, chat_file(), suffix="handed-over",
+                 hyperparameters={"n_epochs": 6, "batch_size": 1})
     worker.run_once()
 
     def stop_after_first_epoch() -> None:
@@ -171,9 +172,17 @@ def test_a_worker_told_to_stop_fails_its_run_as_worker_stopped(env) -> None:
     stopper.start()
     worker.run_once()
     stopper.join()
-    stopped = reg.jobs.get("acme", job.id)
-    assert (stopped.status, stopped.error["code"]) == ("failed", "worker_stopped")
-    assert "nothing was published" in stopped.error["message"]
+    handed = reg.jobs.get("acme", job.id)
+    assert (handed.status, handed.worker, handed.error) == ("queued", None, None)
+    done_epochs = max(c.epoch for c in reg.jobs.checkpoints("acme", job.id)[0])
+    assert done_epochs < 6
+    nxt = Worker(reg, WorkerOptions("w2", worker.options.base_dir, base, heartbeat_s=0.2,
+                                    scratch=worker.options.scratch))
+    assert nxt.run_once()
+    done = reg.jobs.get("acme", job.id)
+    assert done.status == "succeeded", done.error
+    epochs = sorted(c.epoch for c in reg.jobs.checkpoints("acme", job.id)[0])
+    assert epochs == list(range(1, 7)), "the next worker went on from the last checkpoint"
 
 
 def test_a_run_whose_worker_was_lost_resumes_from_its_last_checkpoint(env) -> None:
