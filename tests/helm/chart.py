@@ -75,15 +75,23 @@ def kinds(objects: list[Manifest]) -> list[str]:
     return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
 
 
-def the(objects: list[Manifest], kind: str) -> Manifest:
-    found = [o for o in objects if o["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {kinds(objects)}"
+def the(objects: list[Manifest], kind: str, component: str | None = None) -> Manifest:
+    """The one object of ``kind`` (of that ``app.kubernetes.io/component``, when given)."""
+    found = [o for o in objects if o["kind"] == kind
+             and component in (None, o["metadata"]["labels"].get("app.kubernetes.io/component"))]
+    assert len(found) == 1, f"expected one {kind} {component or ''}, got {kinds(objects)}"
     return found[0]
 
 
 def gateway_container(objects: list[Manifest]) -> dict[str, Any]:
-    pod = the(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = the(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == "gateway"]
+    return dict(container)
+
+
+def worker_container(objects: list[Manifest]) -> dict[str, Any]:
+    pod = the(objects, "Deployment", "worker")["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "worker"]
     return dict(container)
 
 
@@ -96,6 +104,7 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 CRD_FILES = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
     ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda.sh_triggerauthentications.yaml",
     ("inference.networking.k8s.io/v1", "InferencePool"): "inference.networking.k8s.io_inferencepools.yaml",
 }
 

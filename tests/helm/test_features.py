@@ -80,12 +80,14 @@ def test_termination_grace_covers_prestop_and_drain(drain: int) -> None:
 
 def test_pods_are_hardened_and_write_only_to_their_volumes() -> None:
     objects = render(merged(profile("values-cpu-dev.yaml")))
-    pod = the(objects, "Deployment")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
-    for c in pod["containers"] + pod.get("initContainers", []):
-        sc = c["securityContext"]
-        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-        assert sc["capabilities"]["drop"] == ["ALL"]
+    pods = [o["spec"]["template"]["spec"] for o in objects if o["kind"] == "Deployment"]
+    assert len(pods) == 2  # the gateway and the fine-tuning workers
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
     mounts = {m["mountPath"]: m for m in gateway_container(objects)["volumeMounts"]}
     assert mounts["/models/base"].get("readOnly") is True
     assert set(mounts) == {"/models/base", "/var/cache/lora-gateway", "/tmp", "/dev/shm"}
@@ -95,12 +97,12 @@ def test_pods_are_hardened_and_write_only_to_their_volumes() -> None:
 
 def test_gpu_resources_and_scheduling() -> None:
     objects = render(profile("values-gpu.yaml"))
-    pod = the(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = the(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
     res = gateway_container(objects)["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 1 and res["requests"]["nvidia.com/gpu"] == 1
     assert pod["runtimeClassName"] == "nvidia" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["nodeSelector"] and pod["affinity"]["podAntiAffinity"]
-    assert "replicas" not in the(objects, "Deployment")["spec"]  # KEDA owns the replica count
+    assert "replicas" not in the(objects, "Deployment", "gateway")["spec"]  # KEDA owns the replica count
     cpu = render(profile("values-cpu-dev.yaml"))
     res = gateway_container(cpu)["resources"]
     assert "nvidia.com/gpu" not in res["limits"] and "nvidia.com/gpu" not in res["requests"]

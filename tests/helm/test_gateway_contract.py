@@ -29,7 +29,8 @@ FIELDS = set(GatewaySettings.model_fields)
 # What the Secrets would hold, by the setting they feed.
 SECRET_VALUES = {"database_url": "postgresql+psycopg://lgw:pw@db:5432/lgw", "redis_url": "redis://redis:6379/0",
                  "admin_api_key": "a" * 40}
-NOT_SETTINGS = {"command", "log_level"}  # parser dests that are not GatewaySettings fields
+# Parser dests that are not GatewaySettings fields (`worker`: serve --worker, which the chart never sets).
+NOT_SETTINGS = {"command", "log_level", "worker"}
 ALL_ON = {"secrets": {"redis": {"existingSecret": "lgw-redis"},
                       "adminApiKey": {"existingSecret": "lgw-admin"}},
           "registry": {"s3EndpointUrl": "http://minio:9000"}}
@@ -54,6 +55,7 @@ def _settings_env(container: dict[str, Any]) -> dict[str, str]:
 def _build(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> GatewaySettings:
     args = _parse(container)
     assert args.command == "serve"
+    assert args.worker is False  # the gateway never trains: fine-tuning runs in the worker pods
     for dest in vars(args):
         assert dest in FIELDS | NOT_SETTINGS, f"flag --{dest} is not a GatewaySettings field"
     import os
@@ -119,7 +121,10 @@ def test_free_settings_reach_the_gateway_typed(monkeypatch) -> None:
                        "registry_changes_retry_seconds": 2.5, "log_format": "json",
                        "replica_name": "gw-0", "stored_responses": 50,
                        "startup_wait_seconds": 60.0, "registry_outage_grace_seconds": 120.0,
-                       "usage_flush_seconds": 5.0, "rollout_decide_seconds": 2.0}
+                       "usage_flush_seconds": 5.0, "rollout_decide_seconds": 2.0,
+                       "default_max_file_bytes": 10_000_000, "default_max_running_jobs": 2,
+                       "default_max_queued_jobs": 8, "default_max_training_tokens": 1_000_000,
+                       "fine_tuning_template": "tpl-0123456789abcdef"}
     assert set(settings_values) == set(
         schema()["properties"]["gateway"]["properties"]["settings"]["properties"])
     container = gateway_container(render(merged(MINIMAL, {"gateway": {"settings": settings_values}})))

@@ -30,17 +30,18 @@ DASHBOARDS = ["ConfigMap/lgw-lora-gateway-dashboard-adapters", "ConfigMap/lgw-lo
               "ConfigMap/lgw-lora-gateway-dashboard-tenants"]
 EXPECTED = {
     "values-cpu-dev.yaml": [
-        *DASHBOARDS, "Deployment/lgw-lora-gateway", "Job/lgw-lora-gateway-migrate",
-        "Pod/lgw-lora-gateway-test",
+        *DASHBOARDS, "Deployment/lgw-lora-gateway", "Deployment/lgw-lora-gateway-worker",
+        "Job/lgw-lora-gateway-migrate", "Pod/lgw-lora-gateway-test",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
     ],
     "values-gpu.yaml": [
         *DASHBOARDS, "ConfigMap/lgw-lora-gateway-epp", "Deployment/lgw-lora-gateway",
-        "InferencePool/lgw-lora-gateway",
+        "Deployment/lgw-lora-gateway-worker", "InferencePool/lgw-lora-gateway",
         "Job/lgw-lora-gateway-migrate", "NetworkPolicy/lgw-lora-gateway", "Pod/lgw-lora-gateway-test",
         "PodDisruptionBudget/lgw-lora-gateway", "ScaledObject/lgw-lora-gateway",
+        "ScaledObject/lgw-lora-gateway-worker",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",
-        "ServiceMonitor/lgw-lora-gateway",
+        "ServiceMonitor/lgw-lora-gateway", "TriggerAuthentication/lgw-lora-gateway-worker",
     ],
 }
 
@@ -89,7 +90,7 @@ def test_every_rendered_object_is_valid(name: str, kube_version: str) -> None:
 
 def test_the_validators_refuse_what_a_cluster_would_refuse_or_silently_drop() -> None:
     objects = render(merged(profile("values-gpu.yaml")))
-    deployment = copy.deepcopy(the(objects, "Deployment"))
+    deployment = copy.deepcopy(the(objects, "Deployment", "gateway"))
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["paht"] = "/x"
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(deployment, KUBE_VERSIONS[0])
@@ -97,10 +98,14 @@ def test_the_validators_refuse_what_a_cluster_would_refuse_or_silently_drop() ->
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
     with pytest.raises(jsonschema.ValidationError):
         validate(monitor, KUBE_VERSIONS[0])
-    scaled = copy.deepcopy(the(objects, "ScaledObject"))
+    scaled = copy.deepcopy(the(objects, "ScaledObject", "gateway"))
     scaled["spec"]["minReplicaCount"] = "two"
     with pytest.raises(jsonschema.ValidationError):
         validate(scaled, KUBE_VERSIONS[0])
+    auth = copy.deepcopy(the(objects, "TriggerAuthentication"))
+    auth["spec"]["secretTargetRef"][0]["paramter"] = "connection"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(auth, KUBE_VERSIONS[0])
     pool = copy.deepcopy(the(objects, "InferencePool"))
     del pool["spec"]["targetPorts"]
     with pytest.raises(jsonschema.ValidationError):

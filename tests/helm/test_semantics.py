@@ -35,6 +35,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                                                "serviceMonitor": {"enabled": True},
                                                "gateway": {"port": 8080, "metricsPort": 9100}}),
     "s3 base, emptyDir cache": merged(MINIMAL, {"model": {"source": "s3", "s3": {"uri": "s3://b/m/"}}}),
+    "workers, keda, s3 base": merged(MINIMAL, {
+        "model": {"source": "s3", "s3": {"uri": "s3://b/m/"}},
+        "worker": {"enabled": True,
+                   "keda": {"enabled": True, "connection": {"existingSecret": "lgw-keda"}}}}),
     "extras": merged(MINIMAL, {
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
                                        "whenUnsatisfiable": "ScheduleAnyway"}],
@@ -58,33 +62,20 @@ def problems(objects: list[Manifest]) -> list[str]:
     """Every reference in ``objects`` that points at nothing, and every field pair a
     cluster would refuse or act on wrongly; [] when there is none."""
     out: list[str] = []
-    (deployment,) = _of(objects, "Deployment")
-    strategy = deployment["spec"].get("strategy", {})
-    if strategy.get("type") == "Recreate" and "rollingUpdate" in strategy:
-        out.append("Deployment: strategy Recreate with rollingUpdate (an API server refuses it)")
-    pod = deployment["spec"]["template"]
-    labels, spec = pod["metadata"]["labels"], pod["spec"]
+    deployments = _of(objects, "Deployment")
+    for deployment in deployments:
+        out += _pod_problems(deployment)
+    gateway = _deployment(objects)
+    labels, spec = gateway["spec"]["template"]["metadata"]["labels"], gateway["spec"]["template"]["spec"]
     named = {p["name"]: p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])}
     numbers = set(named.values())
-    for c in spec["containers"]:
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            port = c.get(probe, {}).get("httpGet", {}).get("port")
-            if port is not None and (port not in named if isinstance(port, str) else port not in numbers):
-                out.append(f"{c['name']}.{probe}: port {port!r} is not a container port")
-        requests = c.get("resources", {}).get("requests", {})
-        disk = sum(_mib(v["emptyDir"]["sizeLimit"]) for v in spec.get("volumes", [])
-                   if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
-                   and "sizeLimit" in v["emptyDir"])
-        if c["name"] == "gateway" and _mib_of(requests.get("ephemeral-storage")) < disk:
-            out.append(f"gateway: ephemeral-storage request {requests.get('ephemeral-storage')} is below "
-                       f"its emptyDirs' {disk:.0f}Mi")
-    mounts = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
-    volumes = {v["name"] for v in spec.get("volumes", [])}
-    out += [f"volumeMount {name!r} has no volume" for name in sorted(mounts - volumes)]
+    others = [d["spec"]["template"]["metadata"]["labels"] for d in deployments if d is not gateway]
     services = {s["metadata"]["name"]: s for s in _of(objects, "Service")}
     for name, svc in services.items():
         if not svc["spec"]["selector"].items() <= labels.items():
             out.append(f"Service {name} selects no gateway pod")
+        if any(svc["spec"]["selector"].items() <= other.items() for other in others):
+            out.append(f"Service {name} also selects pods that are not the gateway's")
         for port in svc["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             if target not in named if isinstance(target, str) else target not in numbers:
@@ -110,9 +101,46 @@ def problems(objects: list[Manifest]) -> list[str]:
     for pool in _of(objects, "InferencePool"):
         out += [f"InferencePool: target port {t['number']} is not a container port"
                 for t in pool["spec"]["targetPorts"] if t["number"] not in numbers]
+    rendered = {(o["kind"], o["metadata"]["name"]) for o in objects}
     for scaled in _of(objects, "ScaledObject"):
+        target = scaled["spec"]["scaleTargetRef"]
+        if (target["kind"], target["name"]) not in rendered:
+            out.append(f"ScaledObject {scaled['metadata']['name']}: scales {target['name']!r}, not rendered")
         for trigger in scaled["spec"]["triggers"]:
-            out += _query_problems(trigger["metadata"]["query"], scraped)
+            auth = trigger.get("authenticationRef")
+            if auth and (auth.get("kind", "TriggerAuthentication"), auth["name"]) not in rendered:
+                out.append(f"ScaledObject {scaled['metadata']['name']}: authenticationRef {auth['name']!r} "
+                           "is not rendered")
+            if trigger["type"] == "prometheus":
+                out += _query_problems(trigger["metadata"]["query"], scraped)
+    return out
+
+
+def _pod_problems(deployment: Manifest) -> list[str]:
+    """What a cluster would refuse or act on wrongly in one Deployment's pods."""
+    out: list[str] = []
+    name = deployment["metadata"]["name"]
+    strategy = deployment["spec"].get("strategy", {})
+    if strategy.get("type") == "Recreate" and "rollingUpdate" in strategy:
+        out.append(f"Deployment {name}: strategy Recreate with rollingUpdate (an API server refuses it)")
+    spec = deployment["spec"]["template"]["spec"]
+    named = {p["name"]: p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])}
+    numbers = set(named.values())
+    disk = sum(_mib(v["emptyDir"]["sizeLimit"]) for v in spec.get("volumes", [])
+               if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+               and "sizeLimit" in v["emptyDir"])
+    for c in spec["containers"]:
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            port = c.get(probe, {}).get("httpGet", {}).get("port")
+            if port is not None and (port not in named if isinstance(port, str) else port not in numbers):
+                out.append(f"{c['name']}.{probe}: port {port!r} is not a container port")
+        requests = c.get("resources", {}).get("requests", {})
+        if _mib_of(requests.get("ephemeral-storage")) < disk:
+            out.append(f"{c['name']}: ephemeral-storage request {requests.get('ephemeral-storage')} is below "
+                       f"its emptyDirs' {disk:.0f}Mi")
+    mounts = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+    volumes = {v["name"] for v in spec.get("volumes", [])}
+    out += [f"{name}: volumeMount {mount!r} has no volume" for mount in sorted(mounts - volumes)]
     return out
 
 
@@ -154,7 +182,9 @@ def test_every_reference_resolves_and_nothing_is_refused(name: str) -> None:
 
 
 def _deployment(objects: list[Manifest]) -> Manifest:
-    (deployment,) = _of(objects, "Deployment")
+    """The gateway's (the fine-tuning workers have their own)."""
+    (deployment,) = [d for d in _of(objects, "Deployment")
+                     if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
     return deployment
 
 
@@ -166,9 +196,18 @@ def _gateway(objects: list[Manifest]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("case", ["recreate with rollingUpdate", "renamed metrics port",
                                   "metrics on a public Service", "KEDA query on another service",
-                                  "no ephemeral-storage request", "mount without a volume"])
+                                  "no ephemeral-storage request", "mount without a volume",
+                                  "worker mount without a volume", "worker scratch outgrows its request",
+                                  "Service selects the workers", "worker trigger without its authentication",
+                                  "ScaledObject scales nothing"])
 def test_the_checks_catch_what_they_are_for(case: str) -> None:
     """Each check, given the defect it exists for, reports it (so none passes vacuously)."""
+    if case.startswith(("worker", "Service selects", "ScaledObject")):
+        objects = render(VALUE_SETS["workers, keda, s3 base"])
+        assert problems(objects) == []
+        _break_workers(objects, case)
+        assert problems(objects), case
+        return
     objects = render(VALUE_SETS["node port, metrics scraped"] if case == "metrics on a public Service"
                      else VALUE_SETS["keda, own ports"])
     spec = _deployment(objects)["spec"]
@@ -188,6 +227,24 @@ def test_the_checks_catch_what_they_are_for(case: str) -> None:
     else:
         _gateway(objects)["volumeMounts"].append({"name": "nowhere", "mountPath": "/x"})
     assert problems(objects), case
+
+
+def _break_workers(objects: list[Manifest], case: str) -> None:
+    (workers,) = [d for d in _of(objects, "Deployment") if d is not _deployment(objects)]
+    (worker,) = workers["spec"]["template"]["spec"]["containers"]
+    (scaled,) = [o for o in _of(objects, "ScaledObject") if o["metadata"]["name"].endswith("-worker")]
+    if case == "worker mount without a volume":
+        worker["volumeMounts"].append({"name": "nowhere", "mountPath": "/x"})
+    elif case == "worker scratch outgrows its request":
+        (scratch,) = [v for v in workers["spec"]["template"]["spec"]["volumes"] if v["name"] == "scratch"]
+        scratch["emptyDir"]["sizeLimit"] = "500Gi"
+    elif case == "Service selects the workers":
+        (svc,) = [s for s in _of(objects, "Service") if not s["metadata"]["name"].endswith("-metrics")]
+        del svc["spec"]["selector"]["app.kubernetes.io/component"]
+    elif case == "worker trigger without its authentication":
+        scaled["spec"]["triggers"][0]["authenticationRef"]["name"] = "lgw-lora-gateway"
+    else:
+        scaled["spec"]["scaleTargetRef"]["name"] = "lgw-lora-gateway-workers"
 
 
 def test_gpus_are_named_once_in_requests_and_limits() -> None:

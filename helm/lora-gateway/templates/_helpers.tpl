@@ -54,6 +54,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: gateway
 {{- end }}
 
+{{/* The fine-tuning workers' objects: their own component, so nothing of the gateway's selects them. */}}
+{{- define "lora-gateway.workerLabels" -}}
+{{ include "lora-gateway.commonLabels" . }}
+app.kubernetes.io/component: worker
+{{- end }}
+
+{{- define "lora-gateway.workerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "lora-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: worker
+{{- end }}
+
+{{- define "lora-gateway.workerName" -}}
+{{- include "lora-gateway.suffixed" (dict "ctx" . "suffix" "worker") }}
+{{- end }}
+
 {{/* A size such as 40Gi, in MiB (rounded up). */}}
 {{- define "lora-gateway.mebibytes" -}}
 {{- $n := regexFind "^[0-9]+" . | int64 }}
@@ -74,6 +90,16 @@ app.kubernetes.io/component: gateway
 {{- printf "%dMi" $mib }}
 {{- end }}
 
+{{/* The same for a worker pod: /tmp, the scratch folder, and the fetched base. */}}
+{{- define "lora-gateway.workerEphemeralStorage" -}}
+{{- $v := .Values }}
+{{- $mib := add (include "lora-gateway.mebibytes" $v.tmpSizeLimit | int64) (include "lora-gateway.mebibytes" $v.worker.scratch.sizeLimit | int64) }}
+{{- if eq $v.model.source "s3" }}
+{{- $mib = add $mib (include "lora-gateway.mebibytes" $v.model.s3.sizeLimit | int64) }}
+{{- end }}
+{{- printf "%dMi" $mib }}
+{{- end }}
+
 {{- define "lora-gateway.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "lora-gateway.fullname" .) .Values.serviceAccount.name }}
@@ -85,6 +111,12 @@ app.kubernetes.io/component: gateway
 {{- define "lora-gateway.image" -}}
 {{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.flavor) }}
 {{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* The gateway's image unless worker.image names another repository or tag. */}}
+{{- define "lora-gateway.workerImage" -}}
+{{- $tag := .Values.worker.image.tag | default .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.flavor) }}
+{{- printf "%s:%s" (.Values.worker.image.repository | default .Values.image.repository) $tag }}
 {{- end }}
 
 {{/* More than one gateway can run at once: quotas then need Redis. */}}
@@ -123,4 +155,64 @@ app.kubernetes.io/component: gateway
 
 {{- define "lora-gateway.terminationGracePeriodSeconds" -}}
 {{- add .Values.gateway.preStopSleepSeconds .Values.gateway.drainGraceSeconds .Values.gateway.shutdownMarginSeconds }}
+{{- end }}
+
+{{/* The base checkpoint, shared by the gateway and the workers: the volume, its mount, and
+(model.source s3) the init container that fetches it into that volume. */}}
+{{- define "lora-gateway.baseModelVolume" -}}
+- name: base-model
+  {{- if eq .Values.model.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.pvc.claimName }}
+    readOnly: true
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.model.s3.sizeLimit }}
+  {{- end }}
+{{- end }}
+
+{{- define "lora-gateway.baseModelMount" -}}
+- name: base-model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+  {{- if and (eq .Values.model.source "pvc") .Values.model.pvc.subPath }}
+  subPath: {{ .Values.model.pvc.subPath }}
+  {{- end }}
+{{- end }}
+
+{{- define "lora-gateway.fetchBase" -}}
+{{- $v := .Values -}}
+- name: fetch-base
+  image: {{ $v.model.s3.fetchImage }}
+  imagePullPolicy: IfNotPresent
+  command:
+    - aws
+    - s3
+    - sync
+    - --only-show-errors
+    {{- with $v.registry.s3EndpointUrl }}
+    - --endpoint-url
+    - {{ . | quote }}
+    {{- end }}
+    - {{ $v.model.s3.uri | quote }}
+    - {{ $v.model.mountPath | quote }}
+  env:
+    - name: HOME
+      value: /tmp
+    - name: AWS_DEFAULT_REGION
+      value: {{ $v.registry.s3Region | quote }}
+    {{- include "lora-gateway.s3Env" . | nindent 4 }}
+  securityContext:
+    {{- toYaml $v.securityContext | nindent 4 }}
+  resources:
+    requests:
+      cpu: 500m
+      memory: 512Mi
+    limits:
+      memory: 1Gi
+  volumeMounts:
+    - name: base-model
+      mountPath: {{ $v.model.mountPath }}
+    - name: tmp
+      mountPath: /tmp
 {{- end }}

@@ -62,6 +62,30 @@ template that renders an object depending on them, so `helm template` fails earl
 {{- if and $v.ingress.enabled (not $v.ingress.hosts) }}
 {{- fail "lora-gateway: ingress.hosts needs at least one host when ingress.enabled" }}
 {{- end }}
+{{- if $v.worker.enabled }}
+{{- $w := $v.worker }}
+{{- if and (eq $v.image.flavor "cpu") (not $w.image.repository) (gt (int $w.gpu.count) 0) }}
+{{- fail "lora-gateway: worker.gpu.count must be 0 with image.flavor cpu (the workers run the gateway's CPU image): set worker.gpu.count=0, or worker.image.repository to an image built for GPUs" }}
+{{- end }}
+{{- if gt (int $w.gpu.count) 0 }}
+{{- range $kind, $set := (dict "requests" $w.resources.requests "limits" $w.resources.limits) }}
+{{- if and $set (hasKey $set $v.gpu.resourceName) }}
+{{- fail (printf "lora-gateway: worker.resources.%s must not name %s: set the GPUs per worker in worker.gpu.count (it goes into both requests and limits)" $kind $v.gpu.resourceName) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $w.keda.enabled }}
+{{- if not $w.keda.connection.existingSecret }}
+{{- fail "lora-gateway: worker.keda.connection.existingSecret is required when worker.keda.enabled: KEDA's postgresql scaler reads the jobs table with a libpq connection string, which the SQLAlchemy URL of secrets.database (postgresql+psycopg://...) is not. Create a Secret (kubectl create secret generic lgw-keda-database --from-literal=connection='postgresql://USER:PASSWORD@HOST:5432/DB?sslmode=require') and set worker.keda.connection.existingSecret=lgw-keda-database" }}
+{{- end }}
+{{- if gt (int $w.keda.minReplicaCount) (int $w.keda.maxReplicaCount) }}
+{{- fail "lora-gateway: worker.keda.minReplicaCount must not exceed worker.keda.maxReplicaCount" }}
+{{- end }}
+{{- if and $w.keda.scaleDownOnlyWhenIdle (gt (int $w.keda.minReplicaCount) 0) }}
+{{- fail "lora-gateway: worker.keda.scaleDownOnlyWhenIdle needs worker.keda.minReplicaCount=0: workers are then removed only by scaling to zero, so with a minimum they would never be removed. Set minReplicaCount=0, or scaleDownOnlyWhenIdle=false to remove workers as jobs finish (a busy one may be stopped)" }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- range $v.gateway.extraEnv }}
 {{- if hasPrefix "LGW_" .name }}
 {{- fail (printf "lora-gateway: gateway.extraEnv must not set %s: gateway settings go in gateway.settings (secrets in secrets.*)" .name) }}
