@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from adapters_registry import cli as registry_cli
 from gateway import cli as gateway_cli
@@ -22,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-gateway", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gateway_cli.register(sub)
+    sub.choices["serve"].add_argument(
+        "--worker", action="store_true",
+        help="also run one fine-tuning worker in this process, on this machine (for one-machine "
+             "use and the demo; production runs `lora-gateway worker` on its own GPUs)")
     registry_cli.register(sub)
     trainer_cli.register(sub)
     adapter_cli.register(sub)
@@ -44,11 +49,39 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
-        "serve": gateway_cli.run, "registry": registry_cli.run, "train": trainer_cli.run_train,
-        "base": trainer_cli.run_base, "adapter": adapter_cli.run, "loadtest": loadtest_cli.run,
+        "serve": _run_serve, "registry": registry_cli.run, "train": trainer_cli.run_train,
+        "base": trainer_cli.run_base, "worker": trainer_cli.run_worker, "adapter": adapter_cli.run,
+        "loadtest": loadtest_cli.run,
         "demo": _run_demo,
     }
     return runners[args.command](args)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    return gateway_cli.run(args, on_started=start_worker if args.worker else None)
+
+
+def start_worker(settings: Any) -> Callable[[], None]:
+    """A fine-tuning worker beside the gateway (a thread of this process), for its base;
+    returns what stops it (a run in progress goes back to the queue, to resume later)."""
+    import threading
+
+    from adapters_registry import Registry
+    from trainer import Worker, WorkerOptions
+
+    registry = Registry.open(settings.database_url, settings.artifacts_dir, actor="worker:in-process",
+                             s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region,
+                             migrate=False)
+    worker = Worker(registry, WorkerOptions(f"{settings.replica_name}-worker", settings.base_model_dir,
+                                            settings.base_model_id))
+    thread = threading.Thread(target=worker.run, name="fine-tuning worker", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        worker.stop.set()
+        thread.join(timeout=60)
+        registry.close()
+    return stop
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -74,11 +107,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
     _say(f"starting the gateway: vLLM loads {args.base} "
          f"(≈{ENGINE_START_SECONDS.get(args.base, 60)} s)")
+    stops: list[Callable[[], None]] = []
+
+    def started() -> None:
+        stops.append(start_worker(settings))  # the fine-tuning jobs API's worker, in process
+        print(banner(setup, args.host, args.port, metrics_port=settings.metrics_port), flush=True)
+
     # As `lora-gateway serve` runs: the port bound first, then the engine, then uvicorn.
-    return serve_settings(settings, "info", command="lora-gateway demo",
-                          on_started=lambda: print(banner(setup, args.host, args.port,
-                                                          metrics_port=settings.metrics_port),
-                                                   flush=True))
+    try:
+        return serve_settings(settings, "info", command="lora-gateway demo", on_started=started)
+    finally:
+        for stop in stops:
+            stop()
 
 
 def _say(line: str) -> None:

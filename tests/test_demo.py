@@ -38,3 +38,18 @@ def test_prepare_announces_long_steps_once_and_banner_says_where_state_lives(
     assert main(shlex.split(command)[1:]) == 0
     listed = capsys.readouterr().out
     assert "support-bot\tversions=[1]\taliases: prod->v1" in listed
+
+
+def test_the_banner_shows_fine_tuning_with_a_file_that_uploads(tmp_path: Path) -> None:
+    from adapters_registry import check_fine_tune_file
+    from lora_gateway.demo import DemoSetup
+
+    setup = DemoSetup("sqlite:///x.db", tmp_path, "tiny-llama", tmp_path, {"acme": "k1", "blackbeard": "k2"},
+                      tmp_path / "keys.json")
+    text = banner(setup, "127.0.0.1", 8000)
+    assert "client.fine_tuning.jobs.create(model='tiny-llama', training_file=f.id," in text
+    upload = next(line.strip() for line in text.splitlines() if "client.files.create(" in line)
+    path = Path(shlex.split(upload.split("open(", 1)[1].split(", 'rb')")[0])[0])
+    check = check_fine_tune_file(path.read_bytes())
+    assert check.problems == [] and check.format == "supervised"
+    assert "fine_tuning" not in banner(setup, "127.0.0.1", 8000, serving=False)

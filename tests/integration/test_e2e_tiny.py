@@ -1,8 +1,8 @@
 """The whole path with real parts: trainer → registry → gateway → vLLM (CPU) → openai client.
 
-One gateway process serves every test in this module (vLLM start-up dominates). It runs
-with tracing on, as the ``OTEL_*`` variables turn it on, exporting to a real OTLP/HTTP
-receiver (benchmarks.otlp_receiver).
+One gateway process serves every test in this module (vLLM start-up dominates), with a
+fine-tuning worker in its process (``serve --worker``). It runs with tracing on, as the
+``OTEL_*`` variables turn it on, exporting to a real OTLP/HTTP receiver (benchmarks.otlp_receiver).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
     e.gateway = start_gateway(
         tiny_serve_args(root, db_url, tiny_base.path, tiny_contract, "--max-loras", "2",
                         "--max-cpu-loras", "4", "--usage-flush-seconds", "0.5",
-                        "--rollout-decide-seconds", "0.5"),
+                        "--rollout-decide-seconds", "0.5", "--worker"),
         root / "gateway.log", env={"LGW_ADMIN_API_KEY": E2E_ADMIN_KEY,
                                    "OTEL_EXPORTER_OTLP_ENDPOINT": e.receiver.endpoint,
                                    "OTEL_BSP_SCHEDULE_DELAY": "100"})
@@ -227,10 +227,20 @@ def test_a_rollout_promotes_a_good_version_and_rolls_back_a_broken_one(
                 return rollout
         raise AssertionError(f"rollout still {rollout.state} at {rollout.percent}%: {rollout}")
 
+    def settled(answer: str, what: str) -> None:
+        # Every replica sees the alias move within its resolve TTL (no push channel on SQLite).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(openai.APIStatusError):
+                if {ask(client, "canary-bot", PROMPTS[0]) for _ in range(4)} == {answer}:
+                    return
+            time.sleep(0.5)
+        raise AssertionError(f"callers are not all on {what}")
+
     reg.rollouts.start("acme", "canary-bot", "prod", 2, [25, 50, 100], rules)
     done = drive({"promoted", "rolled_back"}, "good")
     assert done.state == "promoted", done
-    assert ask(client, "canary-bot", PROMPTS[0]) == ANSWERS["globex"]
+    settled(ANSWERS["globex"], "v2 after the promotion")
     actions = [e.action for e in reg.audit_log(subject_prefix="acme/canary-bot:prod", limit=50)]
     assert actions.count("rollout.step") == 2 and "rollout.promote" in actions
 
@@ -242,14 +252,32 @@ def test_a_rollout_promotes_a_good_version_and_rolls_back_a_broken_one(
     reg.rollouts.start("acme", "canary-bot", "prod", 3, [50, 100], rules)
     done = drive({"promoted", "rolled_back"}, "bad")
     assert done.state == "rolled_back" and "server errors" in done.reason, done
-    # Every replica sees the alias move within its resolve TTL (no push channel on SQLite).
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(openai.APIStatusError):
-            if {ask(client, "canary-bot", PROMPTS[0]) for _ in range(4)} == {ANSWERS["globex"]}:
-                break
-        time.sleep(0.5)
-    else:
-        raise AssertionError("callers are not all back on v2 after the rollback")
+    settled(ANSWERS["globex"], "v2 again after the rollback")
     assert "rollout.rollback" in [e.action for e in reg.audit_log(
         subject_prefix="acme/canary-bot:prod", limit=5)]
+
+
+FINE_TUNED_ANSWER = "Fine-tuned through the API."
+
+
+def test_a_tenant_fine_tunes_through_the_api_and_calls_the_result(env: Env, tiny_contract) -> None:
+    # The SDK's five calls against the real server; the worker runs inside it (serve --worker).
+    acme = env.client("acme")
+    data = "".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                            {"role": "assistant", "content": FINE_TUNED_ANSWER}]}) + "\n"
+                   for p in PROMPTS)
+    f = acme.files.create(file=("api.jsonl", data.encode()), purpose="fine-tune")
+    job = acme.fine_tuning.jobs.create(
+        model=tiny_contract.model_id, training_file=f.id, suffix="api-bot", seed=0,
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 50, "batch_size": 4, "learning_rate_multiplier": 2}}})
+    deadline = time.monotonic() + 240
+    while (job := acme.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"job still {job.status}"
+        time.sleep(1)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == "api-bot@v1"
+    assert ask(acme, job.fine_tuned_model, PROMPTS[0]) == FINE_TUNED_ANSWER
+    assert ask(acme, "api-bot", PROMPTS[1]) == FINE_TUNED_ANSWER  # a new adapter's first version is prod
+    with pytest.raises(openai.NotFoundError):
+        ask(env.client("globex"), job.fine_tuned_model, PROMPTS[0])
