@@ -167,13 +167,13 @@ def banner(setup: DemoSetup, host: str, port: int, serving: bool = True,
 
 def fine_tuning_lines(setup: DemoSetup, demo: DemoTenant) -> list[str]:
     """How to fine-tune through the API (the demo runs a worker in its own process)."""
-    data = shlex.quote(str(dataset_path(demo.dataset)))
+    data = str(dataset_path(demo.dataset))
     minutes = max(1, round(TRAIN_SECONDS.get(setup.base_model_id, 120) / 60))
     return [
         "Fine-tune through the API (OpenAI's files and fine-tuning jobs; a worker runs in this",
         f"process on the CPU, ≈{minutes} min a job; the new model answers at once):",
         "",
-        f"  f = client.files.create(file=open({data}, 'rb'), purpose='fine-tune')",
+        f"  f = client.files.create(file=open({data!r}, 'rb'), purpose='fine-tune')",
         f"  job = client.fine_tuning.jobs.create(model={setup.base_model_id!r}, training_file=f.id,",
         "      suffix='my-bot')",
         "  job = client.fine_tuning.jobs.retrieve(job.id)   # until job.status == 'succeeded'",

@@ -3,6 +3,7 @@ starts, nothing redone on a second run, and a banner whose CLI line really works
 
 from __future__ import annotations
 
+import ast
 import shlex
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def test_the_banner_shows_fine_tuning_with_a_file_that_uploads(tmp_path: Path) -
     text = banner(setup, "127.0.0.1", 8000)
     assert "client.fine_tuning.jobs.create(model='tiny-llama', training_file=f.id," in text
     upload = next(line.strip() for line in text.splitlines() if "client.files.create(" in line)
-    path = Path(shlex.split(upload.split("open(", 1)[1].split(", 'rb')")[0])[0])
+    call = ast.parse(upload).body[0].value  # the line runs as Python: f = client.files.create(...)
+    opened = next(k.value for k in call.keywords if k.arg == "file")
+    path = Path(ast.literal_eval(opened.args[0]))
     check = check_fine_tune_file(path.read_bytes())
     assert check.problems == [] and check.format == "supervised"
     assert "fine_tuning" not in banner(setup, "127.0.0.1", 8000, serving=False)

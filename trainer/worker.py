@@ -228,6 +228,10 @@ class Worker:
                         f"{d.near_duplicates} near duplicates and {d.contaminated} contaminated "
                         f"dropped, {d.train} trained on, {d.validation} held out; "
                         f"{report.truncated} truncated", data=d.to_dict())
+        if report.best_epoch != len(report.epochs):
+            self.jobs.event(job.id, f"Kept the weights of epoch {report.best_epoch} of "
+                            f"{len(report.epochs)} (lowest validation loss)"
+                            + (", stopped early" if report.stopped_early else ""))
         for gate in report.gates:
             self.jobs.event(job.id, f"Gate {gate}", level="info" if gate.passed else "error",
                             data={"gate": gate.name, "passed": gate.passed, "measured": gate.measured,
