@@ -30,7 +30,11 @@ METHOD_HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rat
 SHAPE_KEYS = frozenset({"r", "rank", "lora_r", "lora_rank", "alpha", "lora_alpha", "target_modules",
                         "lora_target_modules", "modules_to_save", "use_dora", "use_rslora"})
 # Gates a job may tighten (our extension: the body's ``gates``), as the trainer's RunConfig names them.
-GATES = ("max_val_perplexity", "preference_min_accuracy", "preference_min_margin")
+GATES = ("max_val_perplexity", "preference_min_accuracy", "preference_min_margin", "golden_min_score",
+         "regression_max_kl", "regression_min_agreement")
+# Eval sets a job may give (file ids, supervised format): golden answers it must reproduce,
+# and prompts it must answer nearly as the base does (the files' own answers are not used).
+EVAL_FILES = ("golden_file", "regression_file")
 QUEUE_RETRY_AFTER_S = 60.0
 
 
@@ -47,6 +51,7 @@ class JobRequest:
     seed: int | None = None
     metadata: Mapping[str, str] | None = None
     gates: Mapping[str, float] = field(default_factory=dict)
+    eval_files: Mapping[str, str] = field(default_factory=dict)  # golden_file, regression_file
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Job:
     seed: int
     metadata: dict[str, str] | None
     gates: dict[str, float]
+    eval_files: dict[str, str]
     limits: JobLimits
     adapter_name: str  # where the result is published: TENANT/adapter_name@vN
     status: str
@@ -177,6 +183,12 @@ def request_problems(request: JobRequest) -> list[str]:
             problems.append(f"gates.{key}: a number, got {type(value).__name__}")
     if request.method == "supervised" and any(k.startswith("preference_") for k in request.gates):
         problems.append("gates: the preference gates apply to method 'dpo' only")
+    for key in request.eval_files:
+        if key not in EVAL_FILES:
+            problems.append(f"gates.{key}: not an eval file (use {', '.join(EVAL_FILES)})")
+    for prefix, file_key in (("golden_", "golden_file"), ("regression_", "regression_file")):
+        if any(k.startswith(prefix) for k in request.gates) and file_key not in request.eval_files:
+            problems.append(f"gates: the {prefix.rstrip('_')} gates need gates.{file_key}")
     if request.validation_file is not None and request.validation_file == request.training_file:
         problems.append("validation_file is the training file: validation must be held out")
     return problems
@@ -190,6 +202,7 @@ def job_record(row: JobRow, tenant: str) -> Job:
         init_version=extra.get("init"), method=row.method, hyperparameters=dict(row.hyperparameters),
         training_file=row.training_file, validation_file=row.validation_file, suffix=row.suffix,
         seed=row.seed, metadata=extra.get("metadata"), gates=dict(extra.get("gates") or {}),
+        eval_files=dict(extra.get("eval_files") or {}),
         limits=JobLimits(None, limits.get("max_running_jobs"), limits.get("max_training_tokens")),
         adapter_name=extra.get("adapter", ""), status=row.status, error=row.error,
         fine_tuned_model=row.fine_tuned_model, trained_tokens=row.trained_tokens, worker=row.worker,
@@ -201,5 +214,6 @@ def checkpoint_record(row: JobCheckpointRow) -> Checkpoint:
                       as_utc(row.created_at))
 
 
-__all__ = ["ACTIVE", "FINISHED", "FORMAT_NAMES", "METHODS", "WAITING", "Checkpoint", "Job", "JobEvent",
-           "JobLimits", "JobRequest", "checkpoint_record", "described", "job_record", "request_problems"]
+__all__ = ["ACTIVE", "EVAL_FILES", "FINISHED", "FORMAT_NAMES", "METHODS", "WAITING", "Checkpoint", "Job",
+           "JobEvent", "JobLimits", "JobRequest", "checkpoint_record", "described", "job_record",
+           "request_problems"]

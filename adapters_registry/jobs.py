@@ -90,7 +90,8 @@ class Jobs:
         problems = request_problems(request)
         files = {}
         for param, file_id in (("training_file", request.training_file),
-                               ("validation_file", request.validation_file)):
+                               ("validation_file", request.validation_file),
+                               *((f"gates.{k}", v) for k, v in request.eval_files.items())):
             if file_id is None:
                 continue
             try:
@@ -98,7 +99,8 @@ class Jobs:
             except NotFoundError:
                 problems.append(f"{param}: no such file {file_id!r}")
                 continue
-            wanted = "dpo" if request.method == "dpo" else "supervised"
+            # eval sets are chat examples whatever the method: prompts and (golden) answers
+            wanted = "dpo" if request.method == "dpo" and not param.startswith("gates.") else "supervised"
             if request.method in METHODS and files[param].format != wanted:
                 problems.append(f"{param} {file_id} holds {described(files[param])}, but method "
                                 f"{request.method!r} trains on {FORMAT_NAMES[wanted]}")
@@ -140,7 +142,8 @@ class Jobs:
                 suffix=request.suffix,
                 seed=request.seed if request.seed is not None else random.randrange(2**31),
                 extra={"metadata": dict(request.metadata) if request.metadata else None,
-                       "gates": dict(request.gates), "adapter": adapter_name, "init": init_ref,
+                       "gates": dict(request.gates), "eval_files": dict(request.eval_files),
+                       "adapter": adapter_name, "init": init_ref,
                        "limits": {"max_running_jobs": limits.max_running_jobs,
                                   "max_training_tokens": limits.max_training_tokens}},
                 status="validating_files", cancel_requested=False, created_at=now)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import re
 import signal
 import tempfile
 import threading
@@ -103,7 +105,7 @@ class Worker:
                     self.jobs.release(job.id, self.options.name, "was shut down during the run")
                 logger.info("job %s: run stopped", job.id)
             except TrainerError as exc:
-                self._fail(job, "training_error", str(exc))
+                self._fail(job, "training_error", self._tenants_view(str(exc), Path(scratch)))
             except RegistryError as exc:
                 self._fail(job, "registry_error", str(exc))
             except Exception as exc:  # a bug must fail the job, not kill the worker
@@ -116,7 +118,8 @@ class Worker:
     def _validate(self, job: Job, scratch: Path) -> None:
         config = self._config(job)
         train, validation = self._datasets(job, scratch)
-        if train is None:
+        ok, golden, _ = self._eval_sets(job, scratch)
+        if train is None or not ok:
             return
         from trainer.data import prepare_data
         from trainer.preference import prepare_preferences
@@ -124,7 +127,9 @@ class Worker:
         prepare: Any = prepare_preferences if job.method == "dpo" else prepare_data
         gated = (config.preference_min_accuracy is not None or config.preference_min_margin is not None
                  if job.method == "dpo" else config.max_val_perplexity is not None)
-        report = prepare(train, config, held_out=validation).report
+        # as the run will: training examples that repeat a golden prompt are dropped
+        report = prepare(train, config, golden.prompts() if golden else (), golden.path if golden else None,
+                         held_out=validation).report
         self.jobs.event(job.id, f"Training file: {report.read} examples, {report.train} to train on, "
                         f"{report.validation} held out", data=report.to_dict())
         if gated and not report.validation:
@@ -160,7 +165,8 @@ class Worker:
     def _train(self, job: Job, scratch: Path, lost: threading.Event) -> None:
         config = self._config(job)
         train, validation = self._datasets(job, scratch)
-        if train is None:
+        ok, golden, regression = self._eval_sets(job, scratch)
+        if train is None or not ok:
             return
         init = self._init_adapter(job, scratch / "init") if job.init_version else None
         total_epochs, done = config.epochs, None
@@ -181,12 +187,13 @@ class Worker:
 
                 result = train_dpo_adapter(self.options.base_dir, template.base_model_id, template, train,
                                            config, out, init_from=init, validation=validation,
-                                           hooks=hooks)
+                                           hooks=hooks, golden=golden, regression=regression)
             else:
                 from trainer.train import train_adapter
 
                 result = train_adapter(self.options.base_dir, template.base_model_id, template, train,
-                                       config, out, init_from=init, validation=validation, hooks=hooks)
+                                       config, out, init_from=init, validation=validation, hooks=hooks,
+                                       golden=golden, regression=regression)
         except GateFailedError as exc:
             if exc.report is not None:
                 self._report(job, exc.report)
@@ -301,6 +308,38 @@ class Worker:
                 return None, None
         return loaded[0], loaded[1]
 
+    def _eval_sets(self, job: Job, scratch: Path) -> tuple[bool, Any, Any]:
+        """(ok, golden, regression): the job's eval sets as the trainer reads them; ok is False
+        after failing the job when a file is gone or does not load. A regression set is the
+        prompts of a chat file (each line without its final assistant turn)."""
+        from trainer.evals import load_golden_jsonl, load_regression_jsonl
+
+        sets: dict[str, Any] = {}
+        for key, load in (("golden_file", load_golden_jsonl), ("regression_file", load_regression_jsonl)):
+            file_id = job.eval_files.get(key)
+            if file_id is None:
+                continue
+            param = f"gates.{key}"
+            try:
+                file = self.registry.files.get(job.tenant, file_id)
+            except NotFoundError:
+                self._fail(job, "invalid_file", f"{param} {file_id} was deleted", param)
+                return False, None, None
+            data = self.registry.files.read_object(file)
+            if key == "regression_file":
+                data = b"".join(json.dumps({"messages": json.loads(line)["messages"][:-1]}).encode() + b"\n"
+                                for line in data.split(b"\n") if line.strip())
+            path = scratch / key / Path(file.filename).name
+            path.parent.mkdir(parents=True)
+            path.write_bytes(data)
+            try:
+                sets[key] = load(path)
+            except TrainerError as exc:
+                message = str(exc).replace(str(path), file.filename)
+                self._fail(job, "invalid_file", f"{param} {file_id}: {message}", param)
+                return False, None, None
+        return True, sets.get("golden_file"), sets.get("regression_file")
+
     def _init_adapter(self, job: Job, folder: Path) -> Any:
         from trainer.train import InitAdapter
 
@@ -309,6 +348,12 @@ class Worker:
         version = self.registry.resolve(self.registry.get_tenant(tenant), str(model))
         self.registry.fetch(version, folder)  # every file verified against its sha256
         return InitAdapter(folder, version.ref, version.content_sha256)
+
+    def _tenants_view(self, message: str, scratch: Path) -> str:
+        """A trainer's message without this machine's paths: a job's files by the names the
+        tenant gave them, the base by its id."""
+        message = re.sub(re.escape(str(scratch)) + r"/[^/\s]+/", "", message)
+        return message.replace(str(self.options.base_dir), self.options.base_model_id)
 
     def _tokenizer_once(self) -> Any:
         if self._tokenizer is None:

@@ -8,8 +8,9 @@ OpenAI's envelope in the app's one handler. Training runs in workers
 (``lora-gateway worker``, or ``serve --worker``), never in the gateway.
 
 Beyond OpenAI's fields a job takes ``gates`` (send it with the SDK's ``extra_body``): the
-trainer's gates the adapter must pass to be published (``max_val_perplexity``,
-``preference_min_accuracy``, ``preference_min_margin``).
+trainer's gates the adapter must pass to be published (``JobGates``: validation perplexity,
+DPO's preference accuracy and margin, a golden file's answers, a regression file's prompts
+against the base).
 """
 
 from __future__ import annotations
@@ -128,6 +129,34 @@ class JobMethod(_Strict):
     dpo: _Hyperparameters | None = None
 
 
+class JobGates(_Strict):
+    """What the adapter must pass to be published (the trainer's gates); unset: not checked,
+    except DPO's preference gates, whose defaults apply."""
+
+    max_val_perplexity: float | None = Field(default=None, gt=0,
+                                             description="Validation perplexity at most this.")
+    preference_min_accuracy: float | None = Field(default=None, ge=0, le=1,
+                                                  description="DPO: held-out pairs preferred right.")
+    preference_min_margin: float | None = Field(default=None,
+                                                description="DPO: mean held-out reward margin.")
+    golden_file: str | None = Field(default=None, max_length=64, description=(
+        "A file (supervised format) whose answers the adapter must reproduce exactly, greedy."))
+    golden_min_score: float | None = Field(default=None, ge=0, le=1,
+                                           description="Share of golden answers reproduced (default 1).")
+    regression_file: str | None = Field(default=None, max_length=64, description=(
+        "A file (supervised format) whose prompts the adapter must answer nearly as the base does "
+        "(its answers are not used)."))
+    regression_max_kl: float | None = Field(default=None, gt=0, description=(
+        "Mean per-token KL(base || adapter) on the regression prompts, in nats (default 0.5)."))
+    regression_min_agreement: float | None = Field(default=None, ge=0, le=1, description=(
+        "Share of regression prompts answered exactly as the base does."))
+
+    def split(self) -> tuple[dict[str, float], dict[str, str]]:
+        values = self.model_dump(exclude_none=True)
+        files = {k: values.pop(k) for k in ("golden_file", "regression_file") if k in values}
+        return values, files
+
+
 class JobCreate(_Strict):
     """OpenAI's fine-tuning job body; ``gates`` is this gateway's."""
 
@@ -142,7 +171,7 @@ class JobCreate(_Strict):
     method: JobMethod | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(default=None, max_length=16)
     integrations: list[Any] | None = None
-    gates: dict[str, float] = Field(default_factory=dict, description="The trainer's gates to pass.")
+    gates: JobGates = Field(default_factory=JobGates, description="The trainer's gates to pass.")
 
     def request(self) -> JobRequest:
         if self.integrations:
@@ -155,9 +184,11 @@ class JobCreate(_Strict):
                                       "(the top-level field is for supervised jobs only)",
                                       param="hyperparameters")
         hyperparameters = given.hyperparameters if given is not None else (self.hyperparameters or {})
+        gates, eval_files = self.gates.split()
         return JobRequest(model=self.model, training_file=self.training_file, method=method,
                           hyperparameters=hyperparameters, validation_file=self.validation_file,
-                          suffix=self.suffix, seed=self.seed, metadata=self.metadata, gates=self.gates)
+                          suffix=self.suffix, seed=self.seed, metadata=self.metadata, gates=gates,
+                          eval_files=eval_files)
 
 
 JOBS_PATH = "/v1/fine_tuning/jobs"

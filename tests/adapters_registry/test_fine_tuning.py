@@ -295,3 +295,18 @@ def test_a_job_from_the_base_trains_its_frozen_template_even_beside_others(reg, 
     with pytest.raises(NotFoundError, match="not one of base"):
         reg.jobs.create("acme", JobRequest(model=base, training_file=file_id), base_model_id=base,
                         base_names=(base,), limits=LIMITS, template_id="tpl-nope")
+
+
+def test_eval_files_are_the_tenants_chat_files_and_their_gates_need_them(reg) -> None:
+    prefs = upload(reg, preference(), name="p.jsonl")
+    with pytest.raises(ValidationError) as err:
+        create(reg, training_file=upload(reg), gates={"golden_min_score": 0.5, "regression_max_kl": 0.1},
+               eval_files={"golden_file": prefs, "bogus_file": "x"})
+    message = str(err.value)
+    assert "gates.golden_file " in message and "preference pairs" in message
+    assert "gates.bogus_file: not an eval file" in message
+    assert "the regression gates need gates.regression_file" in message
+    with pytest.raises(ValidationError, match=r"gates\.regression_file: no such file"):
+        create(reg, training_file=upload(reg), eval_files={"regression_file": "file-gone"})
+    job = create(reg, training_file=upload(reg), eval_files={"golden_file": upload(reg)})
+    assert set(job.eval_files) == {"golden_file"}

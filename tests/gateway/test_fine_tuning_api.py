@@ -129,3 +129,21 @@ def test_the_sdk_drives_the_whole_loop_to_a_model_it_can_call(gw: Gateway, tmp_p
                                           messages=[{"role": "user", "content": "Status?"}])
     assert answer.model == done.fine_tuned_model
     assert not {m.id for m in sdk(gw, "globex").models.list()} & {"helpdesk", "helpdesk@v1"}
+
+
+def test_gates_are_a_documented_object_and_eval_files_are_the_tenants(gw: Gateway) -> None:
+    acme = sdk(gw)
+    f = upload(acme)
+    with pytest.raises(openai.BadRequestError) as err:
+        acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id,
+                                     extra_body={"gates": {"max_val_perplexity": 2, "min_vibes": 1}})
+    assert err.value.body["param"] == "gates.min_vibes" or "min_vibes" in err.value.body["message"]
+    other = upload(sdk(gw, "globex"))
+    with pytest.raises(openai.BadRequestError, match="no such file"):
+        acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id,
+                                     extra_body={"gates": {"golden_file": other.id}})
+    job = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id,
+                                       extra_body={"gates": {"golden_file": f.id, "golden_min_score": 0.5}})
+    assert job.status == "validating_files"
+    schema = gw.client.get("/openapi.json").json()["components"]["schemas"]["JobGates"]
+    assert {"golden_file", "regression_file", "max_val_perplexity"} <= set(schema["properties"])

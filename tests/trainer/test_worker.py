@@ -212,3 +212,41 @@ def test_a_run_whose_worker_was_lost_resumes_from_its_last_checkpoint(env) -> No
 
 def _id(reg, job_id: str, epoch: int) -> str:
     return next(c.id for c in reg.jobs.checkpoints("acme", job_id)[0] if c.epoch == epoch)
+
+
+def test_golden_and_regression_files_gate_publication(env) -> None:
+    reg, worker, base = env
+    # training prompts that repeat a golden prompt are dropped (contamination): the golden set
+    # asks other questions
+    answer = {"role": "assistant", "content": "Acme: all good."}
+    golden_lines = "".join(json.dumps({"messages": [{"role": "user", "content": q}, answer]}) + "\n"
+                           for q in ("Are you there?", "Everything fine?")).encode()
+    golden = reg.files.create("acme", "golden.jsonl", "fine-tune", golden_lines, max_bytes=10**6).id
+    regression = reg.files.create("acme", "regression.jsonl", "fine-tune", chat_file("unused"),
+                                  max_bytes=10**6).id
+    passing = submit(reg, base, chat_file(), suffix="golden-ok", gates={"golden_min_score": 0.0},
+                     eval_files={"golden_file": golden})
+    strict = submit(reg, base, chat_file(), suffix="too-far", gates={"regression_max_kl": 1e-9},
+                    eval_files={"regression_file": regression})
+    for _ in range(4):
+        worker.run_once()
+    ok = reg.jobs.get("acme", passing.id)
+    assert ok.status == "succeeded", ok.error
+    events = [e.message for e in reg.jobs.events("acme", passing.id, limit=100)[0]]
+    assert any(m.startswith("Gate golden") for m in events), events
+    failed = reg.jobs.get("acme", strict.id)
+    assert (failed.status, failed.error["code"]) == ("failed", "gates_failed")
+    assert "regression" in failed.error["message"] and "FAILED" in failed.error["message"]
+    assert all(a.name != "too-far" for a in reg.list_adapters(reg.get_tenant("acme")))
+
+
+def test_a_trainer_error_tells_the_tenant_its_own_file_names_not_the_workers_paths(env) -> None:
+    reg, worker, base = env
+    golden = reg.files.create("acme", "golden.jsonl", "fine-tune", chat_file(), max_bytes=10**6).id
+    job = submit(reg, base, chat_file(), eval_files={"golden_file": golden})  # every prompt contaminated
+    worker.run_once()  # found while its files are validated: no run is queued
+    failed = reg.jobs.get("acme", job.id)
+    assert failed.status == "failed" and failed.trained_tokens is None
+    message = failed.error["message"]
+    assert message.startswith("train.jsonl: ") and "no examples left" in message, message
+    assert "/tmp" not in message and str(worker.options.scratch) not in message
