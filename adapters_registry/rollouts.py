@@ -171,6 +171,16 @@ class Rollouts:
                 raise NotFoundError(f"{tenant.name}/{name}:{alias} has no rollout")
             return self._record(s, tenant, name, row)
 
+    def active(self) -> list[Rollout]:
+        """Every running or paused rollout, of every tenant (what each replica shows)."""
+        with Session(self.db) as s:
+            rows = s.execute(select(RolloutRow, AdapterRow.name, TenantRow.id, TenantRow.name)
+                             .join(AdapterRow, RolloutRow.adapter_id == AdapterRow.id)
+                             .join(TenantRow, AdapterRow.tenant_id == TenantRow.id)
+                             .where(RolloutRow.active.is_(True))).all()
+            return [self._record(s, Tenant(tenant_id, tenant), name, row)
+                    for row, name, tenant_id, tenant in rows]
+
     def pause(self, tenant_name: str, name: str, alias: str) -> Rollout:
         """Hold the current step: no advance and no automatic rollback until resumed."""
         return self._change(tenant_name, name, alias, "running", "paused", "rollout.pause")

@@ -23,6 +23,11 @@ class GatewayMetrics:
             "lgw_rollout_decisions", "Rollout decisions this replica made (it held the lease), "
             "by the state they left: running (a step up), promoted, rolled_back, superseded.",
             ["tenant", "adapter", "alias", "state"], registry=r)
+        # Every replica shows every active rollout's step, whoever holds the decision lease.
+        self.rollout_percent = Gauge(
+            "lgw_rollout_candidate_percent", "An active rollout's candidate share of the alias's "
+            "callers now (its step), by state (running or paused); gone once it ends.",
+            ["tenant", "adapter", "alias", "candidate", "state"], registry=r)
         self.prompt_tokens = Counter("lgw_prompt_tokens", "Prompt tokens.",
                                      ["tenant", "adapter"], registry=r)
         self.completion_tokens = Counter("lgw_completion_tokens", "Completion tokens.",

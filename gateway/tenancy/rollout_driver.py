@@ -4,7 +4,8 @@ Each ``every_s`` seconds the replica asks the registry to judge every running ro
 (``adapters_registry.rollouts``); only the holder of the decision lease does, and the
 others' calls return at once. What changed is logged and counted in
 ``lgw_rollout_decisions_total``, and the alias changes reach every replica as any alias
-move does (the change channel, else the resolve TTL).
+move does (the change channel, else the resolve TTL). Every replica, lease or not, shows
+each active rollout's step in ``lgw_rollout_candidate_percent``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 class Decider(Protocol):
     def decide(self, holder: str, *, lease_s: float = 30.0) -> list[Rollout]: ...
 
+    def active(self) -> list[Rollout]: ...
+
 
 class RolloutDriver:
     def __init__(self, rollouts: Decider, holder: str, metrics: GatewayMetrics,
@@ -34,6 +37,7 @@ class RolloutDriver:
         self._every_s = every_s
         self._task: asyncio.Task[None] | None = None
         self._failures = Throttled(logger)
+        self._shown: set[tuple[str, ...]] = set()  # the step gauge's label sets now
 
     def start(self) -> None:
         if self._every_s > 0:
@@ -53,7 +57,20 @@ class RolloutDriver:
             self._metrics.rollout_decisions.labels(r.tenant, r.adapter, r.alias, r.state).inc()
             logger.info("rollout of %s/%s:%s v%d: %s at %d%% (%s)", r.tenant, r.adapter, r.alias,
                         r.candidate, r.state, r.percent, r.reason)
+        self._show(await asyncio.to_thread(self._rollouts.active))
         return changed
+
+    def _show(self, active: list[Rollout]) -> None:
+        """lgw_rollout_candidate_percent for every active rollout; finished ones removed."""
+        gauge = self._metrics.rollout_percent
+        now = set()
+        for r in active:
+            labels = (r.tenant, r.adapter, r.alias, f"v{r.candidate}", r.state)
+            gauge.labels(*labels).set(r.percent)
+            now.add(labels)
+        for labels in self._shown - now:
+            gauge.remove(*labels)
+        self._shown = now
 
     async def _run(self) -> None:
         while True:

@@ -41,9 +41,16 @@ def test_a_good_candidate_is_promoted_and_a_failing_one_rolled_back(
     assert {v for _, v in answers} == {"acme/support-bot@v1", "acme/support-bot@v2"}
     (r,) = judge(gw)
     assert (r.state, r.percent) == ("running", 100)
+    step = ('lgw_rollout_candidate_percent{adapter="support-bot",alias="prod",candidate="v2",'
+            'state="running",tenant="acme"} 100.0')
+    assert step in gw.metrics().text
+    other = gateway_factory(rollout_decide_seconds=0, replica_name="replica-b")
+    assert judge(other) == [], "the other replica does not hold the decision lease..."
+    assert step in other.metrics().text, "...and shows the step all the same"
     assert {v for _, v in send(gw, 6, "b")} == {"acme/support-bot@v2"}
     (r,) = judge(gw)
     assert r.state == "promoted"
+    assert "lgw_rollout_candidate_percent{" not in gw.metrics().text, "an ended rollout leaves the gauge"
     assert 'lgw_rollout_decisions_total{adapter="support-bot",alias="prod",state="promoted",' \
            'tenant="acme"} 1.0' in gw.metrics().text
 
