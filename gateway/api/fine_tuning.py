@@ -152,8 +152,8 @@ class JobGates(_Strict):
         "Share of regression prompts answered exactly as the base does."))
 
     def split(self) -> tuple[dict[str, float], dict[str, str]]:
-        values = self.model_dump(exclude_none=True)
-        files = {k: values.pop(k) for k in ("golden_file", "regression_file") if k in values}
+        values: dict[str, Any] = self.model_dump(exclude_none=True)
+        files: dict[str, str] = {k: values.pop(k) for k in ("golden_file", "regression_file") if k in values}
         return values, files
 
 

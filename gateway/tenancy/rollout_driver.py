@@ -63,9 +63,9 @@ class RolloutDriver:
     def _show(self, active: list[Rollout]) -> None:
         """lgw_rollout_candidate_percent for every active rollout; finished ones removed."""
         gauge = self._metrics.rollout_percent
-        now = set()
+        now: set[tuple[str, ...]] = set()
         for r in active:
-            labels = (r.tenant, r.adapter, r.alias, f"v{r.candidate}", r.state)
+            labels: tuple[str, ...] = (r.tenant, r.adapter, r.alias, f"v{r.candidate}", r.state)
             gauge.labels(*labels).set(r.percent)
             now.add(labels)
         for labels in self._shown - now:
