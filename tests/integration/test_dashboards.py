@@ -76,6 +76,22 @@ def mixed_load(url: str, keys: dict[str, str]) -> dict[str, int]:
     return statuses
 
 
+def scrapes(prometheus: str) -> int:
+    answer = httpx.get(prometheus + "/api/v1/query", params={"query": "count_over_time(up[10m])"},
+                       timeout=30).json()
+    return int(float(answer["data"]["result"][0]["value"][1])) if answer["data"]["result"] else 0
+
+
+def scraped_after(prometheus: str, more: int, deadline_s: float = 90.0) -> None:
+    """Wait for ``more`` scrapes past now: Prometheus's scrape loop keeps its own time (on a
+    busy machine its first scrapes came seconds late, and a fixed sleep left one sample)."""
+    target = scrapes(prometheus) + more
+    deadline = time.monotonic() + deadline_s
+    while scrapes(prometheus) < target:
+        assert time.monotonic() < deadline, f"Prometheus scraped {scrapes(prometheus)} times, not {target}"
+        time.sleep(SCRAPE_S / 2)
+
+
 def evaluate(prometheus: str, expr: str) -> tuple[str, int]:
     for name, value in ALL.items():
         expr = expr.replace(name, value)
@@ -117,7 +133,7 @@ def test_every_dashboard_query_returns_data_from_a_live_gateway(
         statuses = mixed_load(gateway.url, keys)
         for status in ("200", "404", "429"):
             assert statuses.get(status), statuses
-        time.sleep(4 * SCRAPE_S)  # a few scrapes after the last answer
+        scraped_after(prometheus.url, 3)  # a rate needs two samples of each series after the load
         rows, empty = [], []
         for board in BOARDS:
             model = build(board)
