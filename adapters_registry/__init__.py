@@ -73,6 +73,7 @@ from adapters_registry.records import (
     AdapterVersion,
     ApiKeyInfo,
     Resolution,
+    Shadow,
     SplitEntry,
     Tenant,
 )
@@ -140,6 +141,7 @@ __all__ = [
     "RolloutRules",
     "S3Config",
     "S3Store",
+    "Shadow",
     "SourceError",
     "SplitEntry",
     "TamperedRecordError",

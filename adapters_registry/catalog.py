@@ -21,13 +21,21 @@ from adapters_registry.db import (
     AliasRow,
     AliasSplitRow,
     BaseModelRow,
+    RolloutRow,
     TemplateRow,
     as_utc,
 )
 from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
 from adapters_registry.hashing import sha256_tree
 from adapters_registry.names import ModelRef, shown, validate_name
-from adapters_registry.records import AdapterInfo, AdapterVersion, Resolution, SplitEntry, Tenant
+from adapters_registry.records import (
+    AdapterInfo,
+    AdapterVersion,
+    Resolution,
+    Shadow,
+    SplitEntry,
+    Tenant,
+)
 from adapters_registry.template import AdapterTemplate
 from adapters_registry.tenancy import Tenancy
 
@@ -318,7 +326,23 @@ class Catalog:
             split = tuple(SplitEntry(None if r.version_id is None else _to_version(
                 s.get_one(AdapterVersionRow, r.version_id), tenant.name, adapter.name, template),
                 r.weight) for r in split_rows)
-            return Resolution(_to_version(row, tenant.name, adapter.name, template), split, name)
+            version = _to_version(row, tenant.name, adapter.name, template)
+            return Resolution(version, split, name,
+                              self._shadow(s, adapter.id, name, version, split) if split else None)
+
+    def _shadow(self, s: Session, adapter_id: int, alias: str | None, stable: AdapterVersion,
+                split: tuple[SplitEntry, ...]) -> Shadow | None:
+        """The alias's running rollout's shadow share, if it has one."""
+        rollout = s.scalar(select(RolloutRow).filter_by(adapter_id=adapter_id, alias=alias,
+                                                        active=True, state="running"))
+        if rollout is None or stable.version != rollout.stable_version:
+            return None
+        percent = float((rollout.rules or {}).get("shadow_percent", 0))
+        candidate = next((e.version for e in split if e.version is not None
+                          and e.version.version == rollout.candidate_version), None)
+        if candidate is None or percent <= 0:
+            return None
+        return Shadow(stable, candidate, percent)
 
     def generation(self) -> int:
         """The number of changes published so far (``changes.generation``): equal readings

@@ -313,6 +313,21 @@ class UsageRow(Base):
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class AnswerStatsRow(Base):
+    """What one writer's answers for one tenant and model in one minute looked like (times
+    to first token, latencies, refusals, shadow comparisons: ``answer_stats``), beside the
+    bill in ``usage_minutes``; replaced whole by its writer on every flush, as usage is."""
+
+    __tablename__ = "answer_stats_minutes"
+    __table_args__ = (Index("ix_answer_stats_minutes_minute", "minute"),)
+
+    writer: Mapped[str] = mapped_column(String(100), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(300), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 def as_utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; every value the registry gives out is UTC-aware."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -69,6 +69,16 @@ class SplitEntry:
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """A running rollout's shadow comparisons: ``percent`` of the stable version's requests
+    are answered again by ``candidate`` and the stable version, off the caller's path."""
+
+    stable: AdapterVersion
+    candidate: AdapterVersion
+    percent: float
+
+
+@dataclass(frozen=True)
 class Resolution:
     """What a ``model`` names: its version, and the alias's weighted split if it has one
     (``version`` is then the split's stable version, where a rollback returns everyone)."""
@@ -76,3 +86,4 @@ class Resolution:
     version: AdapterVersion
     split: tuple[SplitEntry, ...] = ()
     alias: str | None = None  # the alias resolved (None: a pinned version)
+    shadow: Shadow | None = None  # the alias's running rollout shadows its stable version

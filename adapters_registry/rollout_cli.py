@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+from dataclasses import fields
 from typing import Any
 
 from adapters_registry.errors import ValidationError
@@ -26,13 +27,10 @@ def add_rollout_commands(cmds: Any, common: argparse.ArgumentParser) -> None:
     start.add_argument("version", type=int, help="the candidate")
     start.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
                        help="the candidate's percentages, rising to 100 (default %(default)s)")
-    for field, kind, what in (
-            ("min_requests", int, "candidate answers a step needs before it advances"),
-            ("min_step_seconds", float, "seconds a step lasts at least"),
-            ("max_error_rate", float, "the candidate's highest share of server errors"),
-            ("max_error_rate_increase", float, "how far it may exceed the stable version's")):
-        start.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(_DEFAULTS, field),
-                           help=f"{what} (default %(default)s)")
+    for rule in fields(RolloutRules):
+        default = getattr(_DEFAULTS, rule.name)
+        start.add_argument(f"--{rule.name.replace('_', '-')}", type=type(default), default=default,
+                           help=f"{RolloutRules.help(rule.name)} (default %(default)s)")
     start.set_defaults(run=_start)
     for verb, what in (("status", "the alias's active (else latest) rollout"),
                        ("pause", "hold the current step"), ("resume", "judge again"),
@@ -55,8 +53,7 @@ def _start(r: Registry, a: argparse.Namespace) -> None:
     except ValueError:
         raise ValidationError(f"--steps {a.steps!r}: whole percentages, comma-separated, e.g. "
                               "5,25,50,100") from None
-    rules = RolloutRules(a.min_requests, a.min_step_seconds, a.max_error_rate,
-                         a.max_error_rate_increase)
+    rules = RolloutRules(**{rule.name: getattr(a, rule.name) for rule in fields(RolloutRules)})
     _print(r.rollouts.start(ref.tenant, ref.name, a.alias, a.version, percents, rules).as_dict())
 
 

@@ -11,12 +11,19 @@ as the step's baseline and taken off, so a step's window is its own answers, giv
 what the replicas had not flushed yet, at most ``usage_flush_seconds`` of them.)
 
 - a breach rolls back at once (the alias names the stable version again; state
-  ``rolled_back``): the candidate's share of server errors (5xx, in-stream errors
-  included) above ``max_error_rate``, or above the stable version's by more than
-  ``max_error_rate_increase``, once it has ``min_requests`` answers, or sooner when its
-  errors alone already exceed what that minimum sample could absorb;
-- a step with ``min_requests`` candidate answers, ``min_step_seconds`` behind it and no
-  breach advances; past the last step (100 %) the alias names the candidate (``promoted``).
+  ``rolled_back``): once the candidate has ``min_requests`` answers, its share of server
+  errors (5xx, in-stream errors included) above ``max_error_rate`` or above the stable
+  version's by more than ``max_error_rate_increase``; its refusal rate above the stable
+  version's by more than ``max_refusal_rate_increase``; its time to first token or
+  latency p95 more than ``max_ttft_p95_ratio`` / ``max_latency_p95_ratio`` times the
+  stable version's; its tokens per answer more than ``max_tokens_per_answer_ratio``
+  apart from the stable version's. Sooner: when its errors alone already exceed what
+  that minimum sample could absorb, or when ``min_shadow_pairs`` shadow comparisons show
+  its greedy answers agreeing less than ``min_shadow_agreement`` or diverging by more
+  than ``max_shadow_kl`` (``rollout_evidence``, ``answer_stats``);
+- a step with ``min_requests`` candidate answers (and ``min_shadow_pairs`` comparisons
+  while it shadows), ``min_step_seconds`` behind it and no breach advances; past the
+  last step (100 %) the alias names the candidate (``promoted``).
 
 One process decides at a time: the holder of the ``rollouts`` lease (a row in this
 database, taken when free or expired, renewed by its holder), so replicas never race
@@ -57,6 +64,8 @@ from adapters_registry.rollout_evidence import (
     counts,
     gates_passed,
     ledger_ref,
+    shadow_short,
+    summary,
 )
 from adapters_registry.tenancy import Tenancy
 
@@ -241,15 +250,20 @@ class Rollouts:
                          start.get("stable"))
         cand = counts(s, tenant.name, ledger_ref(tenant, name, row.candidate_version), since,
                        start.get("candidate"))
+        reference = (row.evidence or {}).get("reference")
         evidence = {"window_from": as_utc(row.step_started_at).isoformat(),
-                    "percent": row.steps["percents"][row.step], "candidate": cand,
-                    "stable": stable, "baseline": start,
+                    "percent": row.steps["percents"][row.step], "candidate": summary(cand),
+                    "stable": summary(stable), "baseline": start,
                     "step_seconds": round((now - as_utc(row.step_started_at)).total_seconds(), 1)}
-        why = breach(rules, cand, stable)
+        if stable["answers"] >= rules.min_requests:
+            reference = summary(stable)  # what later steps compare with, when few are on stable
+        if reference is not None:
+            evidence["reference"] = reference
+        why = breach(rules, cand, stable, reference)
         if why:
             return self._finish(s, tenant, name, row, "rolled_back", "rollout.rollback", now,
                                 why, evidence)
-        if cand["answers"] < rules.min_requests or \
+        if cand["answers"] < rules.min_requests or shadow_short(rules, cand) or \
                 evidence["step_seconds"] < rules.min_step_seconds:
             row.evidence = evidence  # not yet: figures kept for status
             return None
@@ -305,7 +319,9 @@ class Rollouts:
             row.state, row.updated_at = to_state, now
             if to_state == "running":  # a fresh window: nothing from the pause counts
                 row.step_started_at = now
-                row.evidence = {"baseline": baseline(s, tenant.name, name, row, now)}
+                reference = (row.evidence or {}).get("reference")
+                row.evidence = {"baseline": baseline(s, tenant.name, name, row, now),
+                                **({"reference": reference} if reference else {})}
             row.reason = f"{to_state} by hand"
             record(s, self.actor, action, f"{tenant.name}/{name}:{alias}", rollout=row.id)
             return self._record(s, tenant, name, row)

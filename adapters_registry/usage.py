@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -20,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from adapters_registry.db import UsageRow, as_utc
+from adapters_registry.db import AnswerStatsRow, UsageRow, as_utc
 from adapters_registry.errors import ValidationError
 
 __all__ = ["Ledger", "UsageCounts", "UsageRecord", "read", "write"]
@@ -49,6 +50,8 @@ class UsageRecord:
     model: str  # tenant/name@vN, or the base's served name
     minute: datetime  # UTC, the minute's start
     counts: UsageCounts
+    # Its answers' figures (``answer_stats``), written beside the bill; not part of it.
+    stats: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {"tenant": self.tenant, "model": self.model, "minute": self.minute.isoformat(),
@@ -56,18 +59,23 @@ class UsageRecord:
 
 
 def write(engine: Engine, writer: str, records: Iterable[UsageRecord]) -> None:
-    """Replace ``writer``'s totals for each record's (tenant, model, minute), in one transaction."""
+    """Replace ``writer``'s totals (and answer figures) for each record's (tenant, model,
+    minute), in one transaction. A record with no usage (a shadow comparison's only) has
+    no row in the bill."""
+    records = list(records)
     rows = [{"writer": writer, "tenant": r.tenant, "model": r.model, "minute": r.minute,
-             **asdict(r.counts)} for r in records]
-    if not rows:
-        return
+             **asdict(r.counts)} for r in records if r.counts != UsageCounts()]
+    stats = [{"writer": writer, "tenant": r.tenant, "model": r.model, "minute": r.minute,
+              "stats": r.stats} for r in records if r.stats is not None]
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(UsageRow)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["writer", "tenant", "model", "minute"],
-        set_={name: getattr(stmt.excluded, name) for name in COUNTS})
     with Session(engine) as s, s.begin():
-        s.execute(stmt, rows)
+        for table, values, names in ((UsageRow, rows, COUNTS), (AnswerStatsRow, stats, ("stats",))):
+            if values:
+                stmt = insert(table)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["writer", "tenant", "model", "minute"],
+                    set_={name: getattr(stmt.excluded, name) for name in names})
+                s.execute(stmt, values)
 
 
 def read(engine: Engine, start: datetime, end: datetime, *,

@@ -48,6 +48,7 @@ from gateway.config import GatewaySettings
 from gateway.engine import Engine
 from gateway.engine.base import ServingOptions
 from gateway.engine.serving import OpenAIService
+from gateway.engine.shadow import ShadowRunner
 from gateway.errors import GatewayError, error_body
 from gateway.observability.ledger import UsageLedger
 from gateway.observability.logs import Throttled
@@ -176,10 +177,6 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   slot_capacity=settings.max_loras,
                                   load_concurrency=settings.adapter_load_concurrency,
                                   slot_wait_s=settings.adapter_slot_wait_seconds)
-        openai = OpenAIService(engine, serving, tenants, adapters,
-                               tools_supported=settings.tool_call_parser is not None,
-                               metrics=metrics, on_engine_dead=engine_died,
-                               stored_responses=settings.stored_responses)
         admin = Registry(registry.db, registry.store, actor="admin")
         quotas = Quotas(quota_store(settings), registry, default_limits(settings), metrics,
                         fail_open=settings.quota_failure_mode == "open",
@@ -199,6 +196,17 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                   max_queued_per_tenant=settings.queue_max_per_tenant,
                                   max_queued=settings.queue_max_total,
                                   deadline_s=settings.queue_deadline_seconds, metrics=metrics)
+        # A rollout's shadow comparisons use spare capacity only: nobody waiting, a slot free.
+        shadows = ShadowRunner(serving, adapters, ledger, metrics,
+                               lambda: admission.queued() == 0 and admission.in_flight < admission.limit,
+                               max_in_flight=settings.shadow_max_in_flight,
+                               max_tokens=settings.shadow_max_tokens,
+                               engine_priority=settings.scheduling_policy == "priority")
+        openai = OpenAIService(engine, serving, tenants, adapters,
+                               tools_supported=settings.tool_call_parser is not None,
+                               metrics=metrics, on_engine_dead=engine_died,
+                               stored_responses=settings.stored_responses,
+                               refusal=settings.refusal, shadows=shadows)
         services = Services(settings, tenants, adapters, openai, metrics, admin, quotas, admission,
                             Registry(registry.db, registry.store, actor="tenant-api"))
         app.state.services = services
@@ -211,6 +219,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
                                  settings.rollout_decide_seconds)
         rollouts.start()
         app.state.rollouts = rollouts
+        app.state.shadows = shadows
         app.state.registry_changes = start_listener(
             registry, tenants, quotas, metrics, enabled=settings.registry_changes_channel,
             ttl=settings.resolve_ttl_seconds, retry_s=settings.registry_changes_retry_seconds)
@@ -227,6 +236,7 @@ def create_app(settings: GatewaySettings, *, engine_factory: EngineFactory = vll
             yield
         finally:
             await rollouts.stop()
+            await shadows.stop()
             await ledger.stop()
             warming.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ByteSize, Field, SecretStr, create_model, model_validator
+from pydantic import ByteSize, Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters_registry import LIMITS
@@ -14,6 +15,10 @@ from gateway.observability.logs import LogFormat
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 LoraRank = Literal[8, 16, 32, 64, 128, 256, 512]  # the ranks vLLM accepts
+# How an English refusal opens; rollouts compare its rate between versions, not its truth.
+DEFAULT_REFUSAL_PATTERN = (r"\s*(I'?m sorry|I am sorry|sorry, (but )?I|I apologi[sz]e|I can(no|')t "
+                           r"(help|assist|do|provide|answer)|I'?m (not able|unable) to|"
+                           r"I am (not able|unable) to|I won'?t|As an AI)")
 
 
 class _Settings(BaseSettings):
@@ -96,6 +101,18 @@ class _Settings(BaseSettings):
     rollout_decide_seconds: float = Field(
         default=5.0, ge=0, le=3600, description="How often this replica offers to judge running "
         "rollouts (one replica at a time holds the decision lease); 0: never.")
+    refusal_pattern: str = Field(
+        default=DEFAULT_REFUSAL_PATTERN, max_length=2000,
+        description="A regular expression (Python, case-insensitive) matched at the start of "
+        "each whole answer's first 160 characters: a match counts the answer as a refusal in "
+        "its version's figures, which rollouts compare (max_refusal_rate_increase); empty: "
+        "nothing is counted as one.")
+    shadow_max_in_flight: int = Field(
+        default=1, ge=0, le=64, description="Rollout shadow comparisons this replica runs at "
+        "once (each: the stable and the candidate version answering one request again, "
+        "greedily, only when no request waits and a slot is free); 0: this replica runs none.")
+    shadow_max_tokens: int = Field(
+        default=64, ge=1, le=4096, description="Longest answer of a shadow comparison, in tokens.")
     registry_outage_grace_seconds: float = Field(
         default=600.0, ge=0, description="While the registry database cannot be reached, keys, "
         "names and limits it answered before are used this long past resolve_ttl_seconds (nobody "
@@ -153,6 +170,19 @@ class _Settings(BaseSettings):
                                  "503 with Retry-After at once.")
     queue_deadline_seconds: float = Field(default=30.0, gt=0, description="Longest wait for the "
                                           "engine; past it: 503 with Retry-After.")
+
+    @field_validator("refusal_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"refusal_pattern is not a regular expression: {exc}") from None
+        return value
+
+    @property
+    def refusal(self) -> re.Pattern[str] | None:
+        return re.compile(self.refusal_pattern, re.IGNORECASE) if self.refusal_pattern else None
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:

@@ -7,6 +7,7 @@ definition of every limit (``adapters_registry.limits``).
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -76,20 +77,30 @@ class AliasIn(_Body):
         return self
 
 
-class RolloutIn(_Body):
-    """A candidate's rollout under the alias (adapters_registry.rollouts)."""
+def _rules_model() -> type[_Body]:
+    """Every rollout rule (adapters_registry.rollout_evidence.RolloutRules) as a body field."""
+    fields_: dict[str, Any] = {
+        rule.name: (type(rule.default), Field(rule.default, description=(
+            RolloutRules.help(rule.name).capitalize() + ".")))
+        for rule in fields(RolloutRules)}
+    return create_model("RolloutRulesIn", __base__=_Body, __module__=__name__, **fields_)
+
+
+if TYPE_CHECKING:
+    _RulesIn = _Body
+else:
+    _RulesIn = _rules_model()
+
+
+class RolloutIn(_RulesIn):
+    """A candidate's rollout under the alias (adapters_registry.rollouts), with its rules."""
 
     version: int = Field(ge=1, description="The candidate.")
     steps: list[int] = Field(default=list(DEFAULT_ROLLOUT_STEPS), min_length=1, max_length=10,
                              description="The candidate's percentages, rising to 100.")
-    min_requests: int = RolloutRules.min_requests
-    min_step_seconds: float = RolloutRules.min_step_seconds
-    max_error_rate: float = RolloutRules.max_error_rate
-    max_error_rate_increase: float = RolloutRules.max_error_rate_increase
 
     def rules(self) -> RolloutRules:
-        return RolloutRules(self.min_requests, self.min_step_seconds, self.max_error_rate,
-                            self.max_error_rate_increase)
+        return RolloutRules(**{rule.name: getattr(self, rule.name) for rule in fields(RolloutRules)})
 
 
 class RolloutOut(BaseModel):

@@ -66,6 +66,9 @@ class RequestScope:
     stream_error_status: str | None = None
     prompt_tokens: int = 0  # what the engine counted, once it answered
     completion_tokens: int = 0
+    ttft_s: float | None = None  # from the service taking it to the first generated token
+    latency_s: float | None = None  # a whole answer's (status 200)
+    refused: bool = False  # a whole answer opening as the gateway's refusal pattern says
     trace: RequestTrace = NO_TRACE  # its spans (an inference request, while tracing is on)
     _on_close: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
@@ -185,4 +188,6 @@ class RequestEdge:
             model = (req.version.ref if req.version is not None else
                      f"{req.label}@base" if req.variant == "base" else req.label)
             self.ledger.record(tenant, model, label, prompt_tokens=req.prompt_tokens,
-                               completion_tokens=req.completion_tokens)
+                               completion_tokens=req.completion_tokens, ttft_s=req.ttft_s,
+                               latency_s=None if req.aborted else req.latency_s,
+                               refused=req.refused and not req.aborted)

@@ -96,6 +96,9 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
+HEAD_CHARS = 160
+
+
 @dataclass
 class Meter:
     """Every token the engine produced for one API request: each prompt, each choice.
@@ -107,6 +110,8 @@ class Meter:
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # engine request id -> tokens
     completion_tokens: dict[tuple[str, int], int] = field(default_factory=dict)  # (id, choice)
     first_token_at: float | None = None  # time.perf_counter() of the first generated token
+    # The opening of the first prompt's first choice (at most HEAD_CHARS), to tell a refusal.
+    head: str = ""
     # Quota hooks: each prompt's length before it is generated (may refuse it), and each
     # increment of generated tokens (any choice, any prompt of a batch).
     on_prompt: Callable[[int], Awaitable[None]] | None = None

@@ -57,7 +57,14 @@ from gateway.api.schemas import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
-from gateway.engine.base import LoraSpec, Meter, Route, ServingOptions, ServingResult
+from gateway.engine.base import (
+    HEAD_CHARS,
+    LoraSpec,
+    Meter,
+    Route,
+    ServingOptions,
+    ServingResult,
+)
 from gateway.errors import (
     EngineDeadError,
     EngineUnavailableError,
@@ -218,6 +225,7 @@ async def _metered(outputs: AsyncGenerator[RequestOutput, None], meter: Meter, c
     """``outputs``, metered. ``final_only``: they are cumulative but the caller wants only the
     finished one, with every choice (each cumulative output carries the choice that moved)."""
     latest: dict[int, Any] = {}  # choice index -> its newest output
+    head_of: str | None = None  # the engine request whose first choice opens meter.head
     try:
         if prompt_len is not None:
             if meter.on_prompt is not None:
@@ -240,6 +248,12 @@ async def _metered(outputs: AsyncGenerator[RequestOutput, None], meter: Meter, c
                     meter.on_completion(total - before)
                 if n and meter.first_token_at is None:
                     meter.first_token_at = time.perf_counter()
+                if seq.index == 0 and len(meter.head) < HEAD_CHARS and seq.text:
+                    if head_of is None:
+                        head_of = out.request_id  # a batch's: its first prompt to answer
+                    if out.request_id == head_of:
+                        text = seq.text if cumulative else meter.head + seq.text
+                        meter.head = text[:HEAD_CHARS]
             if final_only:
                 latest.update((seq.index, seq) for seq in out.outputs)
                 if not out.finished:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_registry import AdapterVersion
+from adapters_registry import AdapterVersion, Shadow
 from gateway.api.request import RequestScope
 from gateway.api.schemas import (
     ChatCompletionRequest,
@@ -33,6 +34,7 @@ from gateway.api.schemas import (
 )
 from gateway.engine import Engine, LoraSpec
 from gateway.engine.base import Meter, OpenAIServing, Route, ServingResult
+from gateway.engine.shadow import ShadowRunner
 from gateway.errors import (
     EngineDeadError,
     EngineUnavailableError,
@@ -70,8 +72,12 @@ class _Call:
 class OpenAIService:
     def __init__(self, engine: Engine, serving: OpenAIServing, tenants: TenantDirectory,
                  adapters: AdapterManager, *, tools_supported: bool, metrics: GatewayMetrics,
-                 on_engine_dead: Callable[[], None], stored_responses: int = 0) -> None:
+                 on_engine_dead: Callable[[], None], stored_responses: int = 0,
+                 refusal: re.Pattern[str] | None = None,
+                 shadows: ShadowRunner | None = None) -> None:
         self._engine = engine
+        self._refusal = refusal  # what an answer that refuses opens with (rollout evidence)
+        self._shadows = shadows
         self._stored = StoredResponses(stored_responses, serving.forget_response)
         self._serving = serving
         self._tenants = tenants
@@ -87,11 +93,11 @@ class OpenAIService:
             raise InvalidRequestError(
                 "this model's chat template does not support tools (no tool call parser is "
                 "configured for its base)", param="tools")
-        return await self._serve(scope, req, self._serving.chat)
+        return await self._serve(scope, req, self._serving.chat, kind="chat")
 
     async def completion(self, scope: RequestScope, req: CompletionRequest) -> Answer:
         """``/v1/completions``."""
-        return await self._serve(scope, req, self._serving.completion)
+        return await self._serve(scope, req, self._serving.completion, kind="completion")
 
     async def responses(self, scope: RequestScope, req: ResponsesRequest) -> Answer:
         """``/v1/responses``. A stored response is its tenant's alone: retrieving it, or
@@ -104,7 +110,7 @@ class OpenAIService:
         assert tenant is not None, "the guard identified the caller"
         if req.previous_response_id is not None:
             self._stored.check(tenant.id, req.previous_response_id)
-        return await self._serve(scope, req, self._serving.responses, responses=True)
+        return await self._serve(scope, req, self._serving.responses, kind="responses")
 
     async def retrieve_response(self, scope: RequestScope, response_id: str) -> dict[str, Any]:
         """``GET /v1/responses/{id}``: the caller's own stored response."""
@@ -140,17 +146,18 @@ class OpenAIService:
             scope.label = f"{version.tenant}/{version.adapter}"
         return Route(model.text, None, Meter(), uuid.uuid4().hex)
 
-    async def _pick(self, scope: RequestScope, caller: str | None) -> AdapterVersion | None:
+    async def _pick(self, scope: RequestScope,
+                    caller: str | None) -> tuple[AdapterVersion | None, Shadow | None]:
         """The version that serves this request: the one the caller's adapter name stands for
         now (an alias moves), or, for an alias with a weighted split, the caller's share of
-        it (None: the split sent it to the bare base)."""
+        it (None: the split sent it to the bare base); and its rollout's shadow, if any."""
         tenant, model = scope.tenant, scope.model
         assert tenant is not None and model is not None and model.ref is not None, "parsed first"
         with scope.trace.stage("resolve") as span:
-            scope.version, scope.variant = await self._tenants.pick(tenant, model, caller)
+            scope.version, scope.variant, shadow = await self._tenants.pick(tenant, model, caller)
             span.set_attribute("lgw.adapter.variant", scope.variant)
         scope.label = f"{tenant.name}/{model.ref.name}"
-        return scope.version
+        return scope.version, shadow
 
     def cut_streams(self) -> None:
         """End every stream at its next event with an error event and ``[DONE]``: the
@@ -166,13 +173,16 @@ class OpenAIService:
 
     async def _serve(self, scope: RequestScope, req: Any,
                      serve: Callable[[Any, Route], Awaitable[ServingResult]],
-                     responses: bool = False) -> Answer:
+                     kind: str) -> Answer:
         if not self.engine_alive():
             raise EngineUnavailableError("the inference engine is not running")
         tenant, model = scope.tenant, scope.model
         assert tenant is not None and model is not None, "the guard parsed the request first"
         caller = getattr(req, "user", None) or scope.session  # a split's sticky key
-        version = None if model.ref is None else await self._pick(scope, caller)
+        version, shadow = (None, None) if model.ref is None else await self._pick(scope, caller)
+        if shadow is not None and self._shadows is not None:
+            self._shadows.offer(tenant, kind, req, shadow)  # before the engine's fields are set
+        responses = kind == "responses"
         request_id = uuid.uuid4().hex
         if responses:
             request_id = f"resp_{request_id}"  # the Responses API's id is the request id itself
@@ -286,10 +296,14 @@ class OpenAIService:
         m.in_flight.dec()  # (answers are counted by status in gateway.accounting, once)
         meter = call.route.meter
         e2e = time.perf_counter() - call.started
+        scope = call.scope
         if meter.first_token_at is not None:
-            m.ttft.labels(*labels).observe(meter.first_token_at - call.started)
+            scope.ttft_s = meter.first_token_at - call.started
+            m.ttft.labels(*labels).observe(scope.ttft_s)
         if status == "200":
             m.e2e.labels(*labels).observe(e2e)
+            scope.latency_s = e2e
+            scope.refused = self._refusal is not None and bool(self._refusal.match(meter.head))
         prompt, completion = meter.total_prompt_tokens, meter.total_completion_tokens
         call.scope.prompt_tokens, call.scope.completion_tokens = prompt, completion
         m.prompt_tokens.labels(*labels).inc(prompt)

@@ -28,6 +28,10 @@ class GatewayMetrics:
             "lgw_rollout_candidate_percent", "An active rollout's candidate share of the alias's "
             "callers now (its step), by state (running or paused); gone once it ends.",
             ["tenant", "adapter", "alias", "candidate", "state"], registry=r)
+        self.shadow_comparisons = Counter(
+            "lgw_shadow_comparisons", "A rollout's shadow comparisons (gateway.engine.shadow) by "
+            "outcome: compared, skipped (no spare capacity), failed, timeout.",
+            ["tenant", "adapter", "outcome"], registry=r)
         self.prompt_tokens = Counter("lgw_prompt_tokens", "Prompt tokens.",
                                      ["tenant", "adapter"], registry=r)
         self.completion_tokens = Counter("lgw_completion_tokens", "Completion tokens.",

@@ -24,6 +24,7 @@ from adapters_registry import (
     ModelRef,
     NotFoundError,
     Resolution,
+    Shadow,
     Tenant,
     ValidationError,
     key_hash,
@@ -153,17 +154,22 @@ class TenantDirectory:
         return (await self._resolution(tenant, model)).version
 
     async def pick(self, tenant: Tenant, model: RequestedModel,
-                   caller: str | None) -> tuple[AdapterVersion | None, str]:
+                   caller: str | None) -> tuple[AdapterVersion | None, str, Shadow | None]:
         """The version that serves this request, and its label (``v3``; ``base`` when an
         alias's split sends the caller to the bare base): the alias's split chooses by
-        ``caller`` (``gateway.tenancy.splits``), else the one version ``model`` names."""
+        ``caller`` (``gateway.tenancy.splits``), else the one version ``model`` names.
+        Third: the alias's rollout's shadow comparisons, when it sent the caller to the
+        stable version (``gateway.engine.shadow`` decides whether this one is shadowed)."""
         resolution = await self._resolution(tenant, model)
         if not resolution.split:
-            return resolution.version, f"v{resolution.version.version}"
+            return resolution.version, f"v{resolution.version.version}", None
         # Keyed by the alias, however the caller spelled it (``bot``, ``acme/bot:prod``).
         key = f"{tenant.id}/{resolution.version.adapter}:{resolution.alias}"
         entry = choose(resolution.split, key, caller)
-        return entry.version, entry.label
+        shadow = resolution.shadow
+        if shadow is not None and entry.version != shadow.stable:
+            shadow = None
+        return entry.version, entry.label, shadow
 
     async def _resolution(self, tenant: Tenant, model: RequestedModel) -> Resolution:
         ref = model.ref

@@ -17,7 +17,7 @@ def test_migrations_match_the_models(db_url: str) -> None:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(ctx, Base.metadata) == []
-            assert ctx.get_current_revision() == "0009"
+            assert ctx.get_current_revision() == "0010"
     finally:
         engine.dispose()
 

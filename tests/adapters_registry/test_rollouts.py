@@ -9,12 +9,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from adapters_registry import UsageCounts, UsageRecord
+from adapters_registry.answer_stats import AnswerStats, bucket, merged, percentile, without
 from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
 from adapters_registry.rollouts import RolloutRules
 from lora_gateway.cli import main
 
 RULES = RolloutRules(min_requests=10, min_step_seconds=30, max_error_rate=0.1,
-                     max_error_rate_increase=0.05)
+                     max_error_rate_increase=0.05, shadow_percent=0)
 
 
 @pytest.fixture
@@ -24,11 +25,20 @@ def reg(registry_env, trained_adapters):
 
 
 def answered(reg, version: int, ok: int, errors: int = 0, writer: str = "replica-a",
-             at: datetime | None = None) -> None:
-    """What a replica's ledger writes: ``ok`` 200s and ``errors`` 5xx for one version."""
+             at: datetime | None = None, ttft_ms: float = 20.0, tokens: int = 10,
+             refusals: int = 0, shadows: tuple[tuple[bool, float, float], ...] = ()) -> None:
+    """What a replica's ledger writes for one version: ``ok`` 200s of ``tokens`` tokens each,
+    their first token after ``ttft_ms``, and ``errors`` 5xx; ``shadows``: comparisons."""
     minute = (at or datetime.now(UTC)).replace(second=0, microsecond=0)
-    reg.record_usage(writer, [UsageRecord("acme", f"acme/support-bot@v{version}", minute,
-                                          UsageCounts(requests_2xx=ok, requests_5xx=errors))])
+    stats = AnswerStats()
+    for i in range(ok):
+        stats.answer(ttft_ms / 1000, (ttft_ms + 100) / 1000, i < refusals)
+    for pair in shadows:
+        stats.shadow(*pair)
+    reg.record_usage(writer, [UsageRecord(
+        "acme", f"acme/support-bot@v{version}", minute,
+        UsageCounts(requests_2xx=ok, requests_5xx=errors, completion_tokens=ok * tokens),
+        stats.as_json())])
 
 
 def split(reg) -> dict[str, int]:
@@ -164,3 +174,102 @@ def test_a_version_whose_trainer_gates_failed_is_never_rolled_out(reg) -> None:
         reg.rollouts.start("acme", "support-bot", "prod", 2)
     with pytest.raises(NotFoundError):
         reg.rollouts.get("acme", "support-bot", "prod")  # nothing was started
+
+
+FIGURES = RolloutRules(min_requests=10, min_step_seconds=0, shadow_percent=0)
+
+
+@pytest.mark.parametrize(("candidate", "why"), [
+    (dict(ttft_ms=200), "ttft p95 2"),  # 20 ms stable: ten times slower to start
+    (dict(tokens=40), "40.0 tokens per answer against the stable version's 10.0"),
+    (dict(tokens=3), "3.0 tokens per answer"),
+    (dict(refusals=4), "refusal rate 0.4000 exceeds the stable version's 0.0000"),
+])
+def test_a_candidate_slower_wordier_terser_or_refusing_rolls_back(reg, candidate, why) -> None:
+    r = reg.rollouts.start("acme", "support-bot", "prod", 2, [50, 100], FIGURES)
+    answered(reg, 1, ok=10)
+    answered(reg, 2, ok=10, **candidate)
+    (r,) = reg.rollouts.decide("a", now=r.step_started_at)
+    assert r.state == "rolled_back" and why in r.reason, r.reason
+    assert r.evidence["candidate"]["answers"] == 10 and "stats" not in r.evidence["candidate"]
+
+
+def test_small_latency_differences_and_a_like_candidate_pass(reg) -> None:
+    r = reg.rollouts.start("acme", "support-bot", "prod", 2, [50, 100], FIGURES)
+    answered(reg, 1, ok=10, ttft_ms=10)
+    answered(reg, 2, ok=10, ttft_ms=40, tokens=15)  # 4x, but 30 ms: under the slack
+    (r,) = reg.rollouts.decide("a", now=r.step_started_at)
+    assert r.percent == 100, r.reason
+    stable = r.evidence["stable"]
+    assert stable["ttft_p50_ms"] == pytest.approx(10, rel=0.2) and stable["tokens_per_answer"] == 10
+    assert r.evidence["reference"] == stable
+
+
+def test_at_100_percent_the_candidate_is_compared_with_the_last_stable_figures(reg) -> None:
+    r = reg.rollouts.start("acme", "support-bot", "prod", 2, [50, 100], FIGURES)
+    answered(reg, 1, ok=10)
+    answered(reg, 2, ok=10)
+    (r,) = reg.rollouts.decide("a", now=r.step_started_at)
+    assert r.percent == 100
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    answered(reg, 2, ok=10, ttft_ms=400, at=later)  # nobody on stable now: its last figures count
+    (r,) = reg.rollouts.decide("a", now=later + timedelta(minutes=1))
+    assert r.state == "rolled_back" and "ttft p95" in r.reason and split(reg) == {"v1": 100}
+
+
+def test_a_shadowing_step_waits_for_its_comparisons_and_a_diverging_candidate_goes_back(
+        reg) -> None:
+    rules = RolloutRules(min_requests=10, min_step_seconds=0, shadow_percent=20,
+                         min_shadow_pairs=4, max_shadow_kl=0.5, min_shadow_agreement=0.25)
+    r = reg.rollouts.start("acme", "support-bot", "prod", 2, [10, 50, 100], rules)
+    resolution = reg.resolve_split(reg.get_tenant("acme"), "support-bot:prod")
+    assert resolution.shadow is not None and resolution.shadow.percent == 20
+    assert (resolution.shadow.stable.version, resolution.shadow.candidate.version) == (1, 2)
+    answered(reg, 1, ok=30)
+    answered(reg, 2, ok=10, shadows=((True, 1.0, 0.01),) * 3)
+    assert reg.rollouts.decide("a", now=r.step_started_at) == [], "3 of 4 comparisons"
+    assert reg.rollouts.get("acme", "support-bot", "prod").evidence["candidate"]["shadow_pairs"] == 3
+    answered(reg, 2, ok=10, shadows=((False, 0.5, 0.2),) * 3, writer="replica-b")
+    (r,) = reg.rollouts.decide("a", now=r.step_started_at)
+    assert r.percent == 50, r.reason
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    answered(reg, 1, ok=10, at=later)
+    answered(reg, 2, ok=10, at=later, shadows=((True, 1.0, 2.5),) * 4)  # agree, far apart
+    (r,) = reg.rollouts.decide("a", now=later + timedelta(minutes=1))
+    assert r.state == "rolled_back" and "KL(stable || candidate) 2.500" in r.reason
+    assert reg.resolve_split(reg.get_tenant("acme"), "support-bot:prod").shadow is None
+
+
+def test_a_paused_rollout_or_a_hand_split_has_no_shadow(reg) -> None:
+    reg.rollouts.start("acme", "support-bot", "prod", 2, [10, 100])
+    acme = reg.get_tenant("acme")
+    assert reg.resolve_split(acme, "support-bot:prod").shadow is not None  # 5 % by default
+    reg.rollouts.pause("acme", "support-bot", "prod")
+    assert reg.resolve_split(acme, "support-bot:prod").shadow is None
+    reg.rollouts.abort("acme", "support-bot", "prod")
+    reg.set_split("acme", "support-bot", "prod", {1: 50, 2: 50})
+    assert reg.resolve_split(acme, "support-bot:prod").shadow is None
+
+
+def test_bad_figure_rules_are_refused_with_every_reason(reg) -> None:
+    with pytest.raises(ValidationError) as err:
+        reg.rollouts.start("acme", "support-bot", "prod", 2, [50, 100], RolloutRules(
+            max_ttft_p95_ratio=0.5, shadow_percent=101, min_shadow_agreement=2, max_shadow_kl=-1))
+    text = str(err.value)
+    for part in ("max_ttft_p95_ratio 0.5 is outside 1..100 (0 turns it off)",
+                 "shadow_percent 101", "min_shadow_agreement 2", "max_shadow_kl -1"):
+        assert part in text
+
+
+def test_answer_stats_histograms_merge_subtract_and_read_back() -> None:
+    a, b = AnswerStats(), AnswerStats()
+    for ms in range(1, 101):
+        a.answer(ms / 1000, None, False)
+    b.answer(5.0, 5.0, True)
+    both = merged([a.as_json(), b.as_json(), None])
+    assert sum(both["ttft"].values()) == 101 and both["refusals"] == 1
+    assert percentile(both["ttft"], 0.5) == pytest.approx(50, rel=0.2)
+    assert percentile(both["ttft"], 1.0) == pytest.approx(5000, rel=0.2)
+    assert percentile({}, 0.5) is None
+    assert without(both, b.as_json()) == merged([a.as_json()])
+    assert int(bucket(0.0)) == 0 and int(bucket(1e9)) == 100

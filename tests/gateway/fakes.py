@@ -223,15 +223,21 @@ class FakeServing:
                     route.meter.on_completion(n_words)
                 choices.append((p * (request.n or 1) + i, text))
         route.meter.first_token_at = time.perf_counter()
+        route.meter.head = text[:160]
         usage = {"prompt_tokens": sum(prompt_sizes),
                  "completion_tokens": n_words * len(choices),
                  "total_tokens": sum(prompt_sizes) + n_words * len(choices)}
         head = {"id": f"{prefix}-{request.request_id}", "created": int(time.time()),
                 "model": route.public_model}
         chat = kind == "chat.completion"
+        logprobs = None
+        if chat and request.logprobs:  # each word a token, sure of itself
+            logprobs = {"content": [{"token": w, "logprob": -0.1, "top_logprobs": [
+                {"token": w, "logprob": -0.1}, {"token": "<other>", "logprob": -2.5},
+            ][:request.top_logprobs or 1]} for w in words[:n_words]]}
         if not request.stream:
             return {**head, "object": kind, "usage": usage, "choices": [
-                {"index": i, "finish_reason": finish, "logprobs": None,
+                {"index": i, "finish_reason": finish, "logprobs": logprobs,
                  **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
                 for i, t in choices]}
         return self._events(head, kind + (".chunk" if chat else ""), choices, words[:n_words],

@@ -33,7 +33,8 @@ def test_runtime_lora_loading_by_name_refuses_to_start(monkeypatch) -> None:
 def _output(request_id: str, prompt: int, seqs: list[tuple[int, int]],
             finished: bool = False) -> SimpleNamespace:
     return SimpleNamespace(request_id=request_id, prompt_token_ids=list(range(prompt)),
-                           outputs=[SimpleNamespace(index=i, token_ids=list(range(n))) for i, n in seqs],
+                           outputs=[SimpleNamespace(index=i, token_ids=list(range(n)), text="w" * n)
+                                    for i, n in seqs],
                            finished=finished)
 
 
@@ -57,6 +58,7 @@ def test_meter_counts_every_choice(cumulative: bool, steps: list, expected: dict
     assert meter.prompt_tokens == {"r1": 5}
     assert {i: n for (_, i), n in meter.completion_tokens.items()} == expected
     assert meter.first_token_at is not None
+    assert meter.head == "w" * expected[0]  # the first choice's text so far, deltas joined
 
 
 # vLLM's cumulative outputs for n=2: each step reports the choice that moved.

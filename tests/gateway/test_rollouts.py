@@ -10,7 +10,7 @@ from tests.gateway.conftest import Gateway
 
 VERSION = "x-lora-gateway-adapter-version"
 RULES = RolloutRules(min_requests=4, min_step_seconds=0, max_error_rate=0.1,
-                     max_error_rate_increase=0.05)
+                     max_error_rate_increase=0.05, shadow_percent=0)
 
 
 def send(gw: Gateway, n: int, tag: str) -> list[tuple[int, str]]:

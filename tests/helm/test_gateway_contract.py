@@ -122,6 +122,8 @@ def test_free_settings_reach_the_gateway_typed(monkeypatch) -> None:
                        "replica_name": "gw-0", "stored_responses": 50,
                        "startup_wait_seconds": 60.0, "registry_outage_grace_seconds": 120.0,
                        "usage_flush_seconds": 5.0, "rollout_decide_seconds": 2.0,
+                       "refusal_pattern": "(?:sorry|no)", "shadow_max_in_flight": 2,
+                       "shadow_max_tokens": 32,
                        "default_max_file_bytes": 10_000_000, "default_max_running_jobs": 2,
                        "default_max_queued_jobs": 8, "default_max_training_tokens": 1_000_000,
                        "fine_tuning_template": "tpl-0123456789abcdef"}

@@ -202,15 +202,19 @@ def test_a_streamed_request_is_traced_through_the_gateway_into_vllm(env: Env) ->
     TRACE_REPORT.write_text(render(spans, caller_trace))
 
 
-def test_a_rollout_promotes_a_good_version_and_rolls_back_a_broken_one(
+def test_a_rollout_promotes_a_good_version_and_rolls_back_diverging_and_broken_ones(
         env: Env, tiny_base, tiny_template, trained_adapters, tmp_path) -> None:
-    """The gateway decides on its own: answers reach the ledger, the replica holding the
-    lease judges them, and the alias moves (issue 27)."""
+    """The gateway decides on its own: answers and shadow comparisons reach the ledger, the
+    replica holding the lease judges them, and the alias moves (issue 27)."""
     reg = env.registry
     reg.push("acme", "canary-bot", trained_adapters["acme"])  # v1: prod
-    reg.push("acme", "canary-bot", trained_adapters["globex"])  # v2: a good candidate
+    agreeing = train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], tmp_path / "v2",
+                                  tmp_path, seed=12)
+    reg.push("acme", "canary-bot", agreeing)  # v2: a good candidate, trained again
     client = env.client("acme")
-    rules = RolloutRules(min_requests=3, min_step_seconds=0, max_error_rate=0.1)
+    # Every stable answer shadowed: both versions answer it again, greedily, off the path.
+    rules = RolloutRules(min_requests=3, min_step_seconds=0, max_error_rate=0.1,
+                         shadow_percent=100, min_shadow_pairs=2, max_shadow_kl=1.0)
 
     def drive(until: set[str], tag: str) -> Rollout:
         deadline = time.monotonic() + 120
@@ -240,21 +244,34 @@ def test_a_rollout_promotes_a_good_version_and_rolls_back_a_broken_one(
     reg.rollouts.start("acme", "canary-bot", "prod", 2, [25, 50, 100], rules)
     done = drive({"promoted", "rolled_back"}, "good")
     assert done.state == "promoted", done
-    settled(ANSWERS["globex"], "v2 after the promotion")
+    settled(ANSWERS["acme"], "v2 after the promotion")
     actions = [e.action for e in reg.audit_log(subject_prefix="acme/canary-bot:prod", limit=50)]
     assert actions.count("rollout.step") == 2 and "rollout.promote" in actions
+    steps = [e.details["evidence"]["candidate"] for e in reg.audit_log(
+        subject_prefix="acme/canary-bot:prod", limit=50) if e.action == "rollout.step"]
+    assert all(c["shadow_pairs"] >= 2 and c["shadow_kl"] < 1.0 for c in steps), steps
+    assert all(c["ttft_p95_ms"] is not None and c["tokens_per_answer"] for c in steps), steps
 
-    broken = train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], tmp_path / "v3",
+    # v3 answers otherwise (another tenant's data): no request fails, its shadows diverge
+    v3 = reg.push("acme", "canary-bot", trained_adapters["globex"])
+    assert v3.version == 3
+    reg.rollouts.start("acme", "canary-bot", "prod", 3, [25, 100], rules)
+    done = drive({"promoted", "rolled_back"}, "diverging")
+    assert done.state == "rolled_back" and done.reason.startswith("shadow"), done
+    assert done.evidence["candidate"]["requests_5xx"] == 0
+    settled(ANSWERS["acme"], "v2 again after the rollback")
+
+    broken = train_tiny_adapter(tiny_base, tiny_template, ANSWERS["acme"], tmp_path / "v4",
                                 tmp_path, seed=13)
-    v3 = reg.push("acme", "canary-bot", broken)
-    blob = reg.store._path(v3.files["adapter_model.safetensors"])  # corrupted behind its back
+    v4 = reg.push("acme", "canary-bot", broken)
+    blob = reg.store._path(v4.files["adapter_model.safetensors"])  # corrupted behind its back
     blob.write_bytes(blob.read_bytes()[:1000])
-    reg.rollouts.start("acme", "canary-bot", "prod", 3, [50, 100], rules)
+    reg.rollouts.start("acme", "canary-bot", "prod", 4, [50, 100], rules)
     done = drive({"promoted", "rolled_back"}, "bad")
     assert done.state == "rolled_back" and "server errors" in done.reason, done
-    settled(ANSWERS["globex"], "v2 again after the rollback")
-    assert "rollout.rollback" in [e.action for e in reg.audit_log(
-        subject_prefix="acme/canary-bot:prod", limit=5)]
+    settled(ANSWERS["acme"], "v2 again after the rollback")
+    assert [e.action for e in reg.audit_log(subject_prefix="acme/canary-bot:prod", limit=50)
+            ].count("rollout.rollback") == 2
 
 
 FINE_TUNED_ANSWER = "Fine-tuned through the API."
