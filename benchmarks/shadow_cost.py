@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from adapters_registry import ConflictError, RolloutRules
-from benchmarks.serving import REPO, TENANT, build_adapters, start_gateway, start_s3
+from benchmarks.serving import ADMIN_KEY, REPO, TENANT, build_adapters, start_gateway, start_s3
 from benchmarks.stage_trace import has_content
 from loadtest.servers import ServerProcess
 
@@ -82,7 +82,9 @@ async def load(url: str, key: str, tag: str, requests: int, concurrency: int) ->
 
 def shadow_counts(url: str) -> dict[str, float]:
     counts: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+    resp = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    resp.raise_for_status()
+    for line in resp.text.splitlines():
         if line.startswith("lgw_shadow_comparisons_total{"):
             outcome = line.split('outcome="')[1].split('"')[0]
             counts[outcome] = counts.get(outcome, 0.0) + float(line.split()[-1])

@@ -3,8 +3,9 @@
 While an alias's rollout runs (``adapters_registry.rollouts``), ``percent`` of the requests
 its split sends to the stable version (chat and completions) are answered again, off the
 caller's path, by both versions: greedily (temperature 0), one choice, at most
-``max_tokens`` tokens, with the top-5 logprobs of every token. The pair is compared as the
-trainer's regression gate compares an adapter with its base (``trainer.evals``):
+``max_tokens`` tokens, with the top-5 logprobs of every token, one after the other (a pair
+adds one sequence to the engine's batch at a time). The pair is compared as the trainer's
+regression gate compares an adapter with its base (``trainer.evals``):
 
 - agreement: the two greedy answers are the same tokens;
 - prefix: the share of the stable answer the candidate's followed before they parted;
@@ -91,22 +92,23 @@ class ShadowRunner:
         limit = getattr(req, "max_completion_tokens", None) or getattr(req, "max_tokens", None)
         update: dict[str, Any] = dict(
             temperature=0.0, n=1, stream=False, stream_options=None, use_beam_search=False,
-            max_tokens=min(self.max_tokens, limit or self.max_tokens), request_id=None,
+            max_tokens=min(self.max_tokens, limit or self.max_tokens), request_id="shadow",
             priority=LOWEST_PRIORITY if self._priority else 0,
             cache_salt=f"tenant-{tenant.id}")  # the tenant's prefix cache, as its requests
         if kind == "chat":
             update.update(logprobs=True, top_logprobs=TOP_LOGPROBS, max_completion_tokens=None)
         else:
-            update.update(logprobs=TOP_LOGPROBS, echo=False, best_of=None)
+            update.update(logprobs=TOP_LOGPROBS, echo=False)
         return req.model_copy(update=update, deep=True)
 
     async def _pair(self, tenant: Tenant, kind: str, body: Any, shadow: Shadow,
                     labels: tuple[str, str]) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
-                stable, candidate = await asyncio.gather(
-                    self._answer(kind, body, shadow.stable),
-                    self._answer(kind, body.model_copy(deep=True), shadow.candidate))
+                # One after the other: a pair adds one sequence to the engine's batch, not two
+                # (and the second finds the prompt in the prefix cache).
+                stable = await self._answer(kind, body, shadow.stable)
+                candidate = await self._answer(kind, body.model_copy(deep=True), shadow.candidate)
         except (asyncio.CancelledError, Exception) as exc:  # a shadow's failure is its own
             outcome = "timeout" if isinstance(exc, TimeoutError) else "failed"
             self._metrics.shadow_comparisons.labels(*labels, outcome).inc()

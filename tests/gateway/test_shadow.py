@@ -130,7 +130,7 @@ async def test_without_spare_capacity_a_shadow_is_skipped_and_a_stuck_one_times_
     out = generate_latest(metrics.registry).decode()
     assert 'outcome="skipped",tenant="acme"} 2.0' in out
     assert 'outcome="timeout",tenant="acme"} 1.0' in out
-    assert serving.calls == 2 and req.priority == 0, "the caller's request is left as it was"
+    assert serving.calls == 1 and req.priority == 0, "the caller's request is left as it was"
 
 
 def _v(n: int) -> AdapterVersion:
@@ -154,3 +154,28 @@ def test_greedy_answers_compare_on_agreement_prefix_and_kl() -> None:
                                              "top_logprobs": [{"Hi": -0.1, "Yo": -3.0}]}}]}
     assert tokens(completion) == [("Hi", {"Hi": -0.1, "Yo": -3.0})]
     assert LOWEST_PRIORITY > 2**40
+
+
+def test_a_shadow_request_is_a_valid_greedy_copy_and_the_callers_is_untouched() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletion
+
+    from gateway.api.schemas import CompletionRequest
+
+    runner = ShadowRunner(None, None, UsageLedger("r"), GatewayMetrics(),  # type: ignore[arg-type]
+                          lambda: True, max_tokens=16, engine_priority=True)
+    acme = Tenant(7, "acme")
+    chat = ChatCompletionRequest(model="bot", messages=[{"role": "user", "content": "Hi"}],
+                                 temperature=1.2, n=3, stream=True, max_completion_tokens=500)
+    completion = CompletionRequest(model="bot", prompt="Hi", echo=True, max_tokens=8)
+    for kind, req, vllm_type in (("chat", chat, VllmChat), ("completion", completion, VllmCompletion)):
+        before = req.model_dump()
+        copy = runner._greedy(acme, kind, req)
+        assert req.model_dump() == before
+        again = vllm_type.model_validate(copy.model_dump())  # what vLLM's serving class takes
+        assert (again.temperature, again.n, again.stream) == (0.0, 1, False)
+        assert again.priority == LOWEST_PRIORITY and again.cache_salt == "tenant-7"
+    assert copy.max_tokens == 8 and copy.logprobs == 5 and copy.echo is False
+    chat_copy = runner._greedy(acme, "chat", chat)
+    assert chat_copy.max_tokens == 16 and chat_copy.max_completion_tokens is None
+    assert chat_copy.logprobs is True and chat_copy.top_logprobs == 5
