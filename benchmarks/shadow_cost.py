@@ -3,7 +3,7 @@ token of the requests the stable version serves, with shadows off and at each
 ``--percents`` share, on the real engine (tiny-llama base, CPU vLLM).
 
     python -m benchmarks.shadow_cost [--rounds 4] [--requests 48] [--concurrency 1,4]
-                                     [--percents 0,5,100] [--out benchmarks/results/shadow_cost]
+                                     [--percents 0,5,100] [--out benchmarks/results/rollouts/shadow_cost]
 
 One gateway (the benchmark's engine settings, ``benchmarks.serving.ENGINE``, as
 ``lora-gateway serve`` runs them) serves adapter ``a0000`` whose ``prod`` alias is under a
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--percents", default="0,5,100", help="shadow shares to compare (0: off)")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-shadow")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "shadow_cost")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "rollouts" / "shadow_cost")
     args = parser.parse_args(argv)
     percents = [float(p) for p in args.percents.split(",")]
     loads = [int(c) for c in args.concurrency.split(",")]
