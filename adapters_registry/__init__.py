@@ -9,7 +9,7 @@ API key hashing, change notices).
 
 from adapters_registry._audit import AuditEntry
 from adapters_registry.artifacts import REPAIR_COMMAND, Artifacts, BlobProblem, GcReport, VerifyReport
-from adapters_registry.catalog import Catalog, split_from_labels
+from adapters_registry.catalog import Catalog
 from adapters_registry.changes import ADAPTER_KINDS, CHANNEL_SQL, Change, listen_params
 from adapters_registry.compat import CONFIG_FILE, WEIGHTS_FILE, Limits, Violation, check_adapter
 from adapters_registry.contract import BaseContract, derive_contract
@@ -81,6 +81,7 @@ from adapters_registry.rollouts import DEFAULT_STEPS as DEFAULT_ROLLOUT_STEPS
 from adapters_registry.rollouts import Rollout, RolloutRules
 from adapters_registry.s3 import S3Config, S3Store
 from adapters_registry.service import Registry
+from adapters_registry.splits import split_from_labels
 from adapters_registry.store import ArtifactStore, FilesystemStore
 from adapters_registry.template import AdapterTemplate, expected_tensors
 from adapters_registry.tenancy import Tenancy

@@ -21,7 +21,6 @@ from adapters_registry.db import (
     AliasRow,
     AliasSplitRow,
     BaseModelRow,
-    RolloutRow,
     TemplateRow,
     as_utc,
 )
@@ -32,10 +31,10 @@ from adapters_registry.records import (
     AdapterInfo,
     AdapterVersion,
     Resolution,
-    Shadow,
     SplitEntry,
     Tenant,
 )
+from adapters_registry.splits import shadow_of, split_labels, split_problems
 from adapters_registry.template import AdapterTemplate
 from adapters_registry.tenancy import Tenancy
 
@@ -328,21 +327,7 @@ class Catalog:
                 r.weight) for r in split_rows)
             version = _to_version(row, tenant.name, adapter.name, template)
             return Resolution(version, split, name,
-                              self._shadow(s, adapter.id, name, version, split) if split else None)
-
-    def _shadow(self, s: Session, adapter_id: int, alias: str | None, stable: AdapterVersion,
-                split: tuple[SplitEntry, ...]) -> Shadow | None:
-        """The alias's running rollout's shadow share, if it has one."""
-        rollout = s.scalar(select(RolloutRow).filter_by(adapter_id=adapter_id, alias=alias,
-                                                        active=True, state="running"))
-        if rollout is None or stable.version != rollout.stable_version:
-            return None
-        percent = float((rollout.rules or {}).get("shadow_percent", 0))
-        candidate = next((e.version for e in split if e.version is not None
-                          and e.version.version == rollout.candidate_version), None)
-        if candidate is None or percent <= 0:
-            return None
-        return Shadow(stable, candidate, percent)
+                              shadow_of(s, adapter.id, name, version, split) if split else None)
 
     def generation(self) -> int:
         """The number of changes published so far (``changes.generation``): equal readings
@@ -371,56 +356,6 @@ class Catalog:
         return row
 
 
-MAX_SPLIT_ENTRIES = 8
-MAX_SPLIT_WEIGHT = 1_000_000
-
-
-def split_from_labels(labels: Mapping[str, object]) -> dict[int | None, int]:
-    """{"v1": 90, "v2": 10, "base": 5} (as the CLI and the admin API take a split) as
-    ``set_split`` takes it; ValidationError naming every entry that is neither."""
-    out: dict[int | None, Any] = {}
-    bad = []
-    for label, weight in labels.items():
-        if label == "base":
-            out[None] = weight
-        elif label[:1] == "v" and label[1:].isdigit() and int(label[1:]) >= 1:
-            out[int(label[1:])] = weight
-        else:
-            bad.append(repr(label))
-    if bad:
-        raise ValidationError(f"split entries are vN (a version) or base (the bare base), "
-                              f"not {', '.join(bad)}")
-    return out
-
-
-def split_problems(weights: Mapping[int | None, int]) -> list[str]:
-    """Every reason ``weights`` (version, None for the base -> weight) is no split."""
-    problems = []
-    if not any(v is not None for v in weights):
-        problems.append("name at least one version (a split of the base alone serves no adapter)")
-    if len(weights) > MAX_SPLIT_ENTRIES:
-        problems.append(f"{len(weights)} entries; at most {MAX_SPLIT_ENTRIES}")
-    for v, weight in weights.items():
-        label = "base" if v is None else f"v{v}"
-        if isinstance(weight, bool) or not isinstance(weight, int):
-            problems.append(f"{label}: weight {weight!r} is not an integer")
-        elif not 1 <= weight <= MAX_SPLIT_WEIGHT:
-            problems.append(f"{label}: weight {weight} is outside 1..{MAX_SPLIT_WEIGHT} "
-                            "(leave an entry out to send it nothing)")
-    return problems
-
-
-def split_labels(s: Session, adapter_id: int, alias: str) -> dict[str, int]:
-    """An alias's split as {"v1": 90, "v2": 10, "base": 5}; empty without one."""
-    out = {}
-    for row in s.scalars(select(AliasSplitRow).filter_by(adapter_id=adapter_id, alias=alias)
-                         .order_by(AliasSplitRow.slot)):
-        label = "base" if row.version_id is None else \
-            f"v{s.get_one(AdapterVersionRow, row.version_id).version}"
-        out[label] = row.weight
-    return out
-
-
 def _to_version(row: AdapterVersionRow, tenant: str, name: str,
                 template: AdapterTemplate) -> AdapterVersion:
     return AdapterVersion(
@@ -432,4 +367,4 @@ def _to_version(row: AdapterVersionRow, tenant: str, name: str,
     )
 
 
-__all__ = ["Catalog", "split_from_labels", "split_labels"]
+__all__ = ["Catalog"]

@@ -21,7 +21,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapters_registry.artifacts import REPAIR_COMMAND, VerifyReport
-from adapters_registry.catalog import split_from_labels
 from adapters_registry.contract import derive_contract
 from adapters_registry.db import current_revision, make_engine
 from adapters_registry.errors import (
@@ -37,6 +36,7 @@ from adapters_registry.names import AdapterRef, parse_adapter_ref
 from adapters_registry.options import add_database_option, add_registry_options
 from adapters_registry.rollout_cli import add_rollout_commands
 from adapters_registry.service import Registry
+from adapters_registry.splits import split_from_labels
 from adapters_registry.template import ATTENTION_MODULES, AdapterTemplate
 from adapters_registry.usage import COUNTS
 

@@ -46,7 +46,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adapters_registry._audit import record
-from adapters_registry.catalog import Catalog, split_labels
+from adapters_registry.catalog import Catalog
 from adapters_registry.db import (
     AdapterRow,
     LeaseRow,
@@ -67,6 +67,7 @@ from adapters_registry.rollout_evidence import (
     shadow_short,
     summary,
 )
+from adapters_registry.splits import split_labels
 from adapters_registry.tenancy import Tenancy
 
 logger = logging.getLogger(__name__)

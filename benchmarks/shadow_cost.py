@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--percents", default="0,5,100", help="shadow shares to compare (0: off)")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-shadow")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "rollouts" / "shadow_cost")
+    parser.add_argument("--out", type=Path,
+                        default=REPO / "benchmarks" / "results" / "rollouts" / "shadow_cost")
     args = parser.parse_args(argv)
     percents = [float(p) for p in args.percents.split(",")]
     loads = [int(c) for c in args.concurrency.split(",")]
