@@ -54,6 +54,7 @@ from adapters_registry.hashing import (
     sha256_json,
     sha256_tree,
 )
+from adapters_registry.job_queue import JobQueue
 from adapters_registry.jobs import Checkpoint, Job, JobEvent, JobLimits, JobRequest, Jobs
 from adapters_registry.keys import key_hash
 from adapters_registry.limits import LIMITS, LimitSpec, TenantLimits
@@ -127,6 +128,7 @@ __all__ = [
     "Job",
     "JobEvent",
     "JobLimits",
+    "JobQueue",
     "JobRequest",
     "Jobs",
     "LimitReachedError",

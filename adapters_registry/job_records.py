@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from adapters_registry.db import JobCheckpointRow, JobRow, as_utc, as_utc_or_none
+from sqlalchemy.orm import Session
+
+from adapters_registry.db import JobCheckpointRow, JobEventRow, JobRow, TenantRow, as_utc, as_utc_or_none
 from adapters_registry.errors import ValidationError
 from adapters_registry.files import FileObject
 from adapters_registry.names import validate_name
@@ -214,6 +216,17 @@ def checkpoint_record(row: JobCheckpointRow) -> Checkpoint:
                       as_utc(row.created_at))
 
 
+def add_event(s: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
+              data: dict[str, Any] | None = None) -> None:
+    """One event of the job's (its worker's or the registry's), in the caller's transaction."""
+    s.add(JobEventRow(job_id=job_id, created_at=datetime.now(UTC), level=level, type=type,
+                      message=message[:4000], data=data))
+
+
+def tenant_name(s: Session, row: JobRow) -> str:
+    return s.get_one(TenantRow, row.tenant_id).name
+
+
 __all__ = ["ACTIVE", "EVAL_FILES", "FINISHED", "FORMAT_NAMES", "METHODS", "WAITING", "Checkpoint", "Job",
-           "JobEvent", "JobLimits", "JobRequest", "checkpoint_record", "described", "job_record",
-           "request_problems"]
+           "JobEvent", "JobLimits", "JobRequest", "add_event", "checkpoint_record", "described", "job_record",
+           "request_problems", "tenant_name"]

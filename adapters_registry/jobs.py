@@ -1,4 +1,5 @@
-"""Fine-tuning jobs (OpenAI's ``/v1/fine_tuning/jobs``): the tenant's side and the workers'.
+"""Fine-tuning jobs (OpenAI's ``/v1/fine_tuning/jobs``): the tenant's side. The workers'
+side, the queue, is ``job_queue``.
 
 A job is a row of this database, and the row is the queue. Its states are OpenAI's:
 
@@ -6,19 +7,10 @@ A job is a row of this database, and the row is the queue. Its states are OpenAI
             |             |          |-----> failed      (data, gates, a worker lost twice)
             +-------------+----------+-----> cancelled
 
-Workers (``lora-gateway worker``, in the trainer) ``claim`` a job: first any job still
-validating its files (quick, and it tells the tenant early what is wrong with the data),
-else the oldest queued job whose tenant runs fewer than ``max_running_jobs``. On PostgreSQL
-the claim takes rows ``FOR UPDATE SKIP LOCKED``, so workers never wait on each other's
-rows, and locks the tenant's row while it counts that tenant's running jobs, so two
-workers cannot both take a tenant's last slot; SQLite (the embedded default) runs one
-worker. A claimed job carries a lease its worker renews (``heartbeat``); a worker that
-stops renewing loses it: a validation is handed to the next worker, a training run is
-queued again and resumes from its last checkpoint, once; lost a second time it fails with
-``worker_lost`` (its events and checkpoints kept, nothing published).
-
-Publication is one step the tenant can no longer cancel (``begin_publish``), then the
-registry's own push: a version appears whole or not at all, and it moves no alias.
+Workers (``lora-gateway worker``, in the trainer) take jobs from ``job_queue.JobQueue``:
+validations first, then queued jobs within each tenant's ``max_running_jobs``; a lost
+worker's run resumes once from its last checkpoint, then fails ``worker_lost``. A job
+cancelled here stops its worker within a heartbeat; one publishing no longer can be.
 """
 
 from __future__ import annotations
@@ -28,8 +20,7 @@ import logging
 import random
 import secrets
 from collections.abc import Collection, Mapping
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -60,6 +51,7 @@ from adapters_registry.job_records import (
     JobEvent,
     JobLimits,
     JobRequest,
+    add_event,
     checkpoint_record,
     described,
     job_record,
@@ -68,7 +60,6 @@ from adapters_registry.job_records import (
 from adapters_registry.tenancy import Tenancy
 
 logger = logging.getLogger(__name__)
-MAX_ATTEMPTS = 2  # a run whose worker is lost resumes once from its checkpoint, then fails
 
 class Jobs:
     def __init__(self, db: Engine, catalog: Catalog, tenancy: Tenancy, files: Files, *,
@@ -149,7 +140,7 @@ class Jobs:
                 status="validating_files", cancel_requested=False, created_at=now)
             s.add(row)
             s.flush()
-            _event(s, job_id, f"Validating training file: {request.training_file}"
+            add_event(s, job_id, f"Validating training file: {request.training_file}"
                    + (f" and validation file: {request.validation_file}" if request.validation_file
                       else ""))
             record(s, self.actor, "job.create", f"{tenant.name}/{job_id}", model=request.model,
@@ -190,7 +181,7 @@ class Jobs:
                                     "it can no longer be cancelled")
             was = row.status
             row.status, row.cancel_requested, row.finished_at = "cancelled", True, datetime.now(UTC)
-            _event(s, job_id, "Job cancelled" + (" (the worker stops at its next step)"
+            add_event(s, job_id, "Job cancelled" + (" (the worker stops at its next step)"
                                                   if was == "running" else ""))
             record(s, self.actor, "job.cancel", f"{tenant.name}/{job_id}", was=was)
             return job_record(row, tenant.name)
@@ -225,166 +216,6 @@ class Jobs:
             out = out[ids.index(after) + 1:] if after in ids else []
         return out[:limit], len(out) > limit
 
-    # -- the workers' side ---------------------------------------------------------------
-
-    def claim(self, worker: str, *, template_ids: Collection[str], lease_s: float) -> Job | None:
-        """The next job this worker should take (validations first), leased to it; or None."""
-        now = datetime.now(UTC)
-        self.reap(now)
-        until = now + timedelta(seconds=lease_s)
-        with Session(self.db) as s, s.begin():
-            row = s.scalar(select(JobRow).where(
-                JobRow.status == "validating_files", JobRow.worker.is_(None),
-                JobRow.template_id.in_(template_ids)).order_by(JobRow.created_at)
-                .limit(1).with_for_update(skip_locked=True))
-            if row is not None:
-                row.worker, row.lease_until = worker, until
-                return job_record(row, self._tenant_name(s, row))
-            candidates = s.scalars(select(JobRow).where(
-                JobRow.status == "queued", JobRow.template_id.in_(template_ids))
-                .order_by(JobRow.created_at).limit(32).with_for_update(skip_locked=True)).all()
-            full: set[int] = set()
-            for row in candidates:
-                if row.tenant_id in full:
-                    continue
-                # One tenant's claims in turn: the count below cannot go stale before commit.
-                s.scalar(select(TenantRow).filter_by(id=row.tenant_id).with_for_update())
-                running = s.scalar(select(func.count()).select_from(JobRow).where(
-                    JobRow.tenant_id == row.tenant_id, JobRow.status == "running")) or 0
-                cap = row.extra["limits"].get("max_running_jobs")
-                if cap is not None and running >= cap:
-                    full.add(row.tenant_id)
-                    continue
-                attempt = row.extra.get("attempts", 0) + 1
-                row.status, row.worker, row.lease_until = "running", worker, until
-                row.extra = {**row.extra, "attempts": attempt}
-                _event(s, row.id, "Fine-tuning job started"
-                       + (f" (attempt {attempt}, resuming)" if attempt > 1 else ""))
-                return job_record(row, self._tenant_name(s, row))
-        return None
-
-    def heartbeat(self, job_id: str, worker: str, lease_s: float) -> bool:
-        """Renew this worker's lease; False when the job is no longer its to run (cancelled,
-        failed, or its lease was lost)."""
-        with Session(self.db) as s, s.begin():
-            row = s.get(JobRow, job_id, with_for_update=True)
-            if row is None or row.worker != worker or row.status not in ACTIVE:
-                return False
-            row.lease_until = datetime.now(UTC) + timedelta(seconds=lease_s)
-            return True
-
-    def event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
-              data: dict[str, Any] | None = None) -> None:
-        with Session(self.db) as s, s.begin():
-            _event(s, job_id, message, level=level, type=type, data=data)
-
-    def validated(self, job_id: str, worker: str, trained_tokens: int) -> bool:
-        """The files are good: the job waits for a worker to train it (False: not ours now)."""
-        with Session(self.db) as s, s.begin():
-            row = self._owned(s, job_id, worker, "validating_files")
-            if row is None:
-                return False
-            row.status, row.worker, row.lease_until = "queued", None, None
-            row.trained_tokens = trained_tokens
-            _event(s, job_id, f"Files validated: {trained_tokens} training tokens; job queued",
-                   data={"trained_tokens": trained_tokens})
-            return True
-
-    def add_checkpoint(self, job_id: str, step: int, epoch: int, metrics: dict[str, Any],
-                       files: dict[str, str]) -> Checkpoint:
-        with Session(self.db) as s, s.begin():
-            row = JobCheckpointRow(id=f"ftckpt-{secrets.token_hex(12)}", job_id=job_id, step=step,
-                                   epoch=epoch, metrics=metrics, files=files,
-                                   created_at=datetime.now(UTC))
-            s.add(row)
-            s.flush()
-            return checkpoint_record(row)
-
-    def latest_checkpoint(self, job_id: str) -> Checkpoint | None:
-        with Session(self.db) as s:
-            row = s.scalar(select(JobCheckpointRow).filter_by(job_id=job_id)
-                           .order_by(JobCheckpointRow.step.desc()).limit(1))
-            return None if row is None else checkpoint_record(row)
-
-    def begin_publish(self, job_id: str, worker: str) -> bool:
-        """From here the job publishes and cannot be cancelled; False if it was cancelled."""
-        with Session(self.db) as s, s.begin():
-            row = self._owned(s, job_id, worker, "running")
-            if row is None:
-                return False
-            row.extra = {**row.extra, "publishing": True}
-            return True
-
-    def succeed(self, job_id: str, worker: str, fine_tuned_model: str) -> None:
-        with Session(self.db) as s, s.begin():
-            row = self._owned(s, job_id, worker, "running")
-            if row is None:
-                raise ConflictError(f"job {job_id} is no longer run by {worker}")
-            row.status, row.fine_tuned_model = "succeeded", fine_tuned_model
-            row.finished_at, row.lease_until = datetime.now(UTC), None
-            _event(s, job_id, f"New fine-tuned model created: {fine_tuned_model}")
-            _event(s, job_id, "The job has successfully completed")
-            record(s, self.actor, "job.succeed", f"{self._tenant_name(s, row)}/{job_id}",
-                   fine_tuned_model=fine_tuned_model)
-
-    def fail(self, job_id: str, worker: str, code: str, message: str,
-             param: str | None = None) -> bool:
-        """The job failed (False when it was not this worker's any more, e.g. cancelled)."""
-        with Session(self.db) as s, s.begin():
-            row = self._owned(s, job_id, worker, None)
-            if row is None:
-                return False
-            self._fail(s, row, code, message, param)
-            return True
-
-    def release(self, job_id: str, worker: str, why: str) -> bool:
-        """A worker that is shutting down hands its run back: queued again, to resume from its
-        last checkpoint on the next worker (this attempt is not counted against the job)."""
-        with Session(self.db) as s, s.begin():
-            row = self._owned(s, job_id, worker, "running")
-            if row is None or row.extra.get("publishing"):
-                return False
-            row.status, row.worker, row.lease_until = "queued", None, None
-            row.extra = {**row.extra, "attempts": max(row.extra.get("attempts", 1) - 1, 0)}
-            _event(s, job_id, f"worker {worker} {why}; queued again to resume from its last checkpoint",
-                   level="warn")
-            return True
-
-    def reap(self, now: datetime | None = None) -> int:
-        """Jobs whose worker stopped renewing its lease. A validation goes back to the queue's
-        head; a run is queued again to resume from its last checkpoint, once
-        (``MAX_ATTEMPTS``), then fails with ``worker_lost``. How many were found."""
-        now = now or datetime.now(UTC)
-        with Session(self.db) as s, s.begin():
-            rows = s.scalars(select(JobRow).where(
-                JobRow.status.in_(("validating_files", "running")), JobRow.lease_until < now)
-                .with_for_update(skip_locked=True)).all()
-            for row in rows:
-                lost = row.worker
-                if row.status == "validating_files":
-                    row.worker, row.lease_until = None, None
-                    _event(s, row.id, f"worker {lost} stopped while validating; validating again",
-                           level="warn")
-                    continue
-                last = s.scalar(select(func.max(JobCheckpointRow.epoch)).filter_by(job_id=row.id))
-                stopped = (f"the worker running this job ({lost}) stopped renewing its lease at "
-                           f"{as_utc(row.lease_until or now).isoformat()}"
-                           + (f" after epoch {last}" if last else ""))
-                publishing = row.extra.get("publishing")
-                if not publishing and row.extra.get("attempts", 1) < MAX_ATTEMPTS:
-                    row.status, row.worker, row.lease_until = "queued", None, None
-                    _event(s, row.id, f"{stopped}; queued again to resume from "
-                           + ("its last checkpoint" if last else "the start"), level="warn")
-                    continue
-                published = ("it was publishing: a version of " + row.extra.get("adapter", "?")
-                             + " may exist whole (a push is atomic)" if publishing
-                             else "nothing was published")
-                tries = "" if publishing else f" (attempt {row.extra.get('attempts', 1)} of {MAX_ATTEMPTS})"
-                self._fail(s, row, "worker_lost",
-                           f"{stopped}{tries}; {published}; its events and checkpoints are kept: "
-                           "create the job again to train it")
-            return len(rows)
-
     def referenced_blobs(self) -> set[str]:
         """The blobs of every checkpoint (garbage collection keeps them)."""
         with Session(self.db) as s:
@@ -392,35 +223,12 @@ class Jobs:
 
     # -- rows ------------------------------------------------------------------------------
 
-    def _fail(self, s: Session, row: JobRow, code: str, message: str, param: str | None = None) -> None:
-        row.status, row.error = "failed", {"code": code, "message": message, "param": param}
-        row.finished_at, row.lease_until = datetime.now(UTC), None
-        _event(s, row.id, f"Job failed: {message}", level="error")
-        record(s, self.actor, "job.fail", f"{self._tenant_name(s, row)}/{row.id}", code=code)
-
-    @staticmethod
-    def _owned(s: Session, job_id: str, worker: str, status: str | None) -> JobRow | None:
-        row = s.get(JobRow, job_id, with_for_update=True)
-        if row is None or row.worker != worker or row.status not in ((status,) if status else ACTIVE):
-            return None
-        return row
-
     @staticmethod
     def _row(s: Session, tenant_id: int, job_id: str, *, lock: bool = False) -> JobRow:
         row = s.get(JobRow, job_id, with_for_update=lock) if len(job_id) <= 40 else None
         if row is None or row.tenant_id != tenant_id:
             raise NotFoundError(f"No such fine-tuning job: {job_id}")
         return row
-
-    @staticmethod
-    def _tenant_name(s: Session, row: JobRow) -> str:
-        return s.get(TenantRow, row.tenant_id).name  # type: ignore[union-attr]  # a foreign key
-
-
-def _event(s: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
-           data: dict[str, Any] | None = None) -> None:
-    s.add(JobEventRow(job_id=job_id, created_at=datetime.now(UTC), level=level, type=type,
-                      message=message[:4000], data=data))
 
 
 __all__ = ["ACTIVE", "FINISHED", "METHODS", "Checkpoint", "Job", "JobEvent", "JobLimits",

@@ -8,8 +8,8 @@ Each responsibility is a service of its own, over one database and one artifact 
 - ``artifacts.Artifacts``: an adapter's files: push (intake, check, upload), fetch,
   verify and repair, garbage collection;
 - ``rollouts.Rollouts``: a candidate version's progressive rollout under an alias;
-- ``files.Files`` and ``jobs.Jobs``: fine-tuning through the API, the tenant's files
-  and jobs and the workers' queue;
+- ``files.Files``, ``jobs.Jobs`` and ``job_queue.JobQueue``: fine-tuning through the
+  API, the tenant's files and jobs, and the workers' queue;
 - ``_audit``: the audit trail every change writes in its own transaction.
 
 ``Registry`` composes them and forwards to them, nothing more. Code that needs one
@@ -36,6 +36,7 @@ from adapters_registry.contract import BaseContract
 from adapters_registry.db import current_revision, head_revision, make_engine
 from adapters_registry.errors import ConflictError
 from adapters_registry.files import Files
+from adapters_registry.job_queue import JobQueue
 from adapters_registry.jobs import Jobs
 from adapters_registry.limits import TenantLimits
 from adapters_registry.locations import open_store
@@ -67,6 +68,7 @@ class Registry:
         # Fine-tuning through the API: the tenant's files and jobs, and the workers' queue.
         self.files = Files(db, store, self.tenancy)
         self.jobs = Jobs(db, self.catalog, self.tenancy, self.files, actor=actor)
+        self.job_queue = JobQueue(db, actor=actor)
         self._actor = actor
 
     @property
@@ -86,7 +88,8 @@ class Registry:
     def actor(self, actor: str) -> None:
         """Who the audit trail names for every change made from now on, by any service."""
         self._actor = actor
-        for service in (self.tenancy, self.catalog, self.artifacts, self.rollouts, self.jobs):
+        for service in (self.tenancy, self.catalog, self.artifacts, self.rollouts, self.jobs,
+                        self.job_queue):
             service.actor = actor
 
     @classmethod

@@ -1,4 +1,4 @@
-"""A fine-tuning worker: takes jobs from the registry's queue (``adapters_registry.jobs``) and
+"""A fine-tuning worker: takes jobs from the registry's queue (``adapters_registry.job_queue``) and
 runs them with this trainer, for one base model.
 
 For each job it claims, a worker either validates its files (the trainer's own loaders,
@@ -36,7 +36,7 @@ from typing import Any
 from adapters_registry import (
     Checkpoint,
     Job,
-    Jobs,
+    JobQueue,
     NotFoundError,
     Registry,
     RegistryError,
@@ -67,7 +67,7 @@ class Worker:
     def __init__(self, registry: Registry, options: WorkerOptions) -> None:
         self.registry = registry
         self.options = options
-        self.jobs: Jobs = registry.jobs
+        self.queue: JobQueue = registry.job_queue
         self.stop = threading.Event()
         self._tokenizer: Any = None
 
@@ -88,7 +88,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim one job and run it (validate or train); False when there was none."""
-        job = self.jobs.claim(self.options.name, template_ids=self.template_ids(),
+        job = self.queue.claim(self.options.name, template_ids=self.template_ids(),
                               lease_s=self.options.lease_s)
         if job is None:
             return False
@@ -102,7 +102,7 @@ class Worker:
                     self._train(job, Path(scratch), lost)
             except RunStopped:
                 if self.stop.is_set() and not lost.is_set():
-                    self.jobs.release(job.id, self.options.name, "was shut down during the run")
+                    self.queue.release(job.id, self.options.name, "was shut down during the run")
                 logger.info("job %s: run stopped", job.id)
             except TrainerError as exc:
                 self._fail(job, "training_error", self._tenants_view(str(exc), Path(scratch)))
@@ -130,7 +130,7 @@ class Worker:
         # as the run will: training examples that repeat a golden prompt are dropped
         report = prepare(train, config, golden.prompts() if golden else (), golden.path if golden else None,
                          held_out=validation).report
-        self.jobs.event(job.id, f"Training file: {report.read} examples, {report.train} to train on, "
+        self.queue.event(job.id, f"Training file: {report.read} examples, {report.train} to train on, "
                         f"{report.validation} held out", data=report.to_dict())
         if gated and not report.validation:
             self._fail(job, "invalid_training_file",
@@ -146,7 +146,7 @@ class Worker:
                        f"epoch x {config.epochs} epochs), over this tenant's limit of {limit} "
                        "(max_training_tokens): use fewer examples or epochs", "training_file")
             return
-        self.jobs.validated(job.id, self.options.name, tokens)
+        self.queue.validated(job.id, self.options.name, tokens)
 
     def _tokens(self, job: Job, dataset: Any, config: RunConfig) -> int:
         """Tokens per epoch: every token of every example, as it is rendered for training."""
@@ -170,14 +170,14 @@ class Worker:
             return
         init = self._init_adapter(job, scratch / "init") if job.init_version else None
         total_epochs, done = config.epochs, None
-        latest = self.jobs.latest_checkpoint(job.id)
+        latest = self.queue.latest_checkpoint(job.id)
         if latest is not None and latest.epoch < config.epochs:  # a lost worker's run goes on
             init, config = self._resume(job, latest, config, scratch / "resume")
             done = latest
         hooks = _JobHooks(self, job, lost, total_epochs, done)
         template = self.registry.get_template(job.template_id)
         out = scratch / "adapter"
-        self.jobs.event(job.id, f"Training {job.method} on {len(_items(train))} examples for up to "
+        self.queue.event(job.id, f"Training {job.method} on {len(_items(train))} examples for up to "
                         f"{config.epochs} epochs (batch {config.batch_size}, learning rate "
                         f"{config.learning_rate:g}, seed {config.seed})"
                         + (f", continuing {init.ref}" if init else ""))
@@ -202,11 +202,11 @@ class Worker:
                                             f"{failed}")
             return
         self._report(job, result.report)
-        if not self.jobs.begin_publish(job.id, self.options.name):
+        if not self.queue.begin_publish(job.id, self.options.name):
             return  # cancelled while the last step ran
         version = self.registry.push(job.tenant, job.adapter_name, result.out_dir,
                                      template_id=job.template_id)
-        self.jobs.succeed(job.id, self.options.name, f"{job.adapter_name}@v{version.version}")
+        self.queue.succeed(job.id, self.options.name, f"{job.adapter_name}@v{version.version}")
         logger.info("job %s: published %s", job.id, version.ref)
 
     def _resume(self, job: Job, latest: Checkpoint, config: RunConfig,
@@ -225,26 +225,26 @@ class Worker:
                                                 config.scheduler)
         resumed = dataclasses.replace(config, epochs=config.epochs - latest.epoch, learning_rate=rate,
                                       warmup_steps=0)
-        self.jobs.event(job.id, f"Resuming from checkpoint {latest.id} (epoch {latest.epoch} of "
+        self.queue.event(job.id, f"Resuming from checkpoint {latest.id} (epoch {latest.epoch} of "
                         f"{config.epochs}, step {latest.step}) at learning rate {rate:.3g}")
         return InitAdapter(folder, f"{job.tenant}/{job.id}:{latest.id}", sha256_json(latest.files)), resumed
 
     def _report(self, job: Job, report: Any) -> None:
         d = report.data
-        self.jobs.event(job.id, f"Data: {d.read} read, {d.exact_duplicates} exact and "
+        self.queue.event(job.id, f"Data: {d.read} read, {d.exact_duplicates} exact and "
                         f"{d.near_duplicates} near duplicates and {d.contaminated} contaminated "
                         f"dropped, {d.train} trained on, {d.validation} held out; "
                         f"{report.truncated} truncated", data=d.to_dict())
         if report.best_epoch != len(report.epochs):
-            self.jobs.event(job.id, f"Kept the weights of epoch {report.best_epoch} of "
+            self.queue.event(job.id, f"Kept the weights of epoch {report.best_epoch} of "
                             f"{len(report.epochs)} (lowest validation loss)"
                             + (", stopped early" if report.stopped_early else ""))
         for gate in report.gates:
-            self.jobs.event(job.id, f"Gate {gate}", level="info" if gate.passed else "error",
+            self.queue.event(job.id, f"Gate {gate}", level="info" if gate.passed else "error",
                             data={"gate": gate.name, "passed": gate.passed, "measured": gate.measured,
                                   "comparison": gate.comparison, "threshold": gate.threshold})
         if not report.gates:
-            self.jobs.event(job.id, "Gates: none configured for this job")
+            self.queue.event(job.id, "Gates: none configured for this job")
 
     def checkpoint(self, job: Job, stats: EpochStats, step: int, model: Any) -> None:
         """One epoch's LoRA weights into the store, and the job's checkpoint row."""
@@ -259,7 +259,7 @@ class Worker:
                     self.registry.store.put(path, digest)
                     files[path.name] = digest
         metrics = {"train_loss": stats.train_loss, "valid_loss": stats.val_loss, "epoch": stats.epoch}
-        self.jobs.add_checkpoint(job.id, step, stats.epoch, metrics, files)
+        self.queue.add_checkpoint(job.id, step, stats.epoch, metrics, files)
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -363,7 +363,7 @@ class Worker:
         return self._tokenizer
 
     def _fail(self, job: Job, code: str, message: str, param: str | None = None) -> None:
-        if self.jobs.fail(job.id, self.options.name, code, message, param):
+        if self.queue.fail(job.id, self.options.name, code, message, param):
             logger.info("job %s failed (%s): %s", job.id, code, message)
 
     @contextlib.contextmanager
@@ -375,7 +375,7 @@ class Worker:
         def beat() -> None:
             while not done.wait(self.options.heartbeat_s):
                 try:
-                    if not self.jobs.heartbeat(job.id, self.options.name, self.options.lease_s):
+                    if not self.queue.heartbeat(job.id, self.options.name, self.options.lease_s):
                         lost.set()
                         return
                 except RegistryError as exc:  # keep trying: the lease outlives a short outage
@@ -407,7 +407,7 @@ class _JobHooks(RunHooks):
         stats = dataclasses.replace(stats, epoch=stats.epoch + self.epoch_offset)
         step += self.step_offset
         valid = "" if stats.val_loss is None else f", validation loss={stats.val_loss:.4f}"
-        self.worker.jobs.event(
+        self.worker.queue.event(
             self.job.id, f"Epoch {stats.epoch}/{self.epochs}: step {step}, training loss="
                          f"{stats.train_loss:.4f}{valid} ({time.monotonic() - self.started:.0f} s)",
             type="metrics", data={"step": step, "epoch": stats.epoch, "train_loss": stats.train_loss,

@@ -123,7 +123,7 @@ def test_garbage_collection_keeps_files_and_checkpoints_but_not_deleted_files(re
     weights.write_bytes(b"checkpoint weights")
     digest = sha256_file(weights)
     reg.store.put(weights, digest)
-    reg.jobs.add_checkpoint(job.id, 4, 1, {"train_loss": 1.0}, {"adapter_model.safetensors": digest})
+    reg.job_queue.add_checkpoint(job.id, 4, 1, {"train_loss": 1.0}, {"adapter_model.safetensors": digest})
     gone_sha = reg.files.delete("acme", gone).sha256
     report = reg.collect_garbage(grace=timedelta(0))
     assert report.orphans == [gone_sha]
@@ -176,7 +176,7 @@ def test_waiting_jobs_are_limited_per_tenant_with_a_retry_after(reg) -> None:
 
 
 def claim(reg, worker: str = "w1", lease_s: float = 30.0):
-    return reg.jobs.claim(worker, template_ids=[reg.catalog.templates()[0][1].template_id],
+    return reg.job_queue.claim(worker, template_ids=[reg.catalog.templates()[0][1].template_id],
                           lease_s=lease_s)
 
 
@@ -185,15 +185,15 @@ def test_a_worker_validates_then_runs_then_publishes_and_the_events_tell_it(reg)
     got = claim(reg)
     assert got.id == job.id and got.status == "validating_files"
     assert claim(reg, "w2") is None, "a claimed validation is not handed out twice"
-    assert reg.jobs.validated(job.id, "w1", trained_tokens=120)
+    assert reg.job_queue.validated(job.id, "w1", trained_tokens=120)
     running = claim(reg, "w2")
     assert running.status == "running" and running.worker == "w2"
-    assert reg.jobs.heartbeat(job.id, "w2", 30) and not reg.jobs.heartbeat(job.id, "w1", 30)
-    reg.jobs.event(job.id, "Epoch 1", type="metrics", data={"step": 1, "train_loss": 2.0})
-    assert reg.jobs.begin_publish(job.id, "w2")
+    assert reg.job_queue.heartbeat(job.id, "w2", 30) and not reg.job_queue.heartbeat(job.id, "w1", 30)
+    reg.job_queue.event(job.id, "Epoch 1", type="metrics", data={"step": 1, "train_loss": 2.0})
+    assert reg.job_queue.begin_publish(job.id, "w2")
     with pytest.raises(ConflictError, match="publishing"):
         reg.jobs.cancel("acme", job.id)
-    reg.jobs.succeed(job.id, "w2", "support-bot@v2")
+    reg.job_queue.succeed(job.id, "w2", "support-bot@v2")
     done = reg.jobs.get("acme", job.id)
     assert (done.status, done.fine_tuned_model, done.trained_tokens) == ("succeeded", "support-bot@v2", 120)
     events, more = reg.jobs.events("acme", job.id, limit=3)
@@ -212,31 +212,31 @@ def test_cancel_is_at_once_and_the_worker_learns_it_on_its_next_heartbeat(reg) -
         reg.jobs.cancel("acme", queued.id)
     job = create(reg, training_file=upload(reg))
     claim(reg)
-    reg.jobs.validated(job.id, "w1", 10)
+    reg.job_queue.validated(job.id, "w1", 10)
     claim(reg)
     assert reg.jobs.cancel("acme", job.id).status == "cancelled"
-    assert not reg.jobs.heartbeat(job.id, "w1", 30)
-    assert not reg.jobs.begin_publish(job.id, "w1"), "a cancelled job publishes nothing"
-    assert not reg.jobs.fail(job.id, "w1", "x", "late"), "nor is it failed afterwards"
+    assert not reg.job_queue.heartbeat(job.id, "w1", 30)
+    assert not reg.job_queue.begin_publish(job.id, "w1"), "a cancelled job publishes nothing"
+    assert not reg.job_queue.fail(job.id, "w1", "x", "late"), "nor is it failed afterwards"
 
 
 def test_a_lost_worker_s_validation_is_retried_and_its_run_resumes_once_then_fails(reg) -> None:
     a, b = (create(reg, training_file=upload(reg)) for _ in range(2))
     claim(reg)
-    reg.jobs.validated(a.id, "w1", 10)
+    reg.job_queue.validated(a.id, "w1", 10)
     assert claim(reg, lease_s=0.0).id == b.id  # w1 validates b, then dies
     later = datetime.now(UTC) + timedelta(seconds=1)
-    assert reg.jobs.reap(later) == 1
+    assert reg.job_queue.reap(later) == 1
     assert claim(reg, "w2").id == b.id, "the validation is handed to the next worker"
     run = claim(reg, "w3", lease_s=0.0)
     assert run.id == a.id
-    reg.jobs.add_checkpoint(a.id, 3, 1, {"train_loss": 1.5}, {})
-    reg.jobs.reap(datetime.now(UTC) + timedelta(seconds=1))
+    reg.job_queue.add_checkpoint(a.id, 3, 1, {"train_loss": 1.5}, {})
+    reg.job_queue.reap(datetime.now(UTC) + timedelta(seconds=1))
     requeued = reg.jobs.get("acme", a.id)
     assert (requeued.status, requeued.worker) == ("queued", None)
     assert "queued again to resume from its last checkpoint" in reg.jobs.events("acme", a.id)[0][0].message
     assert claim(reg, "w4", lease_s=0.0).id == a.id  # the second attempt, lost again
-    reg.jobs.reap(datetime.now(UTC) + timedelta(seconds=1))
+    reg.job_queue.reap(datetime.now(UTC) + timedelta(seconds=1))
     failed = reg.jobs.get("acme", a.id)
     assert failed.status == "failed" and failed.error["code"] == "worker_lost"
     message = failed.error["message"]
@@ -258,7 +258,7 @@ def test_workers_claim_in_parallel_on_postgres_without_breaking_a_tenants_runnin
     for _ in jobs:  # validations come first: each job is validated once
         job = claim(reg, "validator")
         assert job.status == "validating_files"
-        reg.jobs.validated(job.id, "validator", 10)
+        reg.job_queue.validated(job.id, "validator", 10)
     claimed: list[str] = []
     lock = threading.Lock()
 

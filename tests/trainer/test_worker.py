@@ -195,9 +195,9 @@ def test_a_run_whose_worker_was_lost_resumes_from_its_last_checkpoint(env) -> No
     job = submit(reg, base, chat_file(), suffix="resumed", hyperparameters={"n_epochs": 3, "batch_size": 4})
     worker.run_once()  # validated
     templates = worker.template_ids()
-    assert reg.jobs.claim("dead", template_ids=templates, lease_s=0.0).id == job.id
-    reg.jobs.add_checkpoint(job.id, epoch1.step, 1, epoch1.metrics, epoch1.files)  # then it died
-    reg.jobs.reap(datetime.now(UTC) + timedelta(seconds=1))
+    assert reg.job_queue.claim("dead", template_ids=templates, lease_s=0.0).id == job.id
+    reg.job_queue.add_checkpoint(job.id, epoch1.step, 1, epoch1.metrics, epoch1.files)  # then it died
+    reg.job_queue.reap(datetime.now(UTC) + timedelta(seconds=1))
     assert worker.run_once()
     done = reg.jobs.get("acme", job.id)
     assert done.status == "succeeded", done.error
