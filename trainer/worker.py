@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 import signal
@@ -37,16 +36,14 @@ from adapters_registry import (
     Checkpoint,
     Job,
     JobQueue,
-    NotFoundError,
     Registry,
     RegistryError,
-    parse_qualified_model,
     sha256_file,
     sha256_json,
-    to_trainer_jsonl,
 )
 from trainer.config import RunConfig
 from trainer.errors import GateFailedError, RunStopped, TrainerError
+from trainer.job_inputs import JobInputError, datasets, eval_sets, init_adapter, items, run_config
 from trainer.loop import EpochStats, RunHooks
 
 logger = logging.getLogger(__name__)
@@ -115,12 +112,21 @@ class Worker:
 
     # -- validation ---------------------------------------------------------------------
 
+    def _inputs(self, job: Job, scratch: Path) -> tuple[RunConfig, Any, Any, Any, Any] | None:
+        """(config, train, validation, golden, regression); None after failing the job."""
+        try:
+            train, validation = datasets(self.registry.files, job, scratch)
+            golden, regression = eval_sets(self.registry.files, job, scratch)
+        except JobInputError as exc:
+            self._fail(job, exc.code, exc.message, exc.param)
+            return None
+        return run_config(job), train, validation, golden, regression
+
     def _validate(self, job: Job, scratch: Path) -> None:
-        config = self._config(job)
-        train, validation = self._datasets(job, scratch)
-        ok, golden, _ = self._eval_sets(job, scratch)
-        if train is None or not ok:
+        inputs = self._inputs(job, scratch)
+        if inputs is None:
             return
+        config, train, validation, golden, _ = inputs
         from trainer.data import prepare_data
         from trainer.preference import prepare_preferences
 
@@ -163,12 +169,11 @@ class Worker:
     # -- training -----------------------------------------------------------------------
 
     def _train(self, job: Job, scratch: Path, lost: threading.Event) -> None:
-        config = self._config(job)
-        train, validation = self._datasets(job, scratch)
-        ok, golden, regression = self._eval_sets(job, scratch)
-        if train is None or not ok:
+        inputs = self._inputs(job, scratch)
+        if inputs is None:
             return
-        init = self._init_adapter(job, scratch / "init") if job.init_version else None
+        config, train, validation, golden, regression = inputs
+        init = init_adapter(self.registry, job, scratch / "init") if job.init_version else None
         total_epochs, done = config.epochs, None
         latest = self.queue.latest_checkpoint(job.id)
         if latest is not None and latest.epoch < config.epochs:  # a lost worker's run goes on
@@ -177,7 +182,7 @@ class Worker:
         hooks = _JobHooks(self, job, lost, total_epochs, done)
         template = self.registry.get_template(job.template_id)
         out = scratch / "adapter"
-        self.queue.event(job.id, f"Training {job.method} on {len(_items(train))} examples for up to "
+        self.queue.event(job.id, f"Training {job.method} on {len(items(train))} examples for up to "
                         f"{config.epochs} epochs (batch {config.batch_size}, learning rate "
                         f"{config.learning_rate:g}, seed {config.seed})"
                         + (f", continuing {init.ref}" if init else ""))
@@ -263,92 +268,6 @@ class Worker:
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def _config(self, job: Job) -> RunConfig:
-        method = "dpo" if job.method == "dpo" else "sft"
-        defaults = RunConfig.for_method(method, {})
-        hp = job.hyperparameters
-        knobs: dict[str, Any] = {"seed": job.seed, **job.gates}
-        if "n_epochs" in hp:
-            knobs["epochs"] = hp["n_epochs"]
-        if "batch_size" in hp:
-            knobs["batch_size"] = hp["batch_size"]
-        if "learning_rate_multiplier" in hp:
-            knobs["learning_rate"] = defaults.learning_rate * hp["learning_rate_multiplier"]
-        if "beta" in hp:
-            knobs["beta"] = hp["beta"]
-        return RunConfig.for_method(method, knobs)
-
-    def _datasets(self, job: Job, scratch: Path) -> tuple[Any, Any]:
-        """The job's training and validation sets, read by the trainer's own loaders; (None,
-        None) after failing the job when a file is gone or does not load."""
-        from trainer.data import load_chat_jsonl
-        from trainer.preference import load_preference_jsonl
-
-        load: Any = load_preference_jsonl if job.method == "dpo" else load_chat_jsonl
-        loaded: list[Any] = []
-        for param, file_id in (("training_file", job.training_file),
-                               ("validation_file", job.validation_file)):
-            if file_id is None:
-                loaded.append(None)
-                continue
-            try:
-                file = self.registry.files.get(job.tenant, file_id)
-            except NotFoundError:
-                self._fail(job, "invalid_file", f"{param} {file_id} was deleted", param)
-                return None, None
-            # named as the tenant named it: the manifest and any error message show that name
-            path = scratch / param / Path(file.filename).name
-            path.parent.mkdir()
-            path.write_bytes(to_trainer_jsonl(self.registry.files.read_object(file), file.format))
-            try:
-                loaded.append(load(path))
-            except TrainerError as exc:
-                message = str(exc).replace(str(path), file.filename)
-                self._fail(job, "invalid_file", f"{param} {file_id}: {message}", param)
-                return None, None
-        return loaded[0], loaded[1]
-
-    def _eval_sets(self, job: Job, scratch: Path) -> tuple[bool, Any, Any]:
-        """(ok, golden, regression): the job's eval sets as the trainer reads them; ok is False
-        after failing the job when a file is gone or does not load. A regression set is the
-        prompts of a chat file (each line without its final assistant turn)."""
-        from trainer.evals import load_golden_jsonl, load_regression_jsonl
-
-        sets: dict[str, Any] = {}
-        for key, load in (("golden_file", load_golden_jsonl), ("regression_file", load_regression_jsonl)):
-            file_id = job.eval_files.get(key)
-            if file_id is None:
-                continue
-            param = f"gates.{key}"
-            try:
-                file = self.registry.files.get(job.tenant, file_id)
-            except NotFoundError:
-                self._fail(job, "invalid_file", f"{param} {file_id} was deleted", param)
-                return False, None, None
-            data = self.registry.files.read_object(file)
-            if key == "regression_file":
-                data = b"".join(json.dumps({"messages": json.loads(line)["messages"][:-1]}).encode() + b"\n"
-                                for line in data.split(b"\n") if line.strip())
-            path = scratch / key / Path(file.filename).name
-            path.parent.mkdir(parents=True)
-            path.write_bytes(data)
-            try:
-                sets[key] = load(path)
-            except TrainerError as exc:
-                message = str(exc).replace(str(path), file.filename)
-                self._fail(job, "invalid_file", f"{param} {file_id}: {message}", param)
-                return False, None, None
-        return True, sets.get("golden_file"), sets.get("regression_file")
-
-    def _init_adapter(self, job: Job, folder: Path) -> Any:
-        from trainer.train import InitAdapter
-
-        assert job.init_version is not None
-        tenant, model = parse_qualified_model(job.init_version)
-        version = self.registry.resolve(self.registry.get_tenant(tenant), str(model))
-        self.registry.fetch(version, folder)  # every file verified against its sha256
-        return InitAdapter(folder, version.ref, version.content_sha256)
-
     def _tenants_view(self, message: str, scratch: Path) -> str:
         """A trainer's message without this machine's paths: a job's files by the names the
         tenant gave them, the base by its id."""
@@ -415,10 +334,6 @@ class _JobHooks(RunHooks):
         self.worker.checkpoint(self.job, stats, step, model)
         if self.lost.is_set() or self.worker.stop.is_set():
             raise RunStopped(f"job {self.job.id} stopped after epoch {stats.epoch}")
-
-
-def _items(dataset: Any) -> list[Any]:
-    return list(getattr(dataset, "pairs", None) or getattr(dataset, "examples", []))
 
 
 def run_worker(registry: Registry, options: WorkerOptions, *, once: bool = False) -> int:
