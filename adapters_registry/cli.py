@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from adapters_registry.artifacts import REPAIR_COMMAND, VerifyReport
 from adapters_registry.contract import derive_contract
-from adapters_registry.db import current_revision, make_engine
+from adapters_registry.database import current_revision, make_engine
 from adapters_registry.errors import (
     ArtifactError,
     DatabaseError,

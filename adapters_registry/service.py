@@ -33,7 +33,7 @@ from adapters_registry.artifacts import Artifacts, GcReport, VerifyReport
 from adapters_registry.catalog import Catalog
 from adapters_registry.compat import Limits
 from adapters_registry.contract import BaseContract
-from adapters_registry.db import current_revision, head_revision, make_engine
+from adapters_registry.database import current_revision, head_revision, make_engine
 from adapters_registry.errors import ConflictError
 from adapters_registry.files import Files
 from adapters_registry.job_queue import JobQueue

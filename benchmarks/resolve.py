@@ -39,7 +39,8 @@ from adapters_registry import (
     Resolution,
     Tenant,
 )
-from adapters_registry.db import AdapterRow, AdapterVersionRow, AliasRow, make_engine
+from adapters_registry.database import make_engine
+from adapters_registry.db import AdapterRow, AdapterVersionRow, AliasRow
 from gateway.tenancy.directory import TenantDirectory
 from gateway.tenancy.freshness import GenerationWatch
 

@@ -138,7 +138,7 @@ def test_train_refuses_bad_requests_before_training(run, tmp_path, tiny_base, ex
 
 
 def test_registry_migrate_applies_migrations_and_exits(tmp_path, capsys) -> None:
-    from adapters_registry.db import current_revision, head_revision, make_engine
+    from adapters_registry.database import current_revision, head_revision, make_engine
 
     db = f"sqlite:///{tmp_path / 'fresh.db'}"
     assert main(["registry", "migrate", "--db", db]) == 0

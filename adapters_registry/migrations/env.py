@@ -1,4 +1,4 @@
-"""Alembic environment: always handed a live connection by adapters_registry.db.upgrade."""
+"""Alembic environment: always handed a live connection by adapters_registry.database.upgrade."""
 
 from alembic import context
 

@@ -6,7 +6,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from adapters_registry.db import Base, make_engine, upgrade
+from adapters_registry.database import make_engine, upgrade
+from adapters_registry.db import Base
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 

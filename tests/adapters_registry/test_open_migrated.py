@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from adapters_registry import Registry
-from adapters_registry.db import head_revision, upgrade
+from adapters_registry.database import head_revision, upgrade
 from adapters_registry.errors import ConflictError
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from adapters_registry import Registry
-from adapters_registry.db import make_engine
+from adapters_registry.database import make_engine
 from adapters_registry.errors import ArtifactError, ChecksumMismatchError
 from adapters_registry.hashing import sha256_file
 from adapters_registry.s3 import S3Config, S3Store

@@ -16,7 +16,7 @@ from adapters_registry import (
     Tenancy,
     TenantLimits,
 )
-from adapters_registry.db import make_engine
+from adapters_registry.database import make_engine
 from adapters_registry.usage import Ledger
 from tests.conftest import copy_adapter
 
