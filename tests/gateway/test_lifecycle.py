@@ -166,14 +166,14 @@ def test_an_engine_request_aborted_before_any_output_still_counts_its_prompt() -
     # A non-streamed request gets vLLM's outputs only when it finishes: its client leaving
     # mid-generation must not make its prompt free.
     from gateway.engine.base import Meter
-    from gateway.engine.openai import _metered
+    from gateway.engine.metering import metered
 
     async def never_outputs() -> AsyncIterator[Any]:
         await asyncio.sleep(3600)
         yield None
 
     async def leave(meter: Meter) -> None:
-        task = asyncio.ensure_future(anext(_metered(never_outputs(), meter, True, 7, "r1")))
+        task = asyncio.ensure_future(anext(metered(never_outputs(), meter, True, 7, "r1")))
         await asyncio.sleep(0.05)
         task.cancel()
         await asyncio.wait((task,))

@@ -43,14 +43,14 @@ def _output(request_id: str, prompt: int, seqs: list[tuple[int, int]],
     (True, [[(0, 1), (1, 1)], [(0, 3), (1, 4)]], {0: 3, 1: 4}),  # final/cumulative: the last
 ])
 def test_meter_counts_every_choice(cumulative: bool, steps: list, expected: dict) -> None:
-    from gateway.engine.openai import _metered
+    from gateway.engine.metering import metered
 
     async def outputs():
         for seqs in steps:
             yield _output("r1", 5, seqs)
 
     async def drain(meter: Meter) -> None:
-        async for _ in _metered(outputs(), meter, cumulative, None, "r1"):
+        async for _ in metered(outputs(), meter, cumulative, None, "r1"):
             pass
 
     meter = Meter()
@@ -68,14 +68,14 @@ TWO_CHOICES = [([(0, 1)], False), ([(1, 1)], False), ([(0, 2)], False), ([(1, 3)
 def test_a_non_streamed_answer_is_metered_as_generated_and_passed_on_whole() -> None:
     """The serving class asked for the final output only: it gets one, with both choices,
     while the meter saw every token as it came."""
-    from gateway.engine.openai import _metered
+    from gateway.engine.metering import metered
 
     async def outputs():
         for seqs, finished in TWO_CHOICES:
             yield _output("r1", 5, seqs, finished)
 
     async def collect(meter: Meter) -> list:
-        return [out async for out in _metered(outputs(), meter, True, None, "r1", final_only=True)]
+        return [out async for out in metered(outputs(), meter, True, None, "r1", final_only=True)]
 
     meter = Meter()
     passed = asyncio.run(collect(meter))
@@ -85,7 +85,7 @@ def test_a_non_streamed_answer_is_metered_as_generated_and_passed_on_whole() -> 
 
 
 def test_a_non_streamed_answer_left_mid_way_is_charged_what_was_generated() -> None:
-    from gateway.engine.openai import _metered
+    from gateway.engine.metering import metered
 
     charged: list[int] = []
     closed = asyncio.Event()
@@ -101,7 +101,7 @@ def test_a_non_streamed_answer_left_mid_way_is_charged_what_was_generated() -> N
 
     async def leave() -> None:
         meter = Meter(on_completion=charged.append)
-        task = asyncio.create_task(anext(_metered(outputs(), meter, True, None, "r1", final_only=True)))
+        task = asyncio.create_task(anext(metered(outputs(), meter, True, None, "r1", final_only=True)))
         while sum(charged) < 3:
             await asyncio.sleep(0)
         task.cancel()
