@@ -278,7 +278,7 @@ class Rollouts:
         row.evidence = {**evidence, "baseline": baseline(s, tenant.name, name, row, now)}
         row.reason = (f"step {percents[row.step - 1]}% passed: {cand['answers']} answers, "
                       f"error rate {cand['error_rate']:.4f} (stable {stable['error_rate']:.4f})")
-        self._route(s, tenant, name, row, "rollout.step", evidence=evidence)
+        self._route(s, tenant, name, row, "rollout.step", evidence=_shown(evidence))
         return self._record(s, tenant, name, row)
 
     def _finish(self, s: Session, tenant: Tenant, name: str, row: RolloutRow, state: str,
@@ -292,7 +292,7 @@ class Rollouts:
             self._catalog.move_alias(s, tenant, name, row.alias, version, rollout=row.id)
         record(s, self.actor, action, f"{tenant.name}/{name}:{row.alias}", rollout=row.id,
                candidate=row.candidate_version, stable=row.stable_version, reason=reason,
-               evidence=row.evidence)
+               evidence=_shown(row.evidence))
         logger.info("rollout %d of %s/%s:%s v%d: %s (%s)", row.id, tenant.name, name, row.alias,
                     row.candidate_version, state, reason)
         return self._record(s, tenant, name, row)
@@ -354,8 +354,14 @@ class Rollouts:
     def _record(self, s: Session, tenant: Tenant, name: str, row: RolloutRow) -> Rollout:
         return Rollout(row.id, tenant.name, name, row.alias, row.stable_version,
                        row.candidate_version, tuple(row.steps["percents"]), row.step, row.state,
-                       RolloutRules(**row.rules), row.reason, dict(row.evidence or {}),
+                       RolloutRules(**row.rules), row.reason, _shown(row.evidence),
                        as_utc(row.step_started_at), as_utc(row.updated_at))
+
+
+def _shown(evidence: dict[str, Any] | None) -> dict[str, Any]:
+    """A judgement's figures as status and the audit trail show them: without the window's
+    start-minute baseline (bookkeeping, histograms included)."""
+    return {k: v for k, v in (evidence or {}).items() if k != "baseline"}
 
 
 def _weights(row: RolloutRow) -> dict[int | None, int]:
