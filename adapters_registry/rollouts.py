@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -49,6 +49,7 @@ from adapters_registry._audit import record
 from adapters_registry.catalog import Catalog
 from adapters_registry.db import (
     AdapterRow,
+    AnswerStatsRow,
     LeaseRow,
     RolloutRow,
     TenantRow,
@@ -74,6 +75,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_STEPS", "Rollout", "RolloutRules", "Rollouts"]
 DEFAULT_STEPS = (5, 25, 50, 100)
 LEASE = "rollouts"
+STATS_KEPT = timedelta(days=14)  # answer figures a step may read; older ones are pruned
+PRUNE_EVERY = timedelta(hours=1)
 ACTIVE = ("running", "paused")
 
 
@@ -128,6 +131,7 @@ class Rollouts:
         self._catalog = catalog
         self._tenancy = tenancy
         self.actor = actor
+        self._pruned: datetime | None = None
 
     def start(self, tenant_name: str, name: str, alias: str, candidate: int,
               percents: Sequence[int] = DEFAULT_STEPS, rules: RolloutRules | None = None) -> Rollout:
@@ -210,6 +214,8 @@ class Rollouts:
         now = now or datetime.now(UTC)
         if not self._lease(holder, lease_s, now):
             return []
+        if self._pruned is None or now - self._pruned >= PRUNE_EVERY:
+            self._prune(now)
         with Session(self.db) as s:
             ids = list(s.scalars(select(RolloutRow.id).filter_by(state="running")))
         changed = []
@@ -225,6 +231,17 @@ class Rollouts:
         return changed
 
     # -- inside ------------------------------------------------------------------------
+
+    def _prune(self, now: datetime) -> None:
+        """Answer figures older than ``STATS_KEPT`` go (no rollout step looks back that far;
+        the bill, ``usage_minutes``, is never pruned here)."""
+        with Session(self.db) as s, s.begin():
+            gone: int = getattr(s.execute(delete(AnswerStatsRow).where(
+                AnswerStatsRow.minute < now - STATS_KEPT)), "rowcount", 0)
+        self._pruned = now
+        if gone:
+            logger.info("rollouts: pruned %d row(s) of answer figures older than %d days",
+                        gone, STATS_KEPT.days)
 
     def _judge(self, s: Session, rollout_id: int, now: datetime) -> Rollout | None:
         row = s.get(RolloutRow, rollout_id, with_for_update=True)

@@ -273,3 +273,20 @@ def test_answer_stats_histograms_merge_subtract_and_read_back() -> None:
     assert percentile({}, 0.5) is None
     assert without(both, b.as_json()) == merged([a.as_json()])
     assert int(bucket(0.0)) == 0 and int(bucket(1e9)) == 100
+
+
+def test_the_decision_maker_prunes_old_answer_figures_but_never_the_bill(reg) -> None:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from adapters_registry.db import AnswerStatsRow
+
+    now = datetime.now(UTC)
+    answered(reg, 1, ok=3, at=now - timedelta(days=20))
+    answered(reg, 1, ok=3, at=now)
+    reg.rollouts.decide("a", now=now)
+    with Session(reg.db) as s:
+        kept = s.scalars(select(AnswerStatsRow.minute)).all()
+    assert len(kept) == 1 and kept[0].replace(tzinfo=UTC) > now - timedelta(days=1)
+    bill = reg.usage(now - timedelta(days=21), now + timedelta(minutes=1), tenant="acme")
+    assert sum(r.counts.requests_2xx for r in bill) == 6
