@@ -181,6 +181,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--format", choices=("csv", "json"), default="csv")
     p.set_defaults(run=_usage)
 
+    p = cmds.add_parser("jobs", parents=[common], help="the fine-tuning queue: every tenant's "
+                        "unfinished jobs in the order workers take them, and the counts")
+    p.add_argument("--tenant", help="one tenant only")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (1..1000)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(run=_jobs)
+
     p = cmds.add_parser("list", parents=[common], help="list a tenant's adapters")
     p.add_argument("tenant")
     p.set_defaults(run=_list)
@@ -357,6 +364,20 @@ def _usage(r: Registry, a: argparse.Namespace) -> None:
     out = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
     out.writeheader()
     out.writerows(rows)
+
+
+def _jobs(r: Registry, a: argparse.Namespace) -> None:
+    jobs, depth = r.job_queue.pending(tenant=a.tenant, limit=a.limit), r.job_queue.depth()
+    if a.format == "json":
+        print(json.dumps({"depth": depth, "jobs": [
+            {"id": j.id, "tenant": j.tenant, "status": j.status, "model": j.model,
+             "method": j.method, "worker": j.worker, "trained_tokens": j.trained_tokens,
+             "created_at": j.created_at.isoformat()} for j in jobs]}, indent=2))
+        return
+    print(", ".join(f"{status} {n}" for status, n in depth.items()))
+    for j in jobs:
+        print(f"{j.id}\t{j.tenant}\t{j.status}\t{j.method}\t{j.model}\t"
+              f"{j.worker or '-'}\t{j.created_at.isoformat(timespec='seconds')}")
 
 
 def _list(r: Registry, a: argparse.Namespace) -> None:

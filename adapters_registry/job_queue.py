@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from adapters_registry._audit import record
 from adapters_registry.db import JobCheckpointRow, JobRow, TenantRow, as_utc
-from adapters_registry.errors import ConflictError
+from adapters_registry.errors import ConflictError, ValidationError
 from adapters_registry.job_records import (
     ACTIVE,
     Checkpoint,
@@ -47,6 +47,28 @@ class JobQueue:
     def __init__(self, db: Engine, *, actor: str) -> None:
         self.db = db
         self.actor = actor
+
+    def pending(self, *, tenant: str | None = None, limit: int = 100) -> list[Job]:
+        """Every tenant's unfinished jobs (validating, queued, running) in the order workers
+        take them: validations first, then oldest first. The operator's view of the queue."""
+        if not 1 <= limit <= 1000:
+            raise ValidationError(f"limit {limit} is outside 1..1000")
+        with Session(self.db) as s:
+            query = (select(JobRow, TenantRow.name).join(TenantRow, JobRow.tenant_id == TenantRow.id)
+                     .where(JobRow.status.in_(ACTIVE)))
+            if tenant is not None:
+                query = query.where(TenantRow.name == tenant)
+            validating = JobRow.status == "validating_files"
+            rows = s.execute(query.order_by(validating.desc(), JobRow.created_at, JobRow.id)
+                             .limit(limit)).all()
+            return [job_record(row, name) for row, name in rows]
+
+    def depth(self) -> dict[str, int]:
+        """How many jobs wait or run, by status (every tenant)."""
+        with Session(self.db) as s:
+            counts = dict(s.execute(select(JobRow.status, func.count()).where(
+                JobRow.status.in_(ACTIVE)).group_by(JobRow.status)).tuples().all())
+        return {status: int(counts.get(status, 0)) for status in ACTIVE}
 
     def claim(self, worker: str, *, template_ids: Collection[str], lease_s: float) -> Job | None:
         """The next job this worker should take (validations first), leased to it; or None."""

@@ -37,6 +37,7 @@ from gateway.api.admin_models import (
     EvictIn,
     EvictOut,
     GcIn,
+    JobQueueOut,
     KeyCreated,
     KeyIn,
     KeyList,
@@ -46,6 +47,7 @@ from gateway.api.admin_models import (
     PrefetchIn,
     PrefetchOut,
     PrefetchResult,
+    QueuedJob,
     Revoked,
     RolloutIn,
     RolloutOut,
@@ -246,6 +248,15 @@ async def usage(reg: AdminDep, start: Annotated[datetime, Query(alias="from")],
     [from, to), summed over every replica: the ledger to bill from."""
     records = await _run(reg.usage, start, end, tenant=tenant)
     return UsagePage(data=[UsageRow(**r.as_dict()) for r in records])
+
+
+@router.get("/fine_tuning/jobs", responses=_INPUT)
+async def job_queue(reg: AdminDep, tenant: str | None = None, limit: int = 100) -> JobQueueOut:
+    """Every tenant's unfinished fine-tuning jobs, validations first, then oldest first."""
+    jobs = await _run(reg.job_queue.pending, tenant=tenant, limit=limit)
+    return JobQueueOut(depth=await _run(reg.job_queue.depth), data=[QueuedJob(
+        id=j.id, tenant=j.tenant, status=j.status, model=j.model, method=j.method, worker=j.worker,
+        trained_tokens=j.trained_tokens, created_at=j.created_at) for j in jobs])
 
 
 @router.post("/gc", responses=_INPUT)

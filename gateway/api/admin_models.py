@@ -213,6 +213,24 @@ class UsagePage(BaseModel):
     data: list[UsageRow]
 
 
+class QueuedJob(BaseModel):
+    id: str
+    tenant: str
+    status: str = Field(description="validating_files, queued or running.")
+    model: str
+    method: str
+    worker: str | None = Field(description="The worker running or validating it.")
+    trained_tokens: int | None
+    created_at: datetime
+
+
+class JobQueueOut(BaseModel):
+    """The fine-tuning queue: counts by status, and the jobs in the order workers take them."""
+
+    depth: dict[str, int]
+    data: list[QueuedJob]
+
+
 class VerifyOut(BaseModel):
     checked: int
     problems: list[BlobProblem]

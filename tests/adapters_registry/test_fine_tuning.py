@@ -177,7 +177,7 @@ def test_waiting_jobs_are_limited_per_tenant_with_a_retry_after(reg) -> None:
 
 def claim(reg, worker: str = "w1", lease_s: float = 30.0):
     return reg.job_queue.claim(worker, template_ids=[reg.catalog.templates()[0][1].template_id],
-                          lease_s=lease_s)
+                               lease_s=lease_s)
 
 
 def test_a_worker_validates_then_runs_then_publishes_and_the_events_tell_it(reg) -> None:
@@ -202,6 +202,33 @@ def test_a_worker_validates_then_runs_then_publishes_and_the_events_tell_it(reg)
     assert older[-1].message.startswith("Validating training file")
     with pytest.raises(NotFoundError):
         reg.jobs.events("globex", job.id)
+
+
+def test_the_operator_sees_the_queue_in_the_order_workers_take_it(reg, registry_env,
+                                                                  capsys) -> None:
+    first = create(reg, training_file=upload(reg))
+    claim(reg)
+    reg.job_queue.validated(first.id, "w1", 10)  # queued
+    second = create(reg, "globex", training_file=upload(reg, tenant="globex"))  # validating
+    done = create(reg, training_file=upload(reg))
+    reg.jobs.cancel("acme", done.id)
+    assert [j.id for j in reg.job_queue.pending()] == [second.id, first.id]
+    assert [j.id for j in reg.job_queue.pending(tenant="acme")] == [first.id]
+    assert reg.job_queue.depth() == {"validating_files": 1, "queued": 1, "running": 0}
+    with pytest.raises(ValidationError, match="limit 0"):
+        reg.job_queue.pending(limit=0)
+    from lora_gateway.cli import main
+    common = ["--db", registry_env.db_url, "--artifacts", str(registry_env.artifacts)]
+    assert main(["registry", "jobs", *common]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "validating_files 1, queued 1, running 0"
+    assert out[1].startswith(f"{second.id}\tglobex\tvalidating_files") and first.id in out[2]
+    assert main(["registry", "jobs", "--format", "json", "--tenant", "acme", *common]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [j["id"] for j in doc["jobs"]] == [first.id] and doc["depth"]["queued"] == 1
+    assert main(["registry", "jobs", "--limit", "0", *common]) != 0
+    err = capsys.readouterr().err
+    assert "limit 0 is outside 1..1000" in err and "Traceback" not in err
 
 
 def test_cancel_is_at_once_and_the_worker_learns_it_on_its_next_heartbeat(reg) -> None:

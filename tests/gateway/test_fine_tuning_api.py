@@ -147,3 +147,24 @@ def test_gates_are_a_documented_object_and_eval_files_are_the_tenants(gw: Gatewa
     assert job.status == "validating_files"
     schema = gw.client.get("/openapi.json").json()["components"]["schemas"]["JobGates"]
     assert {"golden_file", "regression_file", "max_val_perplexity"} <= set(schema["properties"])
+
+
+ADMIN = "lgw-admin-" + "q" * 32
+
+
+def test_the_admin_api_shows_every_tenants_queue(gateway_factory) -> None:
+    gw = gateway_factory(admin_api_key=ADMIN)
+    acme, globex = sdk(gw), sdk(gw, "globex")
+    first = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=upload(acme).id)
+    second = globex.fine_tuning.jobs.create(model="tiny-llama", training_file=upload(globex).id)
+    admin = {"Authorization": "Bearer " + ADMIN}
+    r = gw.client.get("/admin/v1/fine_tuning/jobs", headers=admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(j["id"], j["tenant"]) for j in body["data"]] == [(first.id, "acme"), (second.id, "globex")]
+    assert body["depth"] == {"validating_files": 2, "queued": 0, "running": 0}
+    only = gw.client.get("/admin/v1/fine_tuning/jobs?tenant=globex", headers=admin).json()
+    assert [j["id"] for j in only["data"]] == [second.id]
+    bad = gw.client.get("/admin/v1/fine_tuning/jobs?limit=5000", headers=admin)
+    assert bad.status_code == 400 and "limit 5000" in bad.text
+    assert gw.client.get("/admin/v1/fine_tuning/jobs", headers=gw.headers("acme")).status_code in (401, 403)
