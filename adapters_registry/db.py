@@ -116,10 +116,15 @@ class AdapterVersionRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     content_sha256: Mapped[str] = mapped_column(String(64))
     files: Mapped[dict[str, Any]]
-    manifest: Mapped[dict[str, Any]]
+    manifest: Mapped[dict[str, Any]]  # its intake record (artifacts._intake_record)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     state: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+
+    @property
+    def trainer_metrics(self) -> dict[str, Any]:
+        """The metrics of the trainer's manifest it shipped with (empty without one)."""
+        return dict(((self.manifest or {}).get("manifest") or {}).get("metrics") or {})
 
 
 class AliasRow(Base):

@@ -12,7 +12,9 @@ to the next worker, a training run is queued again and resumes from its last che
 once (``MAX_ATTEMPTS``); lost a second time it fails with ``worker_lost``.
 
 Publication is one step the tenant can no longer cancel (``begin_publish``), then the
-registry's own push: a version appears whole or not at all.
+registry's own push: a version appears whole or not at all. Its manifest names the job
+(``JOB_KEY``), so a worker lost between its push and its report leaves a job the reaper
+finds succeeded, not failed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from adapters_registry._audit import record
-from adapters_registry.db import JobCheckpointRow, JobRow, TenantRow, as_utc
+from adapters_registry.db import (
+    AdapterRow,
+    AdapterVersionRow,
+    JobCheckpointRow,
+    JobRow,
+    TenantRow,
+    as_utc,
+)
 from adapters_registry.errors import ConflictError, ValidationError
 from adapters_registry.job_records import (
     ACTIVE,
@@ -39,8 +48,9 @@ from adapters_registry.job_records import (
     tenant_name,
 )
 
-__all__ = ["MAX_ATTEMPTS", "JobQueue"]
+__all__ = ["JOB_KEY", "MAX_ATTEMPTS", "JobQueue"]
 MAX_ATTEMPTS = 2  # a run whose worker is lost resumes once from its checkpoint, then fails
+JOB_KEY = "fine_tuning_job"  # in a published version's manifest metrics: the job that made it
 
 
 class JobQueue:
@@ -163,12 +173,7 @@ class JobQueue:
             row = self._owned(s, job_id, worker, "running")
             if row is None:
                 raise ConflictError(f"job {job_id} is no longer run by {worker}")
-            row.status, row.fine_tuned_model = "succeeded", fine_tuned_model
-            row.finished_at, row.lease_until = datetime.now(UTC), None
-            add_event(s, job_id, f"New fine-tuned model created: {fine_tuned_model}")
-            add_event(s, job_id, "The job has successfully completed")
-            record(s, self.actor, "job.succeed", f"{tenant_name(s, row)}/{job_id}",
-                   fine_tuned_model=fine_tuned_model)
+            self._succeed(s, row, fine_tuned_model)
 
     def fail(self, job_id: str, worker: str, code: str, message: str,
              param: str | None = None) -> bool:
@@ -217,10 +222,13 @@ class JobQueue:
                 if not publishing and row.extra.get("attempts", 1) < MAX_ATTEMPTS:
                     row.status, row.worker, row.lease_until = "queued", None, None
                     add_event(s, row.id, f"{stopped}; queued again to resume from "
-                           + ("its last checkpoint" if last else "the start"), level="warn")
+                              + ("its last checkpoint" if last else "the start"), level="warn")
                     continue
-                published = ("it was publishing: a version of " + row.extra.get("adapter", "?")
-                             + " may exist whole (a push is atomic)" if publishing
+                version = _published(s, row) if publishing else None
+                if version is not None:  # lost between its push and its report: it is done
+                    self._succeed(s, row, version, f"{stopped}, after it had published {version}")
+                    continue
+                published = ("it was publishing, and no version was published" if publishing
                              else "nothing was published")
                 tries = "" if publishing else f" (attempt {row.extra.get('attempts', 1)} of {MAX_ATTEMPTS})"
                 self._fail(s, row, "worker_lost",
@@ -229,6 +237,16 @@ class JobQueue:
             return len(rows)
 
     # -- rows ------------------------------------------------------------------------------
+
+    def _succeed(self, s: Session, row: JobRow, fine_tuned_model: str, note: str = "") -> None:
+        row.status, row.fine_tuned_model = "succeeded", fine_tuned_model
+        row.finished_at, row.lease_until = datetime.now(UTC), None
+        if note:
+            add_event(s, row.id, note, level="warn")
+        add_event(s, row.id, f"New fine-tuned model created: {fine_tuned_model}")
+        add_event(s, row.id, "The job has successfully completed")
+        record(s, self.actor, "job.succeed", f"{tenant_name(s, row)}/{row.id}",
+               fine_tuned_model=fine_tuned_model)
 
     def _fail(self, s: Session, row: JobRow, code: str, message: str, param: str | None = None) -> None:
         row.status, row.error = "failed", {"code": code, "message": message, "param": param}
@@ -242,3 +260,18 @@ class JobQueue:
         if row is None or row.worker != worker or row.status not in ((status,) if status else ACTIVE):
             return None
         return row
+
+
+def _published(s: Session, row: JobRow) -> str | None:
+    """The version a job's worker pushed (its manifest names the job: ``JOB_KEY``), as
+    ``name@vN``; None if it has none."""
+    name = row.extra.get("adapter")
+    adapter = s.scalar(select(AdapterRow).filter_by(tenant_id=row.tenant_id, name=name))
+    if adapter is None:
+        return None
+    for version in s.scalars(select(AdapterVersionRow).filter_by(adapter_id=adapter.id)
+                             .where(AdapterVersionRow.state != "deleted")
+                             .order_by(AdapterVersionRow.version.desc())):
+        if version.trainer_metrics.get(JOB_KEY) == row.id:
+            return f"{name}@v{version.version}"
+    return None

@@ -100,7 +100,7 @@ def gates_passed(s: Session, adapter_id: int, version: int, ref: str) -> None:
     """A version made by the trainer carries its eval gates in its manifest: a failed report
     never takes traffic. (One registered from elsewhere has none to check.)"""
     row = s.scalar(select(AdapterVersionRow).filter_by(adapter_id=adapter_id, version=version))
-    evals = ((row.manifest or {}).get("metrics") or {}).get("evals") if row is not None else None
+    evals = row.trainer_metrics.get("evals") if row is not None else None
     if isinstance(evals, dict) and evals.get("passed") is False:
         failed = ", ".join(g.get("name", "?") for g in evals.get("gates", []) if not g.get("passed"))
         raise ValidationError(f"{ref}'s trainer gates failed ({failed or 'see its manifest'}): "

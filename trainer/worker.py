@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_registry import (
+    AdapterManifest,
     Checkpoint,
     Job,
     JobQueue,
@@ -41,6 +42,7 @@ from adapters_registry import (
     sha256_file,
     sha256_json,
 )
+from adapters_registry.job_queue import JOB_KEY
 from trainer.config import RunConfig
 from trainer.errors import GateFailedError, RunStopped, TrainerError
 from trainer.job_inputs import JobInputError, datasets, eval_sets, init_adapter, items, run_config
@@ -86,7 +88,7 @@ class Worker:
     def run_once(self) -> bool:
         """Claim one job and run it (validate or train); False when there was none."""
         job = self.queue.claim(self.options.name, template_ids=self.template_ids(),
-                              lease_s=self.options.lease_s)
+                               lease_s=self.options.lease_s)
         if job is None:
             return False
         logger.info("job %s (%s): %s", job.id, job.tenant, job.status)
@@ -209,6 +211,9 @@ class Worker:
         self._report(job, result.report)
         if not self.queue.begin_publish(job.id, self.options.name):
             return  # cancelled while the last step ran
+        manifest = AdapterManifest.read(result.out_dir)  # names the job: see JobQueue.reap
+        dataclasses.replace(manifest, metrics={**manifest.metrics, JOB_KEY: job.id}).write(
+            result.out_dir)
         version = self.registry.push(job.tenant, job.adapter_name, result.out_dir,
                                      template_id=job.template_id)
         self.queue.succeed(job.id, self.options.name, f"{job.adapter_name}@v{version.version}")

@@ -271,6 +271,36 @@ def test_a_lost_worker_s_validation_is_retried_and_its_run_resumes_once_then_fai
     assert [c.step for c in reg.jobs.checkpoints("acme", a.id)[0]] == [3]
 
 
+def test_a_worker_lost_after_its_push_leaves_a_succeeded_job_not_a_failed_one(
+        reg, trained_adapters, tmp_path) -> None:
+    import shutil
+
+    from adapters_registry import AdapterManifest
+    from adapters_registry.job_queue import JOB_KEY
+
+    def lost_while_publishing(suffix: str):
+        job = create(reg, training_file=upload(reg), suffix=suffix)
+        claim(reg)
+        reg.job_queue.validated(job.id, "w1", 10)
+        claim(reg, "w2", lease_s=0.0)
+        assert reg.job_queue.begin_publish(job.id, "w2")
+        return job
+
+    pushed = lost_while_publishing("helper")
+    out = tmp_path / "out"
+    shutil.copytree(trained_adapters["acme"], out)
+    manifest = AdapterManifest.read(out)
+    AdapterManifest(**{**manifest.__dict__, "metrics": {**manifest.metrics, JOB_KEY: pushed.id}}).write(out)
+    version = reg.push("acme", "helper", out)  # then the worker died before it said so
+    unpushed = lost_while_publishing("other")
+    reg.job_queue.reap(datetime.now(UTC) + timedelta(seconds=1))  # (claims reap too)
+    done = reg.jobs.get("acme", pushed.id)
+    assert (done.status, done.fine_tuned_model) == ("succeeded", f"helper@v{version.version}")
+    assert "after it had published helper@v1" in reg.jobs.events("acme", pushed.id, limit=5)[0][2].message
+    failed = reg.jobs.get("acme", unpushed.id)
+    assert failed.status == "failed" and "no version was published" in failed.error["message"]
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_workers_claim_in_parallel_on_postgres_without_breaking_a_tenants_running_limit(reg) -> None:
     limits = JobLimits(max_queued_jobs=None, max_running_jobs=2, max_training_tokens=None)

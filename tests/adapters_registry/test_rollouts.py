@@ -166,10 +166,13 @@ def test_a_version_whose_trainer_gates_failed_is_never_rolled_out(reg) -> None:
 
     from adapters_registry.db import AdapterVersionRow
 
-    with Session(reg.db) as s, s.begin():
+    with Session(reg.db) as s, s.begin():  # as the trainer's manifest says it, in the intake record
         row = s.query(AdapterVersionRow).filter_by(version=2).one()
-        row.manifest = {**row.manifest, "metrics": {"evals": {"passed": False, "gates": [
-            {"name": "golden_accuracy", "passed": False}, {"name": "val_perplexity", "passed": True}]}}}
+        shipped = row.manifest["manifest"]
+        assert shipped is not None and "evals" in shipped["metrics"], "a trainer-made adapter's"
+        row.manifest = {**row.manifest, "manifest": {**shipped, "metrics": {**shipped["metrics"], "evals": {
+            "passed": False, "gates": [{"name": "golden_accuracy", "passed": False},
+                                       {"name": "val_perplexity", "passed": True}]}}}}
     with pytest.raises(ValidationError, match=r"gates failed \(golden_accuracy\)"):
         reg.rollouts.start("acme", "support-bot", "prod", 2)
     with pytest.raises(NotFoundError):

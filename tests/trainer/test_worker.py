@@ -61,6 +61,12 @@ def test_a_job_is_validated_trained_gated_and_published_moving_no_alias(env) -> 
     assert done.fine_tuned_model == "helpdesk@v1"
     version = reg.resolve(reg.get_tenant("acme"), done.fine_tuned_model)
     assert version.template_id == job.template_id
+    from sqlalchemy.orm import Session
+
+    from adapters_registry.db import AdapterVersionRow
+    from adapters_registry.job_queue import JOB_KEY
+    with Session(reg.db) as s:  # its manifest names the job (a reaper finds it by that)
+        assert s.get_one(AdapterVersionRow, version.lora_int_id).trainer_metrics[JOB_KEY] == job.id
     (info,) = [a for a in reg.list_adapters(reg.get_tenant("acme")) if a.name == "helpdesk"]
     # as any push: a new adapter's first version is its default alias; later ones move nothing
     assert info.aliases == {"prod": 1}
