@@ -21,7 +21,9 @@ def make_engine(url: str, *, migrate: bool = True, lock_timeout_s: float = 10.0)
 
     Every driver error it raises afterwards is a DatabaseError naming the database and
     the condition (read-only, locked, unreachable), never a driver traceback.
-    ``lock_timeout_s`` is how long SQLite waits for another writer's lock.
+    ``lock_timeout_s`` is how long a statement waits for another's lock (SQLite's busy
+    timeout; PostgreSQL's ``lock_timeout``), then fails as "locked": nothing waits forever
+    behind a stuck transaction.
     """
     # A PostgreSQL server that is away behind a dropped route answers nothing: without a
     # connect timeout, a lookup would wait for the kernel's TCP timeout (minutes).
@@ -32,9 +34,12 @@ def make_engine(url: str, *, migrate: bool = True, lock_timeout_s: float = 10.0)
     except (ArgumentError, ImportError) as exc:
         raise DatabaseError(f"database URL {_redacted(url)} is not usable: {exc}") from None
     event.listen(engine, "handle_error", _as_database_error)
+    wait_ms = max(1, int(lock_timeout_s * 1000))
     if engine.dialect.name == "sqlite":
-        busy_ms = max(0, int(lock_timeout_s * 1000))
-        event.listen(engine, "connect", lambda conn, rec: _sqlite_pragmas(conn, busy_ms))
+        event.listen(engine, "connect", lambda conn, rec: _sqlite_pragmas(conn, wait_ms))
+    elif engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", lambda conn, rec: _postgres_session(conn, wait_ms),
+                     insert=True)
     if migrate:
         upgrade(engine)
     return engine
@@ -140,3 +145,15 @@ def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _postgres_session(dbapi_conn: Any, lock_ms: int) -> None:
+    """Each connection's lock wait bound, set outside any transaction (a rolled-back one
+    would take a plain SET back with it)."""
+    autocommit = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True
+    try:
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET lock_timeout = {int(lock_ms)}")
+    finally:
+        dbapi_conn.autocommit = autocommit

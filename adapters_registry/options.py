@@ -26,7 +26,8 @@ def add_registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actor", default=os.environ.get("USER") or "cli",
                    help="who is making the change, for the audit trail (default: $USER)")
     p.add_argument("--db-lock-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="how long to wait for another writer's lock on a SQLite database")
+                   help="how long a statement waits for another's lock (SQLite's busy timeout, "
+                   "PostgreSQL's lock_timeout) before it fails as locked")
 
 
 __all__ = ["add_database_option", "add_registry_options"]

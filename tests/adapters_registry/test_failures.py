@@ -98,6 +98,25 @@ def test_locked_database_exits_6(tmp_path: Path, tiny_base, corpus: Path) -> Non
     assert versions(tmp_path / "r.db") == 0
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_lock_held_on_postgres_fails_the_push_instead_of_hanging(
+        db_url: str, tmp_path: Path, tiny_base, corpus: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    common = ["--db", db_url, "--artifacts", str(tmp_path / "art")]
+    setup(common, tiny_base)
+    holder = create_engine(db_url)
+    with holder.connect() as conn:
+        conn.execute(text("LOCK TABLE adapters IN ACCESS EXCLUSIVE MODE"))  # a stuck transaction
+        code, err = push(common, corpus / "valid", "--db-lock-timeout", "0.3")
+        conn.rollback()
+    holder.dispose()
+    assert code == 6, err
+    assert "another process holds its lock" in err and "Traceback" not in err
+    code, err = push(common, corpus / "valid")
+    assert code == 0, err  # nothing was left half-registered
+
+
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 16 KiB tmpfs: full after the first blob."""
