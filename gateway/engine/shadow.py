@@ -40,6 +40,7 @@ from typing import Any
 from adapters_registry import AdapterVersion, Shadow, Tenant
 from gateway.engine.base import Meter, OpenAIServing, Route
 from gateway.observability.ledger import UsageLedger
+from gateway.observability.logs import Throttled
 from gateway.observability.metrics import GatewayMetrics
 from gateway.residency.manager import AdapterManager
 
@@ -65,6 +66,7 @@ class ShadowRunner:
         self.timeout_s = timeout_s
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._failures = Throttled(logger)
 
     def offer(self, tenant: Tenant, kind: str, req: Any, shadow: Shadow) -> bool:
         """Maybe compare the versions on ``req`` (called before the engine changes it);
@@ -109,13 +111,13 @@ class ShadowRunner:
                 # (and the second finds the prompt in the prefix cache).
                 stable = await self._answer(kind, body, shadow.stable)
                 candidate = await self._answer(kind, body.model_copy(deep=True), shadow.candidate)
-        except (asyncio.CancelledError, Exception) as exc:  # a shadow's failure is its own
-            outcome = "timeout" if isinstance(exc, TimeoutError) else "failed"
-            self._metrics.shadow_comparisons.labels(*labels, outcome).inc()
-            if not isinstance(exc, asyncio.CancelledError | TimeoutError):
-                logger.warning("shadow comparison of %s failed: %s", shadow.candidate.ref, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except TimeoutError:
+            self._metrics.shadow_comparisons.labels(*labels, "timeout").inc()
+            return
+        except Exception as exc:  # a shadow's failure is its own (a broken candidate: each time)
+            self._metrics.shadow_comparisons.labels(*labels, "failed").inc()
+            self._failures.log(logging.WARNING, shadow.candidate.ref,
+                               "shadow comparison of %s failed: %s", shadow.candidate.ref, exc)
             return
         agreed, prefix, kl = compare(stable, candidate)
         self._ledger.record_shadow(tenant.name, shadow.candidate.ref, agreed=agreed,
