@@ -8,6 +8,7 @@ API key hashing, change notices).
 """
 
 from adapters_registry._audit import AuditEntry
+from adapters_registry.answer_stats import AnswerStats
 from adapters_registry.artifacts import REPAIR_COMMAND, Artifacts, BlobProblem, GcReport, VerifyReport
 from adapters_registry.catalog import Catalog
 from adapters_registry.changes import ADAPTER_KINDS, CHANNEL_SQL, Change, listen_params
@@ -54,7 +55,7 @@ from adapters_registry.hashing import (
     sha256_json,
     sha256_tree,
 )
-from adapters_registry.job_queue import JobQueue
+from adapters_registry.job_queue import JOB_KEY, JobQueue
 from adapters_registry.jobs import Checkpoint, Job, JobEvent, JobLimits, JobRequest, Jobs
 from adapters_registry.keys import key_hash
 from adapters_registry.limits import LIMITS, LimitSpec, TenantLimits
@@ -93,6 +94,7 @@ __all__ = [
     "CHANNEL_SQL",
     "CONFIG_FILE",
     "DEFAULT_ROLLOUT_STEPS",
+    "JOB_KEY",
     "LIMITS",
     "REPAIR_COMMAND",
     "WEIGHTS_FILE",
@@ -101,6 +103,7 @@ __all__ = [
     "AdapterRef",
     "AdapterTemplate",
     "AdapterVersion",
+    "AnswerStats",
     "ApiKeyInfo",
     "ArtifactError",
     "ArtifactStore",

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_registry import (
+    JOB_KEY,
     AdapterManifest,
     Checkpoint,
     Job,
@@ -42,7 +43,6 @@ from adapters_registry import (
     sha256_file,
     sha256_json,
 )
-from adapters_registry.job_queue import JOB_KEY
 from trainer.config import RunConfig
 from trainer.errors import GateFailedError, RunStopped, TrainerError
 from trainer.job_inputs import JobInputError, datasets, eval_sets, init_adapter, items, run_config

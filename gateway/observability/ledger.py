@@ -23,8 +23,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from adapters_registry import RegistryError, UsageCounts, UsageRecord
-from adapters_registry.answer_stats import AnswerStats
+from adapters_registry import AnswerStats, RegistryError, UsageCounts, UsageRecord
 from gateway.observability.logs import Throttled
 
 logger = logging.getLogger(__name__)
