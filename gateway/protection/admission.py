@@ -13,12 +13,17 @@ whose requests are long gets fewer of them. ``fair=False`` serves in arrival ord
 Once admitted, a request may wait again inside the engine; ``FairShare`` (given as
 ``share``) gives each slot the priority it carries into vLLM's ``priority`` policy there.
 
-Adapters: while the requests in flight use every one of the engine's batch slots for
-adapters (``adapter_slots``, vLLM's ``max_loras``), a request for another adapter cannot
-join the batch until one of them leaves it. So then, among the tenants of equal standing
-(counters within one request of the smallest), a request whose adapter already has
-requests in flight goes first, unless a waiting request is older than
-``adapter_affinity_s``: then the oldest goes.
+Adapters: the engine batches requests of at most ``adapter_slots`` adapters at once
+(vLLM's ``max_loras``); a request for another adapter admitted while they are all taken
+would only hold a slot here while it waits inside the engine. So, among the tenants of
+equal standing (counters within one request of the smallest), a request whose adapter
+already has requests in flight goes first; while an adapter slot is free, the adapter with
+the most requests waiting takes it (the batch fills with fewer adapters); and while every
+adapter slot is taken and no waiting request can join, the free slots stay free until a
+request leaves. No adapter waits for long: once a waiting request is older than
+``adapter_affinity_holds`` times the mean time a request holds its slot, the oldest goes
+(into the engine's own queue if it must). With first-come order (``fair=False``) or an
+unknown ``adapter_slots``, requests are admitted in order.
 
 Slots cannot be taken back from a request that generates, so a tenant flooding an idle
 engine would hold every slot and the next tenant would wait for one to finish. ``reserve``
@@ -37,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -50,8 +55,9 @@ from gateway.protection.fair_share import FairShare
 logger = logging.getLogger(__name__)
 _POLL_S = 0.25  # how often a waiting request checks that its client is still there
 RESERVE_WINDOW_S = 10.0  # a tenant admitted this recently still counts as sharing the engine
-ADAPTER_AFFINITY_S = 1.0  # longest a request waits while others join running adapters' batches
-_LOOKAHEAD = 8  # how deep into a tenant's queue a request for a running adapter is looked for
+ADAPTER_AFFINITY_HOLDS = 3.0  # how long a request may wait for its adapter, in mean hold times
+_LOOKAHEAD = 64  # how deep into each tenant's queue a request's adapter is looked at
+_LOOKAHEAD_ALL = 256  # and into all the queues of equal standing together
 
 
 @dataclass(eq=False)
@@ -122,7 +128,8 @@ class FairAdmission:
                  max_queued_per_tenant: int = 64, max_queued: int = 256, deadline_s: float = 30.0,
                  metrics: GatewayMetrics | None = None,
                  reserve_window_s: float = RESERVE_WINDOW_S, share: FairShare | None = None,
-                 adapter_affinity_s: float = ADAPTER_AFFINITY_S, adapter_slots: int | None = None,
+                 adapter_affinity_holds: float = ADAPTER_AFFINITY_HOLDS,
+                 adapter_slots: int | None = None,
                  latency_target: LatencyTarget | None = None) -> None:
         if not 0 <= reserve < capacity:
             raise ValueError("reserve must be at least 0 and below capacity")
@@ -146,7 +153,7 @@ class FairAdmission:
         if latency_target is not None and latency_target.floor <= min(reserve, 1):
             raise ValueError("the latency target's floor must be above one reserved slot")
         self.latency_target = latency_target
-        self.adapter_affinity_s = adapter_affinity_s
+        self.adapter_affinity_holds = adapter_affinity_holds
         self.adapter_slots = adapter_slots
         self._running_adapters: dict[str, int] = {}  # adapter -> its requests in flight
         self._releases = 0
@@ -313,27 +320,47 @@ class FairAdmission:
             return None
         if not self.fair:
             return min(waiting, key=lambda f: f.queue[0].seq).queue[0]
-        best = min(waiting, key=lambda f: (max(f.finish, self._vtime), f.queue[0].seq))
-        if self.adapter_slots is not None and len(self._running_adapters) < self.adapter_slots:
-            return best.queue[0]  # a batch slot is free: any adapter joins at once
-        if not self._running_adapters:
+        best = min(waiting, key=lambda f: (self._standing(f), f.queue[0].seq))
+        if self.adapter_slots is None and not self._running_adapters:
             return best.queue[0]
         return self._adapter_aware(best, waiting)
 
-    def _adapter_aware(self, best: _Flow, waiting: list[_Flow]) -> _Waiter:
-        """``best``'s next request, unless a request of equal standing is for an adapter
-        with requests in flight (and nobody waited past ``adapter_affinity_s``)."""
-        bound = max(best.finish, self._vtime) + 1.0 / best.weight
-        peers = sorted((f for f in waiting if max(f.finish, self._vtime) <= bound),
-                       key=lambda f: (max(f.finish, self._vtime), f.queue[0].seq))
-        candidates = [w for f in peers for w in islice(f.queue, _LOOKAHEAD)]
+    def _adapter_aware(self, best: _Flow, waiting: list[_Flow]) -> _Waiter | None:
+        """The next request among those of ``best``'s standing, or None to hold the slot.
+
+        The oldest, once it has waited too long (if its adapter cannot join the batch yet,
+        nobody goes until an adapter slot frees for it); else one whose adapter runs; else,
+        while an adapter slot is free, the first of the adapter with the most requests
+        waiting; else (nobody of this standing can join the batch) a later-standing
+        request that can: the best keep their turn for the next adapter slot."""
+        standing = self._standing
+        bound = standing(best) + 1.0 / best.weight
+        peers = sorted((f for f in waiting if standing(f) <= bound),
+                       key=lambda f: (standing(f), f.queue[0].seq))
+        candidates = list(islice((w for f in peers for w in islice(f.queue, _LOOKAHEAD)), _LOOKAHEAD_ALL))
+        running, slots = self._running_adapters, self.adapter_slots
         oldest = min(candidates, key=lambda w: w.seq)
-        if time.monotonic() - oldest.enqueued >= self.adapter_affinity_s:
-            return oldest
+        if time.monotonic() - oldest.enqueued >= self.adapter_affinity_holds * self._hold_s:
+            if slots is None or oldest.adapter is None or oldest.adapter in running or len(running) < slots:
+                return oldest
+            return None
         for w in candidates:
-            if w.adapter is None or w.adapter in self._running_adapters:
+            if w.adapter is None or w.adapter in running:
                 return w
-        return best.queue[0]
+        if slots is None:
+            return best.queue[0]  # how many adapters fit a batch is unknown: never hold back
+        if len(running) < slots:
+            counts = Counter(w.adapter for w in candidates)
+            return max(candidates, key=lambda w: (counts[w.adapter], -w.seq))
+        later = (f for f in waiting if standing(f) > bound)
+        for f in sorted(later, key=lambda f: (standing(f), f.queue[0].seq)):
+            for w in islice(f.queue, _LOOKAHEAD):
+                if w.adapter is None or w.adapter in running:
+                    return w
+        return None
+
+    def _standing(self, flow: _Flow) -> float:
+        return max(flow.finish, self._vtime)
 
     def _estimate(self, ahead: int) -> float:
         """Seconds until a request with ``ahead`` others before it would likely get a slot."""

@@ -252,12 +252,60 @@ async def test_a_request_for_a_running_adapter_goes_first_among_equals() -> None
 
 
 async def test_no_adapter_waits_past_the_affinity_deadline() -> None:
-    adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200, adapter_affinity_s=0.0)
+    adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200, adapter_affinity_holds=0.0)
     order = await _admitted_adapters(adm, "hot", ["cold-1", "cold-2", "hot", "hot"])
     assert order == ["cold-1", "cold-2", "hot", "hot"]
 
 
-async def test_while_a_batch_slot_is_free_any_adapter_goes_in_order() -> None:
+async def test_while_an_adapter_slot_is_free_the_adapter_with_most_waiting_takes_it() -> None:
     adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200, adapter_slots=2)
-    order = await _admitted_adapters(adm, "hot", ["cold-1", "cold-2", "hot", "hot"])
-    assert order[0] == "cold-1", order  # "hot" alone holds one of two batch slots
+    order = await _admitted_adapters(adm, "hot", ["cold-1", "cold-2", "cold-2", "hot"])
+    # "hot" joins its running batch; of the others, "cold-2" had two waiting, "cold-1" one
+    # (each leaves before the next goes, so the second "cold-2" then ties with "cold-1").
+    assert order == ["hot", "cold-2", "cold-1", "cold-2"], order
+
+
+async def test_a_request_that_cannot_join_the_batch_waits_here_not_in_the_engine() -> None:
+    adm = FairAdmission(4, max_queued_per_tenant=100, max_queued=200, adapter_slots=1)
+    hot = await adm.acquire("t", adapter="hot")
+    cold = asyncio.create_task(adm.acquire("t", adapter="cold"))
+    await asyncio.sleep(0.01)
+    assert not cold.done() and adm.in_flight == 1  # three slots free, but no adapter slot
+    also_hot = await adm.acquire("t", adapter="hot")  # joins the running batch at once
+    base = await adm.acquire("t")  # the base needs no adapter slot
+    also_hot.release()
+    hot.release()
+    (await cold).release()
+    base.release()
+    assert adm.in_flight == 0
+
+
+@pytest.mark.parametrize("waited_too_long", [False, True])
+async def test_a_busy_adapter_cannot_keep_another_out_past_the_deadline(waited_too_long: bool) -> None:
+    """The only adapter slot is taken by an adapter whose requests keep coming. Before the
+    deadline they join its batch; once another adapter's request has waited past it, no
+    more of them are let in, so the slot frees for it when those in flight leave."""
+    adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200, adapter_slots=1,
+                        adapter_affinity_holds=1.0 if waited_too_long else 1000.0)
+    adm._hold_s = 0.01  # the mean time a request holds its slot: the deadline is 10 ms
+    first, second = await adm.acquire("t", adapter="hot"), await adm.acquire("t", adapter="hot")
+    cold = asyncio.create_task(adm.acquire("t", adapter="cold"))
+    await asyncio.sleep(0)
+    hot = [asyncio.create_task(adm.acquire("t", adapter="hot")) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    first.release()
+    await asyncio.sleep(0.01)
+    assert hot[0].done() is not waited_too_long
+    assert not cold.done()
+    second.release()
+    await asyncio.sleep(0.01)
+    assert cold.done() is waited_too_long
+    tasks = [cold, *hot]
+    while not all(task.done() for task in tasks):  # each admitted one leaves, handing its slot on
+        for task in tasks:
+            if task.done():
+                task.result().release()
+        await asyncio.sleep(0.001)
+    for task in tasks:
+        task.result().release()
+    assert adm.in_flight == 0 and adm.queued() == 0
