@@ -15,15 +15,15 @@ Once admitted, a request may wait again inside the engine; ``FairShare`` (given 
 
 Adapters: the engine batches requests of at most ``adapter_slots`` adapters at once
 (vLLM's ``max_loras``); a request for another adapter admitted while they are all taken
-would only hold a slot here while it waits inside the engine. So, among the tenants of
-equal standing (counters within one request of the smallest), a request whose adapter
-already has requests in flight goes first; while an adapter slot is free, the adapter with
-the most requests waiting takes it (the batch fills with fewer adapters); and while every
-adapter slot is taken and no waiting request can join, the free slots stay free until a
-request leaves. No adapter waits for long: once a waiting request is older than
-``adapter_affinity_holds`` times the mean time a request holds its slot, the oldest goes
-(into the engine's own queue if it must). With first-come order (``fair=False``) or an
-unknown ``adapter_slots``, requests are admitted in order.
+would only hold a slot here while it waits inside the engine, and the engine would run
+fewer requests than it could. So, among the tenants of equal standing (counters within one
+request of the smallest), a request whose adapter already has requests in flight goes
+first (looked for 64 deep in each queue); while an adapter slot is free, the next in
+turn goes; and while every adapter slot is taken and none of them can join, a request of
+a later standing that can join goes, else the slot stays free until a request leaves. No
+adapter waits for long: once a waiting request is older than ``adapter_affinity_holds``
+times the mean time a request holds its slot, nobody else goes until it can. With
+first-come order (``fair=False``) or an unknown ``adapter_slots``, nothing is held back.
 
 Slots cannot be taken back from a request that generates, so a tenant flooding an idle
 engine would hold every slot and the next tenant would wait for one to finish. ``reserve``
@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -330,9 +330,12 @@ class FairAdmission:
 
         The oldest, once it has waited too long (if its adapter cannot join the batch yet,
         nobody goes until an adapter slot frees for it); else one whose adapter runs; else,
-        while an adapter slot is free, the first of the adapter with the most requests
-        waiting; else (nobody of this standing can join the batch) a later-standing
-        request that can: the best keep their turn for the next adapter slot."""
+        while an adapter slot is free, ``best``'s next; else (nobody of this standing can
+        join the batch) a later-standing request that can: the best keep their turn for
+        the next adapter slot. (Giving a free adapter slot to the adapter with the most
+        requests waiting instead packed the batch a little fuller, 0.96 of vLLM's output
+        tokens per second at c=32 over 64 adapters against 0.95, but let a lone request
+        wait out its deadline: TTFT p99 1.36x vLLM's against 1.07x.)"""
         standing = self._standing
         bound = standing(best) + 1.0 / best.weight
         peers = sorted((f for f in waiting if standing(f) <= bound),
@@ -347,11 +350,8 @@ class FairAdmission:
         for w in candidates:
             if w.adapter is None or w.adapter in running:
                 return w
-        if slots is None:
-            return best.queue[0]  # how many adapters fit a batch is unknown: never hold back
-        if len(running) < slots:
-            counts = Counter(w.adapter for w in candidates)
-            return max(candidates, key=lambda w: (counts[w.adapter], -w.seq))
+        if slots is None or len(running) < slots:
+            return best.queue[0]  # an adapter slot is free (or their number unknown): in turn
         later = (f for f in waiting if standing(f) > bound)
         for f in sorted(later, key=lambda f: (standing(f), f.queue[0].seq)):
             for w in islice(f.queue, _LOOKAHEAD):

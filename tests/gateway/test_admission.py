@@ -257,12 +257,10 @@ async def test_no_adapter_waits_past_the_affinity_deadline() -> None:
     assert order == ["cold-1", "cold-2", "hot", "hot"]
 
 
-async def test_while_an_adapter_slot_is_free_the_adapter_with_most_waiting_takes_it() -> None:
+async def test_a_request_for_a_running_adapter_goes_first_and_a_free_adapter_slot_in_turn() -> None:
     adm = FairAdmission(2, max_queued_per_tenant=100, max_queued=200, adapter_slots=2)
     order = await _admitted_adapters(adm, "hot", ["cold-1", "cold-2", "cold-2", "hot"])
-    # "hot" joins its running batch; of the others, "cold-2" had two waiting, "cold-1" one
-    # (each leaves before the next goes, so the second "cold-2" then ties with "cold-1").
-    assert order == ["hot", "cold-2", "cold-1", "cold-2"], order
+    assert order == ["hot", "cold-1", "cold-2", "cold-2"], order
 
 
 async def test_a_request_that_cannot_join_the_batch_waits_here_not_in_the_engine() -> None:
