@@ -180,8 +180,9 @@ class OpenAIService:
         assert tenant is not None and model is not None, "the guard parsed the request first"
         caller = getattr(req, "user", None) or scope.session  # a split's sticky key
         version, shadow = (None, None) if model.ref is None else await self._pick(scope, caller)
+        start_shadow = None  # copied before the engine's fields are set; started once accepted
         if shadow is not None and self._shadows is not None:
-            self._shadows.offer(tenant, kind, req, shadow)  # before the engine's fields are set
+            start_shadow = self._shadows.prepare(tenant, kind, req, shadow)
         responses = kind == "responses"
         request_id = uuid.uuid4().hex
         if responses:
@@ -222,6 +223,8 @@ class OpenAIService:
             if error is exc:
                 raise
             raise error from None
+        if start_shadow is not None:
+            start_shadow()  # the caller's request was accepted: its quotas passed
         if isinstance(result, dict):
             await stack.aclose()
             self._finished(call, "200")

@@ -68,22 +68,27 @@ class ShadowRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._failures = Throttled(logger)
 
-    def offer(self, tenant: Tenant, kind: str, req: Any, shadow: Shadow) -> bool:
-        """Maybe compare the versions on ``req`` (called before the engine changes it);
-        True when a pair was started."""
+    def prepare(self, tenant: Tenant, kind: str, req: Any, shadow: Shadow) -> Callable[[], bool] | None:
+        """Whether ``req`` (before the engine changes it) is one of the share to compare:
+        then what starts the pair, to call once the caller's own request was accepted (past
+        its quota checks: a refused request never costs a comparison). Starting returns
+        True when a pair started, False when it was skipped for want of spare capacity."""
         if kind not in ("chat", "completion") or not self.max_in_flight or \
                 self._rng.random() * 100 >= shadow.percent:
-            return False
-        labels = (tenant.name, f"{tenant.name}/{shadow.candidate.adapter}")
-        if len(self._tasks) >= self.max_in_flight or not self._spare():
-            self._metrics.shadow_comparisons.labels(*labels, "skipped").inc()
-            return False
+            return None
         body = self._greedy(tenant, kind, req)
-        task = asyncio.create_task(self._pair(tenant, kind, body, shadow, labels),
-                                   name=f"shadow {shadow.candidate.ref}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return True
+        labels = (tenant.name, f"{tenant.name}/{shadow.candidate.adapter}")
+
+        def start() -> bool:
+            if len(self._tasks) >= self.max_in_flight or not self._spare():
+                self._metrics.shadow_comparisons.labels(*labels, "skipped").inc()
+                return False
+            task = asyncio.create_task(self._pair(tenant, kind, body, shadow, labels),
+                                       name=f"shadow {shadow.candidate.ref}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return True
+        return start
 
     async def stop(self) -> None:
         for task in list(self._tasks):

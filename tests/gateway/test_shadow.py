@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 
-from adapters_registry import AdapterVersion, RolloutRules, Shadow, Tenant
+from adapters_registry import AdapterVersion, RolloutRules, Shadow, Tenant, TenantLimits
 from gateway.api.schemas import ChatCompletionRequest
 from gateway.engine.shadow import LOWEST_PRIORITY, ShadowRunner, compare, tokens
 from gateway.observability.ledger import UsageLedger
@@ -80,6 +80,23 @@ def test_shadows_compare_the_stable_answers_uncharged_and_roll_a_diverging_candi
     assert r.evidence["stable"]["ttft_p50_ms"] is not None
 
 
+def test_a_request_refused_by_its_quota_starts_no_shadow(registry_env, trained_adapters,
+                                                        gateway_factory) -> None:
+    reg = registry_env.registry
+    reg.push("acme", "support-bot", trained_adapters["globex"])
+    gw = gateway_factory(rollout_decide_seconds=0)
+    reg.set_limits("acme", TenantLimits(tpm=3))  # below any prompt: refused by the engine's meter
+    reg.rollouts.start("acme", "support-bot", "prod", 2, [10, 100],
+                       RolloutRules(shadow_percent=100, min_shadow_pairs=1))
+    for i in range(8):
+        body = {"model": "support-bot", "user": f"u-{i}", "messages": [{"role": "user", "content": "Hi"}]}
+        r = gw.client.post("/v1/chat/completions", json=body, headers=gw.headers("acme"))
+        assert r.status_code == 429 and "Request too large" in r.text, r.text
+    time.sleep(0.2)
+    assert not [route for route in gw.engine.serving.routes if route.request_id.startswith("shadow-")]
+    assert compared(gw) == compared(gw, "skipped") == compared(gw, "failed") == 0
+
+
 def test_refusals_and_times_reach_the_ledger(registry_env, gateway_factory) -> None:
     gw = gateway_factory(refusal_pattern=r"\S+ says hello")  # every fake answer "refuses"
     for _ in range(3):
@@ -121,11 +138,12 @@ async def test_without_spare_capacity_a_shadow_is_skipped_and_a_stuck_one_times_
     shadow = Shadow(_v(1), _v(2), 100.0)
     req = ChatCompletionRequest(model="bot", messages=[{"role": "user", "content": "Hi"}])
     acme = Tenant(1, "acme")
-    assert not runner.offer(acme, "chat", req, shadow)
-    assert not runner.offer(acme, "responses", req, shadow), "only chat and completions"
+    assert runner.prepare(acme, "responses", req, shadow) is None, "only chat and completions"
+    start = runner.prepare(acme, "chat", req, shadow)
+    assert start is not None and not start()
     spare[0] = True
-    assert runner.offer(acme, "chat", req, shadow)
-    assert not runner.offer(acme, "chat", req, shadow), "one pair at a time"
+    assert start()
+    assert not start(), "one pair at a time"
     await asyncio.sleep(0.2)
     out = generate_latest(metrics.registry).decode()
     assert 'outcome="skipped",tenant="acme"} 2.0' in out
