@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session
 
 from adapters_registry._audit import record
 from adapters_registry.catalog import Catalog
+from adapters_registry.changes import Change, publish
 from adapters_registry.db import (
     AdapterRow,
     AnswerStatsRow,
@@ -341,6 +342,9 @@ class Rollouts:
                 row.evidence = {"baseline": baseline(s, tenant.name, name, row, now),
                                 **({"reference": reference} if reference else {})}
             row.reason = f"{to_state} by hand"
+            # What the alias resolves to carries the running rollout's shadow share: a paused
+            # rollout compares nothing, so every replica's cached resolution must change.
+            publish(s, Change("alias", tenant.id, tenant.name, name))
             record(s, self.actor, action, f"{tenant.name}/{name}:{alias}", rollout=row.id)
             return self._record(s, tenant, name, row)
 

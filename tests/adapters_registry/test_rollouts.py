@@ -247,8 +247,15 @@ def test_a_paused_rollout_or_a_hand_split_has_no_shadow(reg) -> None:
     reg.rollouts.start("acme", "support-bot", "prod", 2, [10, 100])
     acme = reg.get_tenant("acme")
     assert reg.resolve_split(acme, "support-bot:prod").shadow is not None  # 5 % by default
+    seen = reg.generation()
     reg.rollouts.pause("acme", "support-bot", "prod")
     assert reg.resolve_split(acme, "support-bot:prod").shadow is None
+    assert reg.generation() > seen, "every replica's cached resolution must change"
+    seen = reg.generation()
+    reg.rollouts.resume("acme", "support-bot", "prod")
+    assert reg.resolve_split(acme, "support-bot:prod").shadow is not None
+    assert reg.generation() > seen
+    reg.rollouts.pause("acme", "support-bot", "prod")
     reg.rollouts.abort("acme", "support-bot", "prod")
     reg.set_split("acme", "support-bot", "prod", {1: 50, 2: 50})
     assert reg.resolve_split(acme, "support-bot:prod").shadow is None
