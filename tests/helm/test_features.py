@@ -194,7 +194,9 @@ def test_hpa_targets_the_queue_metric_per_pod() -> None:
 
 
 def test_network_policy_separates_api_metrics_and_egress() -> None:
-    policy = the(render(merged(MINIMAL, {"networkPolicy": {"enabled": True}})), "NetworkPolicy")
+    objects = render(merged(MINIMAL, {"networkPolicy": {"enabled": True}}))
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy" and "worker" in o["metadata"]["name"]]
+    policy = the(objects, "NetworkPolicy", "gateway")
     api, metrics = policy["spec"]["ingress"]
     assert api["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert api["from"][0]["namespaceSelector"]["matchLabels"] == {
@@ -205,6 +207,18 @@ def test_network_policy_separates_api_metrics_and_egress() -> None:
     egress_ports = sorted(p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"])
     assert egress_ports == [53, 53, 443, 5432, 6379]
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+
+def test_workers_get_their_own_network_policy_with_no_ingress() -> None:
+    objects = render(merged(MINIMAL, {"networkPolicy": {"enabled": True}, "worker": {"enabled": True}}))
+    policy = the(objects, "NetworkPolicy", "worker")
+    worker_labels = the(objects, "Deployment", "worker")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    gateway_labels = the(objects, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    assert not policy["spec"]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    egress_ports = sorted(p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"])
+    assert egress_ports == [53, 53, 443, 5432]  # no Redis: a worker never meters requests
 
 
 def test_pdb_selects_the_gateway_pods() -> None:

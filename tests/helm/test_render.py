@@ -37,7 +37,8 @@ EXPECTED = {
     "values-gpu.yaml": [
         *DASHBOARDS, "ConfigMap/lgw-lora-gateway-epp", "Deployment/lgw-lora-gateway",
         "Deployment/lgw-lora-gateway-worker", "InferencePool/lgw-lora-gateway",
-        "Job/lgw-lora-gateway-migrate", "NetworkPolicy/lgw-lora-gateway", "Pod/lgw-lora-gateway-test",
+        "Job/lgw-lora-gateway-migrate", "NetworkPolicy/lgw-lora-gateway",
+        "NetworkPolicy/lgw-lora-gateway-worker", "Pod/lgw-lora-gateway-test",
         "PodDisruptionBudget/lgw-lora-gateway", "ScaledObject/lgw-lora-gateway",
         "ScaledObject/lgw-lora-gateway-worker",
         "Service/lgw-lora-gateway", "Service/lgw-lora-gateway-metrics", "ServiceAccount/lgw-lora-gateway",

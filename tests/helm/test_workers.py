@@ -14,7 +14,7 @@ import helm_python as helm
 import pytest
 import sqlalchemy as sa
 
-from adapters_registry.db import JobRow
+from adapters_registry.db import BaseModelRow, JobRow, TemplateRow
 from adapters_registry.job_records import ACTIVE, FINISHED
 from lora_gateway.cli import build_parser
 from tests.helm.chart import (
@@ -80,8 +80,10 @@ def test_workers_are_off_by_default() -> None:
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_every_worker_object_is_valid(name: str, kube_version: str) -> None:
     workers = _workers(render(VALUE_SETS[name]))
-    expected = {"Deployment"} | ({"ScaledObject", "TriggerAuthentication"}
-                                if VALUE_SETS[name]["worker"].get("keda", {}).get("enabled") else set())
+    values = VALUE_SETS[name]
+    keda = values["worker"].get("keda", {}).get("enabled")
+    expected = ({"Deployment"} | ({"ScaledObject", "TriggerAuthentication"} if keda else set())
+                | ({"NetworkPolicy"} if values.get("networkPolicy", {}).get("enabled") else set()))
     assert {o["kind"] for o in workers} == expected
     for obj in workers:
         validate(obj, kube_version)  # custom resources against the vendored KEDA CRDs
@@ -160,21 +162,40 @@ def test_keda_scales_workers_on_waiting_and_running_jobs() -> None:
 
 
 def _count(query: str) -> int:
-    """What ``query`` counts over one job in each state, on the registry's own table."""
+    """What ``query`` counts over one job in each state for MINIMAL's base, and one in each
+    state for another base, on the registry's own tables."""
     engine = sa.create_engine("sqlite://")
-    JobRow.__table__.create(engine)  # type: ignore[attr-defined]
+    for row in (BaseModelRow, TemplateRow, JobRow):
+        row.__table__.create(engine)  # type: ignore[attr-defined]
     with engine.begin() as db:
-        for i, status in enumerate((*ACTIVE, *FINISHED)):
-            db.execute(sa.insert(JobRow).values(
-                id=f"ftjob-{i}", tenant_id=1, model="acme/bot", template_id="t", method="supervised",
-                hyperparameters={}, training_file="file-1", seed=0, extra={}, status=status,
-                cancel_requested=False, created_at=datetime.now(UTC)))
+        for base_id, (model_id, template) in enumerate([(MINIMAL["model"]["id"], "t"),
+                                                         ("o'ther", "u")], start=1):
+            db.execute(sa.insert(BaseModelRow).values(id=base_id, model_id=model_id, revision="r",
+                                                      contract={}, created_at=datetime.now(UTC)))
+            db.execute(sa.insert(TemplateRow).values(template_id=template, base_id=base_id, fields={},
+                                                     created_at=datetime.now(UTC)))
+            for i, status in enumerate((*ACTIVE, *FINISHED)):
+                db.execute(sa.insert(JobRow).values(
+                    id=f"ftjob-{template}{i}", tenant_id=1, model="acme/bot", template_id=template,
+                    method="supervised", hyperparameters={}, training_file="file-1", seed=0, extra={},
+                    status=status, cancel_requested=False, created_at=datetime.now(UTC)))
         return int(db.execute(sa.text(query)).scalar_one())
 
 
+def test_the_default_query_counts_only_this_bases_jobs_and_quotes_its_name() -> None:
+    other = merged(MINIMAL, KEDA, {"model": {"id": "o'ther"}})
+    (trigger,) = the(render(other), "ScaledObject", "worker")["spec"]["triggers"]
+    assert _count(trigger["metadata"]["query"]) == len(ACTIVE)  # the other base's, not both
+    mine = "SELECT count(*) FROM fine_tuning_jobs WHERE status IN ('validating_files','queued','running')"
+    custom = merged(MINIMAL, KEDA, {"worker": {"keda": {"query": mine}}})
+    (trigger,) = the(render(custom), "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["metadata"]["query"] == mine and _count(mine) == 2 * len(ACTIVE)
+
+
 def test_the_query_check_catches_a_query_that_misses_running_jobs() -> None:
+    # two bases' jobs, each missing its running one
     assert _count("SELECT count(*) FROM fine_tuning_jobs WHERE status IN ('validating_files','queued')") \
-        < len(ACTIVE)
+        == 2 * (len(ACTIVE) - 1)
 
 
 def test_busy_workers_are_removed_only_by_scaling_to_zero() -> None:
@@ -256,7 +277,7 @@ def test_worker_pods_are_hardened_and_serve_nothing() -> None:
     ({"worker": {"gpu": {"count": 2}}}, ["/worker/gpu/count", "maximum"]),
     ({"worker": {"leaseSeconds": 0}}, ["/worker/leaseSeconds"]),
     ({"worker": {"keda": {"targetQueryValue": 1}}}, ["/worker/keda/targetQueryValue", "string"]),
-    ({"worker": {"keda": {"query": ""}}}, ["/worker/keda/query"]),
+    ({"worker": {"keda": {"query": 7}}}, ["/worker/keda/query"]),
 ])
 def test_schema_refuses_bad_worker_values(bad: dict[str, Any], words: list[str]) -> None:
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as err:

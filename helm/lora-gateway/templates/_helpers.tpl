@@ -216,3 +216,9 @@ app.kubernetes.io/component: worker
     - name: tmp
       mountPath: /tmp
 {{- end }}
+
+{{/* KEDA's default count for the workers: jobs waiting or running whose template is for
+model.id (what `lora-gateway worker` claims), as a SQL string literal with quotes doubled. */}}
+{{- define "lora-gateway.workerJobsQuery" -}}
+SELECT count(*) FROM fine_tuning_jobs j JOIN templates t ON t.template_id = j.template_id JOIN bases b ON b.id = t.base_id WHERE j.status IN ('validating_files','queued','running') AND b.model_id = '{{ replace "'" "''" .Values.model.id }}'
+{{- end }}
