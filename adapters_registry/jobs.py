@@ -157,11 +157,11 @@ class Jobs:
                 cursor = self._row(s, tenant.id, after)
                 query = query.where((JobRow.created_at < cursor.created_at)
                                     | ((JobRow.created_at == cursor.created_at) & (JobRow.id < cursor.id)))
-            rows = s.scalars(query.order_by(JobRow.created_at.desc(), JobRow.id.desc())).all()
+            for key, value in (metadata or {}).items():  # in the database: one page read, never all
+                query = query.where(JobRow.extra[("metadata", key)].as_string() == value)
+            rows = s.scalars(query.order_by(JobRow.created_at.desc(), JobRow.id.desc())
+                             .limit(limit + 1)).all()
             jobs = [job_record(r, tenant.name) for r in rows]
-        if metadata:
-            jobs = [j for j in jobs
-                    if j.metadata and all(j.metadata.get(k) == v for k, v in metadata.items())]
         return jobs[:limit], len(jobs) > limit
 
     def get(self, tenant_name: str, job_id: str) -> Job:
