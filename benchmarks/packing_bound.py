@@ -24,8 +24,12 @@ It prints the mean requests per step (throughput, if a step cost the same at any
 size: on the CPU it grows with the batch, so real gains are smaller) and the p99 and
 longest wait, in steps. What it shows (32 clients, 64 adapters, ``max_loras`` 8,
 ``max_num_seqs`` 16): no order of these requests makes the batches more than about 6 %
-fuller than vLLM's own; the 1.1x more output tokens per second issue 23 asked for at this
-cell are not in the workload, while a door that admits in arrival order loses ~20 %.
+fuller than vLLM's own queue does, so the 1.1x vLLM's output tokens per second issue 23
+asked for at this cell is not in the workload; a door admitting in arrival order loses
+about 20 %. What it leaves out: the time a request holds an admission slot outside the
+engine (its template and tokens before, its last events after), which on the 2-core
+machine keeps the gateway's measured running batch near 9.5 against vLLM's 11
+(``benchmarks/results/admission``).
 """
 
 from __future__ import annotations
