@@ -166,6 +166,11 @@ def env(tmp_path_factory, tiny_base, tiny_contract, tiny_template, trained_adapt
                         # A full engine refuses at once here (#14497's test); the wait for a
                         # slot (the default) is tests/gateway/test_adapter_cache.py's.
                         "--adapter-slot-wait-seconds", "0",
+                        # First-come admission: fair admission holds a request whose adapter
+                        # cannot join the batch (max_loras) at the door, so more adapters than
+                        # that are never in use at once; the engine's adapter memory must stay
+                        # safe without that help (gateway/protection/admission.py).
+                        "--no-fair-scheduling",
                         "--metrics-port", str(metrics_port), max_model_len=MAX_MODEL_LEN),
         root / "gateway.log", env={"LGW_ADMIN_API_KEY": ADMIN_KEY})
     e = Env(gateway, registry, keys, variants, root / "cache", disk_budget, size,
