@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +53,7 @@ from unittest import mock
 import httpx
 
 from benchmarks.otlp_receiver import OtlpReceiver
+from benchmarks.running_sampler import RunningSampler
 from benchmarks.serving import ADMIN_KEY, ENGINE, REPO, build_adapters, start_gateway, start_s3, start_vllm
 from loadtest.servers import ServerProcess, vllm_env
 
@@ -92,7 +92,6 @@ METRICS = {"output_tok_s": ("output_throughput", True), "ttft_p50_ms": ("median_
            # Ours, not the benchmark's: the engine's running batch, sampled from each server's
            # /metrics twice a second during the run (how full batches were, machine speed aside).
            "running_mean": ("lgw_running_mean", True)}
-SAMPLE_S = 0.5
 # Generous enough that nothing is refused; failure mode closed, so a Redis failure shows as
 # failed requests rather than as a quietly unmetered (faster) gateway.
 QUOTA_FLAGS = ("--default-rpm", "1000000", "--default-tpm", "1000000000", "--default-concurrency",
@@ -178,38 +177,6 @@ def run_bench(cmd: Sequence[str], result: Path, metrics_url: str | None = None,
     out["connections_opened"] = connections_opened(proc.stdout)
     out["lgw_running_mean"] = running
     return out
-
-
-class RunningSampler:
-    """``vllm:num_requests_running`` (summed over its series) from a server's /metrics every
-    ``SAMPLE_S`` seconds, in a thread, while the benchmark runs; ``stop`` gives the mean of
-    the samples taken while any request ran (the warm-up before the first and the drain
-    after the last left out)."""
-
-    def __init__(self, url: str, headers: dict[str, str] | None) -> None:
-        self._url, self._headers = url, headers or {}
-        self._samples: list[float] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="running-sampler", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self._done.wait(SAMPLE_S):
-                try:
-                    text = client.get(self._url, headers=self._headers).text
-                except httpx.HTTPError:
-                    continue
-                values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                          if line.startswith("vllm:num_requests_running")]
-                if values:
-                    self._samples.append(sum(values))
-
-    def stop(self) -> float | None:
-        self._done.set()
-        self._thread.join()
-        busy = [v for v in self._samples if v > 0]
-        return round(statistics.mean(busy), 2) if busy else None
 
 
 def connections_opened(stdout: str) -> int | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks.vllm_bench as bench
+import benchmarks.running_sampler as bench
 from benchmarks.vllm_bench import (
     bench_command,
     connections_opened,
